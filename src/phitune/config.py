@@ -1,0 +1,309 @@
+"""RunConfig: one YAML file with `model`, `data`, `training_config`, `peft_config` (and optional `speed`).
+
+Precedence is defaults, then the YAML file, then `--set section.key=value` overrides. Validation collects every
+problem before raising, so a user fixes a config in one pass rather than one typo per run. Nothing here imports
+torch or loads a model: a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phitune.errors import PhituneError
+
+SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
+
+# SFTConfig keys that phitune sets itself from another section; naming them in training_config is a mistake.
+MANAGED_TRAINING_KEYS = {
+    "max_length": "data.max_seq_length",
+    "max_seq_length": "data.max_seq_length",
+    "assistant_only_loss": "data.train_on",
+    "completion_only_loss": "data.train_on",
+    "dataset_text_field": "data (phitune renders the chat template itself)",
+    "padding_free": "speed.padding_free",
+    "use_liger_kernel": "speed.liger",
+}
+
+# Keys of older transformers releases that recipes still use, mapped to today's name. transformers 5 folded
+# warmup_ratio into warmup_steps (a float below 1 is a ratio of the total steps).
+RENAMED_TRAINING_KEYS = {"warmup_ratio": "warmup_steps"}
+
+PHI3_MINI = "microsoft/Phi-3-mini-4k-instruct"
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, and how."""
+
+    name_or_path: str = field(default=PHI3_MINI, metadata={"help": "hub id or local directory of the base model"})
+    torch_dtype: str = field(
+        default="auto", metadata={"help": "auto (bfloat16 where supported, float32 on CPU) | bfloat16 | float16 | float32"}
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | eager | flex_attention"},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "run code shipped with the model (off: safe)"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    quantization: dict | None = field(
+        default=None, metadata={"help": "bitsandbytes 4-bit settings for QLoRA, e.g. {load_in_4bit: true}"}
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where the chat data comes from and how it becomes training tokens."""
+
+    train: str | None = field(default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet file or hub dataset"})
+    eval: str | None = field(default=None, metadata={"help": "eval file or hub dataset; else eval_split is used"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of train held out when eval is not given"})
+    split: str = field(default="train", metadata={"help": "split name for hub datasets"})
+    eval_hub_split: str | None = field(default=None, metadata={"help": "split name of the hub eval set"})
+    format: str = field(
+        default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | prompt_completion"}
+    )
+    max_seq_length: int = field(default=2048, metadata={"help": "tokens per example; longer ones are truncated"})
+    train_on: str = field(default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"})
+    seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle"})
+    on_bad_row: str = field(default="error", metadata={"help": "error | skip: what to do with a malformed row"})
+    max_train_examples: int | None = field(default=None, metadata={"help": "cap on train rows (quick trials)"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on eval rows"})
+
+
+@dataclass
+class SpeedConfig:
+    """Speed switches. Each changes speed, never the loss; each can be turned off."""
+
+    padding_free: str = field(
+        default="auto", metadata={"help": "auto (on) | true | false: concatenate rows, no padding computed"}
+    )
+    liger: str = field(default="auto", metadata={"help": "auto (on with CUDA + liger-kernel) | true | false"})
+
+
+ENUMS = {
+    ("model", "torch_dtype"): ("auto", "bfloat16", "float16", "float32"),
+    ("model", "attn_implementation"): ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"),
+    ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"),
+    ("data", "train_on"): ("assistant", "all"),
+    ("data", "on_bad_row"): ("error", "skip"),
+    ("speed", "padding_free"): ("auto", "true", "false"),
+    ("speed", "liger"): ("auto", "true", "false"),
+    ("peft_config", "backend"): ("peft", "loralib"),
+}
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the four sections of the YAML file plus speed switches."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training_config: dict[str, Any] = field(default_factory=dict)
+    peft_config: dict[str, Any] | None = None
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    source: str | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training_config.get("output_dir") or "outputs/phitune-run")
+
+    @property
+    def backend(self) -> str:
+        """`peft` (default), `loralib` (phitune.lora layers) or `full` (no peft_config: all weights train)."""
+        if self.peft_config is None:
+            return "full"
+        return self.peft_config.get("backend", "peft")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "training_config": dict(self.training_config),
+            "peft_config": None if self.peft_config is None else dict(self.peft_config),
+            "speed": dataclasses.asdict(self.speed),
+        }
+        return _strip_secrets(out)
+
+
+SECRET_KEYS = {"hub_token", "token", "push_to_hub_token", "use_auth_token"}
+
+
+def _strip_secrets(value: Any) -> Any:
+    """Drop tokens before a config is saved or printed: secrets come from the environment, never from files."""
+    if isinstance(value, dict):
+        return {k: _strip_secrets(v) for k, v in value.items() if k not in SECRET_KEYS}
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate everything, and return a RunConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise PhituneError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise PhituneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise PhituneError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS[:4])}")
+    apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw)
+    cfg.source = str(path)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Apply `--set training_config.learning_rate=1e-4` style overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise PhituneError(f"--set {item!r}: expected section.key=value, e.g. training_config.max_steps=10")
+        node = raw
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise PhituneError(f"--set {item!r}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Build and validate a RunConfig from a plain dictionary; every problem is reported in one error."""
+    problems: list[str] = []
+    _check_keys(raw, SECTIONS, "config", problems)
+    model = _build_section(ModelConfig, raw.get("model"), "model", problems)
+    data = _build_section(DataConfig, raw.get("data"), "data", problems)
+    speed = _build_section(SpeedConfig, raw.get("speed"), "speed", problems)
+    training = _validate_training(raw.get("training_config"), problems)
+    peft_cfg = _validate_peft(raw, problems)
+    _check_values(model, data, speed, peft_cfg, problems)
+    if problems:
+        raise PhituneError("invalid config: " + "; ".join(problems))
+    return RunConfig(model=model, data=data, training_config=training, peft_config=peft_cfg, speed=speed)
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(section: dict, valid, where: str, problems: list[str]) -> None:
+    for key in section:
+        if key not in valid:
+            problems.append(f"unknown key {where}.{key}{_suggest(key, valid)}")
+
+
+def _build_section(cls, values, where: str, problems: list[str]):
+    """Instantiate a section dataclass, type-checking each value against its field's default type."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        problems.append(f"{where} must be a mapping, got {type(values).__name__}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(values, fields, where, problems)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            continue
+        expected = _expected_type(fields[key])
+        if isinstance(value, bool) and str in expected and where == "speed":
+            value = str(value).lower()
+        if value is not None and not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            problems.append(f"{where}.{key} must be {_type_words(expected)}, got {value!r}")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _expected_type(f: dataclasses.Field) -> tuple:
+    text = str(f.type)
+    types = tuple(t for name, t in (("str", str), ("int", int), ("float", float), ("bool", bool), ("dict", dict))
+                  if name in text)
+    if float in types:
+        types += (int,)
+    return types or (object,)
+
+
+def _type_words(types: tuple) -> str:
+    return " or ".join(dict.fromkeys(t.__name__ for t in types))
+
+
+def _validate_training(values, problems: list[str]) -> dict:
+    """training_config holds TRL SFTConfig / TrainingArguments keys, checked by name (SFTConfig checks values)."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        problems.append("training_config must be a mapping of SFTConfig keys")
+        return {}
+    from trl import SFTConfig  # import here: trl pulls in torch, and most config errors should be instant
+
+    valid = {f.name for f in dataclasses.fields(SFTConfig)}
+    values = dict(values)
+    for old, new in RENAMED_TRAINING_KEYS.items():
+        if old in values and old not in valid:
+            if new in values:
+                problems.append(f"training_config sets both {old} and {new}; keep {new}")
+            values[new] = values.pop(old)
+    for key in values:
+        if key in MANAGED_TRAINING_KEYS:
+            problems.append(f"training_config.{key} is set through {MANAGED_TRAINING_KEYS[key]}")
+        elif key not in valid:
+            problems.append(f"unknown key training_config.{key}{_suggest(key, valid)}")
+    return dict(values)
+
+
+def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
+    """peft_config holds peft.LoraConfig keys plus `backend`; null or absent means full fine-tuning."""
+    values = raw.get("peft_config")
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        problems.append("peft_config must be a mapping of LoraConfig keys, or null for full fine-tuning")
+        return None
+    from peft import LoraConfig
+
+    valid = {f.name for f in dataclasses.fields(LoraConfig)} | {"backend"}
+    _check_keys(values, valid, "peft_config", problems)
+    for key in ("r", "lora_alpha"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] <= 0):
+            problems.append(f"peft_config.{key} must be a positive integer, got {values[key]!r}")
+    dropout = values.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"peft_config.lora_dropout must be a number in [0, 1), got {dropout!r}")
+    return dict(values)
+
+
+def _check_values(model: ModelConfig, data: DataConfig, speed: SpeedConfig, peft_cfg, problems: list[str]) -> None:
+    sections = {"model": model, "data": data, "speed": speed}
+    for (section, key), allowed in ENUMS.items():
+        value = (peft_cfg or {}).get(key, "peft") if section == "peft_config" else getattr(sections[section], key)
+        if value not in allowed:
+            problems.append(f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
+    if data.train is None:
+        problems.append("data.train is required (a local file or a hub dataset name)")
+    if not 0 <= data.eval_split < 1:
+        problems.append(f"data.eval_split must be in [0, 1), got {data.eval_split}")
+    if isinstance(data.max_seq_length, int) and data.max_seq_length < 8:
+        problems.append(f"data.max_seq_length must be at least 8, got {data.max_seq_length}")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config (secrets removed) next to the adapter, so every later command can rebuild the run."""
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(output_dir: str | Path) -> RunConfig:
+    """Read `phitune_config.yaml` from a finished run's output directory."""
+    path = Path(output_dir) / "phitune_config.yaml"
+    if not path.is_file():
+        raise PhituneError(f"{output_dir} is not a phitune run directory (no phitune_config.yaml)")
+    return load_config(path)

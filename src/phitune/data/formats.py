@@ -1,0 +1,100 @@
+"""Formats: every supported row shape is normalised to a list of chat messages.
+
+| format            | a row looks like                                                   |
+| ----------------- | ------------------------------------------------------------------ |
+| messages          | {"messages": [{"role": "system"|"user"|"assistant", "content": ..}]} |
+| sharegpt          | {"conversations": [{"from": "human"|"gpt"|"system", "value": ..}]}   |
+| alpaca            | {"instruction": .., "input": .. (optional), "output": ..}           |
+| prompt_completion | {"prompt": .., "completion": ..}                                     |
+"""
+
+from __future__ import annotations
+
+from phitune.data.readers import BadRow
+from phitune.errors import PhituneError
+
+Messages = list[dict[str, str]]
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def detect_format(row: dict, source: str) -> str:
+    """Name the format of a row from its keys."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    keys = ", ".join(sorted(row)) or "none"
+    raise PhituneError(
+        f"{source}: unknown data format (columns: {keys}); expected messages, conversations (sharegpt), "
+        "instruction/output (alpaca) or prompt/completion"
+    )
+
+
+def to_messages(row: dict, fmt: str, where: str) -> Messages:
+    """Normalise one row to messages and check the conversation makes sense; raise BadRow if not."""
+    try:
+        messages = CONVERTERS[fmt](row)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BadRow(where, f"row does not match the {fmt} format (missing or wrong field {exc})") from None
+    check_conversation(messages, where)
+    return messages
+
+
+def _from_messages(row: dict) -> Messages:
+    return [{"role": str(m["role"]), "content": m["content"]} for m in row["messages"]]
+
+
+def _from_sharegpt(row: dict) -> Messages:
+    out = []
+    for turn in row["conversations"]:
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise KeyError(f"from={turn['from']!r}")
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+def _from_alpaca(row: dict) -> Messages:
+    extra = row.get("input") or ""
+    user = row["instruction"] + (f"\n\n{extra}" if str(extra).strip() else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def _from_prompt_completion(row: dict) -> Messages:
+    prompt, completion = row["prompt"], row["completion"]
+    # TRL's conversational prompt/completion: lists of messages.
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return _from_messages({"messages": prompt + completion})
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+CONVERTERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+}
+
+
+def check_conversation(messages: Messages, where: str) -> None:
+    """An optional system turn, then user and assistant alternating, ending with an assistant turn; no empty text."""
+    if not messages:
+        raise BadRow(where, "empty conversation")
+    for index, message in enumerate(messages):
+        content = message["content"]
+        if not isinstance(content, str) or not content.strip():
+            raise BadRow(where, f"turn {index + 1} ({message['role']}) has empty content")
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    if "assistant" not in body:
+        raise BadRow(where, "conversation has no assistant turn")
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if body != expected[: len(body)] or body[-1] != "assistant":
+        raise BadRow(
+            where, f"roles out of order ({' -> '.join(roles)}); expected [system], user, assistant, user, ..., assistant"
+        )

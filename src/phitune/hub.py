@@ -1,0 +1,28 @@
+"""Publishing to the Hugging Face Hub. The token comes from the environment (HF_TOKEN) and is never written down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phitune.errors import PhituneError
+
+# Checkpoints hold optimizer state (large, not needed to use the model); they stay local.
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "phitune_complete"]
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
+    """Create `repo_id` if needed and upload `folder` (without checkpoints); return the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            ignore_patterns=IGNORE_PATTERNS,
+            commit_message="Upload with phitune",
+        )
+    except Exception as exc:  # network, auth and permission errors all end the same way for the user
+        raise PhituneError(f"push to hub repo {repo_id!r} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return str(getattr(commit, "commit_url", commit))

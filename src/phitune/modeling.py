@@ -1,0 +1,192 @@
+"""Base model and tokenizer: loading (bf16 / 4-bit), Phi-3 specifics, and target-module resolution.
+
+Phi-3 facts that matter here: q/k/v are fused into `qkv_proj` and gate/up into `gate_up_proj`; the pad token must be
+`<unk>`, not the eos token, or the model never learns to stop (padding positions are masked out of the loss, and so
+would be every eos); chat turns close with `<|end|>`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from phitune.config import ModelConfig
+from phitune.errors import PhituneError
+
+FUSED_PROJECTIONS = {  # logical name -> the fused Phi-3 layer that holds it
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A name that looks like a local path must exist; anything else is taken as a hub id."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise PhituneError(f"model path does not exist: {name_or_path}")
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    """Load the tokenizer with Phi-3's conventions: pad = unk (not eos), a chat template, the given padding side."""
+    from transformers import AutoTokenizer
+
+    check_model_path(cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"cannot load the tokenizer of {cfg.name_or_path}: {_first_line(exc)}") from None
+    if tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token is None:
+        raise PhituneError(f"{cfg.name_or_path}: the tokenizer has neither an unk nor a pad token to pad with")
+    if not tokenizer.chat_template:
+        from trl.chat_template_utils import phi3_chat_template
+
+        tokenizer.chat_template = phi3_chat_template
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def resolve_dtype(name: str):
+    """`auto` means bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 matmuls are slow)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """`auto` picks flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    import importlib.util
+
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def quantization_config(cfg: ModelConfig):
+    """bitsandbytes 4-bit settings for QLoRA, or None."""
+    if not cfg.quantization:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    settings = dict(cfg.quantization)
+    dtype = settings.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        settings["bnb_4bit_compute_dtype"] = resolve_dtype(dtype) if dtype == "auto" else getattr(torch, dtype)
+    try:
+        return BitsAndBytesConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"model.quantization: {_first_line(exc)}") from None
+
+
+def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None):
+    """Load the causal LM in the configured dtype and attention implementation; no KV cache while training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(cfg.name_or_path)
+    quant = quantization_config(cfg)
+    if quant is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            dtype=resolve_dtype(cfg.torch_dtype),
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            quantization_config=quant,
+            device_map=device_map,
+            use_safetensors=True,
+        )
+    except ImportError as exc:
+        raise PhituneError(f"cannot load {cfg.name_or_path}: {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"cannot load model {cfg.name_or_path}: {_first_line(exc)}") from None
+    model.config.use_cache = not training
+    return model
+
+
+def linear_layer_names(model) -> list[str]:
+    """Distinct short names of the linear layers a LoRA may target (the output head excluded), in model order."""
+    import torch
+
+    names: dict[str, None] = {}
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not full_name.endswith(("lm_head", "score")):
+            names[full_name.rsplit(".", 1)[-1]] = None
+    canonical = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's order, for readable messages
+    return sorted(names, key=lambda n: canonical.index(n) if n in canonical else len(canonical))
+
+
+def resolve_target_modules(model, target_modules, allow_fused_slices: bool = False):
+    """Check that each target matches a module; an entry matching nothing is an error, never a silent skip.
+
+    Public Phi-3 notebooks list q_proj/k_proj/v_proj/gate_proj/up_proj, which do not exist in Phi-3 (they are
+    fused), so such a run silently adapts only o_proj and down_proj. We refuse instead, naming what exists.
+    """
+    if target_modules in (None, "all-linear"):
+        return target_modules
+    existing = linear_layer_names(model)
+    all_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if isinstance(target_modules, str):  # PEFT treats a string as a regex over full module names
+        if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
+            raise PhituneError(f"target_modules regex {target_modules!r} matches no module; {_existing(existing)}")
+        return target_modules
+    missing = [t for t in target_modules if t not in all_names and not (allow_fused_slices and _is_slice(t, existing))]
+    if missing:
+        raise PhituneError(
+            f"target_modules: {', '.join(repr(m) for m in missing)} "
+            f"match{'es' if len(missing) == 1 else ''} nothing; {_existing(existing)}{_fused_hint(missing, existing)}"
+        )
+    return list(target_modules)
+
+
+def _is_slice(target: str, existing: list[str]) -> bool:
+    return FUSED_PROJECTIONS.get(target) in existing
+
+
+def _existing(existing: list[str]) -> str:
+    return f"this model's linear layers are {', '.join(existing)}"
+
+
+def _fused_hint(missing: list[str], existing: list[str]) -> str:
+    fused = sorted({FUSED_PROJECTIONS[m] for m in missing if _is_slice(m, existing)})
+    if not fused:
+        return ""
+    return (
+        f" (Phi-3 fuses them into {' and '.join(fused)}: target those, or use peft_config.backend: loralib "
+        "to adapt single q/k/v or gate/up slices)"
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count their real number of values."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state"):  # bitsandbytes Params4bit stores two 4-bit values per byte
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

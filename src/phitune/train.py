@@ -1,0 +1,253 @@
+"""Training: a RunConfig in, an output directory out, through TRL's SFTTrainer and PEFT.
+
+`output_dir` ends up holding the PEFT adapter (or full model), the tokenizer, `phitune_config.yaml`,
+`metrics.json`, `loss.png`, and `checkpoint-N/` directories. The steps are named functions so that each can be read
+(and tested) alone: prepare_output_dir -> load model and data -> build_sft_config -> build_trainer -> fit -> finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phitune.config import RunConfig, save_config
+from phitune.errors import PhituneError
+from phitune.train_support import (
+    CHECKPOINT_COMPLETE,
+    GracefulStop,
+    NonFiniteLoss,
+    PhituneTrainer,
+    finished_run,
+    latest_complete_checkpoint,
+    plot_losses,
+)
+
+log = logging.getLogger("phitune")
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves behind, for the CLI and the demo to print."""
+
+    output_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, push_to_hub: str | None = None):
+    """Fine-tune as `cfg` says and write the output directory; return its path and metrics."""
+    from phitune.data import load_conversations
+    from phitune.modeling import load_tokenizer
+
+    output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+    tokenizer = load_tokenizer(cfg.model, padding_side="right")
+    conversations = load_conversations(cfg.data)
+    train_set, eval_set = tokenize_splits(cfg, conversations, tokenizer)
+    model, peft_config = load_model_for_training(cfg)
+    trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config)
+    metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
+    metrics.update(dataset_metrics(conversations, train_set, eval_set))
+    finish(cfg, trainer, tokenizer, metrics, push_to_hub)
+    return RunResult(output_dir=output_dir, metrics=metrics)
+
+
+def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Refuse to overwrite a finished run unless asked; `--resume` continues an unfinished or finished one."""
+    output_dir = cfg.output_dir
+    if resume and overwrite:
+        raise PhituneError("--resume and --overwrite contradict each other; pick one")
+    if finished_run(output_dir) and not (resume or overwrite):
+        raise PhituneError(
+            f"{output_dir} already holds a finished run; pass --overwrite to replace it, --resume to continue it, "
+            "or set training_config.output_dir to a new directory"
+        )
+    if resume and latest_complete_checkpoint(output_dir) is None:
+        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
+    """Tokenize train and eval with masked labels; log how many rows were truncated or skipped."""
+    from phitune.data import tokenize_conversations
+
+    limit = getattr(tokenizer, "model_max_length", None)
+    context = _model_context(cfg)
+    if context and cfg.data.max_seq_length > context:
+        raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
+    kwargs = dict(max_seq_length=cfg.data.max_seq_length, train_on=cfg.data.train_on, on_bad_row=cfg.data.on_bad_row)
+    train_set = tokenize_conversations(conversations.train, tokenizer, name="train", **kwargs)
+    eval_set = tokenize_conversations(conversations.eval, tokenizer, name="eval", **kwargs) if conversations.eval else None
+    for name, tset in (("train", train_set), ("eval", eval_set)):
+        if tset is not None and tset.truncated:
+            log.warning("%s: %d examples truncated to %d tokens", name, tset.truncated, cfg.data.max_seq_length)
+    if conversations.skipped:
+        log.warning("skipped %d bad rows; first: %s", len(conversations.skipped), "; ".join(conversations.skipped[:3]))
+    del limit
+    return train_set, eval_set
+
+
+def _model_context(cfg: RunConfig) -> int | None:
+    """The base model's context length, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"cannot read the config of model {cfg.model.name_or_path}: {exc}") from None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def load_model_for_training(cfg: RunConfig):
+    """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig."""
+    from phitune.modeling import load_base_model, resolve_target_modules
+
+    model = load_base_model(cfg.model, training=True)
+    if cfg.backend == "full":
+        if cfg.model.quantization:
+            raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
+        return model, None
+    settings = dict(cfg.peft_config)
+    settings.pop("backend", None)
+    settings.setdefault("task_type", "CAUSAL_LM")
+    if cfg.backend == "loralib":
+        from phitune.lora_backend import inject_for_training
+
+        inject_for_training(model, settings)
+        return model, None
+    settings["target_modules"] = resolve_target_modules(model, settings.get("target_modules", "all-linear"))
+    if settings["target_modules"] is None:
+        settings["target_modules"] = "all-linear"
+    from peft import LoraConfig
+
+    try:
+        return model, LoraConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"peft_config: {exc}") from None
+
+
+def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
+    """SFTConfig from training_config over phitune's defaults, plus the keys phitune owns (data, speed)."""
+    import torch
+    from trl import SFTConfig
+
+    from phitune.speed import resolve_speed
+
+    user = dict(cfg.training_config)
+    settings = {
+        "output_dir": str(cfg.output_dir),
+        "report_to": "none",  # no surprise uploads; set report_to: wandb / tensorboard to opt in
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "eval_strategy": "steps" if has_eval else "no",
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "gradient_checkpointing": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "logging_nan_inf_filter": False,  # a NaN must show in the logs, not be averaged away
+    }
+    settings.update(user)
+    if not torch.cuda.is_available() and (settings.get("bf16") or settings.get("fp16")):
+        log.warning("no GPU: bf16/fp16 mixed precision is off, training in the model's dtype on the CPU")
+        settings["bf16"] = settings["fp16"] = False
+    if settings.get("gradient_checkpointing"):
+        settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    if not has_eval:
+        settings["eval_strategy"] = "no"
+    settings.update(resolve_speed(cfg.speed, quantized=quantized).sft_kwargs())
+    # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
+    settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    try:
+        return SFTConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"training_config: {str(exc).strip().splitlines()[0]}") from None
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config):
+    """The SFTTrainer with phitune's callbacks (safe checkpoints, graceful stop, NaN guard)."""
+    args = build_sft_config(cfg, has_eval=eval_set is not None, quantized=bool(cfg.model.quantization))
+    trainer = PhituneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set.to_dataset(),
+        eval_dataset=eval_set.to_dataset() if eval_set is not None else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    if cfg.backend == "loralib":
+        trainer.loralib = True
+    return trainer
+
+
+def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
+    """Evaluate, train (resuming from `checkpoint`), evaluate again; turn interruptions into clear errors."""
+    from phitune.modeling import count_parameters
+
+    metrics: dict = {}
+    if has_eval and checkpoint is None:
+        metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    start = time.perf_counter()
+    with GracefulStop(trainer) as stopper:
+        try:
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except NonFiniteLoss as exc:
+            last = latest_complete_checkpoint(Path(trainer.args.output_dir))
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+            raise PhituneError(f"{exc}; training stopped and {kept}. Lower learning_rate or check the data") from None
+    stopper.raise_if_stopped()
+    runtime = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen
+    trainable, total = count_parameters(trainer.model)
+    metrics.update(
+        train_loss=output.training_loss,
+        train_runtime_s=round(runtime, 2),
+        train_tokens=tokens,
+        tokens_per_second=round(tokens / runtime, 1) if runtime > 0 else None,
+        global_step=trainer.state.global_step,
+        trainable_parameters=trainable,
+        total_parameters=total,
+    )
+    if has_eval:
+        metrics["eval_loss_after"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+        metrics["perplexity_after"] = _perplexity(metrics["eval_loss_after"])
+        if "eval_loss_before" in metrics:
+            metrics["perplexity_before"] = _perplexity(metrics["eval_loss_before"])
+    return metrics
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def dataset_metrics(conversations, train_set, eval_set) -> dict:
+    return {
+        "data_format": conversations.format,
+        "train_examples": len(train_set.input_ids),
+        "eval_examples": len(eval_set.input_ids) if eval_set is not None else 0,
+        "truncated_examples": train_set.truncated + (eval_set.truncated if eval_set is not None else 0),
+        "skipped_rows": len(conversations.skipped),
+    }
+
+
+def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None) -> None:
+    """Write the adapter, tokenizer, resolved config, metrics and loss curve; only the main process writes."""
+    output_dir = cfg.output_dir
+    trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(output_dir)
+    save_config(cfg, output_dir / "phitune_config.yaml")
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    plot_losses(trainer.state.log_history, output_dir / "loss.png")
+    (output_dir / CHECKPOINT_COMPLETE).write_text("finished\n", encoding="utf-8")
+    if push_to_hub:
+        from phitune.hub import push_folder
+
+        push_folder(output_dir, push_to_hub)

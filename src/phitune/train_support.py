@@ -1,0 +1,153 @@
+"""What keeps a run safe: complete-checkpoint markers, graceful stop on signals, the NaN guard, the loss plot.
+
+A checkpoint directory counts only once it holds CHECKPOINT_COMPLETE, written after the model, optimizer, scheduler,
+RNG and trainer state are all on disk; so a run killed mid-save resumes from the previous, whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from pathlib import Path
+
+import torch
+from trl import SFTTrainer
+
+from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
+
+CHECKPOINT_COMPLETE = "phitune_complete"  # marker file: this directory was written to the end
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; raised before the optimizer step so no bad weights are saved."""
+
+
+class Interrupted(PhituneError):
+    """Training was stopped by SIGINT/SIGTERM after saving a checkpoint. The CLI exits with code 130."""
+
+    exit_code = 130
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` that holds the completion marker; half-written ones are ignored."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    complete = []
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / CHECKPOINT_COMPLETE).is_file():
+            complete.append((int(match.group(1)), child))
+    return max(complete)[1] if complete else None
+
+
+def finished_run(output_dir: Path) -> bool:
+    """A finished run leaves the completion marker at the top of its output directory."""
+    return (Path(output_dir) / CHECKPOINT_COMPLETE).is_file()
+
+
+class PhituneTrainer(SFTTrainer):
+    """SFTTrainer plus a NaN guard and checkpoints that are marked complete only once fully written."""
+
+    loralib = False  # set for the loralib backend: checkpoints then hold only LoRA weights
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / CHECKPOINT_COMPLETE).write_text("complete\n", encoding="utf-8")
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.loralib:
+            return super()._save(output_dir, state_dict)
+        from phitune.lora_backend import save_lora_checkpoint
+
+        save_lora_checkpoint(self.model, Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.loralib:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from phitune.lora_backend import load_lora_checkpoint
+
+        load_lora_checkpoint(model or self.model, Path(resume_from_checkpoint))
+
+
+class GracefulStop:
+    """On SIGINT or SIGTERM: finish the current step, save a checkpoint, stop, and tell the user how to resume."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        from transformers import TrainerCallback
+
+        stopper = self
+
+        class _StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stopper.signal_name:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        self.trainer.add_callback(_StopCallback())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name:  # a second Ctrl-C means: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def raise_if_stopped(self) -> None:
+        if self.signal_name:
+            output_dir = Path(self.trainer.args.output_dir)
+            last = latest_complete_checkpoint(output_dir)
+            raise Interrupted(
+                f"stopped by {self.signal_name} at step {self.trainer.state.global_step}; checkpoint saved to {last}. "
+                "Resume with: phitune train CONFIG --resume"
+            )
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    """Train and eval loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
