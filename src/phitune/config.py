@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,13 @@ class SpeedConfig:
         default="auto", metadata={"help": "auto (on) | true | false: concatenate rows, no padding computed"}
     )
     liger: str = field(default="auto", metadata={"help": "auto (on with CUDA + liger-kernel) | true | false"})
+    activation: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (selective on CUDA, none on CPU) | full (recompute each layer) | selective (recompute all "
+            "but attention) | offload (activations to CPU memory, CUDA only) | none: activation memory strategy"
+        },
+    )
 
 
 ENUMS = {
@@ -94,6 +102,7 @@ ENUMS = {
     ("data", "on_bad_row"): ("error", "skip"),
     ("speed", "padding_free"): ("auto", "true", "false"),
     ("speed", "liger"): ("auto", "true", "false"),
+    ("speed", "activation"): ("auto", "full", "selective", "offload", "none"),
     ("peft_config", "backend"): ("peft", "loralib"),
 }
 
@@ -158,6 +167,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return cfg
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def coerce_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `2e-4` (no dot) as a string; every recipe writes learning rates that way, so read a number."""
+    if isinstance(value, dict):
+        return {k: coerce_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce_numbers(v) for v in value]
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
     """Apply `--set training_config.learning_rate=1e-4` style overrides; values are parsed as YAML scalars."""
     for item in overrides:
@@ -178,6 +201,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
 def config_from_dict(raw: dict) -> RunConfig:
     """Build and validate a RunConfig from a plain dictionary; every problem is reported in one error."""
     problems: list[str] = []
+    raw = coerce_numbers(raw)
     _check_keys(raw, SECTIONS, "config", problems)
     model = _build_section(ModelConfig, raw.get("model"), "model", problems)
     data = _build_section(DataConfig, raw.get("data"), "data", problems)
@@ -238,7 +262,7 @@ def _type_words(types: tuple) -> str:
 
 
 def _validate_training(values, problems: list[str]) -> dict:
-    """training_config holds TRL SFTConfig / TrainingArguments keys, checked by name (SFTConfig checks values)."""
+    """training_config holds TRL SFTConfig / TrainingArguments keys, checked by name and, for scalars, by type."""
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -246,7 +270,7 @@ def _validate_training(values, problems: list[str]) -> dict:
         return {}
     from trl import SFTConfig  # import here: trl pulls in torch, and most config errors should be instant
 
-    valid = {f.name for f in dataclasses.fields(SFTConfig)}
+    valid = {f.name: f.type for f in dataclasses.fields(SFTConfig)}
     values = dict(values)
     for old, new in RENAMED_TRAINING_KEYS.items():
         if old in values and old not in valid:
@@ -258,7 +282,30 @@ def _validate_training(values, problems: list[str]) -> dict:
             problems.append(f"training_config.{key} is set through {MANAGED_TRAINING_KEYS[key]}")
         elif key not in valid:
             problems.append(f"unknown key training_config.{key}{_suggest(key, valid)}")
+        else:
+            values[key] = _check_training_value(key, values[key], valid[key], problems)
     return dict(values)
+
+
+_SCALAR_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def _check_training_value(key: str, value, declared, problems: list[str]):
+    """Type-check a scalar SFTConfig value (SFTConfig itself accepts `max_steps: ten`); YAML reads `1e-4` as a string."""
+    if value is False and "Strategy" in str(declared):  # YAML 1.1 reads `save_strategy: no` as false
+        return "no"
+    kind = _SCALAR_TYPES.get(getattr(declared, "__name__", str(declared)).removesuffix(" | None"))
+    if kind is None or value is None:
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    numbers = (int, float) if kind is float else (kind,)
+    if not isinstance(value, numbers) or (kind is not bool and isinstance(value, bool)):
+        problems.append(f"training_config.{key} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+    return value
 
 
 def _validate_peft(raw: dict, problems: list[str]) -> dict | None:

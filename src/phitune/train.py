@@ -35,6 +35,7 @@ class RunResult:
 
     output_dir: Path
     metrics: dict = field(default_factory=dict)
+    model: object = None  # the trained model in memory (PeftModel for the peft backend)
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, push_to_hub: str | None = None):
@@ -47,12 +48,13 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
     conversations = load_conversations(cfg.data)
     train_set, eval_set = tokenize_splits(cfg, conversations, tokenizer)
+    build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # bad values fail before weights load
     model, peft_config = load_model_for_training(cfg)
     trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
     metrics.update(dataset_metrics(conversations, train_set, eval_set))
     finish(cfg, trainer, tokenizer, metrics, push_to_hub)
-    return RunResult(output_dir=output_dir, metrics=metrics)
+    return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
 
 def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -106,9 +108,13 @@ def _model_context(cfg: RunConfig) -> int | None:
 
 def load_model_for_training(cfg: RunConfig):
     """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig."""
-    from phitune.modeling import load_base_model, resolve_target_modules
+    from phitune.modeling import check_target_modules, load_base_model, resolve_target_modules
+    from phitune.speed import resolve_speed
 
-    model = load_base_model(cfg.model, training=True)
+    if cfg.backend == "peft":  # a target that matches nothing fails before the weights are read
+        check_target_modules(cfg.model, cfg.peft_config.get("target_modules"))
+    padding_free = resolve_speed(cfg.speed, training_config=cfg.training_config).padding_free
+    model = load_base_model(cfg.model, training=True, padding_free=padding_free)
     if cfg.backend == "full":
         if cfg.model.quantization:
             raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
@@ -117,8 +123,11 @@ def load_model_for_training(cfg: RunConfig):
     settings.pop("backend", None)
     settings.setdefault("task_type", "CAUSAL_LM")
     if cfg.backend == "loralib":
+        from transformers import set_seed
+
         from phitune.lora_backend import inject_for_training
 
+        set_seed(cfg.training_config.get("seed", 42))  # LoRA A is random: same seed, same start (as PEFT via TRL)
         inject_for_training(model, settings)
         return model, None
     settings["target_modules"] = resolve_target_modules(model, settings.get("target_modules", "all-linear"))
@@ -152,6 +161,7 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         "gradient_checkpointing": False,
         "include_num_input_tokens_seen": "non_padding",
         "logging_nan_inf_filter": False,  # a NaN must show in the logs, not be averaged away
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
     settings.update(user)
     if not torch.cuda.is_available() and (settings.get("bf16") or settings.get("fp16")):
@@ -161,7 +171,7 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     if not has_eval:
         settings["eval_strategy"] = "no"
-    settings.update(resolve_speed(cfg.speed, quantized=quantized).sft_kwargs())
+    settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=user).sft_kwargs())
     # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
     settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
     try:
@@ -172,7 +182,10 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
 
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config):
     """The SFTTrainer with phitune's callbacks (safe checkpoints, graceful stop, NaN guard)."""
+    from phitune.speed import apply_activation_strategy
+
     args = build_sft_config(cfg, has_eval=eval_set is not None, quantized=bool(cfg.model.quantization))
+    apply_activation_strategy(model, args)
     trainer = PhituneTrainer(
         model=model,
         args=args,

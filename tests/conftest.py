@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny random Phi-3 per session, small chat data, and a config builder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Phi-3 (hidden 64) and its tokenizer, built once per test session."""
+    from phitune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), seed=0, vocab_size=512, hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return DEMO_DATA
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, tmp_path):
+    """Build a RunConfig for a short CPU run on the tiny model; keyword sections update the defaults."""
+    from phitune.config import config_from_dict
+
+    def make(**sections):
+        raw = {
+            "model": {"name_or_path": str(tiny_model_dir), "torch_dtype": "float32"},
+            "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"),
+                     "max_seq_length": 128, "max_train_examples": 64, "max_eval_examples": 16},
+            "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 8, "learning_rate": 2e-2,
+                                "per_device_train_batch_size": 8, "logging_steps": 2, "save_steps": 4,
+                                "eval_steps": 4, "seed": 0, "disable_tqdm": True},
+            "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        }
+        for name, values in sections.items():
+            if values is None or name not in raw or raw[name] is None:
+                raw[name] = values
+            else:
+                raw[name].update(values)
+        return config_from_dict(raw)
+
+    return make

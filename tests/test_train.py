@@ -1,0 +1,151 @@
+"""Training end to end on the tiny Phi-3: loss falls, files appear, adapters reload, resume and accumulation are exact."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phitune.errors import PhituneError
+from phitune.modeling import load_base_model, load_tokenizer
+from phitune.train import run_training
+
+
+def logits_of(model, tokenizer):
+    batch = tokenizer(["<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"], return_tensors="pt",
+                      add_special_tokens=False)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def lora_b_weights(path):
+    return {k: v for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k}
+
+
+def test_lora_run_writes_a_standard_adapter_and_loss_falls(make_config):
+    from phitune.tiny import tiny_base_path
+
+    cfg = make_config(model={"name_or_path": str(tiny_base_path())},
+                      training_config={"max_steps": 12, "eval_steps": 6, "save_steps": 6, "learning_rate": 3e-3})
+    result = run_training(cfg)
+    out = result.output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "phitune_config.yaml",
+                 "metrics.json", "loss.png", "checkpoint-12/phitune_complete"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss_after"] < 0.9 * metrics["eval_loss_before"]
+    assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
+    assert metrics["train_loss"] < metrics["eval_loss_before"]
+    assert metrics["tokens_per_second"] > 0 and metrics["train_examples"] == 64
+
+    # The adapter loads with plain PEFT and reproduces the trained model's logits.
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(cfg.model)
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, training=False), str(out))
+    torch.testing.assert_close(logits_of(reloaded, tokenizer), logits_of(result.model, tokenizer))
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert {t.rsplit(".", 1)[-1] for t in targets} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_base_weights_stay_frozen_and_lora_weights_move(make_config, tiny_model_dir):
+    result = run_training(make_config(training_config={"max_steps": 3, "eval_strategy": "no"}))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name, param in result.model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+        else:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(param.detach(), base[key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for v in lora_b_weights(result.output_dir).values())
+
+
+def test_phi3_target_that_matches_nothing_is_an_error(make_config):
+    cfg = make_config(peft_config={"target_modules": ["q_proj", "v_proj", "o_proj"]})
+    with pytest.raises(PhituneError) as err:
+        run_training(cfg)
+    assert str(err.value).startswith("target_modules: 'q_proj', 'v_proj' match nothing; this model's linear layers "
+                                     "are qkv_proj, o_proj, gate_up_proj, down_proj")
+
+
+def test_a_finished_run_is_not_overwritten(make_config):
+    cfg = make_config(training_config={"max_steps": 2, "eval_strategy": "no"})
+    run_training(cfg)
+    with pytest.raises(PhituneError, match="already holds a finished run; pass --overwrite"):
+        run_training(cfg)
+    run_training(cfg, overwrite=True)
+
+
+def test_resume_continues_to_the_same_adapter(make_config, tmp_path):
+    settings = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 3}
+    straight = run_training(make_config(training_config={**settings, "max_steps": 6,
+                                                         "output_dir": str(tmp_path / "straight")}))
+    first = make_config(training_config={**settings, "max_steps": 3, "output_dir": str(tmp_path / "resumed")})
+    run_training(first)
+    resumed = run_training(make_config(training_config={**settings, "max_steps": 6,
+                                                        "output_dir": str(tmp_path / "resumed")}), resume=True)
+    assert resumed.metrics["global_step"] == 6
+    a, b = lora_b_weights(straight.output_dir), lora_b_weights(resumed.output_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(make_config, tmp_path):
+    """The 2024 accumulation bug: averaging per micro-batch over-weights short sequences. Rows here differ in length.
+
+    One SGD step without clipping: the weight change is -lr * gradient, so equal adapters mean equal gradients.
+    """
+    common = {"max_steps": 1, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "eval_strategy": "no",
+              "lr_scheduler_type": "constant", "warmup_steps": 0}
+    big = run_training(make_config(training_config={**common, "per_device_train_batch_size": 8,
+                                                    "output_dir": str(tmp_path / "big")}))
+    accumulated = run_training(make_config(training_config={**common, "per_device_train_batch_size": 2,
+                                                            "gradient_accumulation_steps": 4,
+                                                            "output_dir": str(tmp_path / "acc")}))
+    a, b = lora_b_weights(big.output_dir), lora_b_weights(accumulated.output_dir)
+    assert any(v.abs().max() > 1e-4 for v in a.values())
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert big.metrics["train_loss"] == pytest.approx(accumulated.metrics["train_loss"], rel=1e-4)
+
+
+def test_full_fine_tuning_without_peft_config(make_config):
+    result = run_training(make_config(peft_config=None, training_config={"max_steps": 2, "eval_strategy": "no"}))
+    assert (result.output_dir / "model.safetensors").exists()
+    assert not (result.output_dir / "adapter_config.json").exists()
+    assert result.metrics["trainable_parameters"] == result.metrics["total_parameters"]
+
+
+def test_loralib_backend_on_q_and_v_slices_exports_an_identical_peft_adapter(make_config):
+    from peft import PeftModel
+
+    cfg = make_config(peft_config={"backend": "loralib", "target_modules": ["q_proj", "v_proj"], "r": 4},
+                      training_config={"max_steps": 6, "save_steps": 3})
+    result = run_training(cfg)
+    out = result.output_dir
+    assert (out / "lora_state_dict.safetensors").exists() and (out / "checkpoint-6/lora_state_dict.safetensors").exists()
+    assert result.metrics["eval_loss_after"] < result.metrics["eval_loss_before"]
+    tokenizer = load_tokenizer(cfg.model)
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, training=False), str(out))
+    torch.testing.assert_close(logits_of(reloaded, tokenizer), logits_of(result.model, tokenizer),
+                               rtol=1e-5, atol=1e-5)
+    # Only q and v rows of qkv_proj are adapted: the exported B has zero rows for k.
+    b = lora_b_weights(out)["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"]
+    hidden = b.shape[0] // 3
+    assert b[:hidden].abs().sum() > 0 and b[hidden : 2 * hidden].abs().sum() == 0
+
+
+def test_loralib_backend_resumes_from_its_own_checkpoint(make_config, tmp_path):
+    settings = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 2}
+    peft_cfg = {"backend": "loralib", "target_modules": ["q_proj", "v_proj"], "r": 4}
+    straight = run_training(make_config(peft_config=peft_cfg, training_config={
+        **settings, "max_steps": 4, "output_dir": str(tmp_path / "a")}))
+    run_training(make_config(peft_config=peft_cfg, training_config={**settings, "max_steps": 2,
+                                                                    "output_dir": str(tmp_path / "b")}))
+    resumed = run_training(make_config(peft_config=peft_cfg, training_config={
+        **settings, "max_steps": 4, "output_dir": str(tmp_path / "b")}), resume=True)
+    a = load_file(str(straight.output_dir / "lora_state_dict.safetensors"))
+    b = load_file(str(resumed.output_dir / "lora_state_dict.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
