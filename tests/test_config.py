@@ -42,8 +42,6 @@ def test_examples_open_with_the_command_that_runs_them():
 
 def test_qlora_example_differs_from_lora_only_by_quantization():
     examples = Path(__file__).parents[1] / "examples"
-    if not (examples / "phi3-mini-4k-qlora.yaml").exists():
-        pytest.skip("QLoRA example not shipped")
     lora = yaml.safe_load((examples / "phi3-mini-4k-lora.yaml").read_text())
     qlora = yaml.safe_load((examples / "phi3-mini-4k-qlora.yaml").read_text())
     assert qlora["model"].pop("quantization")["load_in_4bit"] is True

@@ -70,6 +70,157 @@ def demo(
     run_demo(output_dir, set_)
 
 
+RUN_DIR_ARG = typer.Argument(None, help="a finished run's output directory (names the base model and the data)")
+MODEL_OPT = typer.Option(None, "--model", help="base model (hub id or directory), or a merged model")
+ADAPTER_OPT = typer.Option(None, "--adapter", help="PEFT adapter directory to apply to the base")
+
+
+def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int):
+    from phitune.generate import SamplingSettings
+
+    return SamplingSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            top_p=top_p, top_k=top_k, seed=seed)
+
+
+MAX_NEW_OPT = typer.Option(256, "--max-new-tokens", help="most tokens generated per answer")
+SAMPLE_OPT = typer.Option(False, "--do-sample/--greedy", help="sample (with the settings below) or decode greedily")
+TEMPERATURE_OPT = typer.Option(0.7, "--temperature", help="sampling temperature (with --do-sample)")
+TOP_P_OPT = typer.Option(0.9, "--top-p", help="nucleus sampling mass (with --do-sample)")
+TOP_K_OPT = typer.Option(50, "--top-k", help="sample among the k likeliest tokens (with --do-sample)")
+SEED_OPT = typer.Option(0, "--seed", help="random seed of sampling")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Optional[Path] = RUN_DIR_ARG,
+    model: Optional[str] = MODEL_OPT,
+    adapter: Optional[Path] = ADAPTER_OPT,
+    data: Optional[str] = typer.Option(None, "--data", help="eval file, all rows scored (default: the run's eval set)"),
+    num_generate: int = typer.Option(50, "--num-generate", help="held-out prompts to answer for ROUGE-L / exact match"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="most tokens per generated answer"),
+    batch_size: int = typer.Option(8, "--batch-size", help="conversations per forward pass"),
+    output: Optional[Path] = typer.Option(None, "--output", help="where eval.json and report.md go (default: the run)"),
+):
+    """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match."""
+    from phitune.evaluate import evaluation_data, run_evaluation
+    from phitune.generate import SamplingSettings, resolve_model_source
+    from phitune.report import print_eval_table
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    data_cfg, source = evaluation_data(run_dir or adapter, data)
+    result = run_evaluation(model_cfg, adapter_dir, data_cfg, output or source or Path.cwd(),
+                            num_generate=num_generate, settings=SamplingSettings(max_new_tokens=max_new_tokens),
+                            batch_size=batch_size, use_eval_split=data is None)
+    print_eval_table(result)
+
+
+@app.command()
+def chat(
+    run_dir: Optional[Path] = RUN_DIR_ARG,
+    model: Optional[str] = MODEL_OPT,
+    adapter: Optional[Path] = ADAPTER_OPT,
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt for the whole conversation"),
+    max_new_tokens: int = MAX_NEW_OPT,
+    do_sample: bool = SAMPLE_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_p: float = TOP_P_OPT,
+    top_k: int = TOP_K_OPT,
+    seed: int = SEED_OPT,
+):
+    """Talk to the model; replies stream as they are generated. /reset forgets the conversation, /exit ends."""
+    from phitune.generate import ChatSession, load_for_inference, resolve_model_source
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
+    session = ChatSession(loaded, tokenizer, _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed),
+                          system=system)
+    interactive = sys.stdin.isatty()
+    print("chat with the model; /reset starts over, /exit ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)", flush=True)
+            continue
+        if not text:
+            continue
+        print("assistant> ", end="", flush=True)
+        for piece in session.stream_reply(text):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
+@app.command()
+def generate(
+    run_dir: Optional[Path] = RUN_DIR_ARG,
+    input_: Path = typer.Option(..., "--input", help='prompts .jsonl: {"prompt": ...} or {"messages": [...]} per line'),
+    output: Path = typer.Option(..., "--output", help="answers .jsonl: each input row plus an \"answer\" field"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    model: Optional[str] = MODEL_OPT,
+    adapter: Optional[Path] = ADAPTER_OPT,
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per generate call (left-padded)"),
+    max_new_tokens: int = MAX_NEW_OPT,
+    do_sample: bool = SAMPLE_OPT,
+    temperature: float = TEMPERATURE_OPT,
+    top_p: float = TOP_P_OPT,
+    top_k: int = TOP_K_OPT,
+    seed: int = SEED_OPT,
+):
+    """Answer every prompt of a .jsonl file in batches and write the answers to another .jsonl file."""
+    from rich.progress import Progress
+
+    from phitune.generate import (check_output_file, generate_file, load_for_inference, read_prompts,
+                                  resolve_model_source)
+
+    output = check_output_file(output, overwrite)
+    rows = read_prompts(input_)
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
+    settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    with Progress(transient=False) as progress:
+        task = progress.add_task("generating", total=len(rows))
+        count = generate_file(loaded, tokenizer, rows, output, settings, batch_size=batch_size,
+                              progress=lambda n: progress.advance(task, n))
+    print(f"wrote {count} answers to {output}")
+
+
+@app.command()
+def merge(
+    run_dir: Optional[Path] = RUN_DIR_ARG,
+    output: Path = typer.Option(..., "--output", help="new (or empty) directory for the merged model"),
+    adapter: Optional[Path] = ADAPTER_OPT,
+    model: Optional[str] = typer.Option(None, "--model", help="base model, when the adapter's own record is wrong"),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the merged model to this hub repo"),
+):
+    """Merge the adapter into its base and save a standalone model (safetensors, tokenizer, generation config)."""
+    from phitune.generate import resolve_model_source
+    from phitune.merge import merge_adapter
+    from phitune.report import print_merge_summary
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    print_merge_summary(merge_adapter(model_cfg, adapter_dir, output, push_to_hub=push_to_hub))
+
+
+@app.command()
+def data(
+    config: Path = typer.Argument(..., help="YAML run config whose data section is inspected"),
+    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="where the histogram goes (default: output_dir or .)"),
+    example: int = typer.Option(0, "--example", help="index of the train example to show"),
+):
+    """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
+    from phitune.config import load_config
+    from phitune.data.inspect import inspect_data
+    from phitune.report import print_data_report
+
+    print_data_report(inspect_data(load_config(config, set_), output, example_index=example))
+
+
 def main() -> None:
     """Entry point: run the app, printing PhituneError as one line (a traceback only with --debug)."""
     try:

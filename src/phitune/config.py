@@ -82,14 +82,14 @@ class SpeedConfig:
     """Speed switches. Each changes speed, never the loss; each can be turned off."""
 
     padding_free: str = field(
-        default="auto", metadata={"help": "auto (on) | true | false: concatenate rows, no padding computed"}
+        default="auto", metadata={"help": "auto (on with CUDA) | true | false: concatenate rows, no padding computed"}
     )
     liger: str = field(default="auto", metadata={"help": "auto (on with CUDA + liger-kernel) | true | false"})
     activation: str = field(
         default="auto",
         metadata={
             "help": "auto (selective on CUDA, none on CPU) | full (recompute each layer) | selective (recompute all "
-            "but attention) | offload (activations to CPU memory, CUDA only) | none: activation memory strategy"
+            "but attention) | offload (full, inputs kept in host memory; CUDA) | none: activation memory strategy"
         },
     )
 

@@ -24,5 +24,6 @@ def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
             commit_message="Upload with phitune",
         )
     except Exception as exc:  # network, auth and permission errors all end the same way for the user
-        raise PhituneError(f"push to hub repo {repo_id!r} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise PhituneError(f"push to hub repo {repo_id!r} failed: {first}") from None
     return str(getattr(commit, "commit_url", commit))

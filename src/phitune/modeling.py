@@ -63,17 +63,12 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
-def resolve_attn_implementation(name: str) -> str:
-    """`auto` picks flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
-    import importlib.util
+def resolve_attn_implementation(name: str, padding_free: bool = False) -> str:
+    """`auto` picks flash_attention_2 on CUDA when flash-attn is installed, flex_attention on CUDA for padding-free
+    batches without it, else sdpa (see phitune.speed.auto_attention)."""
+    from phitune.speed import auto_attention
 
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return auto_attention(padding_free) if name == "auto" else name
 
 
 def quantization_config(cfg: ModelConfig):
@@ -93,8 +88,10 @@ def quantization_config(cfg: ModelConfig):
         raise PhituneError(f"model.quantization: {_first_line(exc)}") from None
 
 
-def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None):
-    """Load the causal LM in the configured dtype and attention implementation; no KV cache while training."""
+def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False):
+    """Load the causal LM in the configured dtype and attention implementation; no KV cache while training.
+
+    `padding_free` says the batches will be concatenated rows, which changes what attention `auto` picks."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +103,7 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
             dtype=resolve_dtype(cfg.torch_dtype),
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, padding_free),
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             quantization_config=quant,
@@ -117,8 +114,39 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None):
         raise PhituneError(f"cannot load {cfg.name_or_path}: {_first_line(exc)}") from None
     except (OSError, ValueError) as exc:
         raise PhituneError(f"cannot load model {cfg.name_or_path}: {_first_line(exc)}") from None
+    if quant is not None and not torch.cuda.is_available():
+        _use_generic_cpu_4bit(model)
     model.config.use_cache = not training
     return model
+
+
+def _use_generic_cpu_4bit(model) -> None:
+    """bitsandbytes' packed CPU 4-bit path needs in_features % 64 == 0 and out_features % 32 == 0; other layers take
+    the generic path instead of failing (real Phi-3 sizes qualify; the tiny test models do not)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and (module.in_features % 64 or module.out_features % 32):
+            module.support_avx512bf16_for_cpu = False
+
+
+def check_target_modules(cfg: ModelConfig, target_modules) -> None:
+    """Resolve target_modules against the model built on the meta device, so a bad target fails before any weight
+    is read (Phi-3-mini's 7.6 GB) rather than after."""
+    if target_modules in (None, "all-linear"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"cannot read the config of model {cfg.name_or_path}: {_first_line(exc)}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    resolve_target_modules(skeleton, target_modules)
 
 
 def linear_layer_names(model) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -44,3 +46,105 @@ def print_demo_summary(result, question: str, reference: str, before: str, after
     console.print(f"[bold]after:[/bold]     {after!r}")
     console.print(f"adapter saved to [bold]{result.output_dir}[/bold]; "
                   f"try: phitune eval {result.output_dir}  /  phitune chat {result.output_dir}")
+
+
+EVAL_ROWS = [  # (metric key, label, higher is better)
+    ("loss", "eval loss (assistant tokens)", False),
+    ("perplexity", "perplexity", False),
+    ("token_accuracy", "token accuracy", True),
+    ("rougeL_f1", "ROUGE-L F1 (generated)", True),
+    ("exact_match", "exact match (generated)", True),
+]
+
+
+def print_eval_table(result) -> None:
+    """Base and fine-tuned metrics side by side; the better value of each row in bold."""
+    names = list(result.metrics)
+    table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
+                        f"{result.info.get('generated')} generated answers")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key, label, higher in EVAL_ROWS:
+        values = [result.metrics[n].get(key) for n in names]
+        best = _best(values, higher) if len(names) > 1 else None
+        table.add_row(label, *[f"[bold]{_fmt(v)}[/bold]" if i == best else _fmt(v) for i, v in enumerate(values)])
+    console.print(table)
+    console.print(f"eval.json, report.md and the chart are in [bold]{result.output_dir}[/bold]")
+
+
+def _best(values: list, higher: bool) -> int | None:
+    known = [(v, i) for i, v in enumerate(values) if v is not None]
+    if not known or len({v for v, _ in known}) == 1:
+        return None
+    return (max(known) if higher else min(known))[1]
+
+
+def plot_eval_chart(metrics: dict[str, dict[str, float]], path) -> None:
+    """Grouped bars per metric, one bar per model (perplexity left out: its scale dwarfs the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(k, label) for k, label, _ in EVAL_ROWS if k != "perplexity" and any(k in m for m in metrics.values())]
+    width = 0.8 / max(1, len(metrics))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for offset, (name, values) in enumerate(metrics.items()):
+        xs = [i + offset * width for i in range(len(keys))]
+        ax.bar(xs, [values.get(k, 0.0) for k, _ in keys], width, label=name)
+    ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(keys))])
+    ax.set_xticklabels([label.split(" (")[0] for _, label in keys])
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_eval_markdown(result, path, chart_name: str, max_samples: int = 5) -> None:
+    """report.md: what was evaluated, the metrics table, the chart, and a few generated answers."""
+    names = list(result.metrics)
+    lines = [f"# phitune eval: {result.info.get('adapter') or result.info.get('model')}", "",
+             f"Base model `{result.info.get('model')}`; {result.info.get('eval_examples')} eval conversations "
+             f"(teacher-forced), {result.info.get('generated')} generated answers (greedy, at most "
+             f"{result.info.get('max_new_tokens')} new tokens).", "",
+             "| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for key, label, _ in EVAL_ROWS:
+        lines.append(f"| {label} | " + " | ".join(_fmt(result.metrics[n].get(key)) for n in names) + " |")
+    lines += ["", f"![metrics]({chart_name})", "", "## Sample answers", ""]
+    for sample in result.samples[:max_samples]:
+        lines.append(f"- **prompt:** {sample['prompt']}  \n  **reference:** {sample['reference']}")
+        lines += [f"  \n  **{n}:** {sample[n]}" for n in names]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def print_merge_summary(result) -> None:
+    """Where the merged model went and how it was made."""
+    if result.dequantized:
+        console.print("the adapter was trained on a 4-bit (QLoRA) base: it was merged into the unquantised base "
+                      f"weights, reloaded in {result.dtype}")
+    console.print(f"merged model saved to [bold]{result.output_dir}[/bold] "
+                  f"(loads with AutoModelForCausalLM.from_pretrained)")
+    if result.hub_url:
+        console.print(f"pushed to the hub: {result.hub_url}")
+
+
+def print_data_report(report) -> None:
+    """`phitune data`: format, counts, lengths, one example with its trained tokens bright, and the warnings."""
+    from rich.text import Text
+
+    table = Table(title=f"phitune data: {report.source}", show_header=False)
+    for key, value in report.summary().items():
+        table.add_row(key, _fmt(value))
+    console.print(table)
+    text = Text()
+    for piece, trained in report.example:
+        text.append(piece, style="bold green" if trained else "dim")
+    console.print("[bold]example[/bold] (trained tokens bright, masked tokens dim):")
+    console.print(text)
+    console.print(f"token-length histogram: [bold]{report.histogram}[/bold]")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if not report.warnings:
+        console.print("[green]no warnings[/green]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,8 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         "include_num_input_tokens_seen": "non_padding",
         "logging_nan_inf_filter": False,  # a NaN must show in the logs, not be averaged away
         "dataloader_pin_memory": torch.cuda.is_available(),
+        # CPU workers under torchrun each train alone (and race on output_dir) unless told they share the CPU.
+        "use_cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     }
     settings.update(user)
     if not torch.cuda.is_available() and (settings.get("bf16") or settings.get("fp16")):

@@ -7,6 +7,7 @@ RNG and trainer state are all on disk; so a run killed mid-save resumes from the
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 from pathlib import Path
@@ -55,6 +56,10 @@ class PhituneTrainer(SFTTrainer):
 
     loralib = False  # set for the loralib backend: checkpoints then hold only LoRA weights
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        keep_token_off_disk(self.args)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -82,6 +87,14 @@ class PhituneTrainer(SFTTrainer):
         load_lora_checkpoint(model or self.model, Path(resume_from_checkpoint))
 
 
+def keep_token_off_disk(args) -> None:
+    """Move a hub token from the training arguments to this process's environment (HF_TOKEN), where the hub client
+    still finds it: the Trainer pickles its arguments into every checkpoint as training_args.bin."""
+    if getattr(args, "hub_token", None):
+        os.environ.setdefault("HF_TOKEN", args.hub_token)
+        args.hub_token = None
+
+
 class GracefulStop:
     """On SIGINT or SIGTERM: finish the current step, save a checkpoint, stop, and tell the user how to resume."""
 
@@ -97,7 +110,8 @@ class GracefulStop:
 
         class _StopCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if stopper.signal_name:
+                if _any_process(stopper.signal_name is not None, args.device):
+                    stopper.signal_name = stopper.signal_name or "a signal to another process"
                     control.should_save = True
                     control.should_training_stop = True
                 return control
@@ -129,6 +143,18 @@ class GracefulStop:
                 f"stopped by {self.signal_name} at step {self.trainer.state.global_step}; checkpoint saved to {last}. "
                 "Resume with: phitune train CONFIG --resume"
             )
+
+
+def _any_process(flag: bool, device) -> bool:
+    """True on every process if it is true on any: all must stop at the same step, or the others wait forever on
+    the next gradient all-reduce. One scalar all-reduce per step, against the gradients' millions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:

@@ -28,6 +28,8 @@ def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> t
     """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name."""
     path = Path(source)
     if path.suffix.lower() in LOCAL_SUFFIXES:
+        if path.is_dir():
+            raise PhituneError(f"{source} is a directory, not a data file; name the file itself")
         if not path.is_file():
             raise PhituneError(f"data file not found: {source}")
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}

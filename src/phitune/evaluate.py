@@ -1,0 +1,174 @@
+"""Evaluation: the base and the fine-tuned model side by side, on the held-out conversations of a run.
+
+Two kinds of metric, because they fail differently:
+- teacher-forced, on every eval conversation: loss = mean cross-entropy over the trained (assistant) tokens, the
+  same tokens and masks as training (phitune.data renders and masks them), perplexity = exp(loss), and token
+  accuracy = share of those tokens where the argmax prediction is the label;
+- generated, on up to N conversations: the model answers the last user turn (greedy) and the answer is compared
+  with the reference assistant turn by ROUGE-L F1 (longest common subsequence of words) and exact match (after
+  lower-casing and collapsing whitespace).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from phitune.config import DataConfig, ModelConfig
+from phitune.errors import PhituneError
+from phitune.generate import SamplingSettings
+
+EVAL_JSON = "eval.json"
+REPORT_MD = "report.md"
+CHART_PNG = "eval.png"
+
+
+@dataclass
+class EvalResult:
+    """Metrics per model ("base", "fine-tuned", or "model" alone), sample generations, and where files went."""
+
+    metrics: dict[str, dict[str, float]]
+    samples: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    output_dir: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "info": self.info, "samples": self.samples}
+
+
+def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataConfig, output_dir: Path,
+                   num_generate: int = 50, settings: SamplingSettings | None = None,
+                   batch_size: int = 8, use_eval_split: bool = True) -> EvalResult:
+    """Evaluate the base model (and base + adapter when an adapter is given); write eval.json, report.md, eval.png."""
+    from phitune.generate import attach_adapter, load_for_inference
+    from phitune.report import plot_eval_chart, write_eval_markdown
+
+    settings = settings or SamplingSettings(max_new_tokens=64)
+    conversations = eval_conversations(data_cfg, use_eval_split)
+    model, tokenizer = load_for_inference(model_cfg)
+    tokenized = tokenize_eval_set(conversations, tokenizer, data_cfg)
+    prompts, references = split_prompts(conversations[:num_generate])
+    metrics, answers = {}, {}
+    names = ("base", "fine-tuned") if adapter is not None else ("model",)
+    for name in names:
+        if name == "fine-tuned":
+            model = attach_adapter(model, adapter).eval()
+        metrics[name] = teacher_forced_metrics(model, tokenizer, tokenized, batch_size)
+        answers[name] = _generate(model, tokenizer, prompts, settings, batch_size)
+        metrics[name].update(generation_metrics(answers[name], references))
+    samples = [dict(prompt=p[-1]["content"], reference=r, **{n: answers[n][i] for n in names})
+               for i, (p, r) in enumerate(zip(prompts, references))]
+    info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None,
+                eval_examples=len(tokenized[0]),
+                generated=len(prompts), max_new_tokens=settings.max_new_tokens, quantized=bool(model_cfg.quantization))
+    result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
+    result.output_dir.mkdir(parents=True, exist_ok=True)
+    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    plot_eval_chart(metrics, result.output_dir / CHART_PNG)
+    write_eval_markdown(result, result.output_dir / REPORT_MD, CHART_PNG)
+    return result
+
+
+def evaluation_data(run_dir: Path | None, data: str | None) -> tuple[DataConfig, Path | None]:
+    """(data settings, run directory or None): the run's data section, with --data FILE replacing its source."""
+    from phitune.config import load_run_config
+
+    source = Path(run_dir) if run_dir is not None and (Path(run_dir) / "phitune_config.yaml").is_file() else None
+    if source is None and data is None:
+        raise PhituneError("without a run directory, pass --data FILE to evaluate on")
+    data_cfg = load_run_config(source).data if source is not None else DataConfig(train=data)
+    return (replace(data_cfg, train=data) if data is not None else data_cfg), source
+
+
+def eval_conversations(data_cfg: DataConfig, use_eval_split: bool) -> list:
+    """The held-out conversations of a run (its eval file or the same eval_split), or every row of --data."""
+    from phitune.data import load_conversations
+
+    if not use_eval_split:  # --data FILE: the whole file is the eval set
+        data_cfg = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
+        return load_conversations(data_cfg).train
+    conversations = load_conversations(data_cfg).eval
+    if not conversations:
+        raise PhituneError("the run has no eval set (data.eval_split is 0 and no data.eval); pass --data FILE")
+    return conversations
+
+
+def tokenize_eval_set(conversations: list, tokenizer, data_cfg: DataConfig) -> tuple[list, list]:
+    """(input_ids, labels) rendered and masked exactly as in training."""
+    from phitune.data import tokenize_conversations
+
+    tokenized = tokenize_conversations(conversations, tokenizer, max_seq_length=data_cfg.max_seq_length,
+                                       train_on=data_cfg.train_on, on_bad_row="skip", name="eval")
+    return tokenized.input_ids, tokenized.labels
+
+
+def split_prompts(conversations: list) -> tuple[list, list[str]]:
+    """Each conversation up to its last assistant turn (the prompt), and that turn's text (the reference)."""
+    prompts, references = [], []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(messages[:last])
+        references.append(messages[last]["content"])
+    return prompts, references
+
+
+def teacher_forced_metrics(model, tokenizer, tokenized: tuple[list, list], batch_size: int = 8) -> dict:
+    """Token-weighted loss, perplexity and token accuracy over the labelled tokens (labels shifted by one)."""
+    import torch
+
+    total_loss, correct, count = 0.0, 0, 0
+    input_ids, labels = tokenized
+    for start in range(0, len(input_ids), batch_size):
+        ids, mask, labs = _right_pad(input_ids[start : start + batch_size], labels[start : start + batch_size],
+                                     tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logits, targets = logits[:, :-1].cpu(), labs[:, 1:]  # position t predicts token t+1
+        keep = targets != -100
+        total_loss += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == targets[keep]).sum().item()
+        count += keep.sum().item()
+    if count == 0:
+        raise PhituneError("the eval set has no trained tokens to score")
+    loss = total_loss / count
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf"),
+            "token_accuracy": correct / count}
+
+
+def _right_pad(ids: list[list[int]], labels: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(row) for row in ids)
+    out_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    out_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    out_labels = torch.full((len(ids), width), -100, dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(row)] = torch.tensor(row)
+        out_mask[i, : len(row)] = 1
+        out_labels[i, : len(lab)] = torch.tensor(lab)
+    return out_ids, out_mask, out_labels
+
+
+def _generate(model, tokenizer, prompts: list, settings: SamplingSettings, batch_size: int) -> list[str]:
+    from phitune.generate import generate_replies
+
+    return generate_replies(model, tokenizer, prompts, settings, batch_size=batch_size) if prompts else []
+
+
+def generation_metrics(answers: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-L F1 and exact-match rate of `answers` against `references`."""
+    from rouge_score import rouge_scorer
+
+    if not answers:
+        return {}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
+    exact = [normalise(ans) == normalise(ref) for ans, ref in zip(answers, references)]
+    return {"rougeL_f1": sum(rouge) / len(rouge), "exact_match": sum(exact) / len(exact)}
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces: "The  cat." and "the cat." match; punctuation still counts."""
+    return " ".join(text.lower().split())

@@ -1,0 +1,54 @@
+"""phitune.evaluate: base vs fine-tuned metrics on the held-out demo set, and the files the report leaves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _fixtures_eval import trained_run  # noqa: F401  (fixture)
+from typer.testing import CliRunner
+
+from phitune.evaluate import evaluation_data, generation_metrics, run_evaluation, split_prompts
+from phitune.generate import SamplingSettings, resolve_model_source
+
+
+def test_finetuned_beats_base_on_loss_and_rouge(trained_run, tmp_path):  # noqa: F811
+    model_cfg, adapter = resolve_model_source(trained_run)
+    data_cfg, _ = evaluation_data(trained_run, None)
+    result = run_evaluation(model_cfg, adapter, data_cfg, tmp_path, num_generate=16,
+                            settings=SamplingSettings(max_new_tokens=24), batch_size=16)
+    base, tuned = result.metrics["base"], result.metrics["fine-tuned"]
+    assert tuned["loss"] < base["loss"]
+    assert tuned["token_accuracy"] > base["token_accuracy"]
+    assert tuned["rougeL_f1"] > base["rougeL_f1"]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["metrics"]["fine-tuned"]["loss"] == pytest.approx(tuned["loss"])
+    assert len(saved["samples"]) == 16
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    assert "![metrics](eval.png)" in (tmp_path / "report.md").read_text()
+    # Same tokens and masks as training: our loss equals the trainer's eval loss on the same eval rows.
+    trainer_loss = json.loads((trained_run / "metrics.json").read_text())["eval_loss_after"]
+    assert tuned["loss"] == pytest.approx(trainer_loss, rel=1e-3)
+
+
+def test_eval_command_writes_into_output(trained_run, tmp_path):  # noqa: F811
+    from phitune.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(trained_run), "--num-generate", "2", "--max-new-tokens", "4",
+                                      "--output", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned" in result.output
+    assert set(json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]) == {"base", "fine-tuned"}
+
+
+def test_generation_metrics_rouge_and_exact_match():
+    metrics = generation_metrics(["The cat  sat.", "a dog"], ["the cat sat.", "the cat sat"])
+    assert metrics["exact_match"] == 0.5
+    assert metrics["rougeL_f1"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_split_prompts_uses_the_last_assistant_turn():
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    prompts, references = split_prompts([messages])
+    assert prompts == [messages[:3]] and references == ["d"]

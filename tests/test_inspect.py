@@ -1,0 +1,98 @@
+"""phitune data: counts, truncation, the masked example, and each warning, with only a tokenizer on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _fixtures_eval import write_jsonl
+from typer.testing import CliRunner
+
+from phitune.config import config_from_dict
+from phitune.data.inspect import inspect_data
+from phitune.tiny import DEMO_DATA, tiny_base_path
+
+
+def _tokenizer_dir(tmp_path: Path, pad: str, keep_unk: bool) -> Path:
+    """The bundled tokenizer alone (no model weights), with its config's pad token (and unk) changed."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / f"tok-{keep_unk}"
+    AutoTokenizer.from_pretrained(tiny_base_path()).save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = pad
+    if not keep_unk:
+        config.pop("unk_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _config(model: Path, train: Path, evals: Path | None = None, **data):
+    return config_from_dict({"model": {"name_or_path": str(model)},
+                             "data": {"train": str(train), "eval": str(evals) if evals else None, **data}})
+
+
+def _chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_flags_pad_equal_to_eos_when_training_would_pad_with_eos(tmp_path):
+    model = _tokenizer_dir(tmp_path, pad="<|endoftext|>", keep_unk=False)
+    report = inspect_data(_config(model, DEMO_DATA / "train.jsonl", DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert any("pad token is the eos token" in w for w in report.warnings)
+
+
+def test_flags_raw_pad_equal_to_eos_that_phitune_replaces(tmp_path):
+    model = _tokenizer_dir(tmp_path, pad="<|endoftext|>", keep_unk=True)
+    report = inspect_data(_config(model, DEMO_DATA / "train.jsonl", DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert any("own config pads with its eos" in w for w in report.warnings)
+    assert not any("pad token is the eos token" in w for w in report.warnings)
+
+
+def test_bundled_demo_data_is_clean(tmp_path):
+    report = inspect_data(_config(tiny_base_path(), DEMO_DATA / "train.jsonl", DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert report.warnings == []
+    assert report.format == "messages"
+    assert report.counts["train examples"] == 720 and report.counts["eval examples"] == 100
+    assert report.histogram == tmp_path / "data_lengths.png" and report.histogram.stat().st_size > 0
+    trained = "".join(text for text, keep in report.example if keep)
+    assert "<|end|>" in trained  # the model learns to close its turn
+    assert "<|user|>" not in trained
+
+
+def test_flags_duplicates_leaks_empty_answers_truncation_and_missing_end(tmp_path):
+    long_answer = " ".join(["word"] * 200)
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        _chat("What colour is grass?", "Grass is green."),
+        _chat("What colour is grass?", "Grass is green."),
+        _chat("What colour is snow?", " "),
+        _chat("Say many words.", long_answer),
+    ])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [_chat("What colour is grass?", "Grass is green.")])
+    report = inspect_data(_config(tiny_base_path(), train, evals, max_seq_length=64), tmp_path)
+    text = " | ".join(report.warnings)
+    assert "1 rows have an empty assistant turn" in text and "train.jsonl:3" in text
+    assert "1 train examples are exact duplicates" in text
+    assert "1 eval examples also appear in train" in text
+    assert "train: 1 examples have no end-of-turn token" in text  # the long answer is cut before <|end|>
+    assert report.truncated == {"train": 1, "eval": 0}
+    assert report.counts["skipped rows"] == 1
+
+
+def test_data_command_prints_the_report(tmp_path):
+    from phitune.cli import app
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_base_path()}}}\ndata: {{train: {DEMO_DATA / 'train.jsonl'}}}\n")
+    result = CliRunner().invoke(app, ["data", str(config), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "messages" in result.output and "no warnings" in result.output
+    assert (tmp_path / "out" / "data_lengths.png").is_file()
+
+
+@pytest.mark.parametrize("pad", ["<unk>"])
+def test_no_pad_warning_for_phi3_conventions(tmp_path, pad):
+    model = _tokenizer_dir(tmp_path, pad=pad, keep_unk=True)
+    report = inspect_data(_config(model, DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert not any("pad" in w for w in report.warnings)

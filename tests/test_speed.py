@@ -1,0 +1,235 @@
+"""phitune.speed: padding-free batches and every speed switch leave the loss and the gradients unchanged.
+
+All on CPU with the tiny Phi-3 in float32, where "unchanged" means within TOL (float summation order differs between
+a padded and a concatenated batch, nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phitune.config import SpeedConfig
+from phitune.errors import PhituneError
+from phitune.speed import SpeedPlan, auto_attention, resolve_activation, resolve_speed
+
+TOL = dict(rtol=1e-4, atol=1e-5)  # float32; observed differences are ~1e-6
+ROOT = Path(__file__).parents[1]
+
+
+def _lora_model(model_dir, attn="sdpa"):
+    """The tiny Phi-3 with LoRA on all linear layers, B randomised so that every LoRA weight gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def _examples(lengths, vocab=512, seed=0):
+    """Rows of unequal length; the first third of each is a prompt whose labels are masked."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    return rows
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_loss_and_grads_equal_padded(tiny_model_dir, attn):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    examples = _examples([5, 23, 11, 40])
+    model = _lora_model(tiny_model_dir, attn)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert packed["input_ids"].shape == (1, 79) and "attention_mask" not in packed
+    loss_padded, grads_padded = _loss_and_grads(model, padded)
+    loss_packed, grads_packed = _loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_packed, loss_padded, **TOL)
+    assert len(grads_packed) == 2 * 4 * 2  # 2 layers x (qkv, o, gate_up, down) x (lora_A, lora_B)
+    for name, grad in grads_padded.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads_packed[name], grad, **TOL, msg=name)
+
+
+def test_padding_free_does_not_attend_across_examples(tiny_model_dir):
+    """Changing one example must not change the loss terms of another in the same concatenated row."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    model = _lora_model(tiny_model_dir)
+    first, second = _examples([17, 9], seed=1), _examples([17, 9], seed=2)
+    second[0] = first[0]
+    with torch.no_grad():
+        logits_a = model(**collate(first), use_cache=False).logits[0, :17]
+        logits_b = model(**collate(second), use_cache=False).logits[0, :17]
+    torch.testing.assert_close(logits_a, logits_b, **TOL)
+
+
+def _train(make_config, speed: dict, training: dict | None = None):
+    """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer."""
+    from phitune.data import load_conversations
+    from phitune.modeling import load_tokenizer
+    from phitune.train import build_trainer, load_model_for_training, tokenize_splits
+
+    cfg = make_config(
+        data={"eval": None, "eval_split": 0.0, "max_train_examples": 16, "max_seq_length": 96},
+        training_config={"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-2,
+                         "lr_scheduler_type": "constant", **(training or {})},
+        speed=speed,
+    )
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, _ = tokenize_splits(cfg, load_conversations(cfg.data), tokenizer)
+    model, peft_config = load_model_for_training(cfg)
+    torch.manual_seed(0)  # the LoRA A initialisation
+    trainer = build_trainer(cfg, model, tokenizer, train_set, None, peft_config)
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _checkpoint_func(trainer):
+    """The checkpoint function transformers installed on the first decoder layer (None when not checkpointing)."""
+    layer = trainer.model.get_base_model().model.layers[0]
+    return getattr(layer, "_gradient_checkpointing_func", None) if layer.gradient_checkpointing else None
+
+
+SWITCHES = [  # each switch flipped at least once against the reference (padding-free, no checkpointing)
+    {"padding_free": "false", "activation": "full"},
+    {"padding_free": "true", "activation": "selective"},
+]
+
+
+def test_every_speed_switch_gives_the_same_loss(make_config):
+    """Step 1 checks the forward (same weights); step 2 checks the gradients too, since it follows one update."""
+    reference = _losses(_train(make_config, {"padding_free": "true", "activation": "none"}))
+    assert len(reference) == 2 and reference[1] != reference[0]
+    for speed in SWITCHES:
+        assert _losses(_train(make_config, speed)) == pytest.approx(reference, rel=1e-4), speed
+
+
+def test_selective_checkpointing_takes_effect_with_peft(make_config):
+    """TRL's selective policy must reach the decoder layers; with PEFT it is silently dropped unless phitune installs
+    it on the transformers model (apply_activation_strategy)."""
+    func = _checkpoint_func(_train(make_config, {"activation": "selective"}))
+    assert func is not None and "context_fn" in func.keywords and "selective" not in func.keywords
+    full = _checkpoint_func(_train(make_config, {"activation": "full"}))
+    assert full is not None and "context_fn" not in full.keywords
+
+
+def test_offload_gives_the_same_loss(make_config, monkeypatch):
+    """`offload` on CPU: pinned memory needs CUDA, so save_on_cpu runs unpinned here; the plumbing and math are real."""
+    import functools
+
+    import transformers.modeling_utils as modeling_utils
+    from torch.autograd.graph import save_on_cpu
+
+    calls = []
+
+    def unpinned_save_on_cpu(pin_memory=False, device_type="cuda"):
+        calls.append(device_type)
+        return save_on_cpu(pin_memory=False, device_type=device_type)
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", unpinned_save_on_cpu)
+    monkeypatch.setattr("phitune.speed.resolve_activation", functools.partial(_allow_offload_on_cpu))
+    reference = _losses(_train(make_config, {"activation": "none"}))
+    offloaded = _train(make_config, {"activation": "offload"})
+    assert calls, "save_on_cpu was never entered: offload did not reach transformers"
+    assert _losses(offloaded) == pytest.approx(reference, rel=1e-4)
+
+
+def _allow_offload_on_cpu(choice, training_config, cuda):
+    return resolve_activation(choice, training_config, cuda=True) if choice == "offload" else resolve_activation(
+        choice, training_config, cuda)
+
+
+def test_sft_kwargs_per_activation():
+    key = "activation_checkpointing_kwargs"
+    assert SpeedPlan(True, False, "selective").sft_kwargs()[key] == {"use_reentrant": False, "selective": True}
+    assert SpeedPlan(True, False, "full").sft_kwargs()[key] == {"use_reentrant": False}
+    assert SpeedPlan(True, False, "offload").sft_kwargs()[key] == {"use_reentrant": False, "offload": True}
+    none = SpeedPlan(True, False, "none").sft_kwargs()
+    assert none["activation_checkpointing"] is False and key not in none
+    kept = SpeedPlan(True, False, "full", checkpoint_kwargs={"every_n_layers": 2}).sft_kwargs()[key]
+    assert kept == {"use_reentrant": False, "every_n_layers": 2}
+
+
+@pytest.mark.parametrize(
+    "choice,training,cuda,expected",
+    [
+        ("auto", {}, False, "none"),
+        ("auto", {}, True, "selective"),
+        ("auto", {"gradient_checkpointing": True}, False, "selective"),
+        ("auto", {"gradient_checkpointing": False}, True, "none"),
+        ("auto", {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}, True,
+         "full"),
+        ("auto", {"activation_checkpointing": False}, True, "none"),
+        ("full", {"gradient_checkpointing": True}, False, "full"),
+        ("none", {}, True, "none"),
+    ],
+)
+def test_resolve_activation(choice, training, cuda, expected):
+    assert resolve_activation(choice, training, cuda) == expected
+
+
+@pytest.mark.parametrize(
+    "choice,training,cuda,words",
+    [
+        ("none", {"gradient_checkpointing": True}, True, "contradicts"),
+        ("offload", {"activation_checkpointing": False}, True, "contradicts"),
+        ("offload", {}, False, "needs a CUDA GPU"),
+        ("selective", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, True, "use_reentrant"),
+    ],
+)
+def test_resolve_activation_refuses_contradictions(choice, training, cuda, words):
+    with pytest.raises(PhituneError, match=words):
+        resolve_activation(choice, training, cuda)
+
+
+def test_auto_follows_the_hardware():
+    """On a CPU: padded batches (sdpa would make padding-free one dense block), no Liger, no recomputation."""
+    plan = resolve_speed(SpeedConfig())
+    cuda = torch.cuda.is_available()
+    assert plan.padding_free == cuda and plan.activation == ("selective" if cuda else "none")
+    if not cuda:
+        assert not plan.liger and auto_attention(padding_free=True) == "sdpa"
+    assert resolve_speed(SpeedConfig(padding_free="true")).padding_free
+
+
+def test_speed_section_is_validated():
+    from phitune.config import config_from_dict
+
+    with pytest.raises(PhituneError, match="speed.activation must be one of"):
+        config_from_dict({"data": {"train": "x.jsonl"}, "speed": {"activation": "sometimes"}})
+
+
+def test_throughput_benchmark_runs_on_cpu():
+    """The benchmark's tiny shape runs both paths on the same batches and reports a ratio and both losses."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--shape", "tiny", "--data", "chat",
+               "--warmup", "1", "--steps", "1", "--seq-len", "512", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    (run,) = report["runs"]
+    assert run["ratio"] > 0
+    assert run["reference"]["first_loss"] == pytest.approx(run["phitune"]["first_loss"], rel=1e-3)
