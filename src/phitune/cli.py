@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,8 +38,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
     logging.getLogger("phitune").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("bitsandbytes", "transformers.modeling_utils"):
+    for noisy in ("bitsandbytes", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag about them.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @app.command()

@@ -151,6 +151,10 @@ def training_chat_template(tokenizer) -> str:
     try:
         return get_training_chat_template(tokenizer) or template
     except Exception:  # TRL raises for templates it has no training variant of
+        if all(tag in template for tag in ("<|user|>", "<|assistant|>", "<|end|>")):
+            from trl.chat_template_utils import phi3_training_chat_template
+
+            return phi3_training_chat_template  # a Phi-3 template revision TRL does not know verbatim
         raise PhituneError(
             "the tokenizer's chat template has no {% generation %} markers and TRL has no training variant of it, "
             "so assistant turns cannot be found; add the markers to the template or set data.train_on: all"
