@@ -50,6 +50,9 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished run in output_dir"),
+    on_bad_row: Optional[str] = typer.Option(
+        None, "--on-bad-row", help="error | skip: what to do with a malformed row (sets data.on_bad_row)"
+    ),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the adapter to this hub repo"),
 ):
     """Fine-tune as CONFIG says; writes the adapter, tokenizer, config, metrics.json and loss.png to output_dir."""
@@ -57,7 +60,7 @@ def train(
     from phitune.report import print_run_summary
     from phitune.train import run_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
     print_run_summary(result)
 
@@ -231,7 +234,8 @@ def main() -> None:
     except PhituneError as exc:
         if STATE["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every worker fails alike: say it once
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -291,20 +291,16 @@ _SCALAR_TYPES = {"int": int, "float": float, "bool": bool}
 
 
 def _check_training_value(key: str, value, declared, problems: list[str]):
-    """Type-check a scalar SFTConfig value (SFTConfig itself accepts `max_steps: ten`); YAML reads `1e-4` as a string."""
+    """Type-check a scalar SFTConfig value (SFTConfig itself accepts `max_steps: ten`)."""
     if value is False and "Strategy" in str(declared):  # YAML 1.1 reads `save_strategy: no` as false
         return "no"
     kind = _SCALAR_TYPES.get(getattr(declared, "__name__", str(declared)).removesuffix(" | None"))
     if kind is None or value is None:
         return value
-    if kind is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
     numbers = (int, float) if kind is float else (kind,)
     if not isinstance(value, numbers) or (kind is not bool and isinstance(value, bool)):
-        problems.append(f"training_config.{key} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+        expected = "a number" if kind is float else kind.__name__
+        problems.append(f"training_config.{key} must be {expected}, got {value!r}")
     return value
 
 

@@ -78,7 +78,6 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
     """Tokenize train and eval with masked labels; log how many rows were truncated or skipped."""
     from phitune.data import tokenize_conversations
 
-    limit = getattr(tokenizer, "model_max_length", None)
     context = _model_context(cfg)
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
@@ -88,9 +87,9 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
     for name, tset in (("train", train_set), ("eval", eval_set)):
         if tset is not None and tset.truncated:
             log.warning("%s: %d examples truncated to %d tokens", name, tset.truncated, cfg.data.max_seq_length)
+    conversations.skipped += train_set.skipped + (eval_set.skipped if eval_set is not None else [])
     if conversations.skipped:
         log.warning("skipped %d bad rows; first: %s", len(conversations.skipped), "; ".join(conversations.skipped[:3]))
-    del limit
     return train_set, eval_set
 
 

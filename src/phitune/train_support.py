@@ -1,4 +1,5 @@
-"""What keeps a run safe: complete-checkpoint markers, graceful stop on signals, the NaN guard, the loss plot.
+"""What keeps a run safe: complete-checkpoint markers, graceful stop on signals (every process at the same step),
+the NaN guard, a hub token kept out of saved files, and the loss plot.
 
 A checkpoint directory counts only once it holds CHECKPOINT_COMPLETE, written after the model, optimizer, scheduler,
 RNG and trainer state are all on disk; so a run killed mid-save resumes from the previous, whole checkpoint.

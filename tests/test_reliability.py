@@ -1,0 +1,142 @@
+"""Nothing lost: a signal saves a checkpoint, a killed run resumes to the same adapter, a NaN stops the run cleanly.
+
+Runs are real `phitune train` subprocesses on the tiny Phi-3 (12 steps of 4 rows), one thread each so that two can
+run side by side and float reductions happen in the same order in every run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+
+DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+ADAPTER = "adapter_model.safetensors"
+
+
+def write_config(directory: Path, model_dir: Path, **training) -> Path:
+    """A short LoRA run on the tiny model: 12 steps of 4 rows, a complete checkpoint every 4 steps."""
+    config = {
+        "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval_split": 0, "max_seq_length": 128,
+                 "max_train_examples": 64},
+        "training_config": {"output_dir": str(directory / "out"), "max_steps": 12, "learning_rate": 5e-3,
+                            "per_device_train_batch_size": 4, "save_steps": 4, "save_total_limit": 10,
+                            "logging_steps": 1, "seed": 0, "disable_tqdm": True, **training},
+        "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def start_train(config: Path, *args: str) -> subprocess.Popen:
+    """`phitune train CONFIG ARGS` in the background; stdout and stderr go to files next to the config."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    tag = "-".join(a.strip("-") for a in args) or "train"
+    with open(config.parent / f"{tag}.out", "w") as out, open(config.parent / f"{tag}.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "phitune.cli", "train", str(config), *args], stdout=out,
+                                stderr=err, env=env)
+    proc.stderr_path = config.parent / f"{tag}.err"
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    """Wait for the process; return its exit code and stderr text."""
+    code = proc.wait(timeout=timeout)
+    return code, proc.stderr_path.read_text(encoding="utf-8")
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"process ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
+    proc = start_train(config)
+    wait_for(lambda: "'loss'" in (tmp_path / "train.out").read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    message = last_line(stderr)
+    assert message.startswith("error: stopped by SIGTERM at step ")
+    assert "phitune train CONFIG --resume" in message
+    checkpoint = latest_complete_checkpoint(tmp_path / "out")
+    assert checkpoint is not None and str(checkpoint) in message
+    assert (checkpoint / ADAPTER).is_file() and (checkpoint / "optimizer.pt").is_file()
+    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()  # the run is not marked finished
+
+
+def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Bitwise on CPU: the resumed run restores weights, optimizer, scheduler, RNG and the data order."""
+    reference = start_train(write_config(tmp_path / "reference", tiny_model_dir))
+    config = write_config(tmp_path / "killed", tiny_model_dir)
+    out = tmp_path / "killed" / "out"
+    proc = start_train(config)
+    wait_for(lambda: latest_complete_checkpoint(out) is not None, proc)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    proc.wait()
+    complete = latest_complete_checkpoint(out)
+    half_written = out / "checkpoint-10"  # a later checkpoint cut off mid-save: no marker, truncated weights
+    half_written.mkdir(exist_ok=True)
+    (half_written / ADAPTER).write_bytes(b"\0" * 10)
+    assert latest_complete_checkpoint(out) == complete
+
+    code, stderr = finish(start_train(config, "--resume"))
+    assert code == 0, stderr[-3000:]
+    steps_done = int(complete.name.split("-")[1])
+    assert (tmp_path / "killed" / "resume.out").read_text().count("'loss':") == 12 - steps_done  # resumed, not redone
+    assert finish(reference)[0] == 0
+    resumed, uninterrupted = load_file(out / ADAPTER), load_file(tmp_path / "reference" / "out" / ADAPTER)
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert resumed[name].equal(tensor), name
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / CHECKPOINT_COMPLETE).write_text("complete\n")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    """learning_rate 1e30 blows the weights up after one step; the guard stops before a bad step is taken."""
+    import torch
+
+    config = write_config(tmp_path, tiny_model_dir, learning_rate=1e30, save_steps=1, max_steps=10)
+    code, stderr = finish(start_train(config))
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    message = last_line(stderr)
+    assert message.startswith("error: the loss became ")
+    assert "training stopped and the last good checkpoint is" in message and "learning_rate" in message
+    good = latest_complete_checkpoint(tmp_path / "out")
+    assert good is not None and str(good) in message
+    bad_step = int(message.split(" at step ")[1].split(";")[0])
+    assert good.name == f"checkpoint-{bad_step - 1}"
+    assert not (tmp_path / "out" / f"checkpoint-{bad_step}").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(good / ADAPTER).values())
