@@ -26,22 +26,26 @@ STATE = {"debug": False}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks instead of one-line errors")):
+def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks and library logs instead of one-line errors")):
     STATE["debug"] = debug
-    setup_logging()
+    setup_logging(verbose=debug)
 
 
-def setup_logging() -> None:
-    """phitune's own messages through rich; the libraries' chatter down to warnings."""
+def setup_logging(verbose: bool = False) -> None:
+    """phitune's own messages through rich; the libraries' chatter (hub retries, load reports) only with --debug."""
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
     logging.getLogger("phitune").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("bitsandbytes", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag about them.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    if not verbose:
+        # Both libraries set their own log level when imported (inside the commands), so say it through the
+        # environment they read then.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @app.command()
