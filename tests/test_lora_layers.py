@@ -162,3 +162,33 @@ def test_merged_linear_unequal_slices_matches_reference():
 def test_merged_linear_rejects_bad_slices(kwargs):
     with pytest.raises(PhituneError, match="MergedLinear"):
         lora.MergedLinear(6, 16, r=2, **kwargs)
+
+
+LORALIB_README_USAGE = '''
+import torch
+import torch.nn as nn
+import loralib as lora
+
+in_features, out_features, d_model = 16, 12, 8
+layer = lora.Linear(in_features, out_features, r=16)
+qkv_proj = lora.MergedLinear(d_model, 3 * d_model, r=8, enable_lora=[True, False, True])
+model = nn.Sequential(layer, nn.ReLU(), nn.Linear(out_features, d_model), qkv_proj)
+lora.mark_only_lora_as_trainable(model)
+lora.mark_only_lora_as_trainable(model, bias='lora_only')
+torch.save(model.state_dict(), ckpt_pretrained)
+torch.save(lora.lora_state_dict(model), ckpt_lora)
+model.load_state_dict(torch.load(ckpt_pretrained), strict=False)
+model.load_state_dict(torch.load(ckpt_lora), strict=False)
+result = sorted(lora.lora_state_dict(model))
+'''
+
+
+def test_loralib_usage_lines_run_unchanged(tmp_path):
+    """The usage lines of loralib's README, with only the import changed, run and give the same checkpoint keys."""
+    outcomes = {}
+    for module in ("loralib", "phitune.lora"):
+        scope = {"ckpt_pretrained": str(tmp_path / f"{module}-pre.pt"), "ckpt_lora": str(tmp_path / f"{module}.pt")}
+        exec(LORALIB_README_USAGE.replace("import loralib as lora", f"import {module} as lora"), scope)
+        outcomes[module] = scope["result"]
+    assert outcomes["phitune.lora"] == outcomes["loralib"]
+    assert "0.lora_A" in outcomes["loralib"] and "3.lora_B" in outcomes["loralib"]

@@ -113,6 +113,9 @@ def load_model_for_training(cfg: RunConfig):
 
     if cfg.backend == "peft":  # a target that matches nothing fails before the weights are read
         check_target_modules(cfg.model, cfg.peft_config.get("target_modules"))
+    if cfg.backend == "loralib" and cfg.model.quantization:
+        raise PhituneError("peft_config.backend loralib wraps plain linear layers, not 4-bit ones; use backend: peft "
+                           "for QLoRA")
     padding_free = resolve_speed(cfg.speed, training_config=cfg.training_config).padding_free
     model = load_base_model(cfg.model, training=True, padding_free=padding_free)
     if cfg.backend == "full":
@@ -158,7 +161,6 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         "save_total_limit": 2,
         "eval_strategy": "steps" if has_eval else "no",
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        "gradient_checkpointing": False,
         "include_num_input_tokens_seen": "non_padding",
         "logging_nan_inf_filter": False,  # a NaN must show in the logs, not be averaged away
         "dataloader_pin_memory": torch.cuda.is_available(),
@@ -169,10 +171,9 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
     if not torch.cuda.is_available() and (settings.get("bf16") or settings.get("fp16")):
         log.warning("no GPU: bf16/fp16 mixed precision is off, training in the model's dtype on the CPU")
         settings["bf16"] = settings["fp16"] = False
-    if settings.get("gradient_checkpointing"):
-        settings.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     if not has_eval:
         settings["eval_strategy"] = "no"
+    # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
     settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=user).sft_kwargs())
     # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
     settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
