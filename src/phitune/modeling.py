@@ -7,11 +7,14 @@ would be every eos); chat turns close with `<|end|>`.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from phitune.config import ModelConfig
 from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
 
 FUSED_PROJECTIONS = {  # logical name -> the fused Phi-3 layer that holds it
     "q_proj": "qkv_proj",
@@ -44,6 +47,9 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token is None:
         raise PhituneError(f"{cfg.name_or_path}: the tokenizer has neither an unk nor a pad token to pad with")
+    elif tokenizer.pad_token == tokenizer.eos_token:
+        log.warning("the tokenizer pads with its eos token %s and has no unk token: check the end of turn is "
+                    "trained (phitune data CONFIG shows it)", tokenizer.eos_token)
     if not tokenizer.chat_template:
         from trl.chat_template_utils import phi3_chat_template
 

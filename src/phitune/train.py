@@ -207,6 +207,12 @@ def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
     from phitune.modeling import count_parameters
 
     metrics: dict = {}
+    trainable, total = count_parameters(trainer.model)
+    log.info(
+        "training %s of %s parameters (%.2f%%) on %d examples; output: %s%s",
+        f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), len(trainer.train_dataset),
+        trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
+    )
     if has_eval and checkpoint is None:
         metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
     start = time.perf_counter()
@@ -220,7 +226,6 @@ def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
     stopper.raise_if_stopped()
     runtime = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
-    trainable, total = count_parameters(trainer.model)
     metrics.update(
         train_loss=output.training_loss,
         train_runtime_s=round(runtime, 2),
