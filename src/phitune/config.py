@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 
 SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
 
@@ -158,7 +158,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise PhituneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise PhituneError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise PhituneError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS[:4])}")
     apply_overrides(raw, overrides or [])

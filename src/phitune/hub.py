@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 
 # Checkpoints hold optimizer state (large, not needed to use the model); they stay local.
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "phitune_complete"]
@@ -24,6 +24,5 @@ def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
             commit_message="Upload with phitune",
         )
     except Exception as exc:  # network, auth and permission errors all end the same way for the user
-        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        raise PhituneError(f"push to hub repo {repo_id!r} failed: {first}") from None
+        raise PhituneError(f"push to hub repo {repo_id!r} failed: {first_line(exc)}") from None
     return str(getattr(commit, "commit_url", commit))

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from phitune.config import ModelConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 
 log = logging.getLogger("phitune")
 
@@ -42,7 +42,7 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
     except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot load the tokenizer of {cfg.name_or_path}: {_first_line(exc)}") from None
+        raise PhituneError(f"cannot load the tokenizer of {cfg.name_or_path}: {first_line(exc)}") from None
     if tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token is None:
@@ -91,7 +91,7 @@ def quantization_config(cfg: ModelConfig):
     try:
         return BitsAndBytesConfig(**settings)
     except (TypeError, ValueError) as exc:
-        raise PhituneError(f"model.quantization: {_first_line(exc)}") from None
+        raise PhituneError(f"model.quantization: {first_line(exc)}") from None
 
 
 def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False):
@@ -117,9 +117,9 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
             use_safetensors=True,
         )
     except ImportError as exc:
-        raise PhituneError(f"cannot load {cfg.name_or_path}: {_first_line(exc)}") from None
+        raise PhituneError(f"cannot load {cfg.name_or_path}: {first_line(exc)}") from None
     except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot load model {cfg.name_or_path}: {_first_line(exc)}") from None
+        raise PhituneError(f"cannot load model {cfg.name_or_path}: {first_line(exc)}") from None
     if quant is not None and not torch.cuda.is_available():
         _use_generic_cpu_4bit(model)
     model.config.use_cache = not training
@@ -142,17 +142,23 @@ def check_target_modules(cfg: ModelConfig, target_modules) -> None:
     if target_modules in (None, "all-linear"):
         return
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-        )
-    except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot read the config of model {cfg.name_or_path}: {_first_line(exc)}") from None
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(load_model_config(cfg), trust_remote_code=cfg.trust_remote_code)
     resolve_target_modules(skeleton, target_modules)
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's config.json (architecture, sizes, context length), without reading any weights."""
+    from transformers import AutoConfig
+
+    check_model_path(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                          revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"cannot read the config of model {cfg.name_or_path}: {first_line(exc)}") from None
 
 
 def linear_layer_names(model) -> list[str]:
@@ -220,7 +226,3 @@ def count_parameters(model) -> tuple[int, int]:
             trainable += n
     return trainable, total
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune.config import RunConfig, save_config
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     GracefulStop,
@@ -49,9 +49,9 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
     conversations = load_conversations(cfg.data)
     train_set, eval_set = tokenize_splits(cfg, conversations, tokenizer)
-    build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # bad values fail before weights load
+    args = build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # fails before weights load
     model, peft_config = load_model_for_training(cfg)
-    trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config)
+    trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
     metrics.update(dataset_metrics(conversations, train_set, eval_set))
     finish(cfg, trainer, tokenizer, metrics, push_to_hub)
@@ -77,8 +77,9 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
     """Tokenize train and eval with masked labels; log how many rows were truncated or skipped."""
     from phitune.data import tokenize_conversations
+    from phitune.modeling import load_model_config
 
-    context = _model_context(cfg)
+    context = getattr(load_model_config(cfg.model), "max_position_embeddings", None)
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
     kwargs = dict(max_seq_length=cfg.data.max_seq_length, train_on=cfg.data.train_on, on_bad_row=cfg.data.on_bad_row)
@@ -91,19 +92,6 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
     if conversations.skipped:
         log.warning("skipped %d bad rows; first: %s", len(conversations.skipped), "; ".join(conversations.skipped[:3]))
     return train_set, eval_set
-
-
-def _model_context(cfg: RunConfig) -> int | None:
-    """The base model's context length, read from its config without loading weights."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
-        )
-    except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot read the config of model {cfg.model.name_or_path}: {exc}") from None
-    return getattr(config, "max_position_embeddings", None)
 
 
 def load_model_for_training(cfg: RunConfig):
@@ -180,14 +168,16 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
     try:
         return SFTConfig(**settings)
     except (TypeError, ValueError) as exc:
-        raise PhituneError(f"training_config: {str(exc).strip().splitlines()[0]}") from None
+        raise PhituneError(f"training_config: {first_line(exc)}") from None
 
 
-def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config):
-    """The SFTTrainer with phitune's callbacks (safe checkpoints, graceful stop, NaN guard)."""
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config, args=None):
+    """The SFTTrainer with phitune's callbacks (safe checkpoints, graceful stop, NaN guard); `args` from
+    build_sft_config, built here when not given."""
     from phitune.speed import apply_activation_strategy
 
-    args = build_sft_config(cfg, has_eval=eval_set is not None, quantized=bool(cfg.model.quantization))
+    if args is None:
+        args = build_sft_config(cfg, has_eval=eval_set is not None, quantized=bool(cfg.model.quantization))
     apply_activation_strategy(model, args)
     trainer = PhituneTrainer(
         model=model,

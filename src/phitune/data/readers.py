@@ -9,7 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -59,7 +59,7 @@ def _read_jsonl(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
             if not isinstance(row, dict):
                 raise ValueError(f"expected a JSON object, got {type(row).__name__}")
         except ValueError as exc:
-            problem = BadRow(f"{path}:{number}", f"malformed JSON line ({_first_line(exc)})")
+            problem = BadRow(f"{path}:{number}", f"malformed JSON line ({first_line(exc)})")
             if on_bad_row == "error":
                 raise PhituneError(str(problem)) from None
             bad.append(problem)
@@ -72,7 +72,7 @@ def _read_json(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
     try:
         data = json.loads(_read_text(path))
     except ValueError as exc:
-        raise PhituneError(f"{path}: malformed JSON ({_first_line(exc)})") from None
+        raise PhituneError(f"{path}: malformed JSON ({first_line(exc)})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
@@ -101,7 +101,7 @@ def _read_parquet(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise PhituneError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+        raise PhituneError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
     return [(number, row) for number, row in enumerate(table.to_pylist(), start=1)], []
 
 
@@ -112,12 +112,8 @@ def _read_hub(name: str, split: str) -> list[Row]:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # network, missing dataset, missing split: all end in one message
         raise PhituneError(
-            f"cannot load dataset {name!r} (split {split!r}) from the hub: {_first_line(exc)}. "
+            f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(exc)}. "
             f"For a local file use a path ending in {', '.join(LOCAL_SUFFIXES)}"
         ) from None
     return [(number, row) for number, row in enumerate(ds, start=1)]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
