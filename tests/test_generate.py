@@ -61,6 +61,13 @@ def test_read_prompts_names_the_bad_line(tmp_path):
         read_prompts(path)
 
 
+def test_read_prompts_reports_non_utf8_as_a_user_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "hi"}\n\xff\xfe\n')
+    with pytest.raises(PhituneError, match=r"p.jsonl:2: not UTF-8"):
+        read_prompts(path)
+
+
 def test_chat_session_keeps_history_and_resets(trained_run):  # noqa: F811
     model, tokenizer = load_for_inference(*resolve_model_source(trained_run))
     session = ChatSession(model, tokenizer, SamplingSettings(max_new_tokens=8), system="Be brief.")

@@ -148,25 +148,18 @@ def _adapter_base(adapter: Path) -> str:
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Rows of a prompts .jsonl file; each holds "prompt" (a user message) or "messages" (a conversation)."""
-    import json
+    """Rows of a prompts file (.jsonl, .json, .csv, .parquet); each holds "prompt" or "messages" (a conversation)."""
+    from phitune.data.readers import read_rows
 
     path = Path(path)
     if not path.is_file():
         raise PhituneError(f"input file not found: {path}")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise PhituneError(f"{path}:{number}: malformed JSON ({exc})") from None
-        prompt_conversation(row, f"{path}:{number}")  # validate now, before any model is loaded
-        rows.append(row)
+    rows, _ = read_rows(str(path))  # the training reader: file:line on malformed JSON, a clear error on non-UTF-8
     if not rows:
         raise PhituneError(f"{path}: no prompts")
-    return rows
+    for number, row in rows:
+        prompt_conversation(row, f"{path}:{number}")  # validate now, before any model is loaded
+    return [row for _, row in rows]
 
 
 def prompt_conversation(row, where: str) -> list[dict]:
