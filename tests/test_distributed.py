@@ -1,7 +1,7 @@
 """Beyond one process: `phitune train` under torchrun with two CPU workers (gloo) equals one worker with the same
-global batch, and only the main process writes files.
+global batch, with the default held-out eval set, across a kill -9 and a resume; every rank stops together.
 
-`accelerate launch --cpu --num_processes 2` starts a single process on a 2-core machine, so the test uses torchrun,
+`accelerate launch --cpu --num_processes 2` starts a single process on a 2-core machine, so the tests use torchrun,
 which starts both. 2 workers x batch 2 sees the same 4 rows per step as 1 worker x batch 4 (the sampler shards one
 shuffled order), so the adapters differ only by the order of float reductions in the gradient all-reduce.
 """
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -28,14 +29,14 @@ DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_cha
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: max |difference| 1.1e-7 on weights of size ~0.13
 
 
-def write_config(directory: Path, model_dir: Path, batch_size: int, max_steps: int = 12) -> Path:
+def write_config(directory: Path, model_dir: Path, batch_size: int, max_steps: int = 12, **data) -> Path:
+    """The demo data with the default held-out eval set (data.eval_split 0.05), evaluated every 4 steps."""
     config = {
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
-        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval_split": 0, "max_seq_length": 128,
-                 "max_train_examples": 64},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "max_seq_length": 128, "max_train_examples": 64, **data},
         "training_config": {"output_dir": str(directory / "out"), "max_steps": max_steps, "learning_rate": 5e-3,
                             "per_device_train_batch_size": batch_size, "save_steps": 4, "save_total_limit": 10,
-                            "logging_steps": 1, "seed": 0, "disable_tqdm": True},
+                            "eval_steps": 4, "logging_steps": 1, "seed": 0, "disable_tqdm": True},
         "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -49,10 +50,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(command: list[str], directory: Path) -> subprocess.Popen:
+def launch(command: list[str], directory: Path, log: str = "") -> subprocess.Popen:
+    """Start `command` in its own process group (so a test can kill torchrun and its workers together)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(directory / "stdout", "w") as out, open(directory / "stderr", "w") as err:
-        return subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=directory)
+    with open(directory / f"stdout{log}", "w") as out, open(directory / f"stderr{log}", "w") as err:
+        return subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=directory, start_new_session=True)
 
 
 def listing(out: Path) -> dict[str, list[str]]:
@@ -65,20 +67,53 @@ def torchrun_command() -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
-def test_two_cpu_workers_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+def wait(proc: subprocess.Popen, directory: Path, log: str = "", code: int = 0, timeout: int = 300) -> None:
+    assert proc.wait(timeout=timeout) == code, (directory / f"stderr{log}").read_text()[-3000:]
+
+
+def assert_same_adapter(got_dir: Path, expected_dir: Path, **tolerance) -> None:
+    expected = load_file(expected_dir / "adapter_model.safetensors")
+    got = load_file(got_dir / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, **(tolerance or TOLERANCE), msg=name)
+
+
+def eval_losses(out: Path) -> dict[int, float]:
+    """Step -> eval loss, from the last checkpoint's log history and the run's final metrics."""
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """The same 12 steps with the default eval set, once as 1 worker x batch 4 and once as 2 workers x batch 2."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
     single_config = write_config(tmp_path / "single", tiny_model_dir, batch_size=4)
     multi_config = write_config(tmp_path / "multi", tiny_model_dir, batch_size=2)
     single = launch([sys.executable, "-m", "phitune.cli", "train", str(single_config)], tmp_path / "single")
     multi = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(multi_config)], tmp_path / "multi")
-    for proc, name in ((multi, "multi"), (single, "single")):
-        assert proc.wait(timeout=300) == 0, (tmp_path / name / "stderr").read_text()[-3000:]
+    wait(multi, tmp_path / "multi")
+    wait(single, tmp_path / "single")
+    return tmp_path
 
-    single_out, multi_out = tmp_path / "single" / "out", tmp_path / "multi" / "out"
-    expected = load_file(single_out / "adapter_model.safetensors")
-    got = load_file(multi_out / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, **TOLERANCE, msg=name)
+
+def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
+    """Fails when evaluating before training leaves the workers without gradient sync (9.7% apart before the fix)."""
+    single_out, multi_out = one_and_two_workers / "single" / "out", one_and_two_workers / "multi" / "out"
+    assert_same_adapter(multi_out, single_out)
+
+    # Evaluation is sharded (each worker scores half the eval batches) and token-weighted, so the losses at step 0,
+    # 4, 8 and 12 are those of the single worker, and the final evaluation is the in-loop one at step 12, not a rerun.
+    single_evals, multi_evals = eval_losses(single_out), eval_losses(multi_out)
+    assert sorted(single_evals) == sorted(multi_evals) == [0, 4, 8, 12]
+    for step, loss in single_evals.items():
+        assert abs(multi_evals[step] - loss) <= 1e-5 * loss, (step, multi_evals[step], loss)
+    single_metrics, multi_metrics = (json.loads((o / "metrics.json").read_text()) for o in (single_out, multi_out))
+    assert multi_metrics["eval_loss_before"] == multi_evals[0] and multi_metrics["eval_loss_after"] == multi_evals[12]
+    assert multi_metrics["eval_loss_after"] < multi_metrics["eval_loss_before"]
+    assert multi_metrics["eval_examples"] == single_metrics["eval_examples"] > 0
 
     # One writer: the same files as the single-process run (each worker keeps its own RNG state, by design),
     # every checkpoint complete, logs printed once.
@@ -88,14 +123,54 @@ def test_two_cpu_workers_equal_one_with_the_same_global_batch(tiny_model_dir, tm
             expected_files[name] = sorted({*files, "rng_state_0.pth", "rng_state_1.pth"} - {"rng_state.pth"})
     assert listing(multi_out) == expected_files
     for checkpoint in multi_out.glob("checkpoint-*"):
-        assert (checkpoint / CHECKPOINT_COMPLETE).is_file()
+        marker = json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())
+        assert marker == {"processes": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                          "global_batch": 4}
         assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == int(checkpoint.name[11:])
-    single_metrics, multi_metrics = (json.loads((o / "metrics.json").read_text()) for o in (single_out, multi_out))
     assert multi_metrics["global_step"] == 12
     assert multi_metrics["train_tokens"] == single_metrics["train_tokens"]  # both workers' tokens, counted once
     assert abs(multi_metrics["train_loss"] - single_metrics["train_loss"]) < 1e-5
-    assert (tmp_path / "multi" / "stdout").read_text().count("'loss':") == 12
+    stdout, stderr = ((one_and_two_workers / "multi" / name).read_text() for name in ("stdout", "stderr"))
+    assert stdout.count("'loss':") == 12 and stdout.count("'eval_loss':") == 4
+    assert stderr.count("training 4,") + stdout.count("training 4,") <= 1  # "training N of M parameters", once
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
+
+
+def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
+    """kill -9 of torchrun and both workers after the first complete checkpoint, then --resume under torchrun."""
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
+    first = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config)], tmp_path)
+    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.is_file():
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # it really died mid-run
+
+    resumed = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--resume"], tmp_path, ".2")
+    wait(resumed, tmp_path, ".2")
+    assert "'loss':" in (tmp_path / "stdout.2").read_text()
+    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
+
+
+def test_resuming_with_another_global_batch_is_refused(one_and_two_workers, tmp_path):
+    """A 2 x 2 checkpoint resumed by 1 process with batch 2 would silently halve the batch: one line instead."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(one_and_two_workers / "multi" / "out" / "checkpoint-4", out / "checkpoint-4")
+    config = yaml.safe_load((one_and_two_workers / "multi" / "run.yaml").read_text())
+    config["training_config"]["output_dir"] = str(out)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = launch([sys.executable, "-m", "phitune.cli", "train", str(tmp_path / "run.yaml"), "--resume"], tmp_path)
+    wait(proc, tmp_path, code=2)
+    message = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
+    assert message == ("error: checkpoint-4 was written with a global batch of 4 (2 processes x 2 per device x 1 "
+                       "accumulation steps); this run's is 2 (1 processes x 2 per device x 1 accumulation steps). "
+                       "Resume with the same global batch (processes x per_device_train_batch_size x "
+                       "gradient_accumulation_steps)")
 
 
 def test_shipped_accelerate_configs_load():

@@ -37,6 +37,9 @@ def setup_logging(verbose: bool = False) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
     logging.getLogger("phitune").setLevel(logging.INFO)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every worker would say the same: only rank 0 speaks
+        logging.getLogger("phitune").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         # Both libraries set their own log level when imported (inside the commands), so say it through the

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from phitune.train_support import (
     GracefulStop,
     NonFiniteLoss,
     PhituneTrainer,
+    check_resume_layout,
     finished_run,
     latest_complete_checkpoint,
     plot_losses,
@@ -50,6 +50,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     conversations = load_conversations(cfg.data)
     train_set, eval_set = tokenize_splits(cfg, conversations, tokenizer)
     args = build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # fails before weights load
+    if checkpoint is not None:
+        check_resume_layout(checkpoint, args)
     model, peft_config = load_model_for_training(cfg)
     trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
@@ -193,18 +195,22 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
 
 
 def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
-    """Evaluate, train (resuming from `checkpoint`), evaluate again; turn interruptions into clear errors."""
+    """Train (resuming from `checkpoint`) with an evaluation at the start and at the end; turn interruptions into
+    clear errors.
+
+    The first evaluation runs inside `train()` (eval_on_start), after accelerate has wrapped the model: a
+    `trainer.evaluate()` before `train()` marks the bare model as prepared, and the processes of a multi-process run
+    then train without synchronising their gradients. The final evaluation reuses an in-loop one at the last step.
+    """
     from phitune.modeling import count_parameters
 
-    metrics: dict = {}
     trainable, total = count_parameters(trainer.model)
     log.info(
         "training %s of %s parameters (%.2f%%) on %d examples; output: %s%s",
         f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), len(trainer.train_dataset),
         trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
     )
-    if has_eval and checkpoint is None:
-        metrics["eval_loss_before"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    trainer.args.eval_on_start = has_eval and checkpoint is None
     start = time.perf_counter()
     with GracefulStop(trainer) as stopper:
         try:
@@ -216,7 +222,7 @@ def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
     stopper.raise_if_stopped()
     runtime = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
-    metrics.update(
+    metrics = dict(
         train_loss=output.training_loss,
         train_runtime_s=round(runtime, 2),
         train_tokens=tokens,
@@ -226,15 +232,22 @@ def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
         total_parameters=total,
     )
     if has_eval:
-        metrics["eval_loss_after"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-        metrics["perplexity_after"] = _perplexity(metrics["eval_loss_after"])
-        if "eval_loss_before" in metrics:
-            metrics["perplexity_before"] = _perplexity(metrics["eval_loss_before"])
+        metrics.update(evaluation_metrics(trainer, evaluated_at_start=trainer.args.eval_on_start))
     return metrics
 
 
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
+def evaluation_metrics(trainer, evaluated_at_start: bool) -> dict:
+    """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
+    the loop just did it), with their perplexities."""
+    from phitune.metrics import perplexity
+
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
+    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
+    if evaluated_at_start and evals and evals[0]["step"] == 0:
+        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
+    return metrics
 
 
 def dataset_metrics(conversations, train_set, eval_set) -> dict:

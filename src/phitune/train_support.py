@@ -7,6 +7,7 @@ RNG and trainer state are all on disk; so a run killed mid-save resumes from the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -63,15 +64,55 @@ class PhituneTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLoss(f"the loss became {loss.item()} at step {self.state.global_step + 1}")
+        bad = _ranks_where(not bool(torch.isfinite(loss).all()), loss.device)
+        if bad:  # every process raises at this same step, before the optimizer step, so none waits forever
+            where = "" if _world_size() == 1 else f" on process {', '.join(map(str, bad))}"
+            raise NonFiniteLoss(f"the loss became NaN or infinite at step {self.state.global_step + 1}{where}")
         return loss
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Token-weighted evaluation (phitune.metrics), sharded: each process scores its share of the batches and the
+        per-sequence sums are gathered, with the duplicates that accelerate adds to even out the last batch dropped
+        (gather_for_metrics). So N processes report exactly the loss of one."""
+        from transformers.trainer_utils import EvalLoopOutput
+
+        from phitune.metrics import sequence_token_stats, summarize
+
+        model = self.model_wrapped  # the DDP / FSDP / DeepSpeed wrapper once training has started
+        model.eval()
+        totals, sequences = torch.zeros(3, dtype=torch.float64), 0
+        for inputs in dataloader:
+            inputs = {k: v.to(self.args.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+            labels = inputs.pop("labels")
+            packed = "attention_mask" not in inputs and "position_ids" in inputs and labels.shape[0] == 1
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            stats = sequence_token_stats(logits, labels, inputs["position_ids"] if packed else None)
+            stats = self.accelerator.gather_for_metrics(stats)
+            totals += stats.sum(0).cpu()
+            sequences += stats.shape[0]
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in summarize(totals).items()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=sequences)
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The Trainer's save, then: wait until every process has written its part (sharded model and optimizer
+        states, its RNG state), mark the checkpoint complete, and only then delete old checkpoints, so a kill at any
+        moment leaves at least one complete checkpoint."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / CHECKPOINT_COMPLETE).write_text("complete\n", encoding="utf-8")
+            run_dir = self._get_output_dir(trial=trial)
+            folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+            (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(batch_layout(self.args)) + "\n", encoding="utf-8")
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
 
     def _save(self, output_dir=None, state_dict=None):
         if not self.loralib:
@@ -146,16 +187,65 @@ class GracefulStop:
             )
 
 
-def _any_process(flag: bool, device) -> bool:
-    """True on every process if it is true on any: all must stop at the same step, or the others wait forever on
-    the next gradient all-reduce. One scalar all-reduce per step, against the gradients' millions."""
+def batch_layout(args) -> dict:
+    """How a run splits its global batch; saved in each checkpoint's completion marker and checked on resume."""
+    world = _world_size()
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    return {"processes": world, "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": accumulation, "global_batch": world * per_device * accumulation}
+
+
+def check_resume_layout(checkpoint: Path, args) -> None:
+    """Resuming under another number of processes works when the global batch is the same (the sampler shards one
+    shuffled order by global batch); a different global batch would silently change the run, so it stops here."""
+    try:
+        saved = json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a marker from before phitune recorded the layout
+    now = batch_layout(args)
+    if saved.get("global_batch") == now["global_batch"]:
+        if saved.get("processes") != now["processes"]:
+            log.warning("resuming a %s-process checkpoint with %s processes: same global batch of %s, so the same "
+                        "rows per step; with dropout the random streams differ from an uninterrupted run",
+                        saved.get("processes"), now["processes"], now["global_batch"])
+        return
+    raise PhituneError(
+        f"{Path(checkpoint).name} was written with a global batch of {_describe(saved)}; this run's is "
+        f"{_describe(now)}. Resume with the same global batch (processes x per_device_train_batch_size x "
+        "gradient_accumulation_steps)"
+    )
+
+
+def _describe(layout: dict) -> str:
+    return (f"{layout.get('global_batch')} ({layout.get('processes')} processes x "
+            f"{layout.get('per_device_train_batch_size')} per device x {layout.get('gradient_accumulation_steps')} "
+            "accumulation steps)")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _ranks_where(flag: bool, device) -> list[int]:
+    """The processes on which `flag` is true, known to every process (one small all-reduce)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    votes = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return bool(votes.item())
+        return [0] if flag else []
+    votes = torch.zeros(dist.get_world_size(), device=device)
+    votes[dist.get_rank()] = float(flag)
+    dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+    return [rank for rank, vote in enumerate(votes.tolist()) if vote]
+
+
+def _any_process(flag: bool, device) -> bool:
+    """True on every process if it is true on any: all must stop at the same step, or the others wait forever on
+    the next gradient all-reduce. One small all-reduce per step, against the gradients' millions."""
+    return bool(_ranks_where(flag, device))
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:

@@ -1,0 +1,63 @@
+"""One definition of the teacher-forced metrics, shared by the evaluations during training and by `phitune eval`.
+
+Over the trained (label != -100) tokens, where position t predicts token t+1:
+    loss           = sum of cross-entropy / number of trained tokens   (token-weighted)
+    perplexity     = exp(loss)
+    token_accuracy = share of trained tokens whose argmax prediction is the label
+
+Token-weighted sums do not depend on how rows are batched, padded or split across processes, so N processes that
+each score a shard and add their sums report the loss of one process scoring everything. (The Trainer's own eval
+loss is a mean of per-batch means, which changes with the batch size and the number of processes.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STATS = ("nll_sum", "correct", "tokens")  # the columns of sequence_token_stats
+
+
+def sequence_token_stats(logits: torch.Tensor, labels: torch.Tensor,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sequence: (summed cross-entropy, correct argmax predictions, trained tokens), float64 of shape (S, 3).
+
+    logits (B, T, V), labels (B, T). Each row of a padded batch is one sequence. A padding-free batch (one row of
+    several sequences, pass its `position_ids`) is split where the positions restart at 0. Rows are scored one at a
+    time so the float32 copy of the logits is one row's, not the batch's.
+    """
+    targets = labels[:, 1:]
+    if position_ids is not None:  # packed: sequence index of each target token
+        starts = (position_ids == 0).long()
+        sequence_of = (starts.cumsum(-1) - 1)[:, 1:]
+        count = int(starts.sum())
+    else:
+        sequence_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)
+        count = labels.shape[0]
+    stats = torch.zeros(count, len(STATS), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):
+        keep = targets[row] != -100
+        row_logits = logits[row, :-1][keep].float()
+        row_targets = targets[row][keep]
+        nll = torch.nn.functional.cross_entropy(row_logits, row_targets, reduction="none")
+        correct = (row_logits.argmax(-1) == row_targets)
+        index = sequence_of[row][keep]
+        stats[:, 0].index_add_(0, index, nll.double())
+        stats[:, 1].index_add_(0, index, correct.double())
+        stats[:, 2].index_add_(0, index, torch.ones_like(nll, dtype=torch.float64))
+    return stats
+
+
+def summarize(totals: torch.Tensor) -> dict:
+    """loss, perplexity and token accuracy from summed (nll_sum, correct, tokens); {} when nothing was trained."""
+    nll_sum, correct, tokens = (float(value) for value in totals)
+    if tokens == 0:
+        return {}
+    loss = nll_sum / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "token_accuracy": correct / tokens, "tokens": int(tokens)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite beyond exp(50) rather than an overflow."""
+    return math.exp(loss) if loss < 50 else float("inf")
