@@ -203,3 +203,40 @@ def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
     checkpoint = tmp_path / "out" / f"checkpoint-{steps[0]}"
     assert (checkpoint / CHECKPOINT_COMPLETE).is_file()
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+
+
+POISON_RANK_1 = """
+import os, sys
+from phitune.train_support import PhituneTrainer
+
+original = PhituneTrainer.compute_loss
+
+
+def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    result = original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    if os.environ["RANK"] == "1" and self.state.global_step == 2:  # step 3, on one worker only
+        result = (result[0] * float("nan"), *result[1:]) if return_outputs else result * float("nan")
+    return result
+
+
+PhituneTrainer.compute_loss = poisoned
+sys.argv[0] = "phitune"
+from phitune.cli import main
+
+main()
+"""
+
+
+def test_nan_on_one_worker_stops_every_worker_with_one_message(tiny_model_dir, tmp_path):
+    """Fault injection in the test's own launcher: worker 1's loss becomes NaN at step 3. Both workers must stop
+    there with the same error (before the fix, worker 0 waited forever on the next all-reduce)."""
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2, max_steps=12, eval_split=0)
+    (tmp_path / "poisoned_phitune.py").write_text(POISON_RANK_1, encoding="utf-8")
+    proc = launch([*torchrun_command(), str(tmp_path / "poisoned_phitune.py"), "train", str(config)], tmp_path)
+    proc.wait(timeout=120)  # a hang would time out here
+    errors = re.findall(r"^error: .*$", (tmp_path / "stderr").read_text(), flags=re.M)
+    assert errors == ["error: the loss became NaN or infinite at step 3 on process 1; training stopped and no "
+                      "checkpoint had been written yet. Lower learning_rate or check the data"], errors
+    workers = (tmp_path / "stderr").read_text().split("torch/distributed/elastic")[0]  # then torchrun reports
+    assert "Traceback" not in workers and "NonFiniteLoss" not in workers
+    assert proc.returncode != 0
