@@ -48,3 +48,57 @@ def test_merge_refuses_a_non_empty_output(trained_run, tmp_path):  # noqa: F811
     with pytest.raises(PhituneError, match="not empty"):
         merge_adapter(*resolve_model_source(trained_run), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.fixture(scope="module")
+def bf16_base_with_sentencepiece(tmp_path_factory):
+    """The bundled tiny base stored in bf16, plus the extra tokenizer files a real Phi-3 base carries
+    (a sentencepiece tokenizer.model and added_tokens.json), which llama.cpp's converter reads."""
+    import io
+    import json
+
+    import sentencepiece
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.tiny import demo_texts, tiny_base_path
+
+    out = tmp_path_factory.mktemp("bf16-base")
+    AutoModelForCausalLM.from_pretrained(tiny_base_path(), dtype=torch.bfloat16).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_path())
+    tokenizer.save_pretrained(out)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(demo_texts()), model_writer=model, vocab_size=300)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    added = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|user|>", "<|assistant|>")}
+    (out / "added_tokens.json").write_text(json.dumps(added), encoding="utf-8")
+    return out
+
+
+def _safetensors_bytes(directory) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("dtype, expected, size_ratio", [("auto", torch.bfloat16, 1), ("float32", torch.float32, 2)])
+def test_merge_keeps_the_base_dtype_unless_told(trained_run, bf16_base_with_sentencepiece, tmp_path,  # noqa: F811
+                                                 dtype, expected, size_ratio):
+    """A bf16 base merges to bf16 (the run's adapter trained in float32 changes nothing), the size a bf16 model has;
+    --dtype float32 doubles it; the message says which; every tokenizer file of the base is in the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from phitune.cli import app
+
+    base, out = bf16_base_with_sentencepiece, tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(trained_run), "--model", str(base),
+                                      "--output", str(out), "--dtype", dtype])
+    assert result.exit_code == 0, result.output
+    assert f"{expected}".replace("torch.", "") in result.output and " GB" in result.output
+    merged = AutoModelForCausalLM.from_pretrained(out)  # transformers 5 loads in the stored dtype
+    assert {p.dtype for p in merged.parameters()} == {expected}
+    assert _safetensors_bytes(out) == pytest.approx(size_ratio * _safetensors_bytes(base), rel=0.01)
+    for name in ("tokenizer.model", "added_tokens.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+
+
+def test_merge_refuses_an_unknown_dtype(trained_run, tmp_path):  # noqa: F811
+    with pytest.raises(PhituneError, match="--dtype must be one of"):
+        merge_adapter(*resolve_model_source(trained_run), tmp_path / "merged", dtype="int8")

@@ -209,6 +209,7 @@ def merge(
     adapter: Optional[Path] = ADAPTER_OPT,
     model: Optional[str] = typer.Option(None, "--model", help="base model, when the adapter's own record is wrong"),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the merged model to this hub repo"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the base's own dtype) | bfloat16 | float16 | float32"),
 ):
     """Merge the adapter into its base and save a standalone model (safetensors, tokenizer, generation config)."""
     from phitune.generate import resolve_model_source
@@ -216,7 +217,7 @@ def merge(
     from phitune.report import print_merge_summary
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
-    print_merge_summary(merge_adapter(model_cfg, adapter_dir, output, push_to_hub=push_to_hub))
+    print_merge_summary(merge_adapter(model_cfg, adapter_dir, output, push_to_hub=push_to_hub, dtype=dtype))
 
 
 @app.command()

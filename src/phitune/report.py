@@ -124,8 +124,8 @@ def print_merge_summary(result) -> None:
     if result.dequantized:
         console.print("the adapter was trained on a 4-bit (QLoRA) base: it was merged into the unquantised base "
                       f"weights, reloaded in {result.dtype}")
-    console.print(f"merged model saved to [bold]{result.output_dir}[/bold] "
-                  f"(loads with AutoModelForCausalLM.from_pretrained)")
+    console.print(f"merged model saved to [bold]{result.output_dir}[/bold]: {result.dtype}, "
+                  f"{result.size_bytes / 1e9:.2f} GB (loads with AutoModelForCausalLM.from_pretrained)")
     if result.hub_url:
         console.print(f"pushed to the hub: {result.hub_url}")
 
