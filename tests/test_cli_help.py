@@ -13,7 +13,7 @@ COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands
 def test_root_help_lists_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for name in ("train", "demo", "eval", "chat", "generate", "merge", "data"):
+    for name in ("train", "demo", "eval", "chat", "generate", "merge", "export", "data"):
         assert name in result.output
 
 

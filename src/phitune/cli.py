@@ -221,6 +221,29 @@ def merge(
 
 
 @app.command()
+def export(
+    run_dir: Optional[Path] = RUN_DIR_ARG,
+    output: Path = typer.Option(..., "--output", help="the file to write, e.g. model.gguf (must not exist)"),
+    format_: str = typer.Option("gguf", "--format", help="gguf: the whole model | gguf-lora: the adapter alone"),
+    quant: str = typer.Option("f16", "--quant", help="f16 | bf16 | f32 | q8_0 | q4_k_m, q5_k_m, q6_k, ... "
+                              "(other than f16/bf16/f32/q8_0: llama.cpp's quantiser, via llama-cpp-python)"),
+    ollama: bool = typer.Option(False, "--ollama", help="also write an Ollama Modelfile next to the GGUF file"),
+    adapter: Optional[Path] = ADAPTER_OPT,
+    model: Optional[str] = typer.Option(None, "--model", help="a merged or full model directory to export"),
+):
+    """Write a GGUF file for llama.cpp, LM Studio and Ollama: weights, tokenizer, chat template, <|end|> stop."""
+    from phitune.export import export_run
+
+    result = export_run(run_dir, output, format_, quant, ollama, model=model, adapter=adapter)
+    print(f"wrote {result.path} ({result.format}{', ' + result.quant if result.quant else ''}, "
+          f"{result.path.stat().st_size / 2**20:.1f} MiB)")
+    if result.kept_f16:
+        print(f"kept f16 (shape does not fit {result.quant}): {len(result.kept_f16)} tensors, e.g. {result.kept_f16[0]}")
+    if result.modelfile:
+        print(f"wrote {result.modelfile}; run: cd {result.modelfile.parent} && ollama create NAME -f Modelfile")
+
+
+@app.command()
 def data(
     config: Path = typer.Argument(..., help="YAML run config whose data section is inspected"),
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),

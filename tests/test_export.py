@@ -1,0 +1,243 @@
+"""phitune export: GGUF files read back with llama.cpp's own gguf reader, and (slow) run by llama.cpp itself.
+
+Fast tests check what was written: metadata, tokenizer, special ids, chat template, tensor values and types.
+The `slow` tests need llama-cpp-python (built from source, about 9 minutes on 2 cores: see .ci/run) and compare
+llama.cpp's logits and greedy continuations with transformers on the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _fixtures_eval import run_config, trained_run  # noqa: F401  (fixture)
+from typer.testing import CliRunner
+
+from phitune.errors import PhituneError
+from phitune.export import export_run
+from phitune.tiny import TINY_BASE, tiny_config
+
+gguf = pytest.importorskip("gguf")
+PROMPT = "<|user|>\nWhat noise does a cow make?<|end|>\n<|assistant|>\n"
+PHI3_TOKENS = ["<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+# llama.cpp multiplies f16 weights with activations rounded to f16; on the tiny models (logits up to ~15) that moves
+# logits by ~0.01. A wrong tensor layout, scale or rope moves them by whole units.
+F16_ATOL = 0.05
+Q8_ATOL = 0.5  # q8_0 weights: ~0.2 observed on the demo-trained tiny model
+
+
+def run_export(*args: str):
+    from phitune.cli import app
+
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def fields(path: Path) -> dict:
+    """{key: value} of a GGUF file's metadata, token lists as python lists."""
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def merged_model(run_dir: Path, tmp_path: Path):
+    """The run merged with phitune merge and loaded with plain transformers (the reference for the export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.generate import resolve_model_source
+    from phitune.merge import merge_adapter
+
+    out = tmp_path / "merged"
+    merge_adapter(*resolve_model_source(run_dir), out)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def save_tiny_model(path: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 4,
+                    tokenizer_dir: Path = TINY_BASE, **config) -> Path:
+    """A random tiny Phi-3 with the bundled tokenizer (or another), with config overrides (tying, rope...)."""
+    from transformers import AutoTokenizer, Phi3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = tiny_config(config.pop("vocab_size", len(tokenizer)), hidden=hidden, layers=layers, heads=heads,
+                      kv_heads=kv_heads)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(cfg).save_pretrained(path)
+    for file in tokenizer_dir.iterdir():
+        if file.name.startswith(("tokenizer", "chat_template", "added_tokens")) and tokenizer_dir != path:
+            shutil.copyfile(file, path / file.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_base(tmp_path_factory) -> Path:
+    """A tiny Phi-3 whose tokenizer is a SentencePiece model trained on the bundled corpus, laid out as the real
+    Phi-3's: tokenizer.model, the chat tokens added above it in added_tokens.json, vocab_size padded beyond them."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path_factory.mktemp("sp-tokenizer")
+    spm.SentencePieceTrainer.train(input=str(TINY_BASE.parent / "corpus.txt"), model_prefix=str(tok_dir / "sp"),
+                                   vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (tok_dir / "tokenizer.model").write_bytes((tok_dir / "sp.model").read_bytes())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": PHI3_TOKENS})
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.chat_template = (TINY_BASE / "chat_template.jinja").read_text()
+    out = tmp_path_factory.mktemp("sp-base")
+    tokenizer.save_pretrained(out)
+    shutil.copyfile(tok_dir / "tokenizer.model", out / "tokenizer.model")
+    (out / "added_tokens.json").write_text(json.dumps({t: tokenizer.convert_tokens_to_ids(t) for t in PHI3_TOKENS}))
+    return save_tiny_model(out, tokenizer_dir=out, vocab_size=len(tokenizer) + 11)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_run(sentencepiece_base, tmp_path_factory) -> Path:
+    """A short LoRA run on the SentencePiece base: its merged directory lacks tokenizer.model, export copies it."""
+    from phitune.config import config_from_dict
+    from phitune.train import run_training
+
+    out = tmp_path_factory.mktemp("sp-run")
+    run_training(config_from_dict(run_config(sentencepiece_base, out, max_steps=2)), overwrite=True)
+    return out
+
+
+# ---- fast: what the file holds -------------------------------------------------------------------------------
+
+
+def test_export_writes_merged_weights_tokenizer_template_and_end_of_turn(trained_run, tmp_path):  # noqa: F811
+    out = tmp_path / "model.gguf"
+    result = run_export(str(trained_run), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    model, tokenizer = merged_model(trained_run, tmp_path)
+    meta, weights = fields(out), tensors(out)
+    assert meta["general.architecture"] == "phi3" and meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert meta["phi3.block_count"] == model.config.num_hidden_layers
+    assert meta["phi3.attention.head_count_kv"] == model.config.num_key_value_heads
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|end|>")
+    assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert len(meta["tokenizer.ggml.merges"]) > 1000
+    state = model.state_dict()
+    qkv = weights["blk.1.attn_qkv.weight"]
+    assert qkv.tensor_type == gguf.GGMLQuantizationType.F16
+    np.testing.assert_array_equal(np.asarray(qkv.data), state["model.layers.1.self_attn.qkv_proj.weight"].half())
+    np.testing.assert_array_equal(np.asarray(weights["blk.3.ffn_up.weight"].data),
+                                  state["model.layers.3.mlp.gate_up_proj.weight"].half())
+    assert weights["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert len(weights) == len(state)
+
+
+def test_q8_0_quantizes_rows_that_fit_and_keeps_the_rest_f16(trained_run, tmp_path):  # noqa: F811
+    out = tmp_path / "q8.gguf"
+    result = export_run(trained_run, out, quant="q8_0")
+    weights = tensors(out)
+    qkv = weights["blk.0.attn_qkv.weight"]
+    assert qkv.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    # the bundled model's feed-forward is 336 wide: ffn_down rows of 336 are not whole 32-blocks
+    assert weights["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert len(result.kept_f16) == 4 and "ffn_down" in result.kept_f16[0]
+    f16 = tensors(export_run(trained_run, tmp_path / "f16.gguf").path)["blk.0.attn_qkv.weight"]
+    dequantized = gguf.quants.dequantize(qkv.data, qkv.tensor_type)
+    reference = np.asarray(f16.data, dtype=np.float32)
+    assert np.abs(dequantized - reference).max() <= np.abs(reference).max() / 127  # q8_0: one step of 1/127
+
+
+def test_a_quant_no_tensor_fits_is_a_one_line_error_and_writes_nothing(tmp_path):
+    model = save_tiny_model(tmp_path / "odd", hidden=40)  # rows of 40 and 104: no 32-blocks anywhere
+    out = tmp_path / "odd.gguf"
+    result = run_export("--model", str(model), "--output", str(out), "--quant", "q8_0")
+    assert result.exit_code != 0 and not out.exists() and not list(tmp_path.glob("*.partial"))
+    with pytest.raises(PhituneError, match="no weight of this model has rows that fit"):
+        export_run(None, out, quant="q8_0", model=str(model))
+    with pytest.raises(PhituneError, match="--quant q3 is not one of: f32, f16, bf16, q8_0, q4_0"):
+        export_run(None, out, quant="q3", model=str(model))
+    (tmp_path / "taken.gguf").write_text("keep")
+    with pytest.raises(PhituneError, match="exists"):
+        export_run(None, tmp_path / "taken.gguf", model=str(model))
+
+
+def test_sentencepiece_tokenizer_is_written_as_phi3_does(sentencepiece_run, sentencepiece_base, tmp_path):
+    from sentencepiece import SentencePieceProcessor
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "sp.gguf"
+    export_run(sentencepiece_run, out)  # tokenizer.model is copied from the base into the merged model
+    meta = fields(out)
+    sp = SentencePieceProcessor(model_file=str(sentencepiece_base / "tokenizer.model"))
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    config = json.loads((sentencepiece_base / "config.json").read_text())
+    assert meta["tokenizer.ggml.model"] == "llama" and len(tokens) == config["vocab_size"]
+    assert tokens[:sp.vocab_size()] == [sp.IdToPiece(i) for i in range(sp.vocab_size())]
+    assert meta["tokenizer.ggml.unknown_token_id"] == 0 and types[1] == gguf.TokenType.CONTROL
+    assert types[3] == gguf.TokenType.BYTE  # byte-fallback pieces <0x00>...
+    end = tokens.index("<|end|>")
+    assert end == sp.vocab_size() + 1 and types[end] == gguf.TokenType.CONTROL
+    assert meta["tokenizer.ggml.eot_token_id"] == end
+    assert meta["tokenizer.ggml.eos_token_id"] == tokens.index("<|endoftext|>")
+    assert tokens[-1] == f"[PAD{len(tokens) - 1}]" and types[-1] == gguf.TokenType.UNUSED
+    hf_adds_bos = AutoTokenizer.from_pretrained(sentencepiece_run)("a").input_ids[0] == 1
+    assert meta["tokenizer.ggml.add_bos_token"] is hf_adds_bos  # llama.cpp must put <s> first exactly when HF does
+    assert meta["tokenizer.ggml.scores"][5] == sp.GetScore(5)
+
+
+def test_ollama_modelfile_names_the_file_the_template_and_the_stops(trained_run, tmp_path):  # noqa: F811
+    out = tmp_path / "phi.gguf"
+    result = run_export(str(trained_run), "--output", str(out), "--ollama")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.startswith("FROM ./phi.gguf\n")
+    assert 'PARAMETER stop "<|end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
+    assert "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n" in text and "<|assistant|>\n" in text
+    again = run_export(str(trained_run), "--output", str(tmp_path / "other.gguf"), "--ollama")
+    assert isinstance(again.exception, PhituneError) and "Modelfile exists" in str(again.exception)
+
+
+def test_gguf_lora_carries_the_peft_matrices_under_llama_cpp_names(trained_run, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    out = tmp_path / "adapter.gguf"
+    assert run_export(str(trained_run), "--format", "gguf-lora", "--output", str(out)).exit_code == 0
+    meta, weights = fields(out), tensors(out)
+    config = json.loads((trained_run / "adapter_config.json").read_text())
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == config["lora_alpha"]
+    peft = load_file(trained_run / "adapter_model.safetensors")
+    assert len(weights) == len(peft)
+    key = "base_model.model.model.layers.2.self_attn.qkv_proj.lora_{}.weight"
+    np.testing.assert_array_equal(np.asarray(weights["blk.2.attn_qkv.weight.lora_a"].data), peft[key.format("A")])
+    np.testing.assert_array_equal(np.asarray(weights["blk.2.attn_qkv.weight.lora_b"].data), peft[key.format("B")])
+
+
+def test_gguf_lora_refuses_a_full_model(tmp_path):
+    model = save_tiny_model(tmp_path / "full")
+    with pytest.raises(PhituneError, match="needs a run with a LoRA adapter"):
+        export_run(None, tmp_path / "a.gguf", fmt="gguf-lora", model=str(model))
+
+
+def test_longrope_gqa_and_tied_embeddings_are_written(tmp_path):
+    head_dim = 16
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0 + i / 10 for i in range(head_dim // 2)],
+            "long_factor": [2.0 + i / 5 for i in range(head_dim // 2)], "original_max_position_embeddings": 256}
+    model = save_tiny_model(tmp_path / "long", kv_heads=2, tie_word_embeddings=True, rope_parameters=rope,
+                            max_position_embeddings=1024, original_max_position_embeddings=256)
+    out = export_run(None, tmp_path / "long.gguf", model=str(model)).path
+    meta, weights = fields(out), tensors(out)
+    assert meta["phi3.attention.head_count_kv"] == 2 and weights["blk.0.attn_qkv.weight"].shape.tolist() == [64, 128]
+    assert "output.weight" not in weights  # tied: llama.cpp reuses token_embd
+    assert meta["phi3.rope.scaling.original_context_length"] == 256 and meta["phi3.context_length"] == 1024
+    np.testing.assert_allclose(weights["rope_factors_short.weight"].data, rope["short_factor"], rtol=1e-6)
+    np.testing.assert_allclose(weights["rope_factors_long.weight"].data, rope["long_factor"], rtol=1e-6)
+    assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(256)) ** 0.5)
