@@ -240,3 +240,47 @@ def test_nan_on_one_worker_stops_every_worker_with_one_message(tiny_model_dir, t
     workers = (tmp_path / "stderr").read_text().split("torch/distributed/elastic")[0]  # then torchrun reports
     assert "Traceback" not in workers and "NonFiniteLoss" not in workers
     assert proc.returncode != 0
+
+
+FSDP_SETTINGS = {"fsdp": "full_shard auto_wrap",
+                 "fsdp_config": {"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"],
+                                 "state_dict_type": "FULL_STATE_DICT", "use_orig_params": False}}
+
+
+def fsdp_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
+    """The settings of examples/accelerate/fsdp.yaml (full shard, one Phi3DecoderLayer per unit, full state dict
+    at save time), given as training_config keys so that torchrun alone applies them."""
+    path = write_config(directory, model_dir, batch_size=batch_size)
+    config = yaml.safe_load(path.read_text())
+    config["training_config"].update(FSDP_SETTINGS)
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_fsdp_on_cpu_workers_says_it_runs_ddp_and_equals_one_worker(one_and_two_workers, tiny_model_dir, tmp_path):
+    """accelerate 1.15 enables FSDP only for accelerator back-ends; on CPU (gloo) it keeps DDP. phitune says so once,
+    and the run still equals one worker. (torch's own fully_shard does run on gloo: see docs/scale-out.md.)"""
+    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train",
+                   str(fsdp_config(tmp_path, tiny_model_dir, batch_size=2))], tmp_path)
+    wait(proc, tmp_path)
+    said = " ".join(((tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()).split())  # rich wraps
+    assert said.count("FSDP was asked for, but accelerate runs FSDP only on GPUs") == 1
+    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_equals_one_gpu(tiny_model_dir, tmp_path):
+    """Real FSDP (NCCL, sharded decoder layers) with an eval set against one GPU with the same global batch."""
+    single = launch([sys.executable, "-m", "phitune.cli", "train",
+                     str(write_config(tmp_path / "single", tiny_model_dir, batch_size=4))], tmp_path / "single")
+    wait(single, tmp_path / "single")
+    multi = launch([*torchrun_command(), "-m", "phitune.cli", "train",
+                    str(fsdp_config(tmp_path / "fsdp", tiny_model_dir, batch_size=2))], tmp_path / "fsdp")
+    wait(multi, tmp_path / "fsdp")
+    assert "FSDP was asked for" not in (tmp_path / "fsdp" / "stdout").read_text()
+    assert_same_adapter(tmp_path / "fsdp" / "out", tmp_path / "single" / "out", rtol=1e-3, atol=1e-4)
+    single_evals, fsdp_evals = eval_losses(tmp_path / "single" / "out"), eval_losses(tmp_path / "fsdp" / "out")
+    assert single_evals.keys() == fsdp_evals.keys()
+    for step, loss in single_evals.items():
+        assert abs(fsdp_evals[step] - loss) <= 1e-3 * loss

@@ -163,6 +163,11 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         settings["bf16"] = settings["fp16"] = False
     if not has_eval:
         settings["eval_strategy"] = "no"
+    if settings["eval_strategy"] == "steps" and settings.get("eval_steps") is None:
+        # transformers would fall back to logging_steps (logging_steps: 1 = an evaluation after every step, each
+        # slower than the step). At each checkpoint instead: every checkpoint gets its eval loss (what picking the
+        # best one needs), and evaluation costs no more often than the saving the user already chose.
+        settings["eval_steps"] = settings["save_steps"]
     # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
     settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=user).sft_kwargs())
     # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
@@ -191,7 +196,17 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
     )
     if cfg.backend == "loralib":
         trainer.loralib = True
+    warn_if_fsdp_fell_back(trainer)
     return trainer
+
+
+def warn_if_fsdp_fell_back(trainer) -> None:
+    """accelerate runs FSDP only on accelerators: CPU workers asked for FSDP train with DDP instead (the same math,
+    each worker holding the whole model). Say so rather than let a user believe the model is sharded."""
+    asked = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled and trainer.is_world_process_zero():
+        log.warning("FSDP was asked for, but accelerate runs FSDP only on GPUs: these workers train with DDP, each "
+                    "holding the whole model")
 
 
 def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
