@@ -12,7 +12,9 @@ Two kinds of metric, because they fail differently:
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +25,10 @@ from phitune.generate import SamplingSettings
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
 CHART_PNG = "eval.png"
+QUICK_LOOK = (5, 32)  # (--num-generate, --max-new-tokens) the advice suggests for a first look
+ADVISE_ABOVE_S = 120.0  # a CPU evaluation estimated longer than this comes with advice on shortening it
+
+log = logging.getLogger("phitune")
 
 
 @dataclass
@@ -52,6 +58,8 @@ def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataC
     prompts, references = split_prompts(conversations[:num_generate])
     metrics, answers = {}, {}
     names = ("base", "fine-tuned") if adapter is not None else ("model",)
+    if model.device.type == "cpu":  # minutes to hours at Phi-3-mini's size: say so before, not after
+        announce_eval_time(model, tokenized, len(prompts), settings.max_new_tokens, batch_size, len(names))
     for name in names:
         if name == "fine-tuned":
             model = attach_adapter(model, adapter).eval()
@@ -69,6 +77,60 @@ def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataC
     plot_eval_chart(metrics, result.output_dir / CHART_PNG)
     write_eval_markdown(result, result.output_dir / REPORT_MD, CHART_PNG)
     return result
+
+
+def announce_eval_time(model, tokenized: tuple[list, list], num_generate: int, max_new_tokens: int,
+                       batch_size: int, n_models: int, advise_above_s: float = ADVISE_ABOVE_S) -> float:
+    """Log how long the evaluation will take on this machine and, when long, how to shorten it; return seconds.
+
+    A forward pass costs about fixed + per_token x tokens (fixed: reading every weight once, which dominates a
+    decoding step on a CPU), measured on two short inputs; the evaluation is then, per model, the teacher-forced
+    batches plus, per generation batch, a prefill and max_new_tokens one-token steps."""
+    fixed_s, per_token_s = forward_cost(model, batch_size)
+    lengths = [len(ids) for ids in tokenized[0]]
+
+    def seconds(n_generate: int, new_tokens: int) -> float:
+        scored = sum(fixed_s + per_token_s * len(lengths[i : i + batch_size]) * max(lengths[i : i + batch_size])
+                     for i in range(0, len(lengths), batch_size))
+        prompt = max(lengths[:n_generate], default=0)  # the whole conversation: a bound on its prompt
+        batches = [min(batch_size, n_generate - i) for i in range(0, n_generate, batch_size)]
+        generated = sum(fixed_s + per_token_s * b * prompt + new_tokens * (fixed_s + per_token_s * b) for b in batches)
+        return n_models * (scored + generated)
+
+    estimate = seconds(num_generate, max_new_tokens)
+    what = (f"{n_models} model{'s' if n_models > 1 else ''} x ({len(lengths)} conversations scored, {num_generate} "
+            f"answers of up to {max_new_tokens} new tokens)")
+    quick = (min(num_generate, QUICK_LOOK[0]), min(max_new_tokens, QUICK_LOOK[1]))
+    if estimate > advise_above_s and quick != (num_generate, max_new_tokens):
+        log.warning("evaluation will take about %s on this CPU: %s; --num-generate %d --max-new-tokens %d would take "
+                    "about %s", _duration(estimate), what, *quick, _duration(seconds(*quick)))
+    else:
+        log.info("evaluation will take about %s on this CPU: %s", _duration(estimate), what)
+    return estimate
+
+
+def forward_cost(model, batch_size: int, long: int = 128) -> tuple[float, float]:
+    """(fixed seconds, seconds per token) of one forward pass, from a batch_size x 1 and a 1 x `long` input."""
+    import torch
+
+    def timed(shape: tuple[int, int]) -> float:
+        ids = torch.full(shape, 1, dtype=torch.long, device=model.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        return time.perf_counter() - start
+
+    timed((1, 8))  # warm-up: first-call set-up (and bitsandbytes' weight packing) is not the steady cost
+    short, longer = timed((batch_size, 1)), timed((1, long))
+    per_token = max(longer - short, 0.0) / max(long - batch_size, 1)
+    return max(short - per_token * batch_size, 0.0), per_token
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def evaluation_data(run_dir: Path | None, data: str | None) -> tuple[DataConfig, Path | None]:

@@ -1,0 +1,53 @@
+"""Evaluation budgets: how often a run evaluates by default, and the time `phitune eval` announces on a CPU."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from phitune.train import build_sft_config
+
+
+def test_eval_steps_default_to_save_steps_not_every_logging_step(make_config):
+    cfg = make_config(training_config={"logging_steps": 1, "save_steps": 4})
+    del cfg.training_config["eval_steps"]
+    args = build_sft_config(cfg, has_eval=True)
+    assert args.eval_strategy == "steps" and args.eval_steps == 4  # transformers alone would say 1
+
+
+def test_eval_steps_set_by_the_user_are_kept(make_config):
+    args = build_sft_config(make_config(training_config={"logging_steps": 1, "eval_steps": 3}), has_eval=True)
+    assert args.eval_steps == 3
+
+
+def _eval_inputs(tiny_model_dir, demo_data):
+    from phitune.config import DataConfig, ModelConfig
+    from phitune.evaluate import eval_conversations, tokenize_eval_set
+    from phitune.generate import load_for_inference
+
+    model, tokenizer = load_for_inference(ModelConfig(name_or_path=str(tiny_model_dir), torch_dtype="float32"))
+    data_cfg = DataConfig(train=str(demo_data / "train.jsonl"), eval=str(demo_data / "eval.jsonl"),
+                          max_seq_length=128, max_eval_examples=16)
+    conversations = eval_conversations(data_cfg, use_eval_split=True)
+    return model, tokenizer, conversations, tokenize_eval_set(conversations, tokenizer, data_cfg)
+
+
+def test_eval_time_estimate_comes_with_advice_and_is_the_right_size(tiny_model_dir, demo_data, caplog):
+    """The estimate grows with what is asked, says how to shorten a long evaluation, and is within a factor of a
+    few of the real time (on the tiny model, Python's per-step overhead counts more than on Phi-3-mini)."""
+    from phitune.evaluate import announce_eval_time, split_prompts, teacher_forced_metrics
+    from phitune.generate import SamplingSettings, generate_replies
+
+    model, tokenizer, conversations, tokenized = _eval_inputs(tiny_model_dir, demo_data)
+    with caplog.at_level(logging.INFO, logger="phitune"):
+        small = announce_eval_time(model, tokenized, 4, 16, batch_size=8, n_models=1)
+        large = announce_eval_time(model, tokenized, 16, 64, batch_size=8, n_models=2, advise_above_s=0)
+    assert 0 < small < large
+    assert "--num-generate 5 --max-new-tokens 32 would take about" in caplog.text
+    assert "2 models x (16 conversations scored, 16 answers of up to 64 new tokens)" in caplog.text
+    start = time.perf_counter()
+    teacher_forced_metrics(model, tokenizer, tokenized, batch_size=8)
+    prompts, _ = split_prompts(conversations[:4])
+    generate_replies(model, tokenizer, prompts, SamplingSettings(max_new_tokens=16), batch_size=8)
+    actual = time.perf_counter() - start
+    assert small / 5 < actual < small * 5, f"estimated {small:.2f} s, took {actual:.2f} s"
