@@ -190,6 +190,7 @@ def test_sentencepiece_tokenizer_is_written_as_phi3_does(sentencepiece_run, sent
     hf_adds_bos = AutoTokenizer.from_pretrained(sentencepiece_run)("a").input_ids[0] == 1
     assert meta["tokenizer.ggml.add_bos_token"] is hf_adds_bos  # llama.cpp must put <s> first exactly when HF does
     assert meta["tokenizer.ggml.scores"][5] == sp.GetScore(5)
+    assert "tokenizer.ggml.add_space_prefix" in meta  # what HF does after <|user|>; the slow test runs it
 
 
 def test_ollama_modelfile_names_the_file_the_template_and_the_stops(trained_run, tmp_path):  # noqa: F811
@@ -241,3 +242,143 @@ def test_longrope_gqa_and_tied_embeddings_are_written(tmp_path):
     np.testing.assert_allclose(weights["rope_factors_short.weight"].data, rope["short_factor"], rtol=1e-6)
     np.testing.assert_allclose(weights["rope_factors_long.weight"].data, rope["long_factor"], rtol=1e-6)
     assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + np.log(4) / np.log(256)) ** 0.5)
+
+
+# ---- slow: llama.cpp itself runs the files ---------------------------------------------------------------------
+
+
+def llama(path: Path, **options):
+    """A llama.cpp model (llama-cpp-python) that keeps the logits of every position."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), n_ctx=options.pop("n_ctx", 256), logits_all=True, verbose=False, seed=0,
+                           n_threads=2, **options)
+
+
+def llama_logits(path: Path, ids: list[int], **options) -> np.ndarray:
+    model = llama(path, **options)
+    try:
+        model.eval(ids)
+        return np.array(model.scores[:len(ids)])
+    finally:
+        model.close()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def llama_greedy(model, ids: list[int], stop: int, max_new: int) -> list[int]:
+    """llama.cpp's greedy tokens after `ids`, up to and including `stop`."""
+    out = []
+    for token in model.generate(ids, top_k=1, temp=0.0, reset=True):
+        out.append(token)
+        if token == stop or len(out) == max_new:
+            return out
+    return out
+
+
+def hf_greedy(model, tokenizer, ids: list[int], max_new: int) -> list[int]:
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=[end],
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_f16_export_like_transformers_and_stops_at_end(trained_run, tmp_path):  # noqa: F811
+    out = export_run(trained_run, tmp_path / "model.gguf").path
+    model, tokenizer = merged_model(trained_run, tmp_path)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    ids = tokenizer(PROMPT).input_ids
+    expected = hf_greedy(model, tokenizer, ids, 40)
+    assert expected[-1] == end  # the fine-tuned model ends its answer, so there is a stop to check
+    runtime = llama(out)
+    try:
+        assert runtime.tokenize(PROMPT.encode(), add_bos=True, special=True) == ids
+        assert llama_greedy(runtime, ids, end, 40) == expected
+        completion = runtime.create_completion(PROMPT, max_tokens=40, temperature=0.0, top_k=1)["choices"][0]
+        assert completion["finish_reason"] == "stop"  # llama.cpp itself ended the turn at <|end|>
+        assert completion["text"] == tokenizer.decode(expected[:-1])
+    finally:
+        runtime.close()
+    answer = ids + expected[:-1]
+    assert np.abs(llama_logits(out, answer) - hf_logits(model, answer)).max() < F16_ATOL
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_q8_0_export_close_to_transformers(trained_run, tmp_path):  # noqa: F811
+    out = export_run(trained_run, tmp_path / "q8.gguf", quant="q8_0").path
+    model, tokenizer = merged_model(trained_run, tmp_path)
+    ids = tokenizer(PROMPT).input_ids
+    runtime = llama(out)
+    try:
+        assert llama_greedy(runtime, ids, -1, 5) == hf_greedy(model, tokenizer, ids, 5)
+    finally:
+        runtime.close()
+    assert np.abs(llama_logits(out, ids) - hf_logits(model, ids)).max() < Q8_ATOL
+
+
+@pytest.mark.slow
+def test_llama_cpp_quantises_q4_k_m_and_the_file_answers(trained_run, tmp_path):  # noqa: F811
+    out = export_run(trained_run, tmp_path / "q4.gguf", quant="q4_k_m").path
+    assert fields(out)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    model, tokenizer = merged_model(trained_run, tmp_path)
+    ids = tokenizer(PROMPT).input_ids
+    assert llama_logits(out, ids)[-1].argmax() == hf_logits(model, ids)[-1].argmax()
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_gguf_lora_like_the_merged_model(trained_run, tmp_path):  # noqa: F811
+    from phitune.generate import resolve_model_source
+
+    base = export_run(None, tmp_path / "base.gguf", model=resolve_model_source(trained_run)[0].name_or_path).path
+    lora = export_run(trained_run, tmp_path / "lora.gguf", fmt="gguf-lora").path
+    merged = export_run(trained_run, tmp_path / "merged.gguf").path
+    ids = gguf_prompt_ids(merged)
+    reference = llama_logits(merged, ids)
+    assert np.abs(llama_logits(base, ids, lora_path=str(lora)) - reference).max() < F16_ATOL
+    assert np.abs(llama_logits(base, ids) - reference).max() > 1.0  # the adapter matters
+
+
+def gguf_prompt_ids(path: Path) -> list[int]:
+    runtime = llama(path)
+    try:
+        return runtime.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    finally:
+        runtime.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_and_runs_a_sentencepiece_phi3_like_transformers(sentencepiece_run, tmp_path):
+    out = export_run(sentencepiece_run, tmp_path / "sp.gguf").path
+    model, tokenizer = merged_model(sentencepiece_run, tmp_path)
+    lines = (TINY_BASE.parent / "corpus.txt").read_text(encoding="utf-8").splitlines()[:40]
+    runtime = llama(out)
+    try:
+        for line in [*lines, "  two  spaces, tabs\tand ünïcode ✓"]:
+            text = f"<|system|>\nBe brief.<|end|>\n<|user|>\n{line}<|end|>\n<|assistant|>\n"
+            assert runtime.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
+    finally:
+        runtime.close()
+    ids = tokenizer(PROMPT).input_ids
+    assert np.abs(llama_logits(out, ids) - hf_logits(model, ids)).max() < F16_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_ctx, length", [(128, 40), (512, 300)], ids=["short-factors", "long-factors"])
+def test_llama_cpp_runs_longrope_gqa_tied_like_transformers(tmp_path, n_ctx, length):
+    """LongRoPE uses its short factors up to original_max_position_embeddings (256 here), its long ones beyond."""
+    from transformers import AutoModelForCausalLM
+
+    head_dim = 16
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+            "short_factor": [1.0 + i / 10 for i in range(head_dim // 2)],
+            "long_factor": [2.0 + i / 5 for i in range(head_dim // 2)], "original_max_position_embeddings": 256}
+    path = save_tiny_model(tmp_path / "long", kv_heads=2, tie_word_embeddings=True, rope_parameters=rope,
+                           max_position_embeddings=1024, original_max_position_embeddings=256)
+    out = export_run(None, tmp_path / "long.gguf", model=str(path)).path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [int(i) for i in torch.randint(7, 2048, (length,), generator=torch.Generator().manual_seed(0))]
+    assert np.abs(llama_logits(out, ids, n_ctx=n_ctx) - hf_logits(model, ids)).max() < F16_ATOL

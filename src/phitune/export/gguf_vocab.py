@@ -51,6 +51,8 @@ def add_vocab(writer, model_dir: Path, vocab_size: int, tokenizer) -> dict:
         special.chat_template = tokenizer.chat_template
     special.add_special_token.update(_added_specials(tokenizer))
     special.add_to_gguf(writer, quiet=True)
+    if kind == "llama":
+        writer.add_add_space_prefix(_space_after_special(tokenizer))
     ids = dict(special.special_token_ids)
     end = tokens.index(END_OF_TURN.encode()) if END_OF_TURN.encode() in tokens else None
     if end is not None:
@@ -66,6 +68,22 @@ def _added_specials(tokenizer) -> dict[str, bool]:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     return {"bos": bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos],
             "eos": eos is not None and with_specials[-1:] == [eos] and plain[-1:] != [eos]}
+
+
+def _space_after_special(tokenizer) -> bool:
+    """Whether the HF tokenizer starts the text after a special token with SentencePiece's "▁" (its legacy mode).
+
+    llama.cpp's SentencePiece tokenizer adds "▁" to every piece of text after a special token unless
+    `add_space_prefix` is false; the converter leaves it at that default. A tokenizer saved in non-legacy mode (as
+    transformers 5 saves a new one) adds it only at the very start of the text. Phi-3's chat text always follows a
+    special token, so the flag is set to what HF does there; plain text that does not start with a special token
+    then differs by that first "▁" under llama.cpp (stated in docs/export.md).
+    """
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end is None or end == tokenizer.unk_token_id:
+        return True
+    ids = tokenizer(END_OF_TURN + "a", add_special_tokens=False).input_ids
+    return len(ids) > 1 and tokenizer.convert_ids_to_tokens(ids[1]).startswith("\u2581")
 
 
 def _sentencepiece_tokens(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
