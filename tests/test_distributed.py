@@ -284,3 +284,33 @@ def test_fsdp_on_two_gpus_equals_one_gpu(tiny_model_dir, tmp_path):
     assert single_evals.keys() == fsdp_evals.keys()
     for step, loss in single_evals.items():
         assert abs(fsdp_evals[step] - loss) <= 1e-3 * loss
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype():
+    """FSDP shards floating-point tensors of one dtype: the packed 4-bit weights must be stored in the compute dtype
+    (bnb_4bit_quant_storage), not bitsandbytes' default uint8; a storage the user chose is kept."""
+    pytest.importorskip("bitsandbytes")
+    from phitune.config import ModelConfig
+    from phitune.modeling import quantization_config
+
+    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
+    model = ModelConfig(name_or_path="unused", quantization=quantization)
+    assert quantization_config(model).bnb_4bit_quant_storage == torch.uint8
+    assert quantization_config(model, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    chosen = ModelConfig(name_or_path="unused", quantization={**quantization, "bnb_4bit_quant_storage": "float32"})
+    assert quantization_config(chosen, sharded=True).bnb_4bit_quant_storage == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_qlora_under_fsdp_on_two_gpus_trains(tiny_model_dir, tmp_path):
+    """QLoRA (NF4, bf16 storage) under FSDP on 2 GPUs runs to the end and lowers the eval loss."""
+    path = fsdp_config(tmp_path, tiny_model_dir, batch_size=2)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                       "bnb_4bit_compute_dtype": "bfloat16"}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(path)], tmp_path)
+    wait(proc, tmp_path)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]

@@ -104,8 +104,9 @@ def resolve_attn_implementation(name: str, padding_free: bool = False) -> str:
     return auto_attention(padding_free) if name == "auto" else name
 
 
-def quantization_config(cfg: ModelConfig):
-    """bitsandbytes 4-bit settings for QLoRA, or None."""
+def quantization_config(cfg: ModelConfig, sharded: bool = False):
+    """bitsandbytes 4-bit settings for QLoRA, or None. `sharded` (FSDP): the packed 4-bit weights are stored in the
+    compute dtype (bnb_4bit_quant_storage), because FSDP shards and gathers floating-point tensors of one dtype."""
     if not cfg.quantization:
         return None
     import torch
@@ -115,13 +116,16 @@ def quantization_config(cfg: ModelConfig):
     dtype = settings.get("bnb_4bit_compute_dtype")
     if isinstance(dtype, str):
         settings["bnb_4bit_compute_dtype"] = resolve_dtype(dtype) if dtype == "auto" else getattr(torch, dtype)
+    if sharded:
+        settings.setdefault("bnb_4bit_quant_storage", settings.get("bnb_4bit_compute_dtype") or torch.bfloat16)
     try:
         return BitsAndBytesConfig(**settings)
     except (TypeError, ValueError) as exc:
         raise PhituneError(f"model.quantization: {first_line(exc)}") from None
 
 
-def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False):
+def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False,
+                    sharded: bool = False):
     """Load the causal LM in the configured dtype and attention implementation; no KV cache while training.
 
     `padding_free` says the batches will be concatenated rows, which changes what attention `auto` picks."""
@@ -129,8 +133,8 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
     from transformers import AutoModelForCausalLM
 
     check_model_path(cfg.name_or_path)
-    quant = quantization_config(cfg)
-    if quant is not None and device_map is None:
+    quant = quantization_config(cfg, sharded=sharded)
+    if quant is not None and device_map is None and not sharded:  # FSDP places the shards itself
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(

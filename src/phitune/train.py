@@ -98,6 +98,8 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
 
 def load_model_for_training(cfg: RunConfig):
     """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig."""
+    import torch
+
     from phitune.modeling import check_target_modules, load_base_model, resolve_target_modules
     from phitune.speed import resolve_speed
 
@@ -107,7 +109,8 @@ def load_model_for_training(cfg: RunConfig):
         raise PhituneError("peft_config.backend loralib wraps plain linear layers, not 4-bit ones; use backend: peft "
                            "for QLoRA")
     padding_free = resolve_speed(cfg.speed, training_config=cfg.training_config).padding_free
-    model = load_base_model(cfg.model, training=True, padding_free=padding_free)
+    sharded = fsdp_requested(cfg) and torch.cuda.is_available()  # on CPU accelerate keeps DDP (see build_trainer)
+    model = load_base_model(cfg.model, training=True, padding_free=padding_free, sharded=sharded)
     if cfg.backend == "full":
         if cfg.model.quantization:
             raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
@@ -132,6 +135,11 @@ def load_model_for_training(cfg: RunConfig):
         return model, LoraConfig(**settings)
     except (TypeError, ValueError) as exc:
         raise PhituneError(f"peft_config: {exc}") from None
+
+
+def fsdp_requested(cfg: RunConfig) -> bool:
+    """FSDP from an accelerate config (accelerate launch sets ACCELERATE_USE_FSDP) or from training_config.fsdp."""
+    return bool(cfg.training_config.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
