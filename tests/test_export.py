@@ -111,6 +111,20 @@ def sentencepiece_run(sentencepiece_base, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def loralib_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A short run of the loralib backend on q, v (slices of the fused qkv_proj) and o: ranks differ per module."""
+    from phitune.config import config_from_dict
+    from phitune.train import run_training
+
+    out = tmp_path_factory.mktemp("loralib-run")
+    raw = run_config(tiny_model_dir, out, max_steps=4, learning_rate=2e-2)
+    raw["peft_config"] = {"backend": "loralib", "target_modules": ["q_proj", "v_proj", "o_proj"], "r": 4,
+                          "lora_alpha": 8}
+    run_training(config_from_dict(raw), overwrite=True)
+    return out
+
+
 # ---- fast: what the file holds -------------------------------------------------------------------------------
 
 
@@ -219,6 +233,19 @@ def test_gguf_lora_carries_the_peft_matrices_under_llama_cpp_names(trained_run, 
     key = "base_model.model.model.layers.2.self_attn.qkv_proj.lora_{}.weight"
     np.testing.assert_array_equal(np.asarray(weights["blk.2.attn_qkv.weight.lora_a"].data), peft[key.format("A")])
     np.testing.assert_array_equal(np.asarray(weights["blk.2.attn_qkv.weight.lora_b"].data), peft[key.format("B")])
+
+
+# vLLM's Phi-3 takes LoRA on its fused modules only (vllm#4715: q_proj/k_proj/v_proj adapters were rejected)
+FUSED_PHI3_MODULES = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_adapters_of_both_backends_target_the_fused_modules_servers_load(trained_run, loralib_run):  # noqa: F811
+    from safetensors.torch import load_file
+
+    for run in (trained_run, loralib_run):
+        keys = load_file(run / "adapter_model.safetensors")
+        assert {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in keys} <= FUSED_PHI3_MODULES, run
+    assert export_run(loralib_run, loralib_run.parent / "loralib.gguf", fmt="gguf-lora").path.is_file()
 
 
 def test_gguf_lora_refuses_a_full_model(tmp_path):
@@ -340,6 +367,18 @@ def test_llama_cpp_applies_the_gguf_lora_like_the_merged_model(trained_run, tmp_
     reference = llama_logits(merged, ids)
     assert np.abs(llama_logits(base, ids, lora_path=str(lora)) - reference).max() < F16_ATOL
     assert np.abs(llama_logits(base, ids) - reference).max() > 1.0  # the adapter matters
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_loralib_backend_adapter_like_the_merged_model(loralib_run, tiny_model_dir, tmp_path):
+    """loralib's q+v slices become one rank-8 LoRA on qkv_proj next to o_proj's rank 4: one alpha in the file."""
+    base = export_run(None, tmp_path / "base.gguf", model=str(tiny_model_dir)).path
+    lora = export_run(loralib_run, tmp_path / "lora.gguf", fmt="gguf-lora").path
+    merged = export_run(loralib_run, tmp_path / "merged.gguf").path
+    ids = gguf_prompt_ids(merged)
+    reference = llama_logits(merged, ids)
+    assert np.abs(llama_logits(base, ids, lora_path=str(lora)) - reference).max() < F16_ATOL
+    assert np.abs(llama_logits(base, ids) - reference).max() > 10 * F16_ATOL
 
 
 def gguf_prompt_ids(path: Path) -> list[int]:
