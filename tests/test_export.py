@@ -66,6 +66,7 @@ def save_tiny_model(path: Path, hidden: int = 64, layers: int = 2, heads: int = 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = tiny_config(config.pop("vocab_size", len(tokenizer)), hidden=hidden, layers=layers, heads=heads,
                       kv_heads=kv_heads)
+    config.setdefault("initializer_range", 0.1)  # logits of a few units: a wrong rope or layout moves them by ~1
     for key, value in config.items():
         setattr(cfg, key, value)
     torch.manual_seed(0)
