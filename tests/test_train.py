@@ -1,6 +1,7 @@
 """Training end to end on the tiny Phi-3: loss falls, files appear, adapters reload, resume and accumulation are exact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,27 @@ def test_loralib_backend_resumes_from_its_own_checkpoint(make_config, tmp_path):
     b = load_file(str(resumed.output_dir / "lora_state_dict.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(make_config, monkeypatch):
+    """With save_total_limit 1 (the reference recipe's), the Trainer's own rotation deleted the last complete
+    checkpoint before the new one was marked complete: a kill in between left nothing to resume from."""
+    from phitune.train_support import CHECKPOINT_COMPLETE, CompleteCheckpoints
+
+    seen = []
+    on_save = CompleteCheckpoints.on_save
+
+    def checking_on_save(self, args, state, control, **kwargs):
+        out = Path(args.output_dir)
+        if seen:  # the previous complete checkpoint survives until the new one is marked
+            assert (out / f"checkpoint-{seen[-1]}" / CHECKPOINT_COMPLETE).is_file()
+        assert not (out / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE).exists()
+        seen.append(state.global_step)
+        return on_save(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(CompleteCheckpoints, "on_save", checking_on_save)
+    cfg = make_config(training_config={"max_steps": 6, "save_steps": 2, "save_total_limit": 1, "eval_strategy": "no"})
+    out = run_training(cfg).output_dir
+    assert seen == [2, 4, 6]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert json.loads((out / "checkpoint-6" / CHECKPOINT_COMPLETE).read_text())["global_batch"] == 8

@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from phitune.errors import PhituneError
@@ -61,6 +62,9 @@ class PhituneTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         keep_token_off_disk(self.args)
+        # phitune deletes old checkpoints itself, after the new one is complete (CompleteCheckpoints)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self.add_callback(CompleteCheckpoints(limit))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -96,24 +100,6 @@ class PhituneTrainer(SFTTrainer):
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in summarize(totals).items()}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=sequences)
 
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's save, then: wait until every process has written its part (sharded model and optimizer
-        states, its RNG state), mark the checkpoint complete, and only then delete old checkpoints, so a kill at any
-        moment leaves at least one complete checkpoint."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            folder = Path(run_dir) / f"checkpoint-{self.state.global_step}"
-            (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(batch_layout(self.args)) + "\n", encoding="utf-8")
-            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
-
     def _save(self, output_dir=None, state_dict=None):
         if not self.loralib:
             return super()._save(output_dir, state_dict)
@@ -127,6 +113,34 @@ class PhituneTrainer(SFTTrainer):
         from phitune.lora_backend import load_lora_checkpoint
 
         load_lora_checkpoint(model or self.model, Path(resume_from_checkpoint))
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """After each checkpoint save: wait until every process has written its part (sharded model and optimizer
+    states under FSDP / ZeRO-3, each worker's RNG state), then mark the checkpoint complete, and only then delete old
+    checkpoints beyond `save_total_limit`, so a kill at any moment leaves at least one complete checkpoint. (The
+    Trainer's own rotation runs before anything could mark the new checkpoint, so phitune turns it off.)"""
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        _barrier()
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(batch_layout(args)) + "\n", encoding="utf-8")
+            rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=False)
+        _barrier()  # nobody resumes work (or reads the directory) while rank 0 is still deleting
+        return control
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def keep_token_off_disk(args) -> None:
@@ -146,8 +160,6 @@ class GracefulStop:
         self._previous = {}
 
     def __enter__(self):
-        from transformers import TrainerCallback
-
         stopper = self
 
         class _StopCallback(TrainerCallback):
