@@ -55,12 +55,12 @@ def hf_config(model_dir: Path):
 
 
 def add_hparams(writer, config) -> list[TensorPlan]:
-    """Port of Phi3MiniModel.set_gguf_parameters; returns the LongRoPE factor tensors to write, if the model has them."""
+    """Port of Phi3MiniModel.set_gguf_parameters; returns the LongRoPE factor tensors to write, if the model has any."""
     rope = dict(config.rope_parameters or {})
     n_embd, n_head = config.hidden_size, config.num_attention_heads
     max_pos = config.max_position_embeddings
-    orig_max_pos = rope.get("original_max_position_embeddings") or getattr(
-        config, "original_max_position_embeddings", None) or max_pos
+    orig_max_pos = (rope.get("original_max_position_embeddings")
+                    or getattr(config, "original_max_position_embeddings", None) or max_pos)
     rope_dims = int(rope.get("partial_rotary_factor", 1.0) * n_embd) // n_head
     writer.add_context_length(max_pos)
     writer.add_rope_scaling_orig_ctx_len(orig_max_pos)

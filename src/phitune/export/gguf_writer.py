@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -11,8 +11,6 @@ from phitune.export import quant as quants
 from phitune.export.gguf_model import (ARCH, GGUFResult, add_hparams, hf_config, load_tensor, plan_weights,
                                        safetensors_shapes)
 from phitune.export.gguf_vocab import add_vocab
-
-log = logging.getLogger(__name__)
 
 
 def write_gguf(model_dir: Path, output: Path, quant: str = "f16", name: str | None = None) -> GGUFResult:
@@ -46,7 +44,7 @@ def _write_direct(model_dir: Path, output: Path, quant: str, name: str | None) -
                            f"({result.kept_f16[0]}); export f16 or bf16 instead")
     for plan in plans:
         shape, dtype = quants.byte_shape(plan.shape, plan.qtype)
-        nbytes = int(dtype.itemsize) * int(_product(shape))
+        nbytes = dtype.itemsize * math.prod(shape)
         writer.add_tensor_info(plan.name, shape, dtype, nbytes, raw_dtype=plan.qtype if dtype.kind == "u" else None)
         result.tensor_types[plan.name] = plan.qtype
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -70,12 +68,7 @@ def _write_via_llama_quantize(model_dir: Path, output: Path, quant: str, name: s
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".phitune-export-") as tmp:
         f16 = _write_direct(model_dir, Path(tmp) / "f16.gguf", "f16", name)
-        quants.llama_quantize(f16.path, output, quant)
+        quants.llama_quantize(f16.path, Path(tmp) / "quantized.gguf", quant)
+        (Path(tmp) / "quantized.gguf").replace(output)  # a failed quantisation leaves no FILE.gguf
     return GGUFResult(path=output, quant=quant, special_ids=f16.special_ids)
 
-
-def _product(shape) -> int:
-    total = 1
-    for dim in shape:
-        total *= int(dim)
-    return total
