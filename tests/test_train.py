@@ -174,3 +174,20 @@ def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(make_con
     assert seen == [2, 4, 6]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
     assert json.loads((out / "checkpoint-6" / CHECKPOINT_COMPLETE).read_text())["global_batch"] == 8
+
+
+def test_private_trainer_hooks_are_checked_against_the_installed_transformers():
+    """The loralib backend overrides Trainer._save and _load_from_checkpoint; a transformers release that renames or
+    reshapes them must stop a run with one line, not save checkpoints that cannot be resumed."""
+    from transformers import Trainer
+
+    from phitune.trainer_hooks import check_private_hooks
+
+    check_private_hooks()  # the installed transformers fits
+
+    class Reshaped(Trainer):
+        def _load_from_checkpoint(self, checkpoint_dir, model=None, strict=True):
+            pass
+
+    with pytest.raises(PhituneError, match=r"^peft_config.backend loralib needs Trainer._load_from_checkpoint"):
+        check_private_hooks(Reshaped)

@@ -201,9 +201,8 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
         eval_dataset=eval_set.to_dataset() if eval_set is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        loralib=cfg.backend == "loralib",
     )
-    if cfg.backend == "loralib":
-        trainer.loralib = True
     warn_if_fsdp_fell_back(trainer)
     return trainer
 

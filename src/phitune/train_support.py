@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from phitune.errors import PhituneError
+from phitune.trainer_hooks import LoralibCheckpointing, check_private_hooks
 
 log = logging.getLogger("phitune")
 
@@ -54,12 +55,15 @@ def finished_run(output_dir: Path) -> bool:
     return (Path(output_dir) / CHECKPOINT_COMPLETE).is_file()
 
 
-class PhituneTrainer(SFTTrainer):
-    """SFTTrainer plus a NaN guard and checkpoints that are marked complete only once fully written."""
+class PhituneTrainer(LoralibCheckpointing, SFTTrainer):
+    """SFTTrainer plus a NaN guard that every process obeys, a token-weighted sharded evaluation, and checkpoints
+    that are marked complete only once every process has written them. `loralib=True`: checkpoints in the loralib
+    backend's format (phitune.trainer_hooks)."""
 
-    loralib = False  # set for the loralib backend: checkpoints then hold only LoRA weights
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loralib: bool = False, **kwargs):
+        if loralib:
+            check_private_hooks()
+        self.loralib = loralib
         super().__init__(*args, **kwargs)
         keep_token_off_disk(self.args)
         # phitune deletes old checkpoints itself, after the new one is complete (CompleteCheckpoints)
@@ -99,20 +103,6 @@ class PhituneTrainer(SFTTrainer):
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in summarize(totals).items()}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=sequences)
-
-    def _save(self, output_dir=None, state_dict=None):
-        if not self.loralib:
-            return super()._save(output_dir, state_dict)
-        from phitune.lora_backend import save_lora_checkpoint
-
-        save_lora_checkpoint(self.model, Path(output_dir or self.args.output_dir))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self.loralib:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from phitune.lora_backend import load_lora_checkpoint
-
-        load_lora_checkpoint(model or self.model, Path(resume_from_checkpoint))
 
 
 class CompleteCheckpoints(TrainerCallback):
