@@ -26,9 +26,10 @@ def test_finetuned_beats_base_on_loss_and_rouge(trained_run, tmp_path):  # noqa:
     assert len(saved["samples"]) == 16
     assert (tmp_path / "eval.png").stat().st_size > 0
     assert "![metrics](eval.png)" in (tmp_path / "report.md").read_text()
-    # Same tokens and masks as training: our loss equals the trainer's eval loss on the same eval rows.
+    # One definition (phitune.metrics), the same tokens and masks as training: our loss equals the trainer's eval
+    # loss on the same rows, though the trainer scored them in one batch of 40 and this in batches of 16.
     trainer_loss = json.loads((trained_run / "metrics.json").read_text())["eval_loss_after"]
-    assert tuned["loss"] == pytest.approx(trainer_loss, rel=1e-3)
+    assert tuned["loss"] == pytest.approx(trainer_loss, rel=1e-5)
 
 
 def test_eval_command_writes_into_output(trained_run, tmp_path):  # noqa: F811

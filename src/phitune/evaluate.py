@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -177,26 +176,25 @@ def split_prompts(conversations: list) -> tuple[list, list[str]]:
 
 
 def teacher_forced_metrics(model, tokenizer, tokenized: tuple[list, list], batch_size: int = 8) -> dict:
-    """Token-weighted loss, perplexity and token accuracy over the labelled tokens (labels shifted by one)."""
+    """Token-weighted loss, perplexity and token accuracy over the labelled tokens: phitune.metrics, the definition
+    the evaluations during training use too."""
     import torch
 
-    total_loss, correct, count = 0.0, 0, 0
+    from phitune.metrics import sequence_token_stats, summarize
+
+    totals = torch.zeros(3, dtype=torch.float64)
     input_ids, labels = tokenized
     for start in range(0, len(input_ids), batch_size):
         ids, mask, labs = _right_pad(input_ids[start : start + batch_size], labels[start : start + batch_size],
                                      tokenizer.pad_token_id)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logits, targets = logits[:, :-1].cpu(), labs[:, 1:]  # position t predicts token t+1
-        keep = targets != -100
-        total_loss += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
-        correct += (logits[keep].argmax(-1) == targets[keep]).sum().item()
-        count += keep.sum().item()
-    if count == 0:
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        totals += sequence_token_stats(logits, labs.to(logits.device)).sum(0).cpu()
+    metrics = summarize(totals)
+    if not metrics:
         raise PhituneError("the eval set has no trained tokens to score")
-    loss = total_loss / count
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 50 else float("inf"),
-            "token_accuracy": correct / count}
+    metrics.pop("tokens")
+    return metrics
 
 
 def _right_pad(ids: list[list[int]], labels: list[list[int]], pad_id: int):
