@@ -75,6 +75,12 @@ class DataConfig:
     on_bad_row: str = field(default="error", metadata={"help": "error | skip: what to do with a malformed row"})
     max_train_examples: int | None = field(default=None, metadata={"help": "cap on train rows (quick trials)"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "cap on eval rows"})
+    num_proc: int | None = field(
+        default=None, metadata={"help": "processes that read and tokenize the data (default: the cores available)"}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where prepared data is cached (default: ~/.cache/phitune/data)"}
+    )
 
 
 @dataclass

@@ -41,21 +41,19 @@ class RunResult:
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, push_to_hub: str | None = None):
     """Fine-tune as `cfg` says and write the output directory; return its path and metrics."""
-    from phitune.data import load_conversations
     from phitune.modeling import load_tokenizer
 
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     checkpoint = latest_complete_checkpoint(output_dir) if resume else None
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    conversations = load_conversations(cfg.data)
-    train_set, eval_set = tokenize_splits(cfg, conversations, tokenizer)
+    train_set, eval_set = tokenize_splits(cfg, None, tokenizer)  # Arrow, cached, made once per machine
     args = build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # fails before weights load
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
     model, peft_config = load_model_for_training(cfg)
     trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
-    metrics.update(dataset_metrics(conversations, train_set, eval_set))
+    metrics.update(dataset_metrics(train_set, eval_set))
     finish(cfg, trainer, tokenizer, metrics, push_to_hub)
     return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
@@ -77,22 +75,39 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 
 def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
-    """Tokenize train and eval with masked labels; log how many rows were truncated or skipped."""
+    """Train and eval sets with masked labels; log how many rows were truncated or skipped.
+
+    `conversations` None: cfg.data is read and tokenized into the Arrow cache (phitune.data.prepare), by the first
+    process of the machine while the others wait and reuse it. A Conversations from load_conversations (small,
+    in-memory data, as tests use) is tokenized in memory. Both sets carry `format` and `skipped_rows` for metrics.
+    """
     from phitune.data import tokenize_conversations
+    from phitune.data.prepare import prepare_data, training_set
     from phitune.modeling import load_model_config
 
     context = getattr(load_model_config(cfg.model), "max_position_embeddings", None)
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
-    kwargs = dict(max_seq_length=cfg.data.max_seq_length, train_on=cfg.data.train_on, on_bad_row=cfg.data.on_bad_row)
-    train_set = tokenize_conversations(conversations.train, tokenizer, name="train", **kwargs)
-    eval_set = tokenize_conversations(conversations.eval, tokenizer, name="eval", **kwargs) if conversations.eval else None
+    if conversations is None:
+        data = prepare_data(cfg.data, tokenizer)
+        log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
+        fmt, skipped = data.format, list(data.skipped)
+        train_set = training_set(data.train, "train", cfg.data.on_bad_row)
+        eval_set = training_set(data.eval, "eval", cfg.data.on_bad_row) if data.eval is not None else None
+    else:
+        kwargs = dict(max_seq_length=cfg.data.max_seq_length, train_on=cfg.data.train_on,
+                      on_bad_row=cfg.data.on_bad_row)
+        fmt, skipped = conversations.format, conversations.skipped
+        train_set = tokenize_conversations(conversations.train, tokenizer, name="train", **kwargs)
+        eval_set = (tokenize_conversations(conversations.eval, tokenizer, name="eval", **kwargs)
+                    if conversations.eval else None)
     for name, tset in (("train", train_set), ("eval", eval_set)):
         if tset is not None and tset.truncated:
             log.warning("%s: %d examples truncated to %d tokens", name, tset.truncated, cfg.data.max_seq_length)
-    conversations.skipped += train_set.skipped + (eval_set.skipped if eval_set is not None else [])
-    if conversations.skipped:
-        log.warning("skipped %d bad rows; first: %s", len(conversations.skipped), "; ".join(conversations.skipped[:3]))
+    skipped += train_set.skipped + (eval_set.skipped if eval_set is not None else [])
+    if skipped:
+        log.warning("skipped %d bad rows; first: %s", len(skipped), "; ".join(skipped[:3]))
+    train_set.format, train_set.skipped_rows = fmt, len(skipped)
     return train_set, eval_set
 
 
@@ -272,13 +287,14 @@ def evaluation_metrics(trainer, evaluated_at_start: bool) -> dict:
     return metrics
 
 
-def dataset_metrics(conversations, train_set, eval_set) -> dict:
+def dataset_metrics(train_set, eval_set) -> dict:
+    """Counts for metrics.json; `train_set` as tokenize_splits returns it (it carries format and skipped_rows)."""
     return {
-        "data_format": conversations.format,
-        "train_examples": len(train_set.input_ids),
-        "eval_examples": len(eval_set.input_ids) if eval_set is not None else 0,
+        "data_format": train_set.format,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set) if eval_set is not None else 0,
         "truncated_examples": train_set.truncated + (eval_set.truncated if eval_set is not None else 0),
-        "skipped_rows": len(conversations.skipped),
+        "skipped_rows": train_set.skipped_rows,
     }
 
 

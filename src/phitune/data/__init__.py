@@ -86,11 +86,16 @@ class TokenizedSet:
     labels: list[list[int]]
     truncated: int = 0
     skipped: list[str] = field(default_factory=list)
+    format: str = ""  # set by train.tokenize_splits for metrics.json
+    skipped_rows: int = 0
 
     def to_dataset(self):
         import datasets
 
         return datasets.Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """`phitune data`: look at the data as the trainer will see it, before spending GPU hours on it.
 
-Only the tokenizer is loaded. Rows are read, normalised and rendered with the same functions as training
-(load_conversations, training_chat_template, render_with_mask), so what is shown is what will be trained on.
+Only the tokenizer is loaded. The data is prepared by the same code as training (phitune.data.prepare, and its
+cache, so `phitune data` then `phitune train` tokenizes once); the statistics are read column by column from the
+Arrow files, so a million rows fit in memory; one sampled example is rendered to show its trained tokens.
 
 The pad-token check looks at two tokenizers on purpose: the one training uses (phitune pads with `<unk>` when the
 tokenizer has one; if it has none, padding stays on the tokenizer's own pad token) and the raw tokenizer_config.
@@ -12,13 +13,13 @@ scripts, a colleague's notebook) that loads this tokenizer would pad with eos.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from phitune.config import RunConfig
-from phitune.data import load_conversations, render_with_mask, training_chat_template
+from phitune.data import render_with_mask, training_chat_template
 
 HISTOGRAM_PNG = "data_lengths.png"
 END_OF_TURN = "<|end|>"
@@ -31,7 +32,7 @@ class DataReport:
     source: str
     format: str
     counts: dict[str, int]
-    lengths: list[int]
+    lengths: np.ndarray  # untruncated token length of each train example
     max_seq_length: int
     truncated: dict[str, int]
     example: list[tuple[str, bool]]  # (token text, trained?) of one rendered example
@@ -39,7 +40,7 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        lengths = sorted(self.lengths)
+        lengths = np.sort(self.lengths).tolist()
         return {
             "format": self.format,
             **self.counts,
@@ -51,29 +52,29 @@ class DataReport:
 
 
 def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: int = 0) -> DataReport:
-    """Read, render and check the data of `cfg`; write the token-length histogram; collect every warning."""
+    """Prepare (or reuse) the data of `cfg` as training does; statistics come from its Arrow columns, streamed."""
+    from phitune.data.prepare import prepare_data
     from phitune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    conversations = load_conversations(replace(cfg.data, on_bad_row="skip"))
-    template = training_chat_template(tokenizer)
-    rendered = {name: [render_with_mask(tokenizer, m, template) for m in rows]
-                for name, rows in (("train", conversations.train), ("eval", conversations.eval))}
+    prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)
+    sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
     limit = cfg.data.max_seq_length
+    sample = prepared.samples[min(example_index, len(prepared.samples) - 1)]
+    lengths = prepared.train.column("length")
     report = DataReport(
         source=str(cfg.data.train),
-        format=conversations.format,
-        counts={"train examples": len(conversations.train), "eval examples": len(conversations.eval),
-                "skipped rows": len(conversations.skipped)},
-        lengths=[len(ids) for ids, _ in rendered["train"]],
+        format=prepared.format,
+        counts={"train examples": len(prepared.train), "eval examples": len(sets.get("eval", ())),
+                "skipped rows": len(prepared.skipped)},
+        lengths=lengths,
         max_seq_length=limit,
-        truncated={name: sum(len(ids) > limit for ids, _ in rows) for name, rows in rendered.items()},
-        example=example_tokens(tokenizer, *rendered["train"][min(example_index, len(rendered["train"]) - 1)]),
+        truncated={"train": int((lengths > limit).sum()), "eval": sets["eval"].truncated if "eval" in sets else 0},
+        example=example_tokens(tokenizer, *render_with_mask(tokenizer, sample, training_chat_template(tokenizer))),
     )
-    report.warnings = (pad_token_warnings(cfg, tokenizer)
-                       + label_warnings(tokenizer, rendered, limit, cfg.data.train_on)
-                       + row_warnings(conversations, cfg.data.on_bad_row))
-    report.histogram = plot_lengths(report.lengths, limit, _output_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
+                       + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
+    report.histogram = plot_lengths(lengths, limit, _output_dir(cfg, output_dir) / HISTOGRAM_PNG)
     return report
 
 
@@ -117,42 +118,39 @@ def _raw_special_tokens(cfg: RunConfig) -> tuple[str | None, str | None]:
     return raw.pad_token, raw.eos_token
 
 
-def label_warnings(tokenizer, rendered: dict, limit: int, train_on: str) -> list[str]:
+def label_warnings(sets: dict) -> list[str]:
     """Examples whose trained tokens never include an end-of-turn token: the model would not learn to stop."""
-    stops = {tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id} - {None, tokenizer.unk_token_id}
     warnings = []
-    for name, rows in rendered.items():
-        missing = sum(not any((m or train_on == "all") and t in stops for t, m in zip(ids[:limit], mask[:limit]))
-                      for ids, mask in rows)
+    for name, prepared in sets.items():
+        missing = int((~prepared.column("stop")).sum())
         if missing:
             warnings.append(f"{name}: {missing} examples have no end-of-turn token ({END_OF_TURN} or eos) among "
                             "their trained tokens (cut off by max_seq_length, or a chat template without it)")
     return warnings
 
 
-def row_warnings(conversations, on_bad_row: str) -> list[str]:
-    """Empty assistant turns, duplicated train examples, and eval examples that also appear in train."""
+def row_warnings(skipped: list[str], sets: dict, on_bad_row: str) -> list[str]:
+    """Empty assistant turns, duplicated train examples, and eval examples that also appear in train.
+
+    Duplicates are found from a 64-bit hash per conversation (the `key` column), so a million rows cost 8 MB.
+    """
     warnings = []
-    empty = [s for s in conversations.skipped if "(assistant) has empty content" in s]
+    empty = [s for s in skipped if "(assistant) has empty content" in s]
     if empty:
         fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
         warnings.append(f"{len(empty)} rows have an empty assistant turn ({fate}); first: {empty[0]}")
-    others = len(conversations.skipped) - len(empty)
+    others = len(skipped) - len(empty)
     if others:
-        first = next(s for s in conversations.skipped if s not in empty)
+        first = next(s for s in skipped if s not in empty)
         warnings.append(f"{others} other malformed rows; first: {first}")
-    train_keys = Counter(_key(m) for m in conversations.train)
-    duplicates = sum(n - 1 for n in train_keys.values() if n > 1)
+    train_keys = sets["train"].column("key")
+    duplicates = len(train_keys) - len(np.unique(train_keys))
     if duplicates:
         warnings.append(f"{duplicates} train examples are exact duplicates of another train example")
-    leaked = sum(_key(m) in train_keys for m in conversations.eval)
+    leaked = int(np.isin(sets["eval"].column("key"), train_keys).sum()) if "eval" in sets else 0
     if leaked:
         warnings.append(f"{leaked} eval examples also appear in train: eval loss will look better than it is")
     return warnings
-
-
-def _key(messages) -> str:
-    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
 def plot_lengths(lengths: list[int], limit: int, path: Path) -> Path:
@@ -163,7 +161,7 @@ def plot_lengths(lengths: list[int], limit: int, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))))
+    ax.hist(lengths, bins=min(50, max(5, len(np.unique(lengths)))))
     ax.axvline(limit, color="red", linestyle="--", label=f"max_seq_length {limit}")
     ax.set_xlabel("tokens per example (train)")
     ax.set_ylabel("examples")

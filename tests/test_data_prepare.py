@@ -1,0 +1,116 @@
+"""The Arrow path (phitune.data.prepare) gives exactly the ids and labels of the per-conversation path, caches its
+result under a fingerprint, and keeps file:line errors, on_bad_row, truncation counts and the fully-masked check."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_jsonl
+from phitune.config import DataConfig, ModelConfig
+from phitune.data import load_conversations, tokenize_conversations
+from phitune.data.prepare import prepare_data, training_set
+from phitune.errors import PhituneError
+from phitune.modeling import load_tokenizer
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def chat(*turns):
+    return [{"role": role, "content": text} for role, text in turns]
+
+
+MULTI = chat(("user", "Capital of France?"), ("assistant", "Paris."), ("user", "And Spain?"), ("assistant", "Madrid."))
+ROWS = {
+    "messages": [{"messages": [SYSTEM, *MULTI]}, {"messages": MULTI[:2]}, {"messages": [SYSTEM, *MULTI[:2]]}],
+    "sharegpt": [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi there"},
+                                    {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"},
+                                    {"from": "gpt", "value": "Goodbye, " + "see you " * 30}]},
+                 {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}],
+    "alpaca": [{"instruction": "Add", "input": "2 and 3", "output": "5"},
+               {"instruction": "Name a colour", "output": "Blue " * 40}],
+    "prompt_completion": [{"prompt": "Say hi", "completion": "Hi!"},
+                          {"prompt": [SYSTEM, MULTI[0]], "completion": [MULTI[1]]}],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+
+
+def _config(tmp_path, path, **data):
+    return DataConfig(train=str(path), eval_split=0, cache_dir=str(tmp_path / "cache"), **data)
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+@pytest.mark.parametrize("fmt", ROWS)
+def test_same_ids_and_labels_as_the_per_conversation_path(tmp_path, tokenizer, fmt, train_on):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[fmt] * 3)
+    cfg = _config(tmp_path, path, max_seq_length=48, train_on=train_on)
+    prepared = prepare_data(cfg, tokenizer)
+    expected = tokenize_conversations(load_conversations(cfg).train, tokenizer, 48, train_on=train_on)
+    rows = prepared.train.to_dataset()
+    assert prepared.format == fmt
+    assert rows["input_ids"] == expected.input_ids and rows["labels"] == expected.labels
+    assert prepared.train.truncated == expected.truncated
+
+
+def test_second_run_reuses_the_cache_and_a_changed_file_does_not(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS["messages"])
+    cfg = _config(tmp_path, path, max_seq_length=64)
+    first, second = prepare_data(cfg, tokenizer), prepare_data(cfg, tokenizer)
+    assert not first.reused and second.reused and first.fingerprint == second.fingerprint
+    assert prepare_data(_config(tmp_path, path, max_seq_length=32), tokenizer).fingerprint != first.fingerprint
+    write_jsonl(path, ROWS["messages"][:2])
+    changed = prepare_data(cfg, tokenizer)
+    assert not changed.reused and len(changed.train) == 2
+
+
+def test_eval_split_picks_the_same_rows_as_load_conversations(tmp_path, tokenizer):
+    rows = [{"messages": chat(("user", f"Question {i}?"), ("assistant", f"Answer {i}."))} for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(path), eval_split=0.2, seed=5, cache_dir=str(tmp_path / "cache"))
+    prepared, conversations = prepare_data(cfg, tokenizer), load_conversations(cfg)
+    expected = tokenize_conversations(conversations.eval, tokenizer, cfg.max_seq_length)
+    assert prepared.eval.to_dataset()["input_ids"] == expected.input_ids
+
+
+def test_bad_rows_file_line_and_skip(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS["messages"][0]) + "\n{not json\n" + json.dumps({"messages": MULTI[:1]}) + "\n\n"
+                    + json.dumps(ROWS["messages"][1]) + "\n")
+    with pytest.raises(PhituneError, match=r"d.jsonl:2: malformed JSON"):
+        prepare_data(_config(tmp_path, path), tokenizer)
+    prepared = prepare_data(_config(tmp_path, path, on_bad_row="skip"), tokenizer)
+    assert len(prepared.train) == 2 and len(prepared.skipped) == 2
+    assert "d.jsonl:3: conversation has no assistant turn" in prepared.skipped[1]
+
+
+def test_fully_masked_examples_are_an_error_or_skipped(tmp_path, tokenizer):
+    long_system = {"role": "system", "content": "Rules. " * 40}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [long_system, *MULTI[:2]]}, {"messages": MULTI[:2]}])
+    prepared = prepare_data(_config(tmp_path, path, max_seq_length=24), tokenizer)
+    with pytest.raises(PhituneError, match="train example 1: every label is masked"):
+        training_set(prepared.train, "train", "error")
+    kept = training_set(prepared.train, "train", "skip")
+    assert len(kept) == 1 and len(kept.skipped) == 1
+
+
+def test_processes_of_one_machine_prepare_once(tmp_path, tiny_model_dir):
+    """Two processes started together (as torchrun starts ranks): one prepares, the other waits and reuses it."""
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS["messages"] * 20)
+    script = (
+        "import sys; from phitune.config import DataConfig, ModelConfig; from phitune.modeling import load_tokenizer;"
+        "from phitune.data.prepare import prepare_data;"
+        f"tok = load_tokenizer(ModelConfig(name_or_path={str(tiny_model_dir)!r}));"
+        f"p = prepare_data(DataConfig(train={str(path)!r}, eval_split=0, cache_dir={str(tmp_path / 'c')!r}), tok);"
+        "print(p.reused, len(p.train), sum(map(len, p.train.to_dataset()['input_ids'])))"
+    )
+    ranks = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**__import__("os").environ, "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
+             for rank in range(2)]
+    outputs = sorted(rank.communicate(timeout=300)[0].split()[-3:] for rank in ranks)
+    assert [o[0] for o in outputs] == ["False", "True"]  # exactly one process prepared the data
+    assert outputs[0][1:] == outputs[1][1:]
