@@ -94,7 +94,9 @@ def prepare_trl(data: Path, output: Path, max_length: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(tiny_base_path())
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     prepared = trainer.train_dataset
-    tokens = sum(len(ids) for ids in prepared.with_format("arrow")["input_ids"].to_pylist())
+    import pyarrow.compute as pc
+
+    tokens = pc.sum(pc.list_value_length(prepared.with_format("arrow")[:]["input_ids"])).as_py()  # no Python ints
     return {"examples": len(prepared), "tokens": tokens}
 
 
