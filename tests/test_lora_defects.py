@@ -135,6 +135,22 @@ def test_loading_lora_weights_while_merged_keeps_base_weight(lib):
     torch.testing.assert_close(layer.weight, W0, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("lib", _libs("loading pretrained weights into a merged layer drops B A from "
+                                      "the output, and train() then subtracts it from W0"))
+def test_loading_base_weights_while_merged_keeps_lora(lib):
+    layer = lib.Linear(8, 6, r=2, lora_alpha=4)
+    _randomise_B(layer)
+    layer.eval()  # merged: weight = old W0 + B A
+    torch.manual_seed(7)
+    pretrained = nn.Linear(8, 6).state_dict()
+    layer.load_state_dict(pretrained, strict=False)
+    x = torch.randn(3, 8)
+    expected = F.linear(x, pretrained["weight"], pretrained["bias"]) + x @ layer.lora_A.T @ layer.lora_B.T * 2.0
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    layer.train()
+    torch.testing.assert_close(layer.weight, pretrained["weight"], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("lib", _libs("loralib's train() returns None"))
 @pytest.mark.parametrize("name,args", [("Linear", (4, 4)), ("Embedding", (5, 4)),
                                        ("MergedLinear", (4, 4)), ("Conv2d", (2, 2, 3))])

@@ -100,6 +100,34 @@ def test_loralib_checkpoint_loads_strictly(name, args, kwargs):
     torch.testing.assert_close(_forward(ours, x), _forward(theirs, x), atol=1e-5, rtol=1e-5)
 
 
+def _randomise_lora(layer, seed):
+    # Both factors: a zero A (Embedding's init) would hide the update.
+    if hasattr(layer, "lora_A"):
+        torch.manual_seed(seed)
+        nn.init.normal_(layer.lora_A)
+        nn.init.normal_(layer.lora_B)
+    layer.eval()  # loralib's eval() returns None
+    return layer
+
+
+@pytest.mark.parametrize("source", ["phitune", "loralib"])
+@pytest.mark.parametrize("name,args,kwargs", CASES, ids=IDS)
+def test_eval_mode_full_state_dict_round_trip(name, args, kwargs, source):
+    """A full state_dict() taken in eval mode (weight merged) loads into an eval-mode layer as in loralib:
+    the copy computes what the saved layer does, in eval and after train() (phitune once gave W0 + 2 B A)."""
+    ours, theirs = (_randomise_lora(layer, seed=2) for layer in _pair(name, args, kwargs))
+    our_copy, their_copy = (_randomise_lora(layer, seed=4) for layer in _pair(name, args, kwargs))
+    our_copy.load_state_dict((ours if source == "phitune" else theirs).state_dict(), strict=True)
+    their_copy.load_state_dict(theirs.state_dict(), strict=True)
+    x = _input(name)
+    for _ in ("eval", "train"):
+        torch.testing.assert_close(_forward(our_copy, x), _forward(their_copy, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_forward(our_copy, x), _forward(ours, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_state(our_copy)["weight"], _state(their_copy)["weight"], atol=1e-6, rtol=1e-6)
+        for layer in (ours, our_copy, their_copy):
+            layer.train()
+
+
 def _small_model(lib):
     torch.manual_seed(0)
     return nn.Sequential(lib.Linear(6, 6, r=2), nn.Linear(6, 6),
@@ -153,7 +181,30 @@ def test_merged_linear_unequal_slices_matches_reference():
     lora_out = torch.cat([x @ A_q.T @ B_q.T, torch.zeros(5, 4), x @ A_v.T @ B_v.T], -1)
     expected = x @ layer.weight.T + layer.bias + 3.0 * lora_out
     torch.testing.assert_close(layer(x), expected)
+    assert layer.lora_ind.tolist() == [True] * 8 + [False] * 4 + [True] * 4
+    torch.testing.assert_close(layer.merge_AB(), torch.cat([B_q @ A_q, torch.zeros(4, 6), B_v @ A_v]))
     torch.testing.assert_close(layer.eval()(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(enable_lora=[True, False, True]),
+                                    dict(enable_lora=[True, False, True], fan_in_fan_out=True),
+                                    dict(enable_lora=[False, True]),
+                                    dict(enable_lora=[True, True, True], fan_in_fan_out=True, bias=False)])
+def test_merged_linear_export_helpers_match_loralib(kwargs):
+    """merge_AB, zero_pad and lora_ind, which loralib code (microsoft/LoRA's GPT-2 example) calls to
+    export merged weights as weight + merge_AB() * scaling."""
+    ours, theirs = _pair("MergedLinear", (10, 12), dict(r=2, lora_alpha=4, **kwargs))
+    _randomise_B(ours, theirs)
+    assert torch.equal(ours.lora_ind, theirs.lora_ind)
+    torch.manual_seed(5)
+    rows = torch.randn(int(theirs.lora_ind.sum()), 3)
+    for x in (rows, rows[:, 0]):
+        assert torch.equal(ours.zero_pad(x), theirs.zero_pad(x))
+    torch.testing.assert_close(ours.merge_AB(), theirs.merge_AB(), atol=1e-6, rtol=1e-6)
+    exported = ours.weight + ours.merge_AB() * ours.scaling
+    theirs.eval()
+    torch.testing.assert_close(exported, theirs.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(exported, ours.eval().weight, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs", [dict(enable_lora=[True, False, True]),

@@ -40,9 +40,9 @@ class LoRALayer:
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights
-        self._remerge = False  # set while a state dict is loaded into a merged layer
+        self._remerge = False  # set while a partial state dict is loaded into a merged layer
         # loralib issue 190: loading new LoRA weights into a merged layer left the old B A inside W0.
-        self.register_load_state_dict_pre_hook(LoRALayer._unmerge_before_load)
+        self.register_load_state_dict_pre_hook(LoRALayer._unmerge_before_partial_load)
         self.register_load_state_dict_post_hook(LoRALayer._remerge_after_load)
 
     @property
@@ -87,9 +87,15 @@ class LoRALayer:
     def _delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _unmerge_before_load(self, state_dict, prefix, *args) -> None:
-        self._remerge = self.merged
-        self.unmerge()
+    def _unmerge_before_partial_load(self, state_dict, prefix, *args) -> None:
+        # A full snapshot (weight and both factors) holds the weight as the saving layer held it; load
+        # it as it is, as loralib does, so a merged eval-mode state_dict() goes back into a merged layer
+        # unchanged (re-merging it would give W0 + 2 B A). A partial one -- LoRA factors only (issue 190)
+        # or pretrained weights only -- replaces one side of W0 + B A: take the old update out first.
+        full = all(prefix + name in state_dict for name in ("weight", "lora_A", "lora_B"))
+        self._remerge = self.merged and not full
+        if not full:
+            self.unmerge()
 
     def _remerge_after_load(self, incompatible_keys) -> None:
         if self._remerge:
@@ -264,6 +270,25 @@ class MergedLinear(LoRALayer, nn.Linear):
     def _t(self, w: torch.Tensor) -> torch.Tensor:
         return w.transpose(0, 1) if self.fan_in_fan_out else w
 
+    @property
+    def lora_ind(self) -> torch.Tensor:
+        """``(out_features,)`` bool mask of the output rows whose slice has LoRA (as in loralib)."""
+        flags = torch.tensor(self.enable_lora, device=self.weight.device)
+        return flags.repeat_interleave(torch.tensor(self.slice_sizes, device=self.weight.device))
+
+    def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Spread ``x`` (one row per enabled output row) over all ``out_features`` rows, zeros for the
+        disabled slices (as in loralib)."""
+        return self._pad_disabled(x, 0)
+
+    def merge_AB(self) -> torch.Tensor:
+        """The unscaled update ``B A`` in ``weight``'s layout, zero for disabled slices (as in loralib).
+
+        Code written for loralib exports merged weights as ``weight + merge_AB() * scaling``.
+        """
+        pairs = zip(self.lora_B.split(self._enabled_sizes()), self.lora_A.split(self.r))
+        return self._t(self.zero_pad(torch.cat([b @ a for b, a in pairs])))
+
     def _pad_disabled(self, enabled: torch.Tensor, dim: int) -> torch.Tensor:
         """Insert zeros for the disabled slices along ``dim`` of a tensor holding the enabled ones."""
         chunks = iter(enabled.split(self._enabled_sizes(), dim))
@@ -278,9 +303,7 @@ class MergedLinear(LoRALayer, nn.Linear):
         return torch.cat(parts, dim)
 
     def _delta_weight(self) -> torch.Tensor:
-        pairs = zip(self.lora_B.split(self._enabled_sizes()), self.lora_A.split(self.r))
-        delta = torch.cat([b @ a for b, a in pairs])
-        return self._t(self._pad_disabled(delta, 0)) * self.scaling
+        return self.merge_AB() * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._t(self.weight), bias=self.bias)
@@ -317,6 +340,8 @@ class ConvLoRA(LoRALayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, r: int = 0, lora_alpha: int = 1,
                  lora_dropout: float = 0.0, merge_weights: bool = True, **kwargs):
         self._conv_cls.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        # Before LoRALayer's load hook, so that hook sees loralib's "conv.weight" as "weight".
+        self.register_load_state_dict_pre_hook(_rename_loralib_conv_keys)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
         if r > 0:
@@ -326,7 +351,6 @@ class ConvLoRA(LoRALayer):
             self.lora_B = nn.Parameter(self.weight.new_zeros((b_rows, r * k0)))
             self.weight.requires_grad = False
         self.reset_parameters()
-        self.register_load_state_dict_pre_hook(_rename_loralib_conv_keys)
 
     @classmethod
     def from_module(cls, base: nn.Module, r: int = 0, lora_alpha: int = 1, lora_dropout: float = 0.0,
