@@ -156,6 +156,23 @@ def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_tw
     assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
 
 
+def test_a_two_worker_checkpoint_resumes_in_one_process_with_the_same_global_batch(one_and_two_workers, tmp_path):
+    """2 workers x batch 2 stopped at step 4, resumed by 1 process x batch 4: the same rows per step, so the same
+    adapter as the uninterrupted run (LoRA dropout 0, so no random stream is involved)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(one_and_two_workers / "multi" / "out" / "checkpoint-4", out / "checkpoint-4")
+    config = yaml.safe_load((one_and_two_workers / "single" / "run.yaml").read_text())
+    config["training_config"]["output_dir"] = str(out)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = launch([sys.executable, "-m", "phitune.cli", "train", str(tmp_path / "run.yaml"), "--resume"], tmp_path)
+    wait(proc, tmp_path)
+    said = " ".join((tmp_path / "stderr").read_text().split()) + " ".join((tmp_path / "stdout").read_text().split())
+    assert "resuming a 2-process checkpoint with 1 processes" in said
+    assert_same_adapter(out, one_and_two_workers / "single" / "out")
+
+
 def test_resuming_with_another_global_batch_is_refused(one_and_two_workers, tmp_path):
     """A 2 x 2 checkpoint resumed by 1 process with batch 2 would silently halve the batch: one line instead."""
     import shutil
