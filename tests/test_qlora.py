@@ -182,3 +182,14 @@ def test_backprop_through_packed_4bit_is_an_error(packable_base, emulate_avx512_
     embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
     with pytest.raises(UserWarning, match="autograd kernel was not registered"):
         model(inputs_embeds=embeddings).logits.sum().backward()
+
+
+def test_dropped_gradients_stop_training_with_one_line(packable_base, emulate_avx512_bf16, monkeypatch, tmp_path):
+    """Were a 4-bit layer ever packed while the model trains (here: phitune's guard switched off), the run stops at
+    the first backward with a one-line PhituneError, not a traceback and not a silently wrong adapter."""
+    from phitune.errors import PhituneError
+    from phitune.train import run_training
+
+    monkeypatch.setattr("phitune.modeling.keep_4bit_trainable", lambda model: None)
+    with pytest.raises(PhituneError, match="without a gradient, so the LoRA gradients would be silently wrong"):
+        run_training(_packable_config(packable_base, tmp_path, with_eval=True))

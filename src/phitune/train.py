@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune.config import RunConfig, save_config
 from phitune.errors import PhituneError, first_line
+from phitune.modeling import DROPPED_GRADIENT_WARNING
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     GracefulStop,
@@ -256,6 +258,12 @@ def fit(trainer, checkpoint: Path | None, has_eval: bool) -> dict:
             last = latest_complete_checkpoint(Path(trainer.args.output_dir))
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
             raise PhituneError(f"{exc}; training stopped and {kept}. Lower learning_rate or check the data") from None
+        except UserWarning as exc:  # made an error by modeling.refuse_dropped_gradients
+            if not re.match(DROPPED_GRADIENT_WARNING, str(exc), re.DOTALL):
+                raise
+            raise PhituneError(f"training stopped: backward went through an operator without a gradient, so the LoRA "
+                               f"gradients would be silently wrong ({first_line(exc)[:160]}); rerun with "
+                               "--debug and report it") from None
     stopper.raise_if_stopped()
     runtime = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
