@@ -8,9 +8,12 @@ work the same for both backends.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
 
 LORA_WEIGHTS = "lora_state_dict.safetensors"
 
@@ -21,7 +24,7 @@ SUPPORTED_KEYS = {"r", "lora_alpha", "lora_dropout", "bias", "target_modules", "
 def inject_for_training(model, settings: dict) -> dict[str, str]:
     """Inject phitune.lora layers as peft_config says and leave only LoRA parameters trainable."""
     from phitune import lora
-    from phitune.modeling import linear_layer_names
+    from phitune.modeling import expert_parameter_names, linear_layer_names
 
     unsupported = sorted(k for k, v in settings.items() if k not in SUPPORTED_KEYS and v not in (None, False))
     if unsupported:
@@ -30,7 +33,10 @@ def inject_for_training(model, settings: dict) -> dict[str, str]:
         )
     targets = settings.get("target_modules") or "all-linear"
     if targets == "all-linear":
-        targets = linear_layer_names(model)
+        targets = linear_layer_names(model)  # MoE routers excluded: their forward returns a tuple
+        if expert_parameter_names(model):
+            log.warning("backend loralib adapts this MoE model's attention only: its experts are 3-D parameters, "
+                        "not layers loralib can wrap (backend: peft adapts them too)")
     bias = settings.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise PhituneError(f"peft_config.bias must be none, all or lora_only, got {bias!r}")

@@ -49,7 +49,7 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
     """Load the base unquantised in the merge dtype, apply and merge the adapter, save model + tokenizer + generation
     config; `dtype` auto keeps the base checkpoint's dtype."""
     from phitune.generate import attach_adapter
-    from phitune.modeling import load_base_model, load_tokenizer
+    from phitune.modeling import load_base_model, load_tokenizer, untie_embeddings_for
 
     if adapter is None:
         raise PhituneError("nothing to merge: the run holds a full model, not an adapter")
@@ -57,7 +57,9 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
     check_empty_output(output_dir)
     plain_cfg = replace(model_cfg, quantization=None, torch_dtype=merge_dtype(model_cfg, dtype))
     tokenizer = load_tokenizer(plain_cfg)
-    model = attach_adapter(load_base_model(plain_cfg, training=False), adapter)
+    base = load_base_model(plain_cfg, training=False)
+    untie_embeddings_for(base, adapter_target_modules(adapter))  # as training did, or the merge changes both
+    model = attach_adapter(base, adapter)
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN or inf in a merged weight
@@ -74,6 +76,14 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
 
         result.hub_url = push_folder(output_dir, push_to_hub)
     return result
+
+
+def adapter_target_modules(adapter: Path):
+    """target_modules of a saved PEFT adapter (a list of names or a regex string), None if it has no config."""
+    import json
+
+    config = Path(adapter) / "adapter_config.json"
+    return json.loads(config.read_text()).get("target_modules") if config.is_file() else None
 
 
 def merge_dtype(model_cfg: ModelConfig, dtype: str = "auto") -> str:

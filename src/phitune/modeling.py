@@ -158,8 +158,17 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
             _use_generic_cpu_4bit(model)
     if training:
         refuse_dropped_gradients()
+        name_experts_for_trl(model.config.get_text_config())
     model.config.use_cache = not training
     return model
+
+
+def name_experts_for_trl(config) -> None:
+    """TRL 1.16 adds an MoE's load-balancing loss (PhiMoE: router_aux_loss_coef 0.001) reading `num_experts`, which
+    PhiMoE's config calls `num_local_experts`; without the alias the first training step dies with AttributeError."""
+    experts = getattr(config, "num_local_experts", None)
+    if experts is not None and "num_experts" not in config.to_dict():
+        config.num_experts = experts
 
 
 def keep_4bit_trainable(model) -> None:
@@ -226,15 +235,63 @@ def load_model_config(cfg: ModelConfig):
 
 
 def linear_layer_names(model) -> list[str]:
-    """Distinct short names of the linear layers a LoRA may target (the output head excluded), in model order."""
+    """Distinct short names of the linear layers a LoRA may target (the output head and MoE routers excluded), in
+    model order."""
     import torch
 
+    routers = router_names(model)
     names: dict[str, None] = {}
     for full_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not full_name.endswith(("lm_head", "score")):
+        if isinstance(module, torch.nn.Linear) and not full_name.endswith(("lm_head", "score")) \
+                and full_name not in routers:
             names[full_name.rsplit(".", 1)[-1]] = None
-    canonical = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's order, for readable messages
+    canonical = ["qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]  # readable order
     return sorted(names, key=lambda n: canonical.index(n) if n in canonical else len(canonical))
+
+
+def router_names(model) -> set[str]:
+    """Full names of MoE routers: linear layers beside an `experts` module (PhiMoE's `mlp.router`, `gate` in older
+    checkpoints). A router's forward returns (logits, weights, experts), not a tensor, so a LoRA wrapper around it
+    breaks the forward: it is adapted only when named, and then through its weight (PEFT target_parameters)."""
+    import torch
+
+    routers = set()
+    for parent_name, parent in model.named_modules():
+        if isinstance(getattr(parent, "experts", None), torch.nn.Module):
+            for child_name, child in parent.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    routers.add(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return routers
+
+
+def expert_parameter_names(model) -> list[str]:
+    """`experts.NAME` of the 3-D expert weights (experts, out, in) of an MoE model (PhiMoE: gate_up_proj, down_proj).
+
+    They are parameters, not linear layers, so PEFT adapts them through target_parameters, one LoRA per tensor."""
+    names: dict[str, None] = {}
+    for full_name, param in model.named_parameters():
+        parent, _, leaf = full_name.rpartition(".")
+        if parent.rsplit(".", 1)[-1] == "experts" and param.dim() == 3:
+            names[f"experts.{leaf}"] = None
+    return list(names)
+
+
+def resolve_peft_targets(model, settings: dict) -> dict:
+    """PEFT's target_modules and target_parameters for `settings` (peft_config).
+
+    Dense Phi models keep `all-linear` as it is. On an MoE model `all-linear` becomes the attention projections by
+    name (so the router is left alone) plus every expert weight; a named router or `experts` is adapted through its
+    parameters."""
+    targets = resolve_target_modules(model, settings.get("target_modules") or "all-linear")
+    params = list(settings.get("target_parameters") or [])
+    routers = {name.rsplit(".", 1)[-1] for name in router_names(model)}
+    experts = expert_parameter_names(model)
+    if targets == "all-linear" and (routers or experts):
+        targets, params = linear_layer_names(model), params + experts
+    elif isinstance(targets, list):
+        params += [f"{t}.weight" for t in targets if t in routers] + (experts if "experts" in targets else [])
+        targets = [t for t in targets if t not in routers and t != "experts"]
+    return {"target_modules": targets, "target_parameters": list(dict.fromkeys(params)) or None}
 
 
 def resolve_target_modules(model, target_modules, allow_fused_slices: bool = False):
@@ -249,13 +306,15 @@ def resolve_target_modules(model, target_modules, allow_fused_slices: bool = Fal
     all_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if isinstance(target_modules, str):  # PEFT treats a string as a regex over full module names
         if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
-            raise PhituneError(f"target_modules regex {target_modules!r} matches no module; {_existing(existing)}")
+            raise PhituneError(f"target_modules regex {target_modules!r} matches no module; "
+                               f"{_existing(existing, model)}")
         return target_modules
     missing = [t for t in target_modules if t not in all_names and not (allow_fused_slices and _is_slice(t, existing))]
     if missing:
         raise PhituneError(
             f"target_modules: {', '.join(repr(m) for m in missing)} "
-            f"match{'es' if len(missing) == 1 else ''} nothing; {_existing(existing)}{_fused_hint(missing, existing)}"
+            f"match{'es' if len(missing) == 1 else ''} nothing; {_existing(existing, model)}"
+            f"{_fused_hint(missing, existing)}"
         )
     return list(target_modules)
 
@@ -264,8 +323,14 @@ def _is_slice(target: str, existing: list[str]) -> bool:
     return FUSED_PROJECTIONS.get(target) in existing
 
 
-def _existing(existing: list[str]) -> str:
-    return f"this model's linear layers are {', '.join(existing)}"
+def _existing(existing: list[str], model=None) -> str:
+    text = f"this model's linear layers are {', '.join(existing)}"
+    routers = sorted({name.rsplit(".", 1)[-1] for name in router_names(model)}) if model is not None else []
+    if routers:
+        experts = ", ".join(expert_parameter_names(model))
+        text += (f"; its MoE router {', '.join(routers)} (adapted only when named) and experts ({experts}: "
+                 "adapted by all-linear, or when `experts` is named)")
+    return text
 
 
 def _fused_hint(missing: list[str], existing: list[str]) -> str:
@@ -276,6 +341,39 @@ def _fused_hint(missing: list[str], existing: list[str]) -> str:
         f" (Phi-3 fuses them into {' and '.join(fused)}: target those, or use peft_config.backend: loralib "
         "to adapt single q/k/v or gate/up slices)"
     )
+
+
+def untie_embeddings_for(model, target_modules) -> bool:
+    """Give lm_head its own copy of the embedding matrix when LoRA targets one of two tied layers; True if it did.
+
+    Phi-4-mini ties lm_head to embed_tokens: one matrix. Merging a LoRA on either would change both, so the merged
+    model's inputs would move too and its logits would no longer be base + adapter (with PEFT 0.21 they differ by
+    ~10 on a tiny model). Untying is deliberate and costs one more vocab x hidden matrix (Phi-4-mini: 200,064 x 3,072,
+    1.2 GB in bf16), hence the warning. LoRA on other layers (all-linear) leaves the tie alone."""
+    import torch
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return False
+    tied = [name for name, module in model.named_modules() if module is inputs or module is outputs]
+    if not any(_targets(name, target_modules) for name in tied):
+        return False
+    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
+    model.config.get_text_config().tie_word_embeddings = False
+    model.config.tie_word_embeddings = False
+    log.warning("LoRA targets %s, tied to each other in this model: lm_head now has its own copy of the embeddings "
+                "(+%d parameters), so that merging changes only the targeted one", " and ".join(tied),
+                inputs.weight.numel())
+    return True
+
+
+def _targets(full_name: str, target_modules) -> bool:
+    """Whether PEFT's target_modules (a list of names, a regex string, or all-linear) selects `full_name`."""
+    if target_modules in (None, "all-linear"):
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, full_name) is not None
+    return any(full_name == t or full_name.endswith("." + t) for t in target_modules)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -117,7 +117,7 @@ def load_model_for_training(cfg: RunConfig):
     """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig."""
     import torch
 
-    from phitune.modeling import check_target_modules, load_base_model, resolve_target_modules
+    from phitune.modeling import check_target_modules, load_base_model, resolve_peft_targets, untie_embeddings_for
     from phitune.speed import resolve_speed
 
     if cfg.backend == "peft":  # a target that matches nothing fails before the weights are read
@@ -135,6 +135,7 @@ def load_model_for_training(cfg: RunConfig):
     settings = dict(cfg.peft_config)
     settings.pop("backend", None)
     settings.setdefault("task_type", "CAUSAL_LM")
+    untie_embeddings_for(model, settings.get("target_modules"))  # LoRA on tied lm_head / embed_tokens: untie first
     if cfg.backend == "loralib":
         from transformers import set_seed
 
@@ -143,9 +144,7 @@ def load_model_for_training(cfg: RunConfig):
         set_seed(cfg.training_config.get("seed", 42))  # LoRA A is random: same seed, same start (as PEFT via TRL)
         inject_for_training(model, settings)
         return model, None
-    settings["target_modules"] = resolve_target_modules(model, settings.get("target_modules", "all-linear"))
-    if settings["target_modules"] is None:
-        settings["target_modules"] = "all-linear"
+    settings.update(resolve_peft_targets(model, settings))  # MoE: attention + experts by name, never the router
     from peft import LoraConfig
 
     try:

@@ -145,14 +145,22 @@ def render_with_mask(tokenizer, messages: Messages, template: str) -> tuple[list
 
 
 def training_chat_template(tokenizer) -> str:
-    """The tokenizer's chat template with {% generation %} markers, from TRL where it knows the template."""
+    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    from phitune.data.templates import training_template_for
 
     template = tokenizer.chat_template
     if not template:
         raise PhituneError("the tokenizer has no chat template; phitune needs one to render conversations")
     if has_generation_markers(template):
         return template
+    try:
+        family_template = training_template_for(tokenizer)  # Phi-4, Phi-4-mini (phitune.data.templates)
+    except ValueError as exc:
+        raise PhituneError(f"{exc}; add {{% generation %}} markers to the tokenizer's template") from None
+    if family_template is not None:
+        return family_template
     try:
         return get_training_chat_template(tokenizer) or template
     except Exception:  # TRL raises for templates it has no training variant of

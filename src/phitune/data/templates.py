@@ -1,0 +1,100 @@
+"""The Phi family's chat templates and their training variants with {% generation %} markers.
+
+Assistant-only loss needs to know which tokens the assistant wrote: Hugging Face marks them with {% generation %}
+blocks in the chat template (`return_assistant_tokens_mask`). TRL ships a training variant of Phi-3's template only;
+Phi-4 (ChatML-style `<|im_start|>role<|im_sep|>content<|im_end|>`) and Phi-4-mini (`<|role|>content<|end|>`, tool
+definitions in the system turn between `<|tool|>` and `<|/tool|>`) get theirs here.
+
+The family is told from the tokenizer's own template text, never from the model name, so a fine-tune or a local copy
+of Phi-4 is recognised too. The templates below were written from the model cards and tokenizer configs of
+microsoft/phi-4 and microsoft/Phi-4-mini-instruct, not downloaded; `training_template_for` therefore checks that the
+training variant renders a probe conversation exactly as the tokenizer's own template does, and refuses otherwise.
+
+Trained tokens (mask 1): each assistant turn's content and the token that closes it (`<|im_end|>` for Phi-4,
+`<|end|>` for Phi-4-mini). The role header and every system, user and tool turn are masked, and so is the eos that
+Phi-4-mini puts after a whole conversation: generation stops at `<|end|>`, so the model never writes that eos.
+"""
+
+from __future__ import annotations
+
+PHI4_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}"
+    "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+PHI4_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>'}}"
+    "{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+PHI4_MINI_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+PHI4_MINI_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+TRAINING_TEMPLATES = {"phi-4": PHI4_TRAINING_TEMPLATE, "phi-4-mini": PHI4_MINI_TRAINING_TEMPLATE}
+
+# A conversation touching every branch of both templates: system turn with tools, two exchanges, a tool result.
+PROBE = [
+    {"role": "system", "content": "S", "tools": '[{"name": "f"}]'},
+    {"role": "user", "content": "U1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "tool", "content": "T"},
+    {"role": "assistant", "content": "A2"},
+    {"role": "user", "content": "U2"},
+    {"role": "assistant", "content": "A3"},
+]
+
+
+def template_family(template: str) -> str | None:
+    """'phi-4', 'phi-4-mini' or None, read from the template's own special tokens."""
+    if "<|im_start|>" in template and "<|im_sep|>" in template and "<|im_end|>" in template:
+        return "phi-4"
+    if "<|tool|>" in template and "<|/tool|>" in template and "<|end|>" in template:
+        return "phi-4-mini"
+    return None
+
+
+def training_template_for(tokenizer) -> str | None:
+    """The training variant of the tokenizer's template if it is Phi-4's or Phi-4-mini's, else None.
+
+    Raises ValueError when the family is recognised but the tokenizer's template renders differently from the
+    training variant (another revision): training on a format the model is not prompted with would be wrong."""
+    family = template_family(tokenizer.chat_template or "")
+    if family is None:
+        return None
+    training = TRAINING_TEMPLATES[family]
+    for add_generation_prompt in (False, True):
+        probe = PROBE[:-1] if add_generation_prompt else PROBE
+        own, ours = (tokenizer.apply_chat_template(probe, chat_template=t, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
+                     for t in (tokenizer.chat_template, training))
+        if own != ours:
+            raise ValueError(f"the tokenizer's chat template looks like {family}'s but renders differently from "
+                             f"phitune's training variant ({own[:80]!r} vs {ours[:80]!r})")
+    return training

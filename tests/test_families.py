@@ -1,0 +1,249 @@
+"""The Phi family at toy size: each model's shape and chat template, trained with assistant-only loss, merged, exported.
+
+Every model is built here from a config (random weights, a small BPE trained on the bundled corpus with the family's
+special tokens and chat template); nothing is downloaded. Shapes keep each family's ratios:
+
+| family        | real                                          | here                                        |
+| ------------- | --------------------------------------------- | ------------------------------------------- |
+| Phi-3-medium  | 40 heads / 10 kv, head 128, Phi-3 template    | 8 / 2, head 8                               |
+| Phi-4-mini    | 24 / 8, partial rotary 0.75, LongRoPE, tied   | 6 / 2, head 16 (12 rotary), LongRoPE, tied  |
+| Phi-4         | 40 / 10, ChatML-style template                | 8 / 2                                       |
+| Phi-3.5-MoE   | PhiMoE: 32 / 8, 16 experts top-2, router      | 8 / 2, 4 experts top-2                      |
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phitune.data import render_with_mask, training_chat_template
+from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
+from phitune.errors import PhituneError
+from phitune.tiny import DEMO_DATA, demo_texts
+
+PHI3_SPECIALS = ["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+TOKENIZERS = {  # family -> (special tokens, unk, bos, eos, chat template; None: TRL's Phi-3 template)
+    "phi-3": (PHI3_SPECIALS, "<unk>", "<s>", "<|endoftext|>", None),
+    "phi-4": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>",
+              "<|im_end|>", PHI4_CHAT_TEMPLATE),
+    # Phi-4-mini's config pads with its eos and has no unk token
+    "phi-4-mini": (["<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|/tool|>",
+                    "<|tool_call|>", "<|/tool_call|>"], None, "<|endoftext|>", "<|endoftext|>",
+                   PHI4_MINI_CHAT_TEMPLATE),
+}
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}
+SHAPES = {  # name -> (tokenizer family, model class, config)
+    "phi-3-medium": ("phi-3", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
+    "phi-4-mini": ("phi-4-mini", "Phi3", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                                              partial_rotary_factor=0.75, rope_parameters=LONGROPE,
+                                              tie_word_embeddings=True)),
+    "phi-4": ("phi-4", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
+    "phi-3.5-moe": ("phi-3", "Phimoe", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                            num_local_experts=4, num_experts_per_tok=2)),
+}
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome, since 1871."},
+]
+
+
+def family_tokenizer(family: str):
+    """A byte-level BPE of 512 tokens trained on the bundled corpus, with the family's special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from trl.chat_template_utils import phi3_chat_template
+
+    specials, unk, bos, eos, template = TOKENIZERS[family]
+    bpe = Tokenizer(models.BPE(unk_token=unk))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(demo_texts(), trainer=trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    named = {unk, bos, eos}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=unk or eos,
+        additional_special_tokens=[t for t in specials if t not in named], model_max_length=1024)
+    tokenizer.chat_template = template or phi3_chat_template
+    return tokenizer
+
+
+def build_model(name: str, path: Path, seed: int = 0) -> Path:
+    """Save a random tiny model of `name`'s shape with its family's tokenizer into `path`."""
+    import transformers
+
+    family, arch, shape = SHAPES[name]
+    tokenizer = family_tokenizer(family)
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **shape)
+    torch.manual_seed(seed)
+    getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """family_model(name): the directory of `name`'s tiny model, built once per module."""
+    def get(name: str) -> Path:
+        if name not in _BUILT:
+            _BUILT[name] = build_model(name, tmp_path_factory.mktemp(name))
+        return _BUILT[name]
+    return get
+
+
+def run_config(base: Path, out: Path, **peft) -> dict:
+    return {
+        "model": {"name_or_path": str(base), "torch_dtype": "float32"},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval_split": 0, "max_seq_length": 96,
+                 "max_train_examples": 16, "cache_dir": str(out.parent / "cache")},
+        "training_config": {"output_dir": str(out), "max_steps": 2, "learning_rate": 5e-2,
+                            "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
+                            "eval_strategy": "no", "seed": 0, "report_to": "none", "disable_tqdm": True},
+        "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", **peft},
+    }
+
+
+def train(base: Path, out: Path, **peft):
+    from phitune.config import config_from_dict
+    from phitune.train import run_training
+
+    return run_training(config_from_dict(run_config(base, out, **peft)), overwrite=True)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def merged_and_adapted(base: Path, run: Path, tmp_path: Path):
+    """(merged model loaded with plain transformers, base + adapter through PEFT), both in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import ModelConfig
+    from phitune.generate import attach_adapter
+    from phitune.merge import merge_adapter
+
+    merge_adapter(ModelConfig(name_or_path=str(base), torch_dtype="float32"), run, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    adapted = attach_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run).eval()
+    return merged, adapted
+
+
+IDS = torch.arange(5, 45).reshape(2, 20)
+
+
+# ---- assistant-only labels, token by token ----------------------------------------------------------------------
+
+
+def trained_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The contiguous runs of trained (mask 1) token ids."""
+    runs, current = [], []
+    for token, m in zip(ids, mask):
+        if m:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("family,end", [("phi-4", "<|im_end|>"), ("phi-4-mini", "<|end|>")])
+def test_each_assistant_turn_and_its_end_token_are_trained_and_nothing_else(family, end):
+    tokenizer = family_tokenizer(family)
+    template = training_chat_template(tokenizer)
+    assert template != tokenizer.chat_template  # the family's training variant, chosen from the template text
+    ids, mask = render_with_mask(tokenizer, CHAT, template)
+    own = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    assert ids == list(own)  # the training variant renders exactly the tokenizer's own template
+    expected = [tokenizer.encode(m["content"] + end, add_special_tokens=False) for m in CHAT if m["role"] == "assistant"]
+    assert trained_runs(ids, mask) == expected
+    assert sum(mask) == sum(map(len, expected))  # headers, system, user turns and a final eos all masked
+
+
+def test_phi4_mini_tool_turns_train_the_call_not_the_definitions_or_the_result():
+    tokenizer = family_tokenizer("phi-4-mini")
+    call = '<|tool_call|>[{"name": "weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
+    chat = [{"role": "system", "content": "You have tools.", "tools": '[{"name": "weather"}]'},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": call},
+            {"role": "tool", "content": '{"sky": "clear"}'},
+            {"role": "assistant", "content": "Clear skies."}]
+    ids, mask = render_with_mask(tokenizer, chat, training_chat_template(tokenizer))
+    assert ids == list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    text = tokenizer.decode(ids)
+    assert "<|tool|>[{" in text and "<|tool|>{" in text  # definitions in the system turn, the result as a turn
+    assert trained_runs(ids, mask) == [tokenizer.encode(call + "<|end|>", add_special_tokens=False),
+                                       tokenizer.encode("Clear skies.<|end|>", add_special_tokens=False)]
+
+
+def test_phi3_family_keeps_trls_template_end_and_final_eos():
+    tokenizer = family_tokenizer("phi-3")
+    ids, mask = render_with_mask(tokenizer, CHAT, training_chat_template(tokenizer))
+    runs = trained_runs(ids, mask)
+    assert runs[0] == tokenizer.encode("Paris.<|end|>\n", add_special_tokens=False)
+    assert runs[1] == tokenizer.encode("Rome, since 1871.<|end|>\n<|endoftext|>", add_special_tokens=False)
+
+
+def test_a_phi4_looking_template_that_renders_otherwise_is_refused():
+    tokenizer = family_tokenizer("phi-4")
+    tokenizer.chat_template = PHI4_CHAT_TEMPLATE.replace("<|im_sep|>", "<|im_sep|>\n")
+    with pytest.raises(PhituneError, match="looks like phi-4's but renders differently"):
+        training_chat_template(tokenizer)
+
+
+# ---- PhiMoE targets ---------------------------------------------------------------------------------------------
+
+
+def test_phimoe_all_linear_targets_attention_and_experts_never_the_router(family_model):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.modeling import resolve_peft_targets
+
+    model = AutoModelForCausalLM.from_pretrained(family_model("phi-3.5-moe"))
+    targets = resolve_peft_targets(model, {"target_modules": "all-linear"})
+    assert targets == {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                       "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+    named = resolve_peft_targets(model, {"target_modules": ["o_proj", "router"]})
+    assert named == {"target_modules": ["o_proj"], "target_parameters": ["router.weight"]}
+    with pytest.raises(PhituneError) as err:
+        resolve_peft_targets(model, {"target_modules": ["gate"]})
+    assert "q_proj, k_proj, v_proj, o_proj" in str(err.value) and "router router (adapted only when named)" in str(
+        err.value) and "experts.gate_up_proj" in str(err.value)
+
+
+def test_phimoe_trains_with_assistant_only_loss_and_merges_to_base_plus_adapter(family_model, tmp_path):
+    base = family_model("phi-3.5-moe")
+    result = train(base, tmp_path / "run")
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any("experts" in k for k in adapter) and any("q_proj" in k for k in adapter)
+    assert not any("router" in k for k in adapter)
+    assert torch.isfinite(torch.tensor(result.metrics["train_loss"]))
+    merged, adapted = merged_and_adapted(base, tmp_path / "run", tmp_path)
+    assert_merged_is_base_plus_adapter(merged, adapted)
+
+
+def assert_merged_is_base_plus_adapter(merged, adapted):
+    torch.testing.assert_close(logits_of(merged, IDS), logits_of(adapted, IDS), atol=1e-4, rtol=1e-4)
+    with adapted.disable_adapter():
+        assert (logits_of(merged, IDS) - logits_of(adapted, IDS)).abs().max() > 1e-3  # the adapter moved something
+
+
+def test_phimoe_router_trains_when_named(family_model, tmp_path):
+    train(family_model("phi-3.5-moe"), tmp_path / "run", target_modules=["router"])
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert adapter and all("router" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it moved
