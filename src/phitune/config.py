@@ -19,6 +19,7 @@ import yaml
 from phitune.errors import PhituneError, first_line
 
 SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
+METHODS = ("sft", "dpo", "orpo")  # the top-level `method` key: what the trainer optimises
 
 # SFTConfig keys that phitune sets itself from another section; naming them in training_config is a mistake.
 MANAGED_TRAINING_KEYS = {
@@ -54,6 +55,9 @@ class ModelConfig:
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     quantization: dict | None = field(
         default=None, metadata={"help": "bitsandbytes 4-bit settings for QLoRA, e.g. {load_in_4bit: true}"}
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "dpo/orpo: a phitune run directory or PEFT adapter to start from (trained on)"}
     )
 
 
@@ -122,6 +126,7 @@ class RunConfig:
     training_config: dict[str, Any] = field(default_factory=dict)
     peft_config: dict[str, Any] | None = None
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    method: str = "sft"
     source: str | None = None
 
     @property
@@ -142,6 +147,7 @@ class RunConfig:
             "training_config": dict(self.training_config),
             "peft_config": None if self.peft_config is None else dict(self.peft_config),
             "speed": dataclasses.asdict(self.speed),
+            "method": self.method,
         }
         return _strip_secrets(out)
 
@@ -208,16 +214,25 @@ def config_from_dict(raw: dict) -> RunConfig:
     """Build and validate a RunConfig from a plain dictionary; every problem is reported in one error."""
     problems: list[str] = []
     raw = coerce_numbers(raw)
-    _check_keys(raw, SECTIONS, "config", problems)
+    _check_keys(raw, (*SECTIONS, "method"), "config", problems)
+    method = raw.get("method") or "sft"
+    if method not in METHODS:
+        problems.append(f"method must be one of {', '.join(METHODS)}, got {method!r}{_suggest(method, METHODS)}")
+        method = "sft"
     model = _build_section(ModelConfig, raw.get("model"), "model", problems)
     data = _build_section(DataConfig, raw.get("data"), "data", problems)
     speed = _build_section(SpeedConfig, raw.get("speed"), "speed", problems)
-    training = _validate_training(raw.get("training_config"), problems)
+    training = _validate_training(raw.get("training_config"), problems, method)
     peft_cfg = _validate_peft(raw, problems)
     _check_values(model, data, speed, peft_cfg, problems)
+    if method != "sft" or model.adapter:
+        from phitune.preference import check_preference_config
+
+        check_preference_config(method, model, data, peft_cfg, problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))
-    return RunConfig(model=model, data=data, training_config=training, peft_config=peft_cfg, speed=speed)
+    return RunConfig(model=model, data=data, training_config=training, peft_config=peft_cfg, speed=speed,
+                     method=method)
 
 
 def _suggest(key: str, valid) -> str:
@@ -267,16 +282,27 @@ def _type_words(types: tuple) -> str:
     return " or ".join(dict.fromkeys(t.__name__ for t in types))
 
 
-def _validate_training(values, problems: list[str]) -> dict:
-    """training_config holds TRL SFTConfig / TrainingArguments keys, checked by name and, for scalars, by type."""
+def training_config_class(method: str):
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, or ORPOConfig (experimental in TRL 1.x)."""
+    import trl  # import here: trl pulls in torch, and most config errors should be instant
+
+    if method == "orpo":
+        from phitune.preference import orpo_classes
+
+        return orpo_classes()[0]
+    return trl.DPOConfig if method == "dpo" else trl.SFTConfig
+
+
+def _validate_training(values, problems: list[str], method: str = "sft") -> dict:
+    """training_config holds the method's TRL config keys (SFTConfig, DPOConfig, ORPOConfig: all TrainingArguments),
+    checked by name and, for scalars, by type."""
     if values is None:
         return {}
+    config_class = training_config_class(method)
     if not isinstance(values, dict):
-        problems.append("training_config must be a mapping of SFTConfig keys")
+        problems.append(f"training_config must be a mapping of {config_class.__name__} keys")
         return {}
-    from trl import SFTConfig  # import here: trl pulls in torch, and most config errors should be instant
-
-    valid = {f.name: f.type for f in dataclasses.fields(SFTConfig)}
+    valid = {f.name: f.type for f in dataclasses.fields(config_class)}
     values = dict(values)
     for old, new in RENAMED_TRAINING_KEYS.items():
         if old in values and old not in valid:

@@ -45,6 +45,10 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     """Fine-tune as `cfg` says and write the output directory; return its path and metrics."""
     from phitune.modeling import load_tokenizer
 
+    if cfg.method != "sft":
+        from phitune.preference import run_preference_training
+
+        return run_preference_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     checkpoint = latest_complete_checkpoint(output_dir) if resume else None
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
@@ -160,10 +164,25 @@ def fsdp_requested(cfg: RunConfig) -> bool:
 
 def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
     """SFTConfig from training_config over phitune's defaults, plus the keys phitune owns (data, speed)."""
-    import torch
     from trl import SFTConfig
 
     from phitune.speed import resolve_speed
+
+    settings = trainer_settings(cfg, has_eval)
+    # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
+    settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=cfg.training_config).sft_kwargs())
+    # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
+    settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    try:
+        return SFTConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"training_config: {first_line(exc)}") from None
+
+
+def trainer_settings(cfg: RunConfig, has_eval: bool) -> dict:
+    """training_config over phitune's defaults (the same for every method): output_dir, no reporting, checkpoints
+    every 100 steps, evaluation at each checkpoint, mixed precision only on GPUs."""
+    import torch
 
     user = dict(cfg.training_config)
     settings = {
@@ -192,14 +211,7 @@ def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
         # slower than the step). At each checkpoint instead: every checkpoint gets its eval loss (what picking the
         # best one needs), and evaluation costs no more often than the saving the user already chose.
         settings["eval_steps"] = settings["save_steps"]
-    # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
-    settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=user).sft_kwargs())
-    # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
-    settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
-    try:
-        return SFTConfig(**settings)
-    except (TypeError, ValueError) as exc:
-        raise PhituneError(f"training_config: {first_line(exc)}") from None
+    return settings
 
 
 def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config, args=None):

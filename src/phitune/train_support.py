@@ -55,10 +55,9 @@ def finished_run(output_dir: Path) -> bool:
     return (Path(output_dir) / CHECKPOINT_COMPLETE).is_file()
 
 
-class PhituneTrainer(LoralibCheckpointing, SFTTrainer):
-    """SFTTrainer plus a NaN guard that every process obeys, a token-weighted sharded evaluation, and checkpoints
-    that are marked complete only once every process has written them. `loralib=True`: checkpoints in the loralib
-    backend's format (phitune.trainer_hooks)."""
+class GuardedTraining:
+    """What every phitune trainer (SFT, DPO, ORPO) adds to TRL's: a NaN guard that every process obeys, checkpoints
+    marked complete only once every process has written them, and no hub token pickled into checkpoints."""
 
     def __init__(self, *args, loralib: bool = False, **kwargs):
         if loralib:
@@ -77,6 +76,11 @@ class PhituneTrainer(LoralibCheckpointing, SFTTrainer):
             where = "" if _world_size() == 1 else f" on process {', '.join(map(str, bad))}"
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {self.state.global_step + 1}{where}")
         return loss
+
+
+class PhituneTrainer(GuardedTraining, LoralibCheckpointing, SFTTrainer):
+    """SFTTrainer with phitune's guards (GuardedTraining) and a token-weighted sharded evaluation. `loralib=True`:
+    checkpoints in the loralib backend's format (phitune.trainer_hooks)."""
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

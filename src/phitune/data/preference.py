@@ -1,0 +1,219 @@
+"""Preference data for DPO and ORPO: rows of a prompt, a chosen and a rejected answer, normalised to conversations.
+
+| shape          | a row looks like                                                                          |
+| -------------- | ----------------------------------------------------------------------------------------- |
+| strings        | {"prompt": "..", "chosen": "..", "rejected": ".."}                                          |
+| conversational | {"prompt": [messages], "chosen": [{"role": "assistant", ..}], "rejected": [..]}             |
+| implicit prompt| {"chosen": [user, assistant, ..], "rejected": [user, assistant, ..]} (HH-RLHF as TRL ships it) |
+
+UltraFeedback-binarized (a string prompt, and chosen / rejected holding the whole conversation) is the implicit-prompt
+shape with a redundant `prompt` field; it is accepted when the field agrees with the conversation.
+
+Every row becomes a `PreferencePair`: the prompt as messages ending with a user turn, and the two answers as single
+assistant turns. A string prompt is one user turn, so the answers are trained in Phi-3's chat format, as in SFT.
+Tokens follow TRL's DPOTrainer: the prompt rendered with the generation prompt, then prompt + answer rendered whole;
+the answer's tokens are those after the two agree, so the scores phitune reports are those DPO trains on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from phitune.config import DataConfig
+from phitune.data import split_eval, _where
+from phitune.data.formats import Messages, check_conversation
+from phitune.data.readers import BadRow, read_rows
+from phitune.errors import PhituneError
+
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    """One comparison: `prompt` (messages ending with a user turn), and the preferred and the dispreferred answer."""
+
+    prompt: Messages
+    chosen: str
+    rejected: str
+    where: str = ""
+
+    def as_row(self) -> dict:
+        """TRL's conversational preference row."""
+        return {"prompt": self.prompt, "chosen": [{"role": "assistant", "content": self.chosen}],
+                "rejected": [{"role": "assistant", "content": self.rejected}]}
+
+
+@dataclass
+class PreferenceData:
+    """Train and eval pairs, the shape they came in, and the rows skipped on the way ("file:line: why")."""
+
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    format: str
+    skipped: list[str] = field(default_factory=list)
+
+
+def is_preference_row(row: dict) -> bool:
+    return all(key in row for key in PREFERENCE_KEYS)
+
+
+def row_shape(row: dict) -> str:
+    """`preference (strings)` or `preference (conversational)`, for reports and metrics.json."""
+    return "preference (conversational)" if isinstance(row.get("chosen"), list) else "preference (strings)"
+
+
+def load_preference_data(cfg: DataConfig) -> PreferenceData:
+    """Read train (and eval) pairs; hold out data.eval_split of train when no eval file is given."""
+    train, fmt, skipped = _read_pairs(cfg.train, cfg.split, cfg)
+    if cfg.eval:
+        evals, _, eval_skipped = _read_pairs(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
+        skipped += eval_skipped
+    else:
+        train, evals = split_eval(train, cfg.eval_split, cfg.seed)
+    if cfg.max_train_examples:
+        train = train[: cfg.max_train_examples]
+    if cfg.max_eval_examples:
+        evals = evals[: cfg.max_eval_examples]
+    return PreferenceData(train=train, eval=evals, format=fmt, skipped=skipped)
+
+
+def _read_pairs(source: str, split: str, cfg: DataConfig) -> tuple[list[PreferencePair], str, list[str]]:
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    if not rows:
+        raise PhituneError(f"{source}: no rows")
+    first = rows[0][1]
+    if not is_preference_row(first):
+        raise PhituneError(f"{_where(source, rows[0][0])}: preference training needs chosen and rejected answers "
+                           f"(and a prompt); this row has {', '.join(sorted(first)) or 'no columns'}")
+    pairs = []
+    for number, row in rows:
+        try:
+            pairs.append(to_pair(row, _where(source, number)))
+        except BadRow as problem:
+            if cfg.on_bad_row == "error":
+                raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
+            bad.append(problem)
+    if not pairs:
+        raise PhituneError(f"{source}: no usable preference pairs after skipping {len(bad)} bad rows")
+    return pairs, row_shape(first), [str(b) for b in bad]
+
+
+def to_pair(row: dict, where: str) -> PreferencePair:
+    """Normalise one row (any shape in the table above) to a PreferencePair, or raise BadRow saying what is wrong."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise BadRow(where, "a preference row needs both chosen and rejected")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise BadRow(where, "chosen and rejected must both be strings or both be message lists")
+    try:
+        if isinstance(chosen, list):
+            prompt, chosen_text, rejected_text = _from_conversations(row.get("prompt"), chosen, rejected, where)
+        else:
+            prompt, chosen_text, rejected_text = _prompt_messages(row.get("prompt"), where), chosen, rejected
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BadRow(where, f"row does not match the preference format (missing or wrong field {exc})") from None
+    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+        if not isinstance(text, str) or not text.strip():
+            raise BadRow(where, f"the {name} answer is empty")
+    check_conversation(prompt + [{"role": "assistant", "content": chosen_text}], where)
+    return PreferencePair(prompt=prompt, chosen=chosen_text, rejected=rejected_text, where=where)
+
+
+def _prompt_messages(prompt, where: str) -> Messages:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt:
+        return [{"role": str(m["role"]), "content": m["content"]} for m in prompt]
+    raise BadRow(where, "the prompt is missing (a string, or a list of messages ending with a user turn)")
+
+
+def _from_conversations(prompt, chosen: list, rejected: list, where: str) -> tuple[Messages, str, str]:
+    """Explicit prompt + one-turn answers, or two whole conversations that share everything but the last turn."""
+    chosen = [{"role": str(m["role"]), "content": m["content"]} for m in chosen]
+    rejected = [{"role": str(m["role"]), "content": m["content"]} for m in rejected]
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or turns[-1]["role"] != "assistant":
+            raise BadRow(where, f"{name} must end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRow(where, "chosen and rejected differ before their last turn; they must answer the same prompt")
+    shared = chosen[:-1]
+    if not shared:
+        return _prompt_messages(prompt, where), chosen[-1]["content"], rejected[-1]["content"]
+    if prompt is not None and not _prompt_agrees(prompt, shared):
+        raise BadRow(where, "the prompt field disagrees with the conversation in chosen / rejected")
+    return shared, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _prompt_agrees(prompt, shared: Messages) -> bool:
+    """UltraFeedback repeats the last user turn as a string prompt; a message-list prompt must equal the prefix."""
+    if isinstance(prompt, str):
+        return shared[-1]["role"] == "user" and shared[-1]["content"].strip() == prompt.strip()
+    return _prompt_messages(prompt, "") == shared
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair as DPOTrainer builds them: the shared prompt and each answer's continuation."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair) -> TokenizedPair:
+    """The prompt with the generation prompt, then each answer as the tokens after prompt + answer diverge from it."""
+    prompt_ids = _render(tokenizer, pair.prompt, add_generation_prompt=True)
+    full = [_render(tokenizer, pair.prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+            for text in (pair.chosen, pair.rejected)]
+    start = min(_common_prefix(prompt_ids, ids) for ids in full)
+    return TokenizedPair(prompt_ids[:start], full[0][start:], full[1][start:])
+
+
+def _render(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=add_generation_prompt)
+    return list(encoded["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def truncation_problem(tokens: TokenizedPair, max_seq_length: int) -> str | None:
+    """None when both answers fit; 'cut' when an answer loses tokens; 'lost' when the prompt leaves no answer token."""
+    if len(tokens.prompt_ids) >= max_seq_length:
+        return "lost"
+    if len(tokens.prompt_ids) + max(len(tokens.chosen_ids), len(tokens.rejected_ids)) > max_seq_length:
+        return "cut"
+    return None
+
+
+def check_lengths(pairs: list[PreferencePair], tokenizer, max_seq_length: int, on_bad_row: str,
+                  name: str) -> tuple[list[PreferencePair], int, list[str]]:
+    """(kept pairs, number whose answers are truncated, skipped) for a set: a pair whose prompt alone fills
+    max_seq_length has no answer token left to compare, which is a bad row (TRL would drop it silently)."""
+    kept, cut, skipped = [], 0, []
+    for pair in pairs:
+        problem = truncation_problem(tokenize_pair(tokenizer, pair), max_seq_length)
+        if problem == "lost":
+            message = f"{pair.where or name}: the prompt fills data.max_seq_length ({max_seq_length} tokens)"
+            if on_bad_row == "error":
+                raise PhituneError(message + "; raise data.max_seq_length or set data.on_bad_row: skip")
+            skipped.append(message)
+            continue
+        cut += problem == "cut"
+        kept.append(pair)
+    if not kept:
+        raise PhituneError(f"the {name} set is empty after skipping {len(skipped)} pairs whose prompts fill "
+                           "data.max_seq_length")
+    return kept, cut, skipped
+
+
+def to_dataset(pairs: list[PreferencePair]):
+    """A datasets.Dataset of TRL's conversational preference rows."""
+    import datasets
+
+    return datasets.Dataset.from_list([pair.as_row() for pair in pairs])

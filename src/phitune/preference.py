@@ -1,0 +1,251 @@
+"""Preference tuning: `method: dpo` (TRL's DPOTrainer) and `method: orpo` (TRL's ORPOTrainer, experimental in TRL 1.x).
+
+The run is the SFT run with another trainer: the same output directory, checkpoints, SIGTERM / NaN / resume
+guarantees (phitune.train_support), PEFT adapter and phitune_config.yaml. What differs:
+
+- data: prompt / chosen / rejected pairs (phitune.data.preference), handed to TRL as conversations, which TRL renders
+  with the chat template and tokenizes itself;
+- the starting point: a fresh LoRA adapter (`peft_config`), or the adapter of an earlier run (`model.adapter`, usually
+  the SFT run), which is trained further. DPO's reference model is the starting point, without a second copy of the
+  base: for a fresh adapter TRL disables the adapter (LoRA B starts at 0, so that is the start); for `model.adapter`
+  TRL keeps a frozen copy of the starting adapter (a few MB) and switches to it. ORPO needs no reference;
+- evaluation: on the held-out pairs, before and after training, preference accuracy = share of pairs where the summed
+  log-probability of the chosen answer exceeds the rejected one's, and the mean margin
+  log p(chosen | prompt) - log p(rejected | prompt), in nats (`score_pairs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from phitune.config import RunConfig
+from phitune.errors import PhituneError, first_line
+
+log = logging.getLogger("phitune")
+
+LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+
+
+def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
+    """Config rules of dpo / orpo, appended to `problems` with the others."""
+    if model.adapter and method == "sft":
+        problems.append("model.adapter (start from a trained adapter) needs method: dpo or orpo")
+        return
+    if method == "sft":
+        return
+    if peft_cfg is None and not model.adapter:
+        problems.append(f"method {method} trains a LoRA adapter: add a peft_config, or set model.adapter to the run "
+                        "directory of the adapter to start from")
+    if peft_cfg and peft_cfg.get("backend", "peft") != "peft":
+        problems.append(f"method {method} needs peft_config.backend: peft")
+    if model.adapter and peft_cfg and any(key in peft_cfg for key in LORA_SHAPE_KEYS):
+        problems.append("model.adapter brings its own LoRA shape (r, alpha, targets); remove peft_config")
+    if data.format != "auto":
+        problems.append(f"method {method} reads prompt/chosen/rejected rows; leave data.format at auto")
+    if data.train_on != "assistant":
+        problems.append(f"method {method} scores the answers only; data.train_on must be assistant")
+
+
+def orpo_classes():
+    """(ORPOConfig, ORPOTrainer) from trl.experimental.orpo, without TRL's "experimental API" warning on every run
+    (docs/preference.md says it once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
+
+
+def run_preference_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+                            push_to_hub: str | None = None):
+    """Train with DPO or ORPO as `cfg` says; the output directory is laid out as for SFT, metrics.json adds the
+    held-out preference accuracy and margin before and after."""
+    from phitune.modeling import load_tokenizer
+    from phitune.train import RunResult, finish, fit, prepare_output_dir
+    from phitune.train_support import check_resume_layout, latest_complete_checkpoint
+
+    output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+    tokenizer = load_tokenizer(cfg.model, padding_side="right")
+    data, counts = preference_splits(cfg, tokenizer)
+    args = build_preference_config(cfg, has_eval=bool(data.eval))
+    if checkpoint is not None:
+        check_resume_layout(checkpoint, args)
+    model, peft_config = load_policy(cfg)
+    trainer = build_preference_trainer(cfg, model, tokenizer, data, peft_config, args)
+    before = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length) if data.eval else {}
+    metrics = fit(trainer, checkpoint, has_eval=False)
+    if data.eval:
+        after = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length)
+        metrics.update({f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()})
+        metrics.update(final_trainer_eval(trainer))
+    metrics.update(method=cfg.method, **counts)
+    finish(cfg, trainer, tokenizer, metrics, push_to_hub)
+    keep_only_trained_adapter(output_dir)
+    return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
+
+
+def preference_splits(cfg: RunConfig, tokenizer):
+    """Train and eval pairs with too-long prompts handled per data.on_bad_row; counts for metrics.json."""
+    from phitune.data.preference import check_lengths, load_preference_data
+
+    data = load_preference_data(cfg.data)
+    limit, skipped, truncated = cfg.data.max_seq_length, list(data.skipped), 0
+    for name in ("train", "eval"):
+        pairs = getattr(data, name)
+        if pairs:
+            kept, cut, dropped = check_lengths(pairs, tokenizer, limit, cfg.data.on_bad_row, name)
+            setattr(data, name, kept)
+            truncated, skipped = truncated + cut, skipped + dropped
+    if truncated:
+        log.warning("%d pairs have an answer cut by data.max_seq_length %d", truncated, limit)
+    if skipped:
+        log.warning("skipped %d bad rows; first: %s", len(skipped), "; ".join(skipped[:3]))
+    counts = dict(data_format=data.format, train_examples=len(data.train), eval_examples=len(data.eval),
+                  truncated_examples=truncated, skipped_rows=len(skipped))
+    return data, counts
+
+
+def build_preference_config(cfg: RunConfig, has_eval: bool):
+    """DPOConfig / ORPOConfig: training_config over phitune's defaults (as for SFT), data.max_seq_length as
+    max_length, and activation checkpointing from the speed switches rather than TRL's default of on."""
+    from phitune.config import training_config_class
+    from phitune.speed import resolve_speed
+    from phitune.train import trainer_settings
+
+    settings = trainer_settings(cfg, has_eval)
+    speed = resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization), training_config=cfg.training_config)
+    checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
+    settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
+    try:
+        return training_config_class(cfg.method)(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"training_config: {first_line(exc)}") from None
+
+
+def load_policy(cfg: RunConfig):
+    """(model, LoraConfig or None): the base with a fresh adapter to come (peft_config), or with model.adapter loaded
+    trainable."""
+    from phitune.train import load_model_for_training
+
+    if not cfg.model.adapter:
+        return load_model_for_training(cfg)
+    from peft import PeftModel
+
+    from phitune.modeling import load_base_model
+
+    adapter = starting_adapter(cfg)
+    base = load_base_model(cfg.model, training=True)
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
+
+
+def starting_adapter(cfg: RunConfig) -> Path:
+    """model.adapter checked: it holds a PEFT adapter, and a phitune run there was trained on the same base."""
+    from phitune.config import load_run_config
+
+    adapter = Path(cfg.model.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise PhituneError(f"model.adapter: {adapter} holds no PEFT adapter (adapter_config.json is missing)")
+    if (adapter / "phitune_config.yaml").is_file():
+        base = load_run_config(adapter).model.name_or_path
+        if Path(base).resolve() != Path(cfg.model.name_or_path).resolve() and base != cfg.model.name_or_path:
+            raise PhituneError(f"model.adapter: {adapter} was trained on {base}, not on model.name_or_path "
+                               f"{cfg.model.name_or_path}")
+    return adapter
+
+
+def build_preference_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
+    """PhituneDPOTrainer or PhituneORPOTrainer: TRL's trainer with phitune's guards (NaN, complete checkpoints)."""
+    from phitune.data.preference import to_dataset
+
+    trainer_class = dpo_trainer_class() if cfg.method == "dpo" else orpo_trainer_class()
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(data.train),
+        eval_dataset=to_dataset(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def dpo_trainer_class():
+    from trl import DPOTrainer
+
+    from phitune.train_support import GuardedTraining
+
+    class PhituneDPOTrainer(GuardedTraining, DPOTrainer):
+        """DPOTrainer with phitune's NaN guard and complete-marked checkpoints."""
+
+    return PhituneDPOTrainer
+
+
+def orpo_trainer_class():
+    from phitune.train_support import GuardedTraining
+
+    class PhituneORPOTrainer(GuardedTraining, orpo_classes()[1]):
+        """ORPOTrainer (trl.experimental) with phitune's NaN guard and complete-marked checkpoints."""
+
+    return PhituneORPOTrainer
+
+
+def final_trainer_eval(trainer) -> dict:
+    """TRL's own held-out metrics at the last step (DPO: implicit-reward accuracy and margin, beta-scaled)."""
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+    last = evals[-1] if evals else trainer.evaluate()
+    keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    return {key.replace("/", "_"): last[key] for key in keep if key in last}
+
+
+def keep_only_trained_adapter(output_dir: Path) -> None:
+    """DPO from model.adapter keeps a frozen reference copy as a second adapter named "ref", which PEFT saves in
+    a subdirectory; the run's adapter is the top-level one, so the copy goes."""
+    import shutil
+
+    reference = Path(output_dir) / "ref"
+    if (reference / "adapter_config.json").is_file():
+        shutil.rmtree(reference)
+
+
+def score_pairs(model, tokenizer, pairs, max_seq_length: int, batch_size: int = 8) -> dict:
+    """Preference accuracy and margins of `model` on `pairs` (summed log-probabilities of each answer's tokens,
+    sequences cut to max_seq_length as in training)."""
+    import torch
+
+    from phitune.data.preference import tokenize_pair
+
+    chosen, rejected = [], []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        tokens = [tokenize_pair(tokenizer, pair) for pair in pairs[start : start + batch_size]]
+        sequences = [(t.prompt_ids, t.chosen_ids) for t in tokens] + [(t.prompt_ids, t.rejected_ids) for t in tokens]
+        sums = answer_logps(model, sequences, tokenizer.pad_token_id, max_seq_length)
+        chosen += sums[: len(tokens)].tolist()
+        rejected += sums[len(tokens) :].tolist()
+    model.train(was_training)
+    margins = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
+    return {"preference_accuracy": (margins > 0).double().mean().item(), "reward_margin": margins.mean().item(),
+            "chosen_logp": sum(chosen) / len(chosen), "rejected_logp": sum(rejected) / len(rejected)}
+
+
+def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, max_seq_length: int):
+    """sum_t log p(answer_t | prompt, answer_<t) for each (prompt ids, answer ids); shape (len(sequences),)."""
+    import torch
+
+    rows = [(prompt + answer)[:max_seq_length] for prompt, answer in sequences]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    scored = torch.zeros_like(ids, dtype=torch.bool)  # positions holding an answer token
+    for i, ((prompt, _), row) in enumerate(zip(sequences, rows)):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        scored[i, len(prompt) : len(row)] = True
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+    return (logps * scored[:, 1:].to(device)).sum(-1).cpu()
