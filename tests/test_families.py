@@ -41,7 +41,7 @@ SHAPES = {  # name -> (tokenizer family, model class, config)
     "phi-3-medium": ("phi-3", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
     "phi-4-mini": ("phi-4-mini", "Phi3", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                                               partial_rotary_factor=0.75, rope_parameters=LONGROPE,
-                                              tie_word_embeddings=True)),
+                                              original_max_position_embeddings=256, tie_word_embeddings=True)),
     "phi-4": ("phi-4", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
     "phi-3.5-moe": ("phi-3", "Phimoe", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
                                             num_local_experts=4, num_experts_per_tok=2)),
@@ -85,7 +85,7 @@ def build_model(name: str, path: Path, seed: int = 0) -> Path:
     config = getattr(transformers, f"{arch}Config")(
         vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **shape)
+        eos_token_id=tokenizer.eos_token_id, **{"tie_word_embeddings": False, **shape})
     torch.manual_seed(seed)
     getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -247,3 +247,114 @@ def test_phimoe_router_trains_when_named(family_model, tmp_path):
     adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert adapter and all("router" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it moved
+
+
+# ---- dense families: train, merge, tie, rope, export -------------------------------------------------------------
+
+_RUNS: dict[str, tuple[Path, dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def trained(family_model, tmp_path_factory):
+    """trained(name): (run directory, metrics) of a 2-step all-linear LoRA run on `name`, made once per module."""
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in _RUNS:
+            out = tmp_path_factory.mktemp(f"{name}-run") / "run"
+            _RUNS[name] = (out, train(family_model(name), out).metrics)
+        return _RUNS[name]
+    return get
+
+
+@pytest.mark.parametrize("name", ["phi-3-medium", "phi-4", "phi-4-mini"])
+def test_dense_family_trains_on_assistant_tokens_and_merges_to_base_plus_adapter(name, family_model, trained,
+                                                                                tmp_path):
+    from transformers import AutoTokenizer
+
+    base = family_model(name)
+    run, metrics = trained(name)
+    assert metrics["train_loss"] == pytest.approx(metrics["train_loss"])  # finite, not NaN
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids, mask = render_with_mask(tokenizer, CHAT, training_chat_template(tokenizer))
+    assert 0 < sum(mask) < len(ids) / 2  # what the run trained on: the assistant turns only
+    merged, adapted = merged_and_adapted(base, run, tmp_path)
+    assert_merged_is_base_plus_adapter(merged, adapted)
+
+
+def test_phi4_mini_stays_tied_and_keeps_longrope_and_partial_rotary_through_merge_and_gguf(family_model, trained,
+                                                                                          tmp_path):
+    import gguf
+
+    from phitune.export.gguf_writer import write_gguf
+
+    base = family_model("phi-4-mini")
+    merged, _ = merged_and_adapted(base, trained("phi-4-mini")[0], tmp_path)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    written, original = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "merged", base))
+    for key in ("rope_parameters", "partial_rotary_factor", "tie_word_embeddings", "max_position_embeddings"):
+        assert written.get(key) == original.get(key), key
+    assert written["rope_parameters"]["long_factor"] == LONGROPE["long_factor"]
+    out = write_gguf(tmp_path / "merged", tmp_path / "mini.gguf").path
+    reader = gguf.GGUFReader(out)
+    meta = {key: field.contents() for key, field in reader.fields.items()}
+    weights = {t.name: t for t in reader.tensors}
+    assert meta["phi3.rope.dimension_count"] == 12  # 0.75 x head 16: partial rotary
+    assert meta["phi3.rope.scaling.original_context_length"] == 256 and meta["phi3.context_length"] == 1024
+    assert "output.weight" not in weights  # tied: llama.cpp reuses token_embd
+    assert list(weights["rope_factors_long.weight"].data) == pytest.approx(LONGROPE["long_factor"])
+    assert list(weights["rope_factors_short.weight"].data) == pytest.approx(LONGROPE["short_factor"])
+
+
+def test_lora_on_tied_embeddings_unties_them_with_a_warning_and_merges_exactly(family_model, tmp_path, caplog):
+    base = family_model("phi-4-mini")  # (TRL 1.16 refuses LoRA on lm_head itself: its fused loss reads the weight)
+    with caplog.at_level("WARNING", logger="phitune"):
+        train(base, tmp_path / "run", target_modules=["embed_tokens", "o_proj"])
+    assert "LoRA targets model.embed_tokens, which this model ties to lm_head" in caplog.text
+    merged, adapted = merged_and_adapted(base, tmp_path / "run", tmp_path)
+    assert not merged.config.tie_word_embeddings
+    assert_merged_is_base_plus_adapter(merged, adapted)
+    with adapted.disable_adapter():  # lm_head kept the base's matrix; only the input embeddings learned
+        original = adapted.get_input_embeddings()(torch.arange(len(merged.lm_head.weight))).detach()
+    torch.testing.assert_close(merged.lm_head.weight, original)
+    assert (merged.model.embed_tokens.weight - original).abs().max() > 1e-4
+
+
+# ---- loralib backend: q/k/v and gate/up slices of every GQA shape -----------------------------------------------
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 8), (8, 2, 8), (6, 2, 16)],
+                         ids=["phi-3.5-mini 32/32", "phi-3-medium 40/10", "phi-4-mini 24/8"])
+@pytest.mark.parametrize("target,index", [("q_proj", 0), ("k_proj", 1), ("v_proj", 2), ("gate_proj", 0),
+                                          ("up_proj", 1)])
+def test_loralib_slice_lands_on_its_rows_for_every_gqa_shape(heads, kv_heads, head_dim, target, index):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    import phitune.lora as lora
+
+    config = Phi3Config(vocab_size=64, hidden_size=heads * head_dim, intermediate_size=40, num_hidden_layers=1,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    fused_name = "qkv_proj" if target in ("q_proj", "k_proj", "v_proj") else "gate_up_proj"
+    parent = model.model.layers[0].self_attn if fused_name == "qkv_proj" else model.model.layers[0].mlp
+    x = torch.randn(3, config.hidden_size)
+    before = getattr(parent, fused_name)(x).detach()
+    lora.inject(model, [target], r=2, lora_alpha=4)
+    layer = getattr(parent, fused_name)
+    sizes = ([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim] if fused_name == "qkv_proj" else [40, 40])
+    assert layer.slice_sizes == sizes
+    torch.nn.init.normal_(layer.lora_B)
+    delta = (layer(x) - before).detach()
+    start, stop = sum(sizes[:index]), sum(sizes[: index + 1])
+    expected = (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scaling
+    torch.testing.assert_close(delta[:, start:stop], expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(delta[:, :start]) == 0 and torch.count_nonzero(delta[:, stop:]) == 0
+
+
+def test_loralib_backend_trains_gqa_slices_and_merges_through_its_peft_adapter(family_model, tmp_path):
+    base = family_model("phi-4-mini")
+    train(base, tmp_path / "run", backend="loralib", target_modules=["q_proj", "v_proj", "up_proj"])
+    merged, adapted = merged_and_adapted(base, tmp_path / "run", tmp_path)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert_merged_is_base_plus_adapter(merged, adapted)

@@ -355,15 +355,17 @@ def untie_embeddings_for(model, target_modules) -> bool:
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is None or outputs is None or outputs.weight is not inputs.weight:
         return False
-    tied = [name for name, module in model.named_modules() if module is inputs or module is outputs]
-    if not any(_targets(name, target_modules) for name in tied):
+    tied = {name: module is inputs for name, module in model.named_modules() if module in (inputs, outputs)}
+    targeted = [name for name in tied if _targets(name, target_modules)]
+    if not targeted:
         return False
     outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad)
     model.config.get_text_config().tie_word_embeddings = False
     model.config.tie_word_embeddings = False
-    log.warning("LoRA targets %s, tied to each other in this model: lm_head now has its own copy of the embeddings "
-                "(+%d parameters), so that merging changes only the targeted one", " and ".join(tied),
-                inputs.weight.numel())
+    others = [name for name in tied if name not in targeted]
+    log.warning("LoRA targets %s, which this model ties to %s: the output layer now has its own copy of the "
+                "embeddings (+%d parameters), so that merging changes only what was trained", " and ".join(targeted),
+                " and ".join(others) or "each other", inputs.weight.numel())
     return True
 
 
