@@ -99,7 +99,8 @@ class SpeedConfig:
         default="auto",
         metadata={
             "help": "auto (selective on CUDA, none on CPU) | full (recompute each layer) | selective (recompute all "
-            "but attention) | offload (full, inputs kept in host memory; CUDA) | none: activation memory strategy"
+            "but attention) | offload (full, inputs kept in host memory; CUDA) | fused-lora (full, but down_proj not "
+            "recomputed; PEFT LoRA, dropout 0) | none: activation memory strategy"
         },
     )
 
@@ -112,7 +113,7 @@ ENUMS = {
     ("data", "on_bad_row"): ("error", "skip"),
     ("speed", "padding_free"): ("auto", "true", "false"),
     ("speed", "liger"): ("auto", "true", "false"),
-    ("speed", "activation"): ("auto", "full", "selective", "offload", "none"),
+    ("speed", "activation"): ("auto", "full", "selective", "offload", "fused-lora", "none"),
     ("peft_config", "backend"): ("peft", "loralib"),
 }
 

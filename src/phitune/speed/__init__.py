@@ -14,7 +14,8 @@
   reference recipe's gradient checkpointing); `selective` checkpoints each layer but keeps the attention output, so
   the attention forward is not recomputed (TRL's selective activation checkpointing); `offload` is `full` with the
   saved layer inputs held in pinned host memory (transformers' checkpoint offload, `torch.autograd.graph.save_on_cpu`;
-  CUDA only): the least GPU memory, and slower than `full`.
+  CUDA only): the least GPU memory, and slower than `full`; `fused-lora` keeps each layer's input like `full` but
+  does not recompute down_proj in backward (its LoRA gradients come from fused formulas; speed/fused_lora.py).
   `auto` is `selective` on CUDA (about the reference's memory, less recomputation) and `none` on CPU.
 
 Each switch is in the `speed` section; `auto` turns it on where the hardware allows it, `false`/`none` turns it off.
@@ -40,7 +41,7 @@ class SpeedPlan:
 
     padding_free: bool
     liger: bool
-    activation: str = "none"  # none | full | selective | offload
+    activation: str = "none"  # none | full | selective | offload | fused-lora
     checkpoint_kwargs: dict = field(default_factory=dict)  # the user's activation_checkpointing_kwargs, if any
 
     def sft_kwargs(self) -> dict:
@@ -59,6 +60,8 @@ class SpeedPlan:
             if self.activation == "offload":
                 checkpoint["offload"] = True  # transformers: saved layer inputs go to pinned host memory
             kwargs["activation_checkpointing_kwargs"] = checkpoint
+        if self.activation == "fused-lora":  # no transformers checkpointing; the key tells apply_activation_strategy
+            kwargs["activation_checkpointing_kwargs"] = {"fused_lora": True}
         return kwargs
 
 
@@ -80,6 +83,8 @@ def resolve_speed(cfg: SpeedConfig, quantized: bool = False, training_config: di
     padding_free = cfg.padding_free == "true" or (cfg.padding_free == "auto" and cuda)
     user = dict(training_config or {})
     activation = resolve_activation(getattr(cfg, "activation", "auto"), user, cuda)
+    if activation == "fused-lora" and quantized:
+        raise PhituneError("speed.activation fused-lora needs 16/32-bit base weights, not 4-bit (QLoRA); use selective")
     return SpeedPlan(padding_free, liger, activation, checkpoint_kwargs=_user_kwargs(user))
 
 
@@ -90,7 +95,7 @@ def _user_kwargs(training_config: dict) -> dict:
 
 
 def resolve_activation(choice: str, training_config: dict, cuda: bool) -> str:
-    """`speed.activation` as none | full | selective | offload, honouring the user's SFTConfig keys."""
+    """`speed.activation` as none | full | selective | offload | fused-lora, honouring the user's SFTConfig keys."""
     checkpointing = training_config.get("activation_checkpointing", training_config.get("gradient_checkpointing"))
     reentrant = _user_kwargs(training_config).get("use_reentrant")
     if choice == "auto":
@@ -113,7 +118,8 @@ def resolve_activation(choice: str, training_config: dict, cuda: bool) -> str:
 
 
 def apply_activation_strategy(model, args) -> None:
-    """Make `selective` real: install TRL's selective-checkpointing policy on the transformers model itself.
+    """Make `fused-lora` and `selective` real: install fused-lora's decoder-layer forward, or TRL's
+    selective-checkpointing policy on the transformers model itself.
 
     TRL installs it on the model handed to SFTTrainer, which for a PEFT run is the PeftModel; but transformers 5
     enables checkpointing through `activation_checkpointing_enable` of the wrapped PreTrainedModel, which never calls
@@ -122,6 +128,10 @@ def apply_activation_strategy(model, args) -> None:
     """
     from trl.models import enable_selective_activation_checkpointing
 
+    if not args.activation_checkpointing and (args.activation_checkpointing_kwargs or {}).get("fused_lora"):
+        from phitune.speed.fused_lora import install_fused_lora
+
+        log.info("speed.activation fused-lora: %d decoder layers", install_fused_lora(model))
     if args.activation_checkpointing and (args.activation_checkpointing_kwargs or {}).get("selective"):
         enable_selective_activation_checkpointing(getattr(model, "get_base_model", lambda: model)())
 

@@ -1,0 +1,172 @@
+"""speed.activation fused-lora: the plain path's loss and LoRA gradients, each layer keeping only its input, a
+`phitune train` run whose adapter is a plain PEFT adapter, and one-line refusals of what it does not support.
+
+CPU, the tiny Phi-3 in float32; "the same" means within TOL (only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from phitune.errors import PhituneError
+from phitune.speed import fused_lora
+from phitune.speed.fused_lora import Projection, install_fused_lora
+
+TOL = dict(rtol=1e-5, atol=1e-6)  # float32; observed relative differences are ~4e-7
+
+
+def _peft_model(model_dir, fused: bool, dropout: float = 0.0):
+    """The tiny Phi-3 with LoRA on all linear layers; B randomised so that every LoRA weight gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if fused:
+        install_fused_lora(model)  # before PEFT wraps the projections, as phitune train does
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(model, config).train()
+
+
+def _batch():
+    """Two rows of unequal length (padding and an attention mask), prompts masked out of the loss."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 512, (2, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 27:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :9] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model):
+    loss = model(**_batch(), use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir):
+    loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False))
+    fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True))
+    torch.testing.assert_close(fused_loss, loss, **TOL)
+    assert len(grads) == 2 * 4 * 2 and fused_grads.keys() == grads.keys()  # layers x projections x (A, B)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, **TOL, msg=name)
+
+
+def test_each_layer_keeps_only_its_input(tiny_model_dir):
+    """What a decoder layer saves for backward is its input alone: nothing else of the layer stays alive."""
+    model = _peft_model(tiny_model_dir, fused=True)
+    layers = model.get_base_model().model.layers
+    inside, inputs, saved = [], [], []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, args, kwargs: (inside.append(1), inputs.append(args[0]))[0] and None,
+                                        with_kwargs=True)
+        layer.register_forward_hook(lambda m, args, out: inside.pop() and None)
+
+    def pack(t):
+        if inside and not isinstance(t, nn.Parameter):
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**_batch(), use_cache=False).loss.backward()
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert storages == {t.untyped_storage().data_ptr() for t in inputs}
+
+
+def test_down_projection_gradients_match_autograd():
+    """The fused formulas alone, on a projection with a bias and LoRA rank 3, against autograd of y = Wx + b + sBAx."""
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(7, 5, generator=gen), torch.randn(7, generator=gen)
+    lora_A = torch.randn(3, 5, generator=gen, requires_grad=True)
+    lora_B = torch.randn(7, 3, generator=gen, requires_grad=True)
+    x = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
+    g = torch.randn(2, 4, 7, generator=gen)
+    ((x @ weight.T + bias + 0.5 * (x @ lora_A.T) @ lora_B.T) * g).sum().backward()
+    proj = Projection(weight, bias, lora_A, lora_B, 0.5)
+    y, xa = proj.forward(x.detach())
+    torch.testing.assert_close(y, x @ weight.T + bias + 0.5 * (x @ lora_A.T) @ lora_B.T)
+    grad_x, grad_A, grad_B = proj.backward(g, x.detach(), xa)
+    for mine, reference in ((grad_x, x.grad), (grad_A, lora_A.grad), (grad_B, lora_B.grad)):
+        torch.testing.assert_close(mine, reference, **TOL)
+
+
+def _write_config(path, model_dir, demo_data, output_dir):
+    raw = {
+        "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
+        "data": {"train": str(demo_data / "train.jsonl"), "max_seq_length": 96, "max_train_examples": 16},
+        "training_config": {"output_dir": str(output_dir), "max_steps": 3, "learning_rate": 1e-2, "seed": 0,
+                            "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
+                            "lr_scheduler_type": "constant", "disable_tqdm": True},
+        "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+    }
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _logits(output_dir, model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, str(output_dir)).eval()(input_ids=_batch()["input_ids"]).logits
+
+
+def test_phitune_train_with_fused_lora_saves_the_plain_paths_adapter(tiny_model_dir, demo_data, tmp_path, monkeypatch):
+    """`phitune train` with speed.activation fused-lora and none: same losses, and the saved adapters reload in plain
+    PEFT with the same logits; the fused layers really ran."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from phitune.cli import app
+
+    calls = []
+    until_down = fused_lora.until_down
+    monkeypatch.setattr(fused_lora, "until_down", lambda *a: calls.append(1) or until_down(*a))
+    outputs = {}
+    for activation in ("none", "fused-lora"):
+        out = tmp_path / activation
+        config = _write_config(tmp_path / f"{activation}.yaml", tiny_model_dir, demo_data, out)
+        result = CliRunner().invoke(app, ["train", str(config), "--set", f"speed.activation={activation}"])
+        assert result.exit_code == 0, result.output
+        assert bool(calls) == (activation == "fused-lora")
+        outputs[activation] = out
+    plain, fused = (json.loads((outputs[a] / "metrics.json").read_text()) for a in ("none", "fused-lora"))
+    assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    logits = _logits(outputs["none"], tiny_model_dir)
+    torch.testing.assert_close(_logits(outputs["fused-lora"], tiny_model_dir), logits, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the adapters moved: equal logits are not two untouched (B = 0) adapters
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        assert (base(input_ids=_batch()["input_ids"]).logits - logits).abs().max() > 1e-2
+
+
+def test_refuses_lora_dropout(tiny_model_dir):
+    model = _peft_model(tiny_model_dir, fused=False, dropout=0.1)
+    with pytest.raises(PhituneError, match="lora_dropout 0"):
+        install_fused_lora(model)
+
+
+def test_refuses_what_it_does_not_support(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import SpeedConfig
+    from phitune.lora.layers import Linear as LoraLibLinear
+    from phitune.speed import resolve_speed
+
+    with pytest.raises(PhituneError, match="not 4-bit"):
+        resolve_speed(SpeedConfig(activation="fused-lora"), quantized=True)
+    with pytest.raises(PhituneError, match="needs Phi-3 decoder layers"):
+        install_fused_lora(nn.Sequential(nn.Linear(4, 4)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    proj = model.model.layers[0].self_attn.o_proj
+    model.model.layers[0].self_attn.o_proj = LoraLibLinear(proj.in_features, proj.out_features, r=2, bias=False)
+    with pytest.raises(PhituneError, match="loralib backend"):
+        install_fused_lora(model)
