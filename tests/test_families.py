@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from phitune.data import render_with_mask, training_chat_template
+from phitune.data.formats import to_messages
 from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
 from phitune.errors import PhituneError
 from phitune.tiny import DEMO_DATA, demo_texts
@@ -177,11 +178,13 @@ def test_each_assistant_turn_and_its_end_token_are_trained_and_nothing_else(fami
 def test_phi4_mini_tool_turns_train_the_call_not_the_definitions_or_the_result():
     tokenizer = family_tokenizer("phi-4-mini")
     call = '<|tool_call|>[{"name": "weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
-    chat = [{"role": "system", "content": "You have tools.", "tools": '[{"name": "weather"}]'},
-            {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": call},
-            {"role": "tool", "content": '{"sky": "clear"}'},
-            {"role": "assistant", "content": "Clear skies."}]
+    row = {"messages": [{"role": "system", "content": "You have tools.", "tools": [{"name": "weather"}]},
+                        {"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": call},
+                        {"role": "tool", "content": '{"sky": "clear"}'},
+                        {"role": "assistant", "content": "Clear skies."}]}
+    chat = to_messages(row, "messages", "train.jsonl:1")  # the data path keeps the tools and the tool turn
+    assert chat[0]["tools"] == '[{"name": "weather"}]'
     ids, mask = render_with_mask(tokenizer, chat, training_chat_template(tokenizer))
     assert ids == list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
     text = tokenizer.decode(ids)
@@ -358,3 +361,57 @@ def test_loralib_backend_trains_gqa_slices_and_merges_through_its_peft_adapter(f
     merged, adapted = merged_and_adapted(base, tmp_path / "run", tmp_path)
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
     assert_merged_is_base_plus_adapter(merged, adapted)
+
+
+# ---- shipped family examples: computed GPU memory ---------------------------------------------------------------
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+FAMILY_EXAMPLES = ["phi3.5-mini-lora.yaml", "phi3-medium-lora.yaml", "phi4-mini-lora.yaml", "phi4-lora.yaml",
+                   "phi3.5-moe-lora.yaml"]
+
+
+@pytest.mark.parametrize("name", FAMILY_EXAMPLES)
+def test_family_example_quotes_the_memory_phitune_memory_computes(name):
+    import math
+    import re
+
+    from phitune.config import load_config
+    from phitune.memory import SHAPES, estimate_run
+
+    text = (EXAMPLES / name).read_text()
+    cfg = load_config(EXAMPLES / name)
+    assert cfg.model.name_or_path in SHAPES and cfg.peft_config["target_modules"] == "all-linear"
+    quoted = re.search(r"LoRA (\d+) GB, QLoRA (\d+) GB", text)
+    assert "computed, not measured" in text and quoted, name
+    computed = [math.ceil(estimate_run(cfg, quantized).total) for quantized in (False, True)]
+    assert [int(quoted[1]), int(quoted[2])] == computed
+
+
+@pytest.mark.parametrize("model", ["microsoft/Phi-3.5-mini-instruct", "microsoft/Phi-3-medium-4k-instruct",
+                                   "microsoft/Phi-4-mini-instruct", "microsoft/phi-4",
+                                   "microsoft/Phi-3.5-MoE-instruct"])
+def test_memory_shapes_count_the_parameters_transformers_builds(model):
+    """The shapes phitune.memory computes from give the parameter count of the real architecture (on the meta
+    device: no weights), norms and biases aside."""
+    import transformers
+
+    from phitune.memory import SHAPES, lora_parameters, parameters
+
+    shape = SHAPES[model]
+    arch = "Phimoe" if shape.experts else "Phi3"
+    extra = dict(num_local_experts=shape.experts, num_experts_per_tok=shape.top_k) if shape.experts else {}
+    config = getattr(transformers, f"{arch}Config")(
+        hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate, vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    with torch.device("meta"):
+        built = getattr(transformers, f"{arch}ForCausalLM")(config)
+    matrices = sum(p.numel() for p in built.parameters() if p.dim() >= 2)
+    assert sum(parameters(shape).values()) == matrices
+    from peft import LoraConfig, get_peft_model
+
+    from phitune.modeling import resolve_peft_targets
+
+    targets = resolve_peft_targets(built, {"target_modules": "all-linear"})
+    adapted = get_peft_model(built, LoraConfig(r=16, **targets))
+    assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == lora_parameters(shape, 16)

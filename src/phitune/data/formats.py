@@ -3,12 +3,15 @@
 | format            | a row looks like                                                   |
 | ----------------- | ------------------------------------------------------------------ |
 | messages          | {"messages": [{"role": "system"|"user"|"assistant", "content": ..}]} |
+|                   | (also "tool" turns after an assistant turn, and "tools" on a system turn) |
 | sharegpt          | {"conversations": [{"from": "human"|"gpt"|"system", "value": ..}]}   |
 | alpaca            | {"instruction": .., "input": .. (optional), "output": ..}           |
 | prompt_completion | {"prompt": .., "completion": ..}                                     |
 """
 
 from __future__ import annotations
+
+import json
 
 from phitune.data.readers import BadRow
 from phitune.errors import PhituneError
@@ -46,7 +49,15 @@ def to_messages(row: dict, fmt: str, where: str) -> Messages:
 
 
 def _from_messages(row: dict) -> Messages:
-    return [{"role": str(m["role"]), "content": m["content"]} for m in row["messages"]]
+    return [_message(m) for m in row["messages"]]
+
+
+def _message(m: dict) -> dict:
+    """role and content; a system turn's tool definitions (`tools`, Phi-4-mini's template) kept as JSON text."""
+    message = {"role": str(m["role"]), "content": m["content"]}
+    if m.get("tools") is not None:
+        message["tools"] = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"])
+    return message
 
 
 def _from_sharegpt(row: dict) -> Messages:
@@ -81,6 +92,20 @@ CONVERTERS = {
 }
 
 
+def _fold_tool_turns(roles: list[str]) -> list[str]:
+    """An assistant turn that calls a tool, the tool's result and the assistant's reply count as one assistant turn
+    (assistant, tool, assistant -> assistant), so tool-using conversations pass the order check."""
+    folded: list[str] = []
+    for role in roles:
+        if role == "tool" and folded[-1:] in (["assistant"], ["tool"]):  # one call may return several results
+            folded[-1] = "tool"
+        elif role == "assistant" and folded[-1:] == ["tool"]:
+            folded[-1] = "assistant"
+        else:
+            folded.append(role)
+    return folded
+
+
 def check_conversation(messages: Messages, where: str) -> None:
     """An optional system turn, then user and assistant alternating, ending with an assistant turn; no empty text."""
     if not messages:
@@ -90,7 +115,7 @@ def check_conversation(messages: Messages, where: str) -> None:
         if not isinstance(content, str) or not content.strip():
             raise BadRow(where, f"turn {index + 1} ({message['role']}) has empty content")
     roles = [m["role"] for m in messages]
-    body = roles[1:] if roles[0] == "system" else roles
+    body = _fold_tool_turns(roles[1:] if roles[0] == "system" else roles)
     if "assistant" not in body:
         raise BadRow(where, "conversation has no assistant turn")
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
