@@ -3,8 +3,9 @@
     python benchmarks/data_prep.py --conversations 100000            # both, side by side, first and second run
     python benchmarks/data_prep.py --conversations 1000000 --only phitune --no-second
 
-Each measured preparation runs in a fresh child process; its peak memory is the largest sum of RSS over that
-process and its children (sampled every 0.1 s), so phitune's worker processes count against it. Both sides start
+Each measured preparation runs in a fresh child process; its peak memory is the largest sum of PSS over that
+process and its workers (sampled every 0.2 s; RSS sum and anonymous PSS are shown too, see `measure`), so
+phitune's worker processes count against it; CPU seconds are those of the child and its workers. Both sides start
 from an empty cache (their own temporary HF_DATASETS_CACHE and phitune cache); the "second run" repeats the same
 command on the now-warm caches.
 
@@ -100,29 +101,69 @@ def prepare_trl(data: Path, output: Path, max_length: int) -> dict:
     return {"examples": len(prepared), "tokens": tokens}
 
 
-def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int | None) -> dict:
-    """Run one preparation in a fresh child process; wall time and peak RSS of its whole process tree."""
+def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int | None,
+            limit_gib: float = 8.0) -> dict:
+    """Run one preparation in a fresh child process: wall time, CPU time and peak memory of its process tree.
+
+    Memory is sampled every 0.2 s from /proc/<pid>/smaps_rollup of the child and its workers, three ways: the sum
+    of RSS (pages shared by several processes, such as the memory-mapped Arrow files, counted once per process:
+    too high), the sum of PSS (each shared page divided among the processes that map it: the tree's real share),
+    and the sum of anonymous PSS (heap: what the tree would keep if the page cache were dropped). The tree is
+    killed if its PSS passes `limit_gib`, so a runaway preparation cannot take a shared machine down.
+    """
+    import resource
+
     import psutil
 
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-cache"), "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, __file__, "--child", side, "--data", str(data), "--workdir", str(workdir),
                "--max-length", str(max_length), "--num-proc", str(num_proc or 0)]
-    start = time.perf_counter()
+    cpu_before = _children_cpu(resource)
+    start, load = time.perf_counter(), [os.getloadavg()[0]]
     child = psutil.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-    peak = 0
+    peak = {"rss": 0, "pss": 0, "anon": 0}
     while child.poll() is None:
-        try:
-            tree = [child, *child.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-        except psutil.Error:  # a worker ended between listing and reading
-            pass
-        time.sleep(0.1)
+        used = _tree_memory(child, psutil)
+        peak = {k: max(peak[k], used[k]) for k in peak}
+        load.append(os.getloadavg()[0])
+        if peak["pss"] > limit_gib * 2**30:
+            for process in [*child.children(recursive=True), child]:
+                process.kill()
+            raise SystemExit(f"{side}: PSS passed {limit_gib} GiB ({peak}); killed")
+        time.sleep(0.2)
     seconds = time.perf_counter() - start
     output = child.stdout.read()
     if child.returncode != 0:
         raise SystemExit(f"{side} failed ({child.returncode})")
-    return {"side": side, "seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 2),
-            **json.loads(output.strip().splitlines()[-1])}
+    return {"side": side, "seconds": round(seconds, 1), "cpu_seconds": round(_children_cpu(resource) - cpu_before, 1),
+            **{f"peak_{k}_gib": round(v / 2**30, 2) for k, v in peak.items()},
+            "load": f"{min(load):.1f}-{max(load):.1f}", **json.loads(output.strip().splitlines()[-1])}
+
+
+def _children_cpu(resource) -> float:
+    """User + system seconds of every ended child and the workers they waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree_memory(child, psutil) -> dict:
+    """Bytes of RSS, PSS and anonymous PSS summed over the child and its descendants (0 for one that just ended)."""
+    fields = {"Rss:": "rss", "Pss:": "pss", "Pss_Anon:": "anon"}
+    total = dict.fromkeys(fields.values(), 0)
+    try:
+        tree = [child, *child.children(recursive=True)]
+    except psutil.Error:
+        return total
+    for process in tree:
+        try:
+            lines = Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines()
+        except OSError:  # ended between listing and reading
+            continue
+        for line in lines:
+            name, *value = line.split()
+            if name in fields:
+                total[fields[name]] += int(value[0]) * 1024
+    return total
 
 
 def main() -> None:
@@ -132,6 +173,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=0, help="phitune's data.num_proc; 0: the default")
     parser.add_argument("--only", choices=["phitune", "trl"], default=None)
     parser.add_argument("--no-second", action="store_true", help="skip the second (cached) runs")
+    parser.add_argument("--limit-gib", type=float, default=8.0, help="kill a side whose PSS passes this")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--child", choices=["phitune", "trl"], default=None)
@@ -154,14 +196,16 @@ def main() -> None:
     rows = []
     for run in ("first", "second")[: 1 if args.no_second else 2]:
         for side in sides:
-            rows.append({"run": run, **measure(side, data, workdir, args.max_length, args.num_proc or None)})
+            rows.append({"run": run, **measure(side, data, workdir, args.max_length, args.num_proc or None,
+                                                  args.limit_gib)})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.conversations:,} conversations, {os.cpu_count()} cores\n")
-    print("| run | side | seconds | peak RSS (GiB) | examples | tokens |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"\n{args.conversations:,} conversations, {os.cpu_count()} cores, load average during each run\n")
+    print("| run | side | seconds | CPU seconds | peak PSS (GiB) | peak anon PSS | peak RSS sum | load | examples "
+          "| tokens |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for row in rows:
-        print(f"| {row['run']} | {row['side']} | {row['seconds']} | {row['peak_rss_gib']} | {row['examples']:,} "
+        print(f"| {row['run']} | {row['side']} | {row['seconds']} | {row['cpu_seconds']} | {row['peak_pss_gib']} "
+              f"| {row['peak_anon_gib']} | {row['peak_rss_gib']} | {row['load']} | {row['examples']:,} "
               f"| {row['tokens']:,} |")
-
 
 if __name__ == "__main__":
     main()

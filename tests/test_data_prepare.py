@@ -10,7 +10,8 @@ import pytest
 from conftest import write_jsonl
 from phitune.config import DataConfig, ModelConfig
 from phitune.data import load_conversations, tokenize_conversations
-from phitune.data.prepare import prepare_data, training_set
+from phitune.data import training_chat_template
+from phitune.data.prepare import encode_with_masks, prepare_data, training_set
 from phitune.errors import PhituneError
 from phitune.modeling import load_tokenizer
 
@@ -55,6 +56,21 @@ def test_same_ids_and_labels_as_the_per_conversation_path(tmp_path, tokenizer, f
     assert prepared.format == fmt
     assert rows["input_ids"] == expected.input_ids and rows["labels"] == expected.labels
     assert prepared.train.truncated == expected.truncated
+
+
+def test_assistant_mask_equals_apply_chat_templates_on_awkward_text(tokenizer):
+    """Multi-byte characters split over byte tokens, leading and trailing spaces, tokens that straddle a turn's edge:
+    the vectorised mask marks exactly the tokens transformers' per-token loop marks."""
+    awkward = [chat(("user", "Grüße 😀"), ("assistant", " 日本語  ends with spaces  "), ("user", "ok\n\n"),
+                    ("assistant", "\n\tindented ünïcödé 🎉🎉")),
+               [SYSTEM, *chat(("user", "x"), ("assistant", "<|end|> inside"))], chat(("user", "only a question"))]
+    template = training_chat_template(tokenizer)
+    for messages, (ids, mask) in zip(awkward, encode_with_masks(tokenizer, awkward, template)):
+        expected = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True,
+                                                 return_assistant_tokens_mask=True)
+        assert ids.tolist() == list(expected["input_ids"])
+        assert mask.astype(int).tolist() == list(expected["assistant_masks"])
+    assert mask.sum() == 0  # no assistant turn: nothing trained
 
 
 def test_second_run_reuses_the_cache_and_a_changed_file_does_not(tmp_path, tokenizer):

@@ -20,6 +20,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -343,12 +344,9 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
     import pyarrow as pa
 
     conversations = [_messages(text, fmt) for text in batch["text"]]
-    encoded = tokenizer.apply_chat_template(conversations, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
     ids_out, labels_out, lengths, flags = [], [], [], {"truncated": [], "masked": [], "stop": []}
-    for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"]):
-        ids = np.asarray(ids, dtype=np.int32)
-        labels = ids if train_on == "all" else np.where(np.asarray(mask, dtype=bool), ids, IGNORE_INDEX)
+    for ids, mask in encode_with_masks(tokenizer, conversations, template):
+        labels = ids if train_on == "all" else np.where(mask, ids, IGNORE_INDEX)
         lengths.append(len(ids))
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         trained = labels != IGNORE_INDEX
@@ -362,6 +360,32 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
     return pa.table({"input_ids": _list_array(ids_out), "labels": _list_array(labels_out),
                      "length": pa.array(lengths, pa.int32()), **{k: pa.array(v, pa.bool_()) for k, v in flags.items()},
                      "key": pa.array(keys, pa.uint64())})
+
+
+def encode_with_masks(tokenizer, conversations: list, template: str):
+    """(ids, assistant mask) per conversation, as numpy arrays: apply_chat_template's, without its per-token loop.
+
+    The same three steps as `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template
+    (which also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and
+    mark every token that overlaps a span. transformers walks the tokens in Python (a fifth of the preparation
+    time); here the walk is vectorised: a token's span is the first one that ends after the token starts, never
+    moving back (the running maximum), and the token is marked when it ends after that span starts.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
+                                         return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    encoded = tokenizer(texts, add_special_tokens=False)
+    for encoding, row_spans in zip(encoded.encodings, spans):
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        mask = np.zeros(len(ids), dtype=bool)
+        if row_spans and len(ids):
+            offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
+            bounds = np.asarray(row_spans, dtype=np.int64)
+            span = np.maximum.accumulate(np.searchsorted(bounds[:, 1], offsets[:, 0], side="right"))
+            inside = span < len(bounds)
+            mask[inside] = offsets[inside, 1] > bounds[span[inside], 0]
+        yield ids, mask
 
 
 def _list_array(arrays: list[np.ndarray]):
