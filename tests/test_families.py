@@ -322,6 +322,22 @@ def test_lora_on_tied_embeddings_unties_them_with_a_warning_and_merges_exactly(f
     assert (merged.model.embed_tokens.weight - original).abs().max() > 1e-4
 
 
+def test_phi4_exports_with_im_end_as_end_of_turn_and_a_chatml_modelfile(family_model, trained, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    from phitune.export import export_run
+
+    export_run(trained("phi-4")[0], tmp_path / "phi4.gguf", ollama=True)
+    meta = {key: field.contents() for key, field in gguf.GGUFReader(tmp_path / "phi4.gguf").fields.items()}
+    im_end = AutoTokenizer.from_pretrained(family_model("phi-4")).convert_tokens_to_ids("<|im_end|>")
+    assert meta["tokenizer.ggml.eot_token_id"] == im_end == meta["tokenizer.ggml.eos_token_id"]
+    assert meta["tokenizer.chat_template"] == PHI4_CHAT_TEMPLATE
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert "<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|end|>" not in modelfile
+
+
 # ---- loralib backend: q/k/v and gate/up slices of every GQA shape -----------------------------------------------
 
 

@@ -8,8 +8,8 @@ and the model's `vocab_size`. That overlay is a port of `Phi3MiniModel.set_vocab
 A byte-level BPE `tokenizer.json` (the bundled tiny model's, GPT-2 style) becomes llama.cpp's "gpt2" tokenizer, a
 port of the converter's `get_vocab_base`.
 
-`<|end|>` is written as the end-of-turn token (`tokenizer.ggml.eot_token_id`), so llama.cpp, Ollama and LM Studio end
-a Phi-3 turn there instead of generating past it.
+`<|end|>` (Phi-4: `<|im_end|>`) is written as the end-of-turn token (`tokenizer.ggml.eot_token_id`), so llama.cpp,
+Ollama and LM Studio end a turn there instead of generating past it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from phitune.errors import PhituneError
 
 END_OF_TURN = "<|end|>"
+END_OF_TURN_TOKENS = (END_OF_TURN, "<|im_end|>")  # Phi-3 and Phi-4-mini; Phi-4's ChatML-style turns
 # The GPT-2 pre-tokenizer regex: what a `ByteLevel(use_regex=True)` pre-tokenizer splits with, and what llama.cpp
 # runs for tokenizer.ggml.pre = "gpt-2". Any other pre-tokenizer would tokenize differently in llama.cpp.
 GPT2_PRE = "gpt-2"
@@ -54,7 +55,7 @@ def add_vocab(writer, model_dir: Path, vocab_size: int, tokenizer) -> dict:
     if kind == "llama":
         writer.add_add_space_prefix(_space_after_special(tokenizer))
     ids = dict(special.special_token_ids)
-    end = tokens.index(END_OF_TURN.encode()) if END_OF_TURN.encode() in tokens else None
+    end = next((tokens.index(t.encode()) for t in END_OF_TURN_TOKENS if t.encode() in tokens), None)
     if end is not None:
         writer.add_eot_token_id(end)
         ids["eot"] = end
