@@ -17,6 +17,9 @@ Per activation strategy (phitune's `speed.activation`, docs/speed.md):
   layer's input, saved by the checkpoint itself), plus what TRL's selective policy caches (read from its caching
   mode, which saved_tensors_hooks cannot see). The layer's input is the previous layer's output: it is counted in
   every strategy (in `none` the first RMSNorm saves it).
+`fused-lora` is phitune's decoder-layer forward (src/phitune/speed/fused_lora.py): keeps the layer input, recomputes
+all but down_proj. Each row's LoRA gradients are compared with `none`'s (lora_B is randomised, std 0.02, so that
+lora_A has a gradient; it changes no FLOP or byte).
 `offload` is `full` with the kept tensors in host memory (transformers wraps the checkpoint in
 `torch.autograd.graph.save_on_cpu`): the same FLOPs, its device bytes are those of `full` minus what moves (all).
 """
@@ -37,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 PHI3_MINI_LAYER = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
                        vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096)
 LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-STRATEGIES = ["none", "full", "selective"]  # measured; `offload` is derived from `full` (see the docstring)
+STRATEGIES = ["none", "full", "selective", "fused-lora"]  # measured; `offload` is derived from `full` (docstring)
 
 
 @flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
@@ -61,7 +64,11 @@ def build_layer(dtype: torch.dtype):
     model = Phi3Model(config).to(dtype)
     model.norm = torch.nn.Identity()  # the final norm is no part of a decoder layer
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    for name, param in model.named_parameters():  # B = 0 at init would leave lora_A without a gradient to compare
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
 
 
 def enable_strategy(model, strategy: str) -> list:
@@ -72,6 +79,11 @@ def enable_strategy(model, strategy: str) -> list:
     base = model.get_base_model()
     caches: list = []
     if strategy == "none":
+        return caches
+    if strategy == "fused-lora":  # phitune's own decoder-layer forward (src/phitune/speed/fused_lora.py)
+        from phitune.speed.fused_lora import install_fused_lora
+
+        install_fused_lora(base)
         return caches
     kwargs = {"use_reentrant": False}
     if strategy == "selective":  # TRL's policy, with its caching mode kept so that its cache can be measured
@@ -119,15 +131,21 @@ def measure(strategy: str, tokens: int, dtype: torch.dtype) -> dict:
     kept = tensor_bytes(saved + cached + [hidden])  # the layer input, kept by its producer in every strategy
     with flop_counter.FlopCounterMode(display=False) as backward_flops:
         out.backward(torch.ones_like(out))
-    lora_grads = sum(p.grad.float().norm().item() > 0 for n, p in model.named_parameters() if "lora_" in n)
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if "lora_" in n}
+    lora_grads = sum(g.norm().item() > 0 for g in grads.values())
     return {"strategy": strategy, "forward_flops": forward_flops.get_total_flops(),
             "backward_phase_flops": backward_flops.get_total_flops(), "kept_bytes": kept,
             "kept_bytes_per_token": kept / tokens, "selective_cache_bytes": tensor_bytes(cached),
-            "lora_tensors_with_grad": lora_grads, "seconds": round(time.perf_counter() - start, 1)}
+            "lora_tensors_with_grad": lora_grads, "seconds": round(time.perf_counter() - start, 1)}, grads
 
 
 def budget(tokens: int, dtype: torch.dtype) -> list[dict]:
-    rows = {s: measure(s, tokens, dtype) for s in STRATEGIES}
+    rows, grads = {}, {}
+    for strategy in STRATEGIES:
+        rows[strategy], grads[strategy] = measure(strategy, tokens, dtype)
+        rows[strategy]["lora_grad_max_rel_diff"] = max(  # against `none` (autograd of the plain layer)
+            ((g - grads["none"][n]).abs().max() / grads["none"][n].abs().max()).item()
+            for n, g in grads[strategy].items())
     backward = rows["none"]["backward_phase_flops"]  # `none` recomputes nothing: its backward phase is all backward
     for row in rows.values():
         row["recompute_flops"] = row["backward_phase_flops"] - backward
@@ -136,20 +154,20 @@ def budget(tokens: int, dtype: torch.dtype) -> list[dict]:
         row["forward_equivalents"] = row["step_flops"] / row["forward_flops"]
     offload = dict(rows["full"], strategy="offload", kept_bytes=0, kept_bytes_per_token=0.0,
                    host_bytes_per_token=rows["full"]["kept_bytes_per_token"], derived_from="full")
-    return [rows["full"], *(rows[s] for s in ("selective", "none")), offload]
+    return [rows["full"], *(rows[s] for s in ("selective", "fused-lora", "none")), offload]
 
 
 def print_table(report: dict) -> None:
     print(f"one Phi-3-mini decoder layer, {report['tokens']} tokens, {report['dtype']}, LoRA r16 all-linear; "
           f"torch {report['torch']}, transformers {report['transformers']}, peft {report['peft']}, trl {report['trl']}")
     print(f"{'strategy':10s} {'forward':>9s} {'recompute':>9s} {'backward':>9s} {'step':>9s} {'x fwd':>6s} "
-          f"{'kept B/token':>13s}  (GFLOP)")
+          f"{'kept B/token':>13s} {'grad vs none':>12s}  (GFLOP; max relative LoRA-gradient difference)")
     for row in report["rows"]:
         name = "full (ref)" if row["strategy"] == "full" else row["strategy"]
         kept = f"{row['kept_bytes_per_token']:,.0f}" + (" +host" if row["strategy"] == "offload" else "")
         print(f"{name:10s} {row['forward_flops'] / 1e9:9.1f} {row['recompute_flops'] / 1e9:9.1f} "
               f"{row['backward_flops'] / 1e9:9.1f} {row['step_flops'] / 1e9:9.1f} {row['forward_equivalents']:6.2f} "
-              f"{kept:>13s}")
+              f"{kept:>13s} {row['lora_grad_max_rel_diff']:12.1e}")
 
 
 def main(argv=None) -> int:

@@ -33,13 +33,13 @@ mkdir -p "$out" && : > "$out/gpu_check.log"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONWARNINGS=ignore
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$mode" = smoke ]; then
-    shape=tiny; bench_args="--shape tiny --data both --seq-len 512 --warmup 1 --steps 3"
+    shape=tiny; bench_args="--shape tiny --data both --seq-len 512 --warmup 1 --steps 3 --also-activation fused-lora"
     # CPUs without native bf16 emulate it far slower than float32: the smoke run trains in float32, and on 4 rows
     # a step instead of 16 (2 shared cores; the steps and their checks are the same)
     train_extra="--set model.torch_dtype=float32 --set training_config.bf16=false"
     train_extra+=" --set training_config.gradient_accumulation_steps=1"
 else
-    shape=phi3-mini; bench_args="--shape phi3-mini --data both"; train_extra=""
+    shape=phi3-mini; bench_args="--shape phi3-mini --data both --also-activation fused-lora"; train_extra=""
 fi
 export PY wheels work shape bench_args train_extra
 
@@ -208,6 +208,12 @@ if lines:
         ref, fast = run["reference"], run["phitune"]
         checks[f"{run['data']}: same first loss"] = abs(ref["first_loss"] - fast["first_loss"]) < 0.02 * ref["first_loss"]
         run["memory_ratio"] = (fast["peak_memory_gib"] / ref["peak_memory_gib"]) if ref["peak_memory_gib"] else None
+        fused = run.get("phitune_fused-lora")  # speed.activation fused-lora: a CUDA default only if this agrees
+        if fused:
+            checks[f"{run['data']}: fused-lora same first loss"] = (
+                abs(ref["first_loss"] - fused["first_loss"]) < 0.02 * ref["first_loss"])
+            run["memory_ratio_fused-lora"] = (
+                fused["peak_memory_gib"] / ref["peak_memory_gib"] if ref["peak_memory_gib"] else None)
     report["targets"] = {f"{r['data']} ratio >= {goal}": r["ratio"] >= goal
                          for r, goal in zip(bench["runs"], (2.0, 6.0))}
 for name in ("lora", "qlora"):
@@ -233,6 +239,11 @@ for run in report.get("throughput", {}).get("runs", []):
     memory = f", memory {run['memory_ratio']:.2f}x" if run["memory_ratio"] else ""
     print(f"throughput {run['data']:5s}: {fast['tokens_per_s']:,.0f} vs {ref['tokens_per_s']:,.0f} tok/s = "
           f"{run['ratio']:.2f}x{memory}; first loss {fast['first_loss']:.4f} vs {ref['first_loss']:.4f}")
+    fused = run.get("phitune_fused-lora")
+    if fused:
+        memory = f", memory {run['memory_ratio_fused-lora']:.2f}x" if run["memory_ratio_fused-lora"] else ""
+        print(f"  with fused-lora: {fused['tokens_per_s']:,.0f} tok/s = {run['ratio_fused-lora']:.2f}x{memory}; "
+              f"first loss {fused['first_loss']:.4f}, last {fused['last_loss']:.4f} vs {fast['last_loss']:.4f}")
 for name in ("lora", "qlora"):
     m = report.get(f"train_{name}")
     if m:

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --shape phi3-mini --data both     # one GPU; both modes in well under 8 minutes
     python benchmarks/throughput.py --shape tiny --data both --seq-len 512   # CPU smoke run
+    python benchmarks/throughput.py --also-activation fused-lora   # (b) once more with speed.activation fused-lora
 
 (a) reference: transformers + PEFT LoRA (r 16, alpha 32, all-linear), bf16 weights on GPU, sdpa, full gradient
     checkpointing (use_reentrant False), padded batches with an attention mask, AdamW (fused on CUDA), a plain loop.
@@ -140,8 +141,9 @@ def run_reference(shape: str, batches, warmup: int, device: str) -> Result:
     return _result(batches[warmup:], elapsed, losses, device, detail)
 
 
-def run_phitune(shape: str, batches, warmup: int, device: str) -> Result:
-    """(b) phitune's training path: build_sft_config + PhituneTrainer with the default speed section."""
+def run_phitune(shape: str, batches, warmup: int, device: str, activation: str = "auto") -> Result:
+    """(b) phitune's training path: build_sft_config + PhituneTrainer with the default speed section (or another
+    speed.activation)."""
     import datasets
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -183,6 +185,7 @@ def run_phitune(shape: str, batches, warmup: int, device: str) -> Result:
                             "per_device_train_batch_size": rows_per_step, "train_sampling_strategy": "sequential",
                             "save_strategy": "no", "logging_steps": 10_000, "disable_tqdm": True, "seed": 0},
         "peft_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "speed": {"activation": activation},
     })
     plan = resolve_speed(cfg.speed, training_config=cfg.training_config)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, plan.padding_free)
@@ -225,15 +228,22 @@ def fresh_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_mode(shape: str, mode: str, warmup: int, steps: int, seed: int, device: str, seq_len: int) -> dict:
+def run_mode(shape: str, mode: str, warmup: int, steps: int, seed: int, device: str, seq_len: int,
+             also: tuple[str, ...] = ()) -> dict:
+    """Reference and phitune on the same batches; `also`: phitune again per extra speed.activation value, reported
+    as `phitune_<value>` with its own `ratio_<value>`."""
     batches = make_batches(mode, warmup + steps, SHAPES[shape]["vocab_size"], seed, seq_len)
+    runners = [("reference", run_reference, {}), ("phitune", run_phitune, {})]
+    runners += [(f"phitune_{value}", run_phitune, {"activation": value}) for value in also]
     results = {}
-    for name, runner in (("reference", run_reference), ("phitune", run_phitune)):
+    for name, runner, kwargs in runners:
         fresh_memory(device)
-        results[name] = runner(shape, batches, warmup, device)
-    ratio = results["phitune"].tokens_per_s / results["reference"].tokens_per_s
+        results[name] = runner(shape, batches, warmup, device, **kwargs)
+    reference = results["reference"].tokens_per_s
+    ratios = {"ratio" + name[len("phitune"):]: r.tokens_per_s / reference for name, r in results.items()
+              if name != "reference"}
     return {"data": mode, "rows_per_step": len(batches[0]), "real_tokens_timed": real_tokens(batches[warmup:]),
-            "ratio": ratio, **{k: dataclasses.asdict(v) for k, v in results.items()}}
+            **ratios, **{k: dataclasses.asdict(v) for k, v in results.items()}}
 
 
 def machine() -> dict:
@@ -252,12 +262,13 @@ def print_table(report: dict) -> None:
     for run in report["runs"]:
         tokens = run["real_tokens_timed"]
         print(f"\n--data {run['data']} ({run['rows_per_step']} rows/step, {tokens} real tokens timed)")
-        for name in ("reference", "phitune"):
+        for name in [k for k in run if k == "reference" or k.startswith("phitune")]:
             r = run[name]
             memory = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
-            print(f"  {name:9s} {r['tokens_per_s']:10,.0f} tok/s  peak {memory:>9s}  loss first {r['first_loss']:.4f}"
+            print(f"  {name:18s} {r['tokens_per_s']:10,.0f} tok/s  peak {memory:>9s}  loss first {r['first_loss']:.4f}"
                   f" last {r['last_loss']:.4f}  ({r['detail']})")
-        print(f"  ratio phitune/reference: {run['ratio']:.2f}x")
+        for key in [k for k in run if k.startswith("ratio")]:
+            print(f"  {key} (phitune{key[5:]} / reference): {run[key]:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -268,6 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--seq-len", type=int, default=2048, help="fixed row length / chat length ceiling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids and lengths")
+    parser.add_argument("--also-activation", action="append", default=[], metavar="VALUE",
+                        help="run phitune's path once more with this speed.activation (repeatable), e.g. fused-lora")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,8 +291,8 @@ def main(argv=None) -> int:
     modes = ["fixed", "chat"] if args.data == "both" else [args.data]
     report = {"machine": machine(), "shape": args.shape, "warmup": args.warmup, "steps": args.steps,
               "seq_len": args.seq_len,
-              "runs": [run_mode(args.shape, m, args.warmup, args.steps, args.seed, device, args.seq_len)
-                       for m in modes]}
+              "runs": [run_mode(args.shape, m, args.warmup, args.steps, args.seed, device, args.seq_len,
+                                tuple(args.also_activation)) for m in modes]}
     if args.json:
         print(json.dumps(report))
     else:

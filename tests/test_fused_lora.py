@@ -18,12 +18,12 @@ from phitune.speed.fused_lora import Projection, install_fused_lora
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; observed relative differences are ~4e-7
 
 
-def _peft_model(model_dir, fused: bool, dropout: float = 0.0):
+def _peft_model(model_dir, fused: bool, dropout: float = 0.0, dtype=torch.float32):
     """The tiny Phi-3 with LoRA on all linear layers; B randomised so that every LoRA weight gets a gradient."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     if fused:
         install_fused_lora(model)  # before PEFT wraps the projections, as phitune train does
     torch.manual_seed(0)
@@ -31,31 +31,53 @@ def _peft_model(model_dir, fused: bool, dropout: float = 0.0):
     return get_peft_model(model, config).train()
 
 
-def _batch():
-    """Two rows of unequal length (padding and an attention mask), prompts masked out of the loss."""
+def _batch(padding_free: bool = False):
+    """Two rows of unequal length, prompts masked out of the loss: padded with an attention mask, or concatenated
+    into one row with restarting position ids (padding-free)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 512, (2, 40), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, 27:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :9] = -100
+    if padding_free:
+        keep = mask.bool().flatten()
+        positions = torch.cat([torch.arange(40), torch.arange(27)])[None]
+        return {"input_ids": ids.flatten()[keep][None], "labels": labels.flatten()[keep][None],
+                "position_ids": positions}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _loss_and_grads(model):
-    loss = model(**_batch(), use_cache=False).loss
+def _loss_and_grads(model, padding_free: bool = False, autocast: bool = False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**_batch(padding_free), use_cache=False).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir):
-    loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False))
-    fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True))
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir, padding_free):
+    loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False), padding_free)
+    fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True), padding_free)
     torch.testing.assert_close(fused_loss, loss, **TOL)
     assert len(grads) == 2 * 4 * 2 and fused_grads.keys() == grads.keys()  # layers x projections x (A, B)
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(fused_grads[name], grad, **TOL, msg=name)
+
+
+def test_bf16_autocast_is_as_close_to_float32_as_the_plain_path(tiny_model_dir):
+    """bf16 weights under autocast (phitune's CUDA setting; here on the CPU): the same loss as the plain path, and
+    LoRA gradients no further from float32's than the plain path's are."""
+    _, exact = _loss_and_grads(_peft_model(tiny_model_dir, fused=False))
+    runs = {fused: _loss_and_grads(_peft_model(tiny_model_dir, fused, dtype=torch.bfloat16), autocast=True)
+            for fused in (False, True)}
+    torch.testing.assert_close(runs[True][0], runs[False][0])
+
+    def error(grads):
+        return sum(((grads[n] - g).norm() / g.norm()).item() for n, g in exact.items()) / len(exact)
+
+    assert error(runs[True][1]) <= 1.1 * error(runs[False][1])
 
 
 def test_each_layer_keeps_only_its_input(tiny_model_dir):

@@ -50,7 +50,7 @@ class Projection:
         if self.lora_A is None:
             return y, None
         xa = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        return y + (self.scaling * F.linear(xa, self.lora_B)).to(y.dtype), xa
+        return (y + F.linear(xa, self.lora_B) * self.scaling).to(y.dtype), xa  # PEFT's order and rounding
 
     def backward(self, g: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None):
         """(grad_x, grad_A, grad_B) for dL/dy = g; the base weight and bias get none (frozen)."""
@@ -94,21 +94,33 @@ def projection(module: nn.Module, name: str) -> Projection:
                       module.scaling[adapter])
 
 
+def autocast_state(t: torch.Tensor) -> tuple:
+    """The autocast setting in force for `t`'s device, to run a backward under the same one as its forward."""
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def autocast(state: tuple):
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = W x + s B (A x), keeping only x and A x for backward (W frozen)."""
 
     @staticmethod
     def forward(ctx, x, proj: Projection, lora_A, lora_B):  # lora_A, lora_B: proj's, passed so they get gradients
         y, xa = proj.forward(x)
-        ctx.proj = proj
+        ctx.proj, ctx.autocast = proj, autocast_state(x)
         ctx.save_for_backward(x, xa)
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, xa = ctx.saved_tensors
-        grad_x, grad_A, grad_B = ctx.proj.backward(g, x, xa)
-        return grad_x, None, grad_A, grad_B
+        with autocast(ctx.autocast):
+            grad_x, grad_A, grad_B = ctx.proj.backward(g, x, xa)
+        return grad_x.to(x.dtype), None, grad_A, grad_B
 
 
 def lora_linear(x: torch.Tensor, proj: Projection) -> torch.Tensor:
@@ -153,19 +165,19 @@ class FusedLoRALayer(torch.autograd.Function):
     def forward(ctx, run, down: Projection, hidden, *params):
         h2, a = run(hidden)
         ctx.run, ctx.down, ctx.params = run, down, params
-        ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type),
-                        torch.get_autocast_dtype(hidden.device.type))
+        ctx.autocast = autocast_state(hidden)
         ctx.save_for_backward(hidden)
         return h2 + down.forward(a)[0]
 
     @staticmethod
     def backward(ctx, g):
         (hidden,) = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
         down, params = ctx.down, ctx.params
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), autocast(ctx.autocast):
             leaf = hidden.detach().requires_grad_(ctx.needs_input_grad[2])
-            h2, a = ctx.run(leaf)
+            # the layer sees a view, not the leaf: module hooks that wait for gradients (FlopCounterMode's module
+            # tracker) cannot be put on a leaf under autograd.grad
+            h2, a = ctx.run(leaf.view_as(leaf))
             a0 = a.detach()
             xa = None if down.lora_A is None else F.linear(a0.to(down.lora_A.dtype), down.lora_A)
             grad_a, grad_A, grad_B = down.backward(g, a0, xa)
