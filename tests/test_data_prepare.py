@@ -104,6 +104,31 @@ def test_bad_rows_file_line_and_skip(tmp_path, tokenizer):
     assert "d.jsonl:3: conversation has no assistant turn" in prepared.skipped[1]
 
 
+@pytest.mark.parametrize("source", ["parquet", "hub"])
+def test_parquet_and_hub_rows_are_read_in_batches_with_the_same_result(tmp_path, tokenizer, monkeypatch, source):
+    """Batches of 2 rows give the ids, labels and `row N` problems of the in-memory readers (row 3: batch 2)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phitune.data import readers
+
+    rows = [{"messages": MULTI}, ROWS["messages"][0], {"messages": MULTI[:1]}, *ROWS["messages"][1:]]  # row 3 bad
+    name = str(tmp_path / "d.parquet")
+    if source == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), name)
+    else:
+        name = "someone/chats"
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    monkeypatch.setattr(readers, "BATCH_ROWS", 2)
+    cfg = DataConfig(train=name, eval_split=0, on_bad_row="skip", cache_dir=str(tmp_path / "cache"))
+    prepared, conversations = prepare_data(cfg, tokenizer), load_conversations(cfg)
+    expected = tokenize_conversations(conversations.train, tokenizer, cfg.max_seq_length)
+    assert prepared.train.to_dataset()["input_ids"] == expected.input_ids
+    assert prepared.train.to_dataset()["labels"] == expected.labels
+    assert prepared.skipped == conversations.skipped and "row 3: conversation has no assistant turn" in prepared.skipped[0]
+
+
 def test_fully_masked_examples_are_an_error_or_skipped(tmp_path, tokenizer):
     long_system = {"role": "system", "content": "Rules. " * 40}
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [long_system, *MULTI[:2]]}, {"messages": MULTI[:2]}])

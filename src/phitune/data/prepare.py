@@ -27,7 +27,7 @@ import numpy as np
 
 from phitune.config import DataConfig
 from phitune.data.formats import detect_format, to_messages
-from phitune.data.readers import BadRow, read_rows
+from phitune.data.readers import BadRow, read_row_batches, read_rows
 from phitune.errors import PhituneError, first_line
 
 IGNORE_INDEX = -100
@@ -183,9 +183,12 @@ def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path, fmt: str |
     import datasets
 
     folder.mkdir()
-    if Path(source).suffix.lower() == ".jsonl" and Path(source).is_file():
+    suffix = Path(source).suffix.lower()
+    if suffix == ".jsonl" and Path(source).is_file():
         raw = datasets.Dataset.from_file(str(_jsonl_to_arrow(Path(source), folder / "rows.arrow")))
-    else:  # .json, .csv, .parquet and hub datasets: read as today, then kept as Arrow
+    elif suffix not in (".json", ".csv"):  # .parquet and hub datasets: a batch of rows at a time
+        raw = datasets.Dataset.from_file(str(_batches_to_arrow(read_row_batches(source, split), folder / "rows.arrow")))
+    else:  # .json (one JSON value, parsed whole) and .csv: read in memory, then kept as Arrow
         rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
         lines = [n for n, _ in rows] + [_bad_line(b) for b in bad]
         texts = [json.dumps(r, ensure_ascii=False, default=str) for _, r in rows] + [None] * len(bad)
@@ -221,6 +224,24 @@ def _jsonl_to_arrow(path: Path, target: Path, chunk_bytes: int = 32 << 20) -> Pa
         writer.finalize()
     except OSError as exc:
         raise PhituneError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        writer.close()
+    return target
+
+
+def _batches_to_arrow(batches, target: Path) -> Path:
+    """Write (line, JSON text) of each row, a batch at a time, into an Arrow file: the rows are never all in memory."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    schema = pa.schema({"line": pa.int64(), "text": pa.string()})
+    writer = ArrowWriter(path=str(target), schema=schema)
+    try:
+        for rows in batches:
+            texts = [json.dumps(row, ensure_ascii=False, default=str) for _, row in rows]
+            writer.write_table(pa.table([pa.array([n for n, _ in rows], pa.int64()), pa.array(texts, pa.string())],
+                                        schema=schema))
+        writer.finalize()
     finally:
         writer.close()
     return target

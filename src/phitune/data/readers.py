@@ -1,4 +1,5 @@
-"""Readers: a local file or a hub dataset in, a list of (line number, row dict) out.
+"""Readers: a local file or a hub dataset in, a list of (line number, row dict) out, or batches of them for sources
+too large for a list (read_row_batches: parquet and hub; JSONL is copied line by line by phitune.data.prepare).
 
 Line numbers are kept so that a bad row is reported as `file:line`, which is what a person needs to fix row 40,000.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from phitune.errors import PhituneError, first_line
@@ -14,6 +16,7 @@ from phitune.errors import PhituneError, first_line
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 Row = tuple[int, dict]  # (1-based line or row number, the row)
+BATCH_ROWS = 10_000  # rows per batch when reading a large source a batch at a time
 
 
 class BadRow(Exception):
@@ -27,16 +30,36 @@ class BadRow(Exception):
 def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> tuple[list[Row], list[BadRow]]:
     """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name."""
     path = Path(source)
-    if path.suffix.lower() in LOCAL_SUFFIXES:
-        if path.is_dir():
-            raise PhituneError(f"{source} is a directory, not a data file; name the file itself")
-        if not path.is_file():
-            raise PhituneError(f"data file not found: {source}")
+    if _is_local(path):
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         return reader[path.suffix.lower()](path, on_bad_row)
+    return [row for rows in _hub_batches(source, split, BATCH_ROWS) for row in rows], []
+
+
+def read_row_batches(source: str, split: str = "train", batch_rows: int | None = None) -> Iterator[list[Row]]:
+    """The rows of a .parquet file or a hub dataset, `batch_rows` at a time, numbered as read_rows numbers them.
+
+    What the Arrow preparation reads these sources with, so a dataset larger than memory never becomes a list.
+    """
+    path = Path(source)
+    if _is_local(path):
+        if path.suffix.lower() != ".parquet":
+            raise ValueError(f"{source}: read_row_batches reads .parquet files and hub datasets")
+        return _parquet_batches(path, batch_rows or BATCH_ROWS)
+    return _hub_batches(source, split, batch_rows or BATCH_ROWS)
+
+
+def _is_local(path: Path) -> bool:
+    """A local data file by its suffix (checked to exist), or False for a hub name."""
+    if path.suffix.lower() in LOCAL_SUFFIXES:
+        if path.is_dir():
+            raise PhituneError(f"{path} is a directory, not a data file; name the file itself")
+        if not path.is_file():
+            raise PhituneError(f"data file not found: {path}")
+        return True
     if path.exists():
-        raise PhituneError(f"{source}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
-    return _read_hub(source, split), []
+        raise PhituneError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    return False
 
 
 def _read_text(path: Path) -> str:
@@ -96,16 +119,23 @@ def _read_csv(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
 
 
 def _read_parquet(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
+    return [row for rows in _parquet_batches(path, BATCH_ROWS) for row in rows], []
+
+
+def _parquet_batches(path: Path, batch_rows: int) -> Iterator[list[Row]]:
     import pyarrow.parquet as pq
 
+    number = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            rows = batch.to_pylist()
+            yield list(enumerate(rows, start=number + 1))
+            number += len(rows)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise PhituneError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
-    return [(number, row) for number, row in enumerate(table.to_pylist(), start=1)], []
 
 
-def _read_hub(name: str, split: str) -> list[Row]:
+def _hub_batches(name: str, split: str, batch_rows: int) -> Iterator[list[Row]]:
     import datasets
 
     try:
@@ -115,5 +145,8 @@ def _read_hub(name: str, split: str) -> list[Row]:
             f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(exc)}. "
             f"For a local file use a path ending in {', '.join(LOCAL_SUFFIXES)}"
         ) from None
-    return [(number, row) for number, row in enumerate(ds, start=1)]
-
+    number = 0
+    for columns in ds.iter(batch_size=batch_rows):  # the memory-mapped Arrow table, one slice at a time
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        yield list(enumerate(rows, start=number + 1))
+        number += len(rows)
