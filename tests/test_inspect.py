@@ -96,3 +96,24 @@ def test_no_pad_warning_for_phi3_conventions(tmp_path, pad):
     model = _tokenizer_dir(tmp_path, pad=pad, keep_unk=True)
     report = inspect_data(_config(model, DEMO_DATA / "eval.jsonl"), tmp_path)
     assert not any("pad" in w for w in report.warnings)
+
+
+def test_statistics_are_read_from_the_prepared_columns_and_one_example_is_rendered(tmp_path, monkeypatch):
+    """The counts equal a per-conversation count, yet no conversation list is tokenized: only the example is."""
+    import phitune.data as data
+    import phitune.data.inspect as inspect_module
+    from phitune.data import load_conversations, render_with_mask, training_chat_template
+    from phitune.modeling import load_tokenizer
+
+    cfg = _config(tiny_base_path(), DEMO_DATA / "train.jsonl", max_seq_length=64, cache_dir=str(tmp_path / "c"))
+    tokenizer = load_tokenizer(cfg.model)
+    template = training_chat_template(tokenizer)
+    lengths = sorted(len(render_with_mask(tokenizer, c, template)[0]) for c in load_conversations(cfg.data).train)
+    rendered = []
+    monkeypatch.setattr(data, "tokenize_conversations", lambda *a, **k: pytest.fail("tokenized in memory"))
+    monkeypatch.setattr(inspect_module, "render_with_mask", lambda *a: rendered.append(a) or render_with_mask(*a))
+    summary = inspect_data(cfg, tmp_path).summary()
+    assert len(rendered) == 1
+    assert summary["tokens (train)"] == sum(lengths) and type(summary["tokens (train)"]) is int
+    assert summary["length min / median / max"] == f"{lengths[0]} / {lengths[len(lengths) // 2]} / {lengths[-1]}"
+    assert summary["truncated (train)"] == sum(n > 64 for n in lengths) > 0
