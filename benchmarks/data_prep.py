@@ -109,7 +109,8 @@ def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int
     of RSS (pages shared by several processes, such as the memory-mapped Arrow files, counted once per process:
     too high), the sum of PSS (each shared page divided among the processes that map it: the tree's real share),
     and the sum of anonymous PSS (heap: what the tree would keep if the page cache were dropped). The tree is
-    killed if its PSS passes `limit_gib`, so a runaway preparation cannot take a shared machine down.
+    killed if its anonymous PSS passes `limit_gib`, so a runaway preparation cannot take a shared machine down;
+    file-backed pages of the memory-mapped Arrow files do not count there, the kernel reclaims them under pressure.
     """
     import resource
 
@@ -126,10 +127,10 @@ def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int
         used = _tree_memory(child, psutil)
         peak = {k: max(peak[k], used[k]) for k in peak}
         load.append(os.getloadavg()[0])
-        if peak["pss"] > limit_gib * 2**30:
+        if peak["anon"] > limit_gib * 2**30:
             for process in [*child.children(recursive=True), child]:
                 process.kill()
-            raise SystemExit(f"{side}: PSS passed {limit_gib} GiB ({peak}); killed")
+            raise SystemExit(f"{side}: anonymous PSS passed {limit_gib} GiB ({peak}); killed")
         time.sleep(0.2)
     seconds = time.perf_counter() - start
     output = child.stdout.read()
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=0, help="phitune's data.num_proc; 0: the default")
     parser.add_argument("--only", choices=["phitune", "trl"], default=None)
     parser.add_argument("--no-second", action="store_true", help="skip the second (cached) runs")
-    parser.add_argument("--limit-gib", type=float, default=8.0, help="kill a side whose PSS passes this")
+    parser.add_argument("--limit-gib", type=float, default=8.0, help="kill a side whose anonymous PSS passes this")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--child", choices=["phitune", "trl"], default=None)
