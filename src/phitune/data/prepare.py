@@ -285,7 +285,7 @@ def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[l
                       num_proc=_procs(cfg, len(raw)),
                       remove_columns=[c for c in raw.column_names if c != "line"],
                       cache_file_name=str(folder / "check.arrow"), new_fingerprint=folder.name + _token())
-    status = np.asarray(checked.with_format("numpy")["status"])
+    status = checked.with_format("arrow", columns=["status"])[:]["status"].to_numpy()  # ds["status"] walks rows
     bad = np.flatnonzero((status == READ_BAD) | (status == ROW_BAD))
     order = bad[np.lexsort((bad, status[bad]))]  # reading problems first, as the reader reports them first
     problems = list(checked.select(order)["problem"]) if len(order) else []
