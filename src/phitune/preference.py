@@ -120,6 +120,8 @@ def build_preference_config(cfg: RunConfig, has_eval: bool):
     speed = resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization), training_config=cfg.training_config)
     checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
     settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
+    if cfg.method == "orpo" and "include_num_input_tokens_seen" not in cfg.training_config:
+        settings["include_num_input_tokens_seen"] = "no"  # ORPO's batches have no input_ids for the Trainer to count
     try:
         return training_config_class(cfg.method)(**settings)
     except (TypeError, ValueError) as exc:
@@ -249,3 +251,66 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: in
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
     return (logps * scored[:, 1:].to(device)).sum(-1).cpu()
+
+
+def is_preference_run(run_dir) -> bool:
+    """True when `run_dir` is a phitune run trained with dpo or orpo."""
+    from phitune.config import load_run_config
+
+    return run_dir is not None and (Path(run_dir) / "phitune_config.yaml").is_file() and \
+        load_run_config(run_dir).method != "sft"
+
+
+def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_dir: Path,
+                              use_eval_split: bool = True, batch_size: int = 8):
+    """`phitune eval` on a DPO / ORPO run: preference accuracy and margins of the base, of the starting adapter
+    (model.adapter, when the run had one) and of the trained adapter, on the run's held-out pairs or on every pair of
+    --data. Writes eval.json."""
+    from dataclasses import replace
+
+    from phitune.data.preference import load_preference_data
+    from phitune.evaluate import EVAL_JSON, EvalResult
+    from phitune.generate import attach_adapter, load_for_inference
+
+    if use_eval_split:
+        pairs = load_preference_data(data_cfg).eval
+    else:
+        pairs = load_preference_data(replace(data_cfg, eval=None, eval_split=0.0)).train
+    if not pairs:
+        raise PhituneError("the run has no held-out pairs (data.eval_split is 0 and no data.eval); pass --data FILE")
+    model, tokenizer = load_for_inference(replace(model_cfg, adapter=None))
+    limit = data_cfg.max_seq_length
+    metrics = {"base": score_pairs(model, tokenizer, pairs, limit, batch_size)}
+    if adapter is not None:
+        if model_cfg.adapter:
+            model = attach_adapter(model, model_cfg.adapter)
+            metrics["starting adapter"] = score_pairs(model, tokenizer, pairs, limit, batch_size)
+            model.load_adapter(str(adapter), adapter_name="trained")
+            model.set_adapter("trained")
+        else:
+            model = attach_adapter(model, adapter)
+        metrics["fine-tuned"] = score_pairs(model, tokenizer, pairs, limit, batch_size)
+    info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(pairs),
+                metric="preference accuracy: share of pairs with log p(chosen) > log p(rejected), answers' summed "
+                       "token log-probabilities; reward_margin: mean of their difference (nats)")
+    result = EvalResult(metrics=metrics, info=info, output_dir=Path(output_dir))
+    result.output_dir.mkdir(parents=True, exist_ok=True)
+    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def print_preference_eval(result) -> None:
+    """The models side by side, one row per preference metric."""
+    from rich.table import Table
+
+    from phitune.report import _fmt, console
+
+    names = list(result.metrics)
+    table = Table(title=f"phitune eval: {result.info['eval_examples']} held-out preference pairs")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key in PREFERENCE_METRICS:
+        table.add_row(key, *[_fmt(result.metrics[name][key]) for name in names])
+    console.print(table)
+    console.print(f"eval.json is in [bold]{result.output_dir}[/bold]")

@@ -217,3 +217,87 @@ def to_dataset(pairs: list[PreferencePair]):
     import datasets
 
     return datasets.Dataset.from_list([pair.as_row() for pair in pairs])
+
+
+@dataclass
+class PreferenceDataReport:
+    """What `phitune data` found in preference data; report.print_data_report shows it."""
+
+    source: str
+    format: str
+    counts: dict[str, int]
+    lengths: dict[str, list[int]]  # "prompt", "chosen", "rejected": token lengths of the train pairs
+    max_seq_length: int
+    truncated: dict[str, int]
+    example: list[tuple[str, bool]]  # (token text, trained?) of one pair: prompt, chosen, then rejected
+    histogram: object = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        rows = {"format": self.format, **self.counts}
+        for name, values in self.lengths.items():
+            ordered = sorted(values)
+            rows[f"{name} tokens min / median / max"] = f"{ordered[0]} / {ordered[len(ordered) // 2]} / {ordered[-1]}"
+        rows["max_seq_length"] = self.max_seq_length
+        rows.update({f"answers truncated ({name})": n for name, n in self.truncated.items()})
+        return rows
+
+
+def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> PreferenceDataReport:
+    """Read the pairs as training does (bad rows skipped and reported), tokenize them as DPOTrainer does, and
+    collect lengths, one rendered pair and the warnings: identical answers, empty answers, answers cut by
+    data.max_seq_length, other malformed rows."""
+    from dataclasses import replace
+
+    from phitune.data.inspect import HISTOGRAM_PNG, _output_dir, example_tokens, plot_lengths
+    from phitune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_preference_data(replace(cfg.data, on_bad_row="skip"))
+    limit = cfg.data.max_seq_length
+    tokens = {name: [tokenize_pair(tokenizer, p) for p in getattr(data, name)] for name in ("train", "eval")}
+    train = tokens["train"]
+    lengths = {"prompt": [len(t.prompt_ids) for t in train], "chosen": [len(t.chosen_ids) for t in train],
+               "rejected": [len(t.rejected_ids) for t in train]}
+    shown = train[min(example_index, len(train) - 1)]
+    example = (example_tokens(tokenizer, shown.prompt_ids, [0] * len(shown.prompt_ids))
+               + [("\n[chosen] ", False)] + example_tokens(tokenizer, shown.chosen_ids, [1] * len(shown.chosen_ids))
+               + [("\n[rejected] ", False)]
+               + example_tokens(tokenizer, shown.rejected_ids, [1] * len(shown.rejected_ids)))
+    problems = {name: [truncation_problem(t, limit) for t in toks] for name, toks in tokens.items()}
+    report = PreferenceDataReport(
+        source=str(cfg.data.train), format=data.format,
+        counts={"train pairs": len(data.train), "eval pairs": len(data.eval), "skipped rows": len(data.skipped)},
+        lengths=lengths, max_seq_length=limit,
+        truncated={name: sum(p is not None for p in found) for name, found in problems.items()},
+        example=example,
+    )
+    report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
+    totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
+    report.histogram = plot_lengths(totals, limit, _output_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    return report
+
+
+def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad_row: str) -> list[str]:
+    """Pairs that teach nothing (identical answers), rows dropped for empty answers or other faults, and answers
+    that data.max_seq_length cuts (a cut answer is compared on its first tokens only)."""
+    warnings = []
+    same = [p.where for p in data.train + data.eval if p.chosen.strip() == p.rejected.strip()]
+    if same:
+        warnings.append(f"{len(same)} pairs have chosen == rejected (no preference to learn); first: {same[0]}")
+    fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
+    empty = [s for s in data.skipped if "answer is empty" in s or "has empty content" in s]
+    if empty:
+        warnings.append(f"{len(empty)} rows have an empty answer or turn ({fate}); first: {empty[0]}")
+    others = [s for s in data.skipped if s not in empty]
+    if others:
+        warnings.append(f"{len(others)} other malformed rows ({fate}); first: {others[0]}")
+    for name, found in problems.items():
+        cut, lost = found.count("cut"), found.count("lost")
+        if cut:
+            warnings.append(f"{name}: {cut} pairs have an answer cut by max_seq_length {limit}; raise "
+                            "data.max_seq_length or shorten the prompts")
+        if lost:
+            warnings.append(f"{name}: {lost} pairs have a prompt that fills max_seq_length {limit}: no answer token "
+                            f"is left to compare ({fate})")
+    return warnings
