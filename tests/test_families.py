@@ -252,6 +252,17 @@ def test_phimoe_router_trains_when_named(family_model, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # it moved
 
 
+def test_phimoe_with_the_loralib_backend_adapts_attention_and_says_experts_are_left(family_model, tmp_path, caplog):
+    base = family_model("phi-3.5-moe")
+    with caplog.at_level("WARNING", logger="phitune"):
+        train(base, tmp_path / "run", backend="loralib")
+    assert "adapts this MoE model's attention only" in caplog.text
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    merged, adapted = merged_and_adapted(base, tmp_path / "run", tmp_path)
+    assert_merged_is_base_plus_adapter(merged, adapted)
+
+
 # ---- dense families: train, merge, tie, rope, export -------------------------------------------------------------
 
 _RUNS: dict[str, tuple[Path, dict]] = {}
