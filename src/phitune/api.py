@@ -1,0 +1,124 @@
+"""The Python API: what the commands do, as functions for notebooks and scripts.
+
+    from phitune import api
+
+    run = api.train({"model": {...}, "data": {...}, "training_config": {...}, "peft_config": {...}})
+    report = api.evaluate(run.output_dir, num_generate=5)
+    session = api.chat(run.output_dir)
+    api.chat_turn(session, "What noise does a cow make?")
+    api.merge(run.output_dir, "merged/")
+
+Each function is a thin wrapper over the code the CLI calls (`phitune train`, `eval`, `chat`, `generate`, `merge`),
+so both give the same results. Problems raise `PhituneError` with the message the CLI would print; nothing here
+prints or exits. The functions live in `phitune.api` rather than on the package itself because `phitune.train`,
+`phitune.evaluate`, `phitune.generate` and `phitune.merge` are the modules that do the work.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from phitune.config import RunConfig, apply_overrides, config_from_dict, load_config
+from phitune.errors import PhituneError
+
+__all__ = ["PhituneError", "load_run", "train", "evaluate", "generate", "chat", "chat_turn", "merge"]
+
+
+def load_run(config: dict | str | Path | RunConfig, overrides: list[str] | None = None) -> RunConfig:
+    """A validated RunConfig from a dict (the YAML file's sections), a YAML path, or a RunConfig as it is.
+
+    `overrides` are `section.key=value` strings, as `--set` takes them. Every problem is reported in one error.
+    """
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise PhituneError("overrides apply to a dict or a YAML file, not to a RunConfig; edit it directly")
+        return config
+    if isinstance(config, dict):
+        raw = copy.deepcopy(config)  # overrides must not change the caller's dict
+        apply_overrides(raw, overrides or [])
+        return config_from_dict(raw)
+    return load_config(config, overrides)
+
+
+def train(config: dict | str | Path | RunConfig, overrides: list[str] | None = None, resume: bool = False,
+          overwrite: bool = False, push_to_hub: str | None = None):
+    """Fine-tune as `config` says (`phitune train`); returns a RunResult: output_dir, metrics, the trained model.
+
+    `metrics` holds what metrics.json holds: train_loss, eval_loss_before/after, perplexities, step and token counts.
+    """
+    from phitune.train import run_training
+
+    return run_training(load_run(config, overrides), resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
+
+
+def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapter: str | Path | None = None,
+             data: str | None = None, num_generate: int = 50, max_new_tokens: int = 64, batch_size: int = 8,
+             output: str | Path | None = None):
+    """Base and fine-tuned model side by side (`phitune eval`); returns an EvalResult whose `metrics` maps
+    "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match.
+
+    Writes eval.json, report.md and eval.png into `output` (default: the run directory).
+    """
+    from phitune.evaluate import evaluation_data, run_evaluation
+    from phitune.generate import SamplingSettings, resolve_model_source
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    data_cfg, source = evaluation_data(Path(run_dir) if run_dir else (Path(adapter) if adapter else None), data)
+    return run_evaluation(model_cfg, adapter_dir, data_cfg, Path(output or source or Path.cwd()),
+                          num_generate=num_generate, settings=SamplingSettings(max_new_tokens=max_new_tokens),
+                          batch_size=batch_size, use_eval_split=data is None)
+
+
+def _load(run_dir, model, adapter):
+    from phitune.generate import load_for_inference, resolve_model_source
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    return load_for_inference(model_cfg, adapter_dir)
+
+
+def generate(prompts: list, run_dir: str | Path | None = None, model: str | None = None,
+             adapter: str | Path | None = None, batch_size: int = 8, **sampling) -> list[str]:
+    """The model's reply to each prompt (`phitune generate`); a prompt is a string (one user turn) or a list of
+    {"role", "content"} messages ending with a user turn. `sampling`: SamplingSettings fields (max_new_tokens,
+    do_sample, temperature, top_p, top_k, seed); greedy by default."""
+    from phitune.generate import SamplingSettings, generate_replies
+
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    loaded, tokenizer = _load(run_dir, model, adapter)
+    return generate_replies(loaded, tokenizer, conversations, _settings(sampling), batch_size=batch_size)
+
+
+def chat(run_dir: str | Path | None = None, model: str | None = None, adapter: str | Path | None = None,
+         system: str | None = None, **sampling):
+    """A ChatSession (`phitune chat`): the model loaded once, the history kept between turns; see chat_turn."""
+    from phitune.generate import ChatSession
+
+    loaded, tokenizer = _load(run_dir, model, adapter)
+    return ChatSession(loaded, tokenizer, _settings(sampling), system=system)
+
+
+def chat_turn(session, text: str) -> str:
+    """Say `text` in `session` and return the whole reply (ChatSession.stream_reply gives it piece by piece)."""
+    return "".join(session.stream_reply(text)).strip()
+
+
+def _settings(sampling: dict):
+    from phitune.generate import SamplingSettings
+
+    try:
+        return SamplingSettings(**sampling)
+    except TypeError as exc:
+        raise PhituneError(f"sampling settings: {exc}") from None
+
+
+def merge(run_dir: str | Path | None, output: str | Path, adapter: str | Path | None = None,
+          model: str | None = None, dtype: str = "auto", push_to_hub: str | None = None):
+    """Fold the adapter into its base and save a standalone model in `output` (`phitune merge`); returns a
+    MergeResult (output_dir, dtype, size_bytes)."""
+    from phitune.generate import resolve_model_source
+    from phitune.merge import merge_adapter
+
+    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    return merge_adapter(model_cfg, adapter_dir, Path(output), push_to_hub=push_to_hub, dtype=dtype)
+
