@@ -18,7 +18,7 @@ from phitune.speed.fused_lora import Projection, install_fused_lora
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; observed relative differences are ~4e-7
 
 
-def _peft_model(model_dir, fused: bool, dropout: float = 0.0, dtype=torch.float32):
+def _peft_model(model_dir, fused: bool, dropout: float = 0.0, dtype=torch.float32, targets="all-linear"):
     """The tiny Phi-3 with LoRA on all linear layers; B randomised so that every LoRA weight gets a gradient."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,7 +27,7 @@ def _peft_model(model_dir, fused: bool, dropout: float = 0.0, dtype=torch.float3
     if fused:
         install_fused_lora(model)  # before PEFT wraps the projections, as phitune train does
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     return get_peft_model(model, config).train()
 
 
@@ -55,12 +55,14 @@ def _loss_and_grads(model, padding_free: bool = False, autocast: bool = False):
     return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir, padding_free):
-    loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False), padding_free)
-    fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True), padding_free)
+@pytest.mark.parametrize("padding_free,targets", [(False, "all-linear"), (True, "all-linear"), (False, ["o_proj"])])
+def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir, padding_free, targets):
+    """All four projections with LoRA, or o_proj alone (the others plain linear layers)."""
+    loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False, targets=targets), padding_free)
+    fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True, targets=targets), padding_free)
     torch.testing.assert_close(fused_loss, loss, **TOL)
-    assert len(grads) == 2 * 4 * 2 and fused_grads.keys() == grads.keys()  # layers x projections x (A, B)
+    projections = 4 if targets == "all-linear" else 1
+    assert len(grads) == 2 * projections * 2 and fused_grads.keys() == grads.keys()  # layers x projections x (A, B)
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(fused_grads[name], grad, **TOL, msg=name)
@@ -83,12 +85,15 @@ def test_bf16_autocast_is_as_close_to_float32_as_the_plain_path(tiny_model_dir):
 def test_each_layer_keeps_only_its_input(tiny_model_dir):
     """What a decoder layer saves for backward is its input alone: nothing else of the layer stays alive."""
     model = _peft_model(tiny_model_dir, fused=True)
-    layers = model.get_base_model().model.layers
     inside, inputs, saved = [], [], []
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda m, args, kwargs: (inside.append(1), inputs.append(args[0]))[0] and None,
-                                        with_kwargs=True)
-        layer.register_forward_hook(lambda m, args, out: inside.pop() and None)
+
+    def enter(layer, args, kwargs):
+        inside.append(layer)
+        inputs.append(args[0])
+
+    for layer in model.get_base_model().model.layers:
+        layer.register_forward_pre_hook(enter, with_kwargs=True)
+        layer.register_forward_hook(lambda *_: inside.pop() and None)
 
     def pack(t):
         if inside and not isinstance(t, nn.Parameter):

@@ -184,7 +184,11 @@ class FusedLoRALayer(torch.autograd.Function):
         mine = {id(down.lora_A): grad_A, id(down.lora_B): grad_B}
         rest = [p for p in params if id(p) not in mine]
         inputs = ([leaf] if leaf.requires_grad else []) + rest
-        grads = torch.autograd.grad([h2, a], inputs, [g, grad_a.to(a.dtype)], allow_unused=True) if inputs else []
+        outputs = [(t, dt.to(t.dtype)) for t, dt in ((h2, g), (a, grad_a)) if t.requires_grad]
+        grads = [None] * len(inputs)
+        if inputs and outputs:
+            tensors, grad_outputs = zip(*outputs)
+            grads = torch.autograd.grad(tensors, inputs, grad_outputs, allow_unused=True)
         grad_hidden = grads[0] if leaf.requires_grad else None
         found = dict(zip(map(id, rest), grads[len(inputs) - len(rest):]))
         return (None, None, grad_hidden, *(mine[id(p)] if id(p) in mine else found[id(p)] for p in params))
