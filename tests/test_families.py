@@ -170,7 +170,8 @@ def test_each_assistant_turn_and_its_end_token_are_trained_and_nothing_else(fami
     ids, mask = render_with_mask(tokenizer, CHAT, template)
     own = tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(own)  # the training variant renders exactly the tokenizer's own template
-    expected = [tokenizer.encode(m["content"] + end, add_special_tokens=False) for m in CHAT if m["role"] == "assistant"]
+    expected = [tokenizer.encode(m["content"] + end, add_special_tokens=False)
+                for m in CHAT if m["role"] == "assistant"]
     assert trained_runs(ids, mask) == expected
     assert sum(mask) == sum(map(len, expected))  # headers, system, user turns and a final eos all masked
 
@@ -224,8 +225,10 @@ def test_phimoe_all_linear_targets_attention_and_experts_never_the_router(family
     assert named == {"target_modules": ["o_proj"], "target_parameters": ["router.weight"]}
     with pytest.raises(PhituneError) as err:
         resolve_peft_targets(model, {"target_modules": ["gate"]})
-    assert "q_proj, k_proj, v_proj, o_proj" in str(err.value) and "router router (adapted only when named)" in str(
-        err.value) and "experts.gate_up_proj" in str(err.value)
+    message = str(err.value)
+    assert "linear layers are q_proj, k_proj, v_proj, o_proj; the MoE router `router` (adapted only when named)" \
+        in message
+    assert "expert weights experts.gate_up_proj, experts.down_proj" in message
 
 
 def test_phimoe_trains_with_assistant_only_loss_and_merges_to_base_plus_adapter(family_model, tmp_path):

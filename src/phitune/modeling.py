@@ -328,8 +328,9 @@ def _existing(existing: list[str], model=None) -> str:
     routers = sorted({name.rsplit(".", 1)[-1] for name in router_names(model)}) if model is not None else []
     if routers:
         experts = ", ".join(expert_parameter_names(model))
-        text += (f"; its MoE router {', '.join(routers)} (adapted only when named) and experts ({experts}: "
-                 "adapted by all-linear, or when `experts` is named)")
+        names = ", ".join(f"`{name}`" for name in routers)
+        text += (f"; the MoE router {names} (adapted only when named) and the expert weights {experts} (adapted by "
+                 "all-linear, or when `experts` is named)")
     return text
 
 
@@ -355,7 +356,7 @@ def untie_embeddings_for(model, target_modules) -> bool:
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
     if inputs is None or outputs is None or outputs.weight is not inputs.weight:
         return False
-    tied = {name: module is inputs for name, module in model.named_modules() if module in (inputs, outputs)}
+    tied = [name for name, module in model.named_modules() if module is inputs or module is outputs]
     targeted = [name for name in tied if _targets(name, target_modules)]
     if not targeted:
         return False
