@@ -2,6 +2,7 @@
 
     python benchmarks/data_prep.py --conversations 100000            # both, side by side, first and second run
     python benchmarks/data_prep.py --conversations 1000000 --only phitune --no-second
+    python benchmarks/data_prep.py --conversations 1000000 --only phitune --no-second --pairs 1 --length-scale 0.2
 
 Each measured preparation runs in a fresh child process; its peak memory is the largest sum of PSS over that
 process and its workers (sampled every 0.2 s; RSS sum and anonymous PSS are shown too, see `measure`), so
@@ -39,19 +40,22 @@ USER_CHARS, ASSISTANT_CHARS, SIGMA = 150, 700, 0.6  # log-normal medians (charac
 PAIRS = 3  # user/assistant pairs per conversation
 
 
-def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
-    """N ultrachat-like conversations as JSONL; messages are slices of the bundled corpus, so text is real words."""
+def write_conversations(path: Path, n: int, seed: int = 0, pairs: int = PAIRS, scale: float = 1.0) -> Path:
+    """N ultrachat-like conversations as JSONL; messages are slices of the bundled corpus, so text is real words.
+
+    `pairs` user/assistant pairs per conversation, message lengths `scale` times the medians above.
+    """
     from phitune.tiny import CORPUS
 
     rng = np.random.default_rng(seed)
     words = CORPUS.read_text(encoding="utf-8").split()
     pool = " ".join(rng.permutation(np.array(words * 8, dtype=object)))  # ~2.4 MB of shuffled words
-    medians = np.array([USER_CHARS, ASSISTANT_CHARS] * PAIRS)
+    medians = np.array([USER_CHARS, ASSISTANT_CHARS] * pairs) * scale
     with path.open("w", encoding="utf-8") as out:
         for start in range(0, n, 10_000):
             count = min(10_000, n - start)
-            lengths = np.clip(rng.lognormal(np.log(medians), SIGMA, size=(count, 2 * PAIRS)), 8, 20_000).astype(int)
-            offsets = rng.integers(0, len(pool) - 20_001, size=(count, 2 * PAIRS))
+            lengths = np.clip(rng.lognormal(np.log(medians), SIGMA, size=(count, 2 * pairs)), 8, 20_000).astype(int)
+            offsets = rng.integers(0, len(pool) - 20_001, size=(count, 2 * pairs))
             lines = []
             for row_lengths, row_offsets in zip(lengths, offsets):
                 messages = [{"role": "user" if turn % 2 == 0 else "assistant",
@@ -171,6 +175,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=100_000)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--pairs", type=int, default=PAIRS, help="user/assistant pairs per conversation")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="message lengths times this")
     parser.add_argument("--num-proc", type=int, default=0, help="phitune's data.num_proc; 0: the default")
     parser.add_argument("--only", choices=["phitune", "trl"], default=None)
     parser.add_argument("--no-second", action="store_true", help="skip the second (cached) runs")
@@ -188,10 +194,11 @@ def main() -> None:
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="phitune-data-prep-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    data = args.data or workdir / f"chat-{args.conversations}.jsonl"
+    shape = "" if (args.pairs, args.length_scale) == (PAIRS, 1.0) else f"-{args.pairs}x{args.length_scale:g}"
+    data = args.data or workdir / f"chat-{args.conversations}{shape}.jsonl"
     if not data.exists():
         start = time.perf_counter()
-        write_conversations(data, args.conversations)
+        write_conversations(data, args.conversations, pairs=args.pairs, scale=args.length_scale)
         print(f"wrote {data} ({data.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
     sides = [args.only] if args.only else ["trl", "phitune"]
     rows = []
