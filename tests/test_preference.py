@@ -56,7 +56,8 @@ def preference_config(model_dir, pair_files, output_dir, method="dpo", **section
 def dpo_run(tiny_model_dir, pair_files, tmp_path_factory):
     from phitune.train import run_training
 
-    cfg = preference_config(tiny_model_dir, pair_files, tmp_path_factory.mktemp("dpo") / "run")
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path_factory.mktemp("dpo") / "run",
+                            training_config={"eval_strategy": "steps", "eval_steps": 24})
     return cfg, run_training(cfg)
 
 
@@ -85,20 +86,19 @@ def test_dpo_makes_held_out_pairs_preferred_and_the_adapter_loads_in_plain_peft(
 
 
 def test_dpo_scores_are_the_log_probabilities_trl_trains_on(dpo_run):
-    """Our margin is TRL's reward margin divided by beta, up to the reference: checked at the reference itself
-    (before training, adapters off), where TRL logs logps/chosen and logps/rejected of the same pairs."""
+    """After training, phitune's mean answer log-probabilities equal those TRL's own evaluation logs for the same
+    pairs; before, they equal the bare base's (a fresh adapter starts, and DPO's reference sits, at the base)."""
     from phitune.data.preference import load_preference_data
     from phitune.modeling import load_base_model, load_tokenizer
     from phitune.preference import score_pairs
-    from phitune.train_support import latest_complete_checkpoint
 
     cfg, result = dpo_run
-    log = json.loads((latest_complete_checkpoint(result.output_dir) / "trainer_state.json").read_text())
-    assert any("rewards/margins" in entry for entry in log["log_history"])
-    base = load_base_model(cfg.model, training=False)
-    pairs = load_preference_data(cfg.data).eval
-    scores = score_pairs(base, load_tokenizer(cfg.model), pairs, cfg.data.max_seq_length)
     metrics = result.metrics
+    assert metrics["eval_logps_chosen"] == pytest.approx(metrics["chosen_logp_after"], abs=1e-3)
+    assert metrics["eval_logps_rejected"] == pytest.approx(metrics["rejected_logp_after"], abs=1e-3)
+    assert metrics["eval_rewards_accuracies"] >= 0.9
+    base = load_base_model(cfg.model, training=False)
+    scores = score_pairs(base, load_tokenizer(cfg.model), load_preference_data(cfg.data).eval, 64)
     assert scores["chosen_logp"] == pytest.approx(metrics["chosen_logp_before"], abs=1e-4)
     assert scores["rejected_logp"] == pytest.approx(metrics["rejected_logp_before"], abs=1e-4)
 
@@ -123,12 +123,12 @@ def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, 
 
     def run(name, steps, resume=False):
         cfg = preference_config(tiny_model_dir, pair_files, tmp_path / name, data={"eval": None, "eval_split": 0},
-                                training_config={"max_steps": steps, "save_steps": 3, "lr_scheduler_type": "constant"})
+                                training_config={"max_steps": steps, "save_steps": 2, "lr_scheduler_type": "constant"})
         return run_training(cfg, resume=resume).output_dir
 
-    straight = run("straight", 6)
-    run("resumed", 3)
-    resumed = run("resumed", 6, resume=True)
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, resume=True)
     a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     for key in a:
@@ -151,14 +151,14 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
     sft = config_from_dict({
         "model": {"name_or_path": str(tiny_model_dir), "torch_dtype": "float32", "quantization": quant},
         "data": {"train": str(sft_data), "eval_split": 0, "max_seq_length": 64},
-        "training_config": {"output_dir": str(tmp_path / "sft"), "max_steps": 4, "learning_rate": 1e-2,
+        "training_config": {"output_dir": str(tmp_path / "sft"), "max_steps": 2, "learning_rate": 1e-2,
                             "per_device_train_batch_size": 4, "seed": 0, "disable_tqdm": True},
         "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
     })
     sft_dir = run_training(sft).output_dir
     cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "dpo", peft_config=None,
                             model={"adapter": str(sft_dir), "quantization": quant},
-                            training_config={"max_steps": 4, "save_steps": 4})
+                            training_config={"max_steps": 2, "save_steps": 2})
     result = run_training(cfg)
 
     pairs = load_preference_data(cfg.data).eval
@@ -274,3 +274,18 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
     assert "1 pairs have chosen == rejected" in warnings and f"{tmp_path / 'p.jsonl'}:7" in warnings
     assert "1 rows have an empty answer" in warnings
     assert "train: 1 pairs have an answer cut by max_seq_length 48" in warnings
+
+
+def test_a_nan_loss_stops_dpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, pair_files, tmp_path):
+    """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops DPO as it stops SFT."""
+    from phitune.train import run_training
+    from phitune.train_support import latest_complete_checkpoint
+
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
+                            training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})
+    with pytest.raises(PhituneError, match=r"^the loss became NaN or infinite at step \d; training stopped and the "
+                                           r"last good checkpoint is"):
+        run_training(cfg)
+    good = latest_complete_checkpoint(tmp_path / "nan")
+    assert good is not None
+    assert all(torch.isfinite(t).all() for t in load_file(str(good / "adapter_model.safetensors")).values())

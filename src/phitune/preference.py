@@ -198,7 +198,7 @@ def final_trainer_eval(trainer) -> dict:
     """TRL's own held-out metrics at the last step (DPO: implicit-reward accuracy and margin, beta-scaled)."""
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
     last = evals[-1] if evals else trainer.evaluate()
-    keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
     return {key.replace("/", "_"): last[key] for key in keep if key in last}
 
 
