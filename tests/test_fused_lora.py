@@ -126,9 +126,9 @@ def test_down_projection_gradients_match_autograd():
 def _write_config(path, model_dir, demo_data, output_dir):
     raw = {
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
-        "data": {"train": str(demo_data / "train.jsonl"), "max_seq_length": 96, "max_train_examples": 16},
-        "training_config": {"output_dir": str(output_dir), "max_steps": 3, "learning_rate": 1e-2, "seed": 0,
-                            "per_device_train_batch_size": 8, "logging_steps": 1, "save_strategy": "no",
+        "data": {"train": str(demo_data / "train.jsonl"), "max_seq_length": 64, "max_train_examples": 8},
+        "training_config": {"output_dir": str(output_dir), "max_steps": 2, "learning_rate": 1e-2, "seed": 0,
+                            "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
                             "lr_scheduler_type": "constant", "disable_tqdm": True},
         "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
     }
@@ -168,6 +168,8 @@ def test_phitune_train_with_fused_lora_saves_the_plain_paths_adapter(tiny_model_
         outputs[activation] = out
     plain, fused = (json.loads((outputs[a] / "metrics.json").read_text()) for a in ("none", "fused-lora"))
     assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    configs = [json.loads((outputs[a] / "adapter_config.json").read_text()) for a in ("none", "fused-lora")]
+    assert configs[0] == configs[1]  # the same plain PEFT LoRA adapter, nothing fused-lora-specific in it
     logits = _logits(outputs["none"], tiny_model_dir)
     torch.testing.assert_close(_logits(outputs["fused-lora"], tiny_model_dir), logits, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the adapters moved: equal logits are not two untouched (B = 0) adapters
@@ -186,10 +188,12 @@ def test_refuses_what_it_does_not_support(tiny_model_dir):
 
     from phitune.config import SpeedConfig
     from phitune.lora.layers import Linear as LoraLibLinear
-    from phitune.speed import resolve_speed
+    from phitune.speed import resolve_activation, resolve_speed
 
     with pytest.raises(PhituneError, match="not 4-bit"):
         resolve_speed(SpeedConfig(activation="fused-lora"), quantized=True)
+    with pytest.raises(PhituneError, match="contradicts"):  # it replaces transformers' checkpointing
+        resolve_activation("fused-lora", {"activation_checkpointing": True}, cuda=True)
     with pytest.raises(PhituneError, match="needs Phi-3 decoder layers"):
         install_fused_lora(nn.Sequential(nn.Linear(4, 4)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
