@@ -126,7 +126,8 @@ def test_parquet_and_hub_rows_are_read_in_batches_with_the_same_result(tmp_path,
     expected = tokenize_conversations(conversations.train, tokenizer, cfg.max_seq_length)
     assert prepared.train.to_dataset()["input_ids"] == expected.input_ids
     assert prepared.train.to_dataset()["labels"] == expected.labels
-    assert prepared.skipped == conversations.skipped and "row 3: conversation has no assistant turn" in prepared.skipped[0]
+    assert prepared.skipped == conversations.skipped
+    assert "row 3: conversation has no assistant turn" in prepared.skipped[0]
 
 
 def test_fully_masked_examples_are_an_error_or_skipped(tmp_path, tokenizer):
