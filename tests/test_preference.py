@@ -117,6 +117,14 @@ def test_phitune_eval_on_a_dpo_run_reports_preference_accuracy(dpo_run, tmp_path
     assert report.metrics["base"]["reward_margin"] == pytest.approx(result.metrics["reward_margin_before"], abs=1e-3)
     assert json.loads((tmp_path / "eval.json").read_text())["info"]["eval_examples"] == 16
 
+    from typer.testing import CliRunner
+
+    from phitune.cli import app
+
+    shown = CliRunner().invoke(app, ["eval", str(result.output_dir), "--output", str(tmp_path / "cli")])
+    assert shown.exit_code == 0, shown.output
+    assert "preference_accuracy" in shown.output and "16 held-out preference pairs" in shown.output
+
 
 def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path):
     from phitune.train import run_training

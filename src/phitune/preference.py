@@ -161,8 +161,11 @@ def starting_adapter(cfg: RunConfig) -> Path:
 
 def build_preference_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
     """PhituneDPOTrainer or PhituneORPOTrainer: TRL's trainer with phitune's guards (NaN, complete checkpoints)."""
+    import datasets
+
     from phitune.data.preference import to_dataset
 
+    datasets.disable_progress_bars()  # TRL tokenizes the pairs with one bar per step; phitune logs the counts instead
     trainer_class = dpo_trainer_class() if cfg.method == "dpo" else orpo_trainer_class()
     return trainer_class(
         model=model,
@@ -257,8 +260,9 @@ def is_preference_run(run_dir) -> bool:
     """True when `run_dir` is a phitune run trained with dpo or orpo."""
     from phitune.config import load_run_config
 
-    return run_dir is not None and (Path(run_dir) / "phitune_config.yaml").is_file() and \
-        load_run_config(run_dir).method != "sft"
+    if run_dir is None or not (Path(run_dir) / "phitune_config.yaml").is_file():
+        return False
+    return load_run_config(run_dir).method != "sft"
 
 
 def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_dir: Path,
@@ -275,7 +279,8 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
     if use_eval_split:
         pairs = load_preference_data(data_cfg).eval
     else:
-        pairs = load_preference_data(replace(data_cfg, eval=None, eval_split=0.0)).train
+        every_row = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
+        pairs = load_preference_data(every_row).train  # --data FILE: the whole file is the eval set
     if not pairs:
         raise PhituneError("the run has no held-out pairs (data.eval_split is 0 and no data.eval); pass --data FILE")
     model, tokenizer = load_for_inference(replace(model_cfg, adapter=None))
