@@ -183,6 +183,17 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
     after = score_pairs(reloaded, tokenizer, pairs, 64)
     assert after["reward_margin"] == pytest.approx(result.metrics["reward_margin_after"], abs=1e-2)
 
+    # phitune eval on the run: the base, the SFT adapter it started from, and the trained adapter.
+    from phitune.evaluate import evaluation_data
+    from phitune.generate import resolve_model_source
+    from phitune.preference import run_preference_evaluation
+
+    model_cfg, adapter = resolve_model_source(result.output_dir)
+    report = run_preference_evaluation(model_cfg, adapter, evaluation_data(result.output_dir, None)[0], tmp_path)
+    assert list(report.metrics) == ["base", "starting adapter", "fine-tuned"]
+    assert report.metrics["starting adapter"]["reward_margin"] == pytest.approx(sft_scores["reward_margin"], abs=1e-2)
+    assert report.metrics["fine-tuned"]["reward_margin"] == pytest.approx(after["reward_margin"], abs=1e-2)
+
 
 def test_orpo_trains_an_adapter_that_prefers_the_chosen_answers(tiny_model_dir, pair_files, tmp_path):
     from phitune.train import run_training
