@@ -64,7 +64,7 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
     from phitune.generate import SamplingSettings, resolve_model_source
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
-    data_cfg, source = evaluation_data(Path(run_dir) if run_dir else (Path(adapter) if adapter else None), data)
+    data_cfg, source = evaluation_data(run_dir or adapter, data)
     return run_evaluation(model_cfg, adapter_dir, data_cfg, Path(output or source or Path.cwd()),
                           num_generate=num_generate, settings=SamplingSettings(max_new_tokens=max_new_tokens),
                           batch_size=batch_size, use_eval_split=data is None)
