@@ -41,7 +41,7 @@ def test_notebook_is_stored_without_outputs():
 def test_quickstart_trains_evaluates_chats_and_merges(executed):
     notebook, workdir = executed
     summary = json.loads(_stdout(notebook.cells[-1]).strip().splitlines()[-1])
-    assert summary["eval_loss_after"] < 0.7 * summary["eval_loss_before"]  # the demo data is learnt, not noise
+    assert summary["eval_loss_after"] < 0.5 * summary["eval_loss_before"]  # 4.42 -> 1.31 measured: the data is learnt
     assert summary["tuned_loss"] < summary["base_loss"]
     assert summary["reply"]  # the chat turn answered
     assert summary["merged_reply"] == summary["reply"]  # merged = base + adapter (greedy decoding)
