@@ -156,3 +156,19 @@ def test_processes_of_one_machine_prepare_once(tmp_path, tiny_model_dir):
     outputs = sorted(rank.communicate(timeout=300)[0].split()[-3:] for rank in ranks)
     assert [o[0] for o in outputs] == ["False", "True"]  # exactly one process prepared the data
     assert outputs[0][1:] == outputs[1][1:]
+
+
+def test_template_without_markers_trains_on_all_as_the_error_says(tmp_path, tiny_model_dir):
+    """A chat template nobody has a training variant of: assistant-only loss cannot find the answers and says so,
+    naming `data.train_on: all`; with that setting the run prepares, every token a label."""
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tokenizer.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}### assistant: {% endif %}")
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS["messages"] * 2)
+    with pytest.raises(PhituneError, match="set data.train_on: all"):
+        prepare_data(_config(tmp_path, path, max_seq_length=64), tokenizer)
+    cfg = _config(tmp_path, path, max_seq_length=64, train_on="all")
+    rows = prepare_data(cfg, tokenizer).train.to_dataset()
+    expected = tokenize_conversations(load_conversations(cfg).train, tokenizer, 64, train_on="all")
+    assert rows["labels"] == rows["input_ids"] == expected.input_ids
+    assert "### assistant: Paris." in tokenizer.decode(rows["input_ids"][0])

@@ -115,7 +115,7 @@ def tokenize_conversations(
     Labels equal input_ids on assistant content and its closing `<|end|>` (the model must learn to stop), and
     IGNORE_INDEX on system and user turns when train_on is "assistant".
     """
-    template = training_chat_template(tokenizer)
+    template = training_chat_template(tokenizer, train_on)
     out = TokenizedSet(input_ids=[], labels=[])
     for index, messages in enumerate(conversations):
         ids, mask = render_with_mask(tokenizer, messages, template)
@@ -144,8 +144,12 @@ def render_with_mask(tokenizer, messages: Messages, template: str) -> tuple[list
     return list(encoded["input_ids"]), list(encoded["assistant_masks"])
 
 
-def training_chat_template(tokenizer) -> str:
-    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's."""
+def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
+    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's.
+
+    With `train_on: all` the markers are not needed (every token is a label), so a template nobody has a training
+    variant of is used as it is.
+    """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     from phitune.data.templates import training_template_for
@@ -158,6 +162,8 @@ def training_chat_template(tokenizer) -> str:
     try:
         family_template = training_template_for(tokenizer)  # Phi-4, Phi-4-mini (phitune.data.templates)
     except ValueError as exc:
+        if train_on == "all":
+            return template
         raise PhituneError(f"{exc}; add {{% generation %}} markers to the tokenizer's template") from None
     if family_template is not None:
         return family_template
@@ -168,6 +174,8 @@ def training_chat_template(tokenizer) -> str:
             from trl.chat_template_utils import phi3_training_chat_template
 
             return phi3_training_chat_template  # a Phi-3 template revision TRL does not know verbatim
+        if train_on == "all":
+            return template
         raise PhituneError(
             "the tokenizer's chat template has no {% generation %} markers and TRL has no training variant of it, "
             "so assistant turns cannot be found; add the markers to the template or set data.train_on: all"

@@ -70,7 +70,7 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
         lengths=lengths,
         max_seq_length=limit,
         truncated={"train": int((lengths > limit).sum()), "eval": sets["eval"].truncated if "eval" in sets else 0},
-        example=example_tokens(tokenizer, *render_with_mask(tokenizer, sample, training_chat_template(tokenizer))),
+        example=example_tokens(tokenizer, *render_with_mask(tokenizer, sample, training_chat_template(tokenizer, cfg.data.train_on))),
     )
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))

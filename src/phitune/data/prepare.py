@@ -85,7 +85,7 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
 
     from phitune.data import training_chat_template
 
-    template = training_chat_template(tokenizer)
+    template = training_chat_template(tokenizer, cfg.train_on)
     cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data")
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
