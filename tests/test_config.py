@@ -108,3 +108,92 @@ def test_secrets_never_reach_the_saved_config():
     cfg = config_from_dict(minimal(training_config={"hub_token": "hf_secret", "seed": 1}))
     assert "hub_token" not in cfg.to_dict()["training_config"]
     assert "hf_secret" not in yaml.safe_dump(cfg.to_dict())
+
+
+def _checked_config_classes():
+    from peft import LoraConfig
+
+    from phitune.config import DataConfig, ModelConfig, SpeedConfig, training_config_class
+
+    trl_classes = [training_config_class(method) for method in ("sft", "dpo", "orpo")]
+    return [ModelConfig, DataConfig, SpeedConfig, LoraConfig, *trl_classes]
+
+
+def test_every_field_type_of_every_checked_config_is_understood():
+    """A TRL, PEFT or transformers release that changes an annotation into a kind the checker does not know fails
+    here, loudly, instead of silently switching that field's check off."""
+    import dataclasses
+    import typing
+
+    from phitune.config_types import understood
+
+    unknown = []
+    for cls in _checked_config_classes():
+        hints = typing.get_type_hints(cls)  # must resolve: the checker reads real types, never annotation text
+        fields = dataclasses.fields(cls)
+        assert fields and all(f.name in hints for f in fields), cls
+        unknown += [f"{cls.__name__}.{f.name}: {hints[f.name]}" for f in fields if not understood(hints[f.name])]
+    assert not unknown, "annotations config_types.check_value cannot check:\n" + "\n".join(unknown)
+
+
+def test_check_value_follows_the_resolved_type():
+    import enum
+    from typing import Any, Literal, Optional, Union
+
+    from phitune.config_types import check_value, understood, yaml_value
+
+    class Strategy(enum.Enum):
+        NO = "no"
+        STEPS = "steps"
+
+    ok = [(int, 3), (float, 3), (float, 0.5), (bool, False), (str, "x"), (Optional[int], None), (int | None, 2),
+          (dict, {}), (dict[str, Any], {"a": object()}), (list[str], ["a"]), (list[str], "a"), (Strategy, "steps"),
+          (Union[Strategy, str], "anything"), (Literal["a", "b"], "b"), (Union[bool, Literal["pissa"]], True),
+          (Union[str, None, Literal[False]], False), (Optional[list[tuple[int, int]]], [[1, 2]]), (Any, object())]
+    for type_, value in ok:
+        assert check_value("s", "k", value, type_) is None, (type_, value)
+    bad = [(int, True, "s.k must be int, got True"), (int, 1.5, "must be int"), (float, "fast", "must be a number"),
+           (bool, "yes", "must be bool"), (str, 1, "must be str"), (int, None, "must be int, got None"),
+           (dict | None, [1], "must be a mapping"), (list[str], [1], "must be a list of str"),
+           (Literal[False], 0, "must be one of False"),
+           (Strategy, "step", "s.k must be one of no, steps, got 'step' (did you mean 'steps'?)"),
+           (Literal["assistant", "all"], "assistants", "must be one of assistant, all, got 'assistants' (did you "
+                                                       "mean 'assistant'?)")]
+    for type_, value, words in bad:
+        assert words in (check_value("s", "k", value, type_) or ""), (type_, value)
+    assert yaml_value(False, Union[Strategy, str]) == "no" and yaml_value(False, Literal["auto", "false"]) == "false"
+    assert yaml_value(False, Union[bool, str]) is False
+    assert not understood(set[int]) and not understood(Optional[typing_callable()])
+
+
+def typing_callable():
+    from collections.abc import Callable
+
+    return Callable[[int], int]
+
+
+def test_yaml_no_and_false_become_the_choice_they_spell():
+    cfg = config_from_dict(minimal(training_config={"save_strategy": False, "eval_strategy": False},
+                                   speed={"liger": False, "padding_free": True}))
+    assert cfg.training_config == {"save_strategy": "no", "eval_strategy": "no"}
+    assert (cfg.speed.liger, cfg.speed.padding_free) == ("false", "true")
+
+
+def test_every_training_and_peft_value_is_type_checked():
+    raw = minimal(training_config={"report_to": 5, "gradient_checkpointing": "on", "max_steps": 1.5,
+                                   "save_strategy": "no", "logging_steps": 10},
+                  peft_config={"bias": "nonee", "target_modules": 5, "use_rslora": "yes", "r": 0,
+                               "lora_dropout": 1.5, "backend": "loralb"})
+    with pytest.raises(PhituneError) as err:
+        config_from_dict(raw)
+    message = str(err.value)
+    for part in ("training_config.report_to must be", "training_config.gradient_checkpointing must be bool",
+                 "training_config.max_steps must be int, got 1.5",
+                 "peft_config.bias must be one of none, all, lora_only, got 'nonee' (did you mean 'none'?)",
+                 "peft_config.target_modules must be", "peft_config.use_rslora must be bool",
+                 "peft_config.r must be a positive integer, got 0",
+                 "peft_config.lora_dropout must be a number in [0, 1), got 1.5",
+                 "peft_config.backend must be one of peft, loralib, got 'loralb' (did you mean 'loralib'?)"):
+        assert part in message
+    assert "save_strategy" not in message and "logging_steps" not in message
+    assert message.count("peft_config.r ") == 1  # r, lora_alpha, lora_dropout keep their own range messages only

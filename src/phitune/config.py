@@ -12,10 +12,11 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from phitune.config_types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
 SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
@@ -44,10 +45,10 @@ class ModelConfig:
     """Which base model to load, and how."""
 
     name_or_path: str = field(default=PHI3_MINI, metadata={"help": "hub id or local directory of the base model"})
-    torch_dtype: str = field(
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata={"help": "auto (bfloat16 where supported, float32 on CPU) | bfloat16 | float16 | float32"}
     )
-    attn_implementation: str = field(
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager", "flex_attention"] = field(
         default="auto",
         metadata={"help": "auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | eager | flex_attention"},
     )
@@ -70,13 +71,17 @@ class DataConfig:
     eval_split: float = field(default=0.05, metadata={"help": "fraction of train held out when eval is not given"})
     split: str = field(default="train", metadata={"help": "split name for hub datasets"})
     eval_hub_split: str | None = field(default=None, metadata={"help": "split name of the hub eval set"})
-    format: str = field(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = field(
         default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | prompt_completion"}
     )
     max_seq_length: int = field(default=2048, metadata={"help": "tokens per example; longer ones are truncated"})
-    train_on: str = field(default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"})
+    train_on: Literal["assistant", "all"] = field(
+        default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle"})
-    on_bad_row: str = field(default="error", metadata={"help": "error | skip: what to do with a malformed row"})
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error", metadata={"help": "error | skip: what to do with a malformed row"}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "cap on train rows (quick trials)"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "cap on eval rows"})
     num_proc: int | None = field(
@@ -91,11 +96,13 @@ class DataConfig:
 class SpeedConfig:
     """Speed switches. Each changes speed, never the loss; each can be turned off."""
 
-    padding_free: str = field(
+    padding_free: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "auto (on with CUDA) | true | false: concatenate rows, no padding computed"}
     )
-    liger: str = field(default="auto", metadata={"help": "auto (on with CUDA + liger-kernel) | true | false"})
-    activation: str = field(
+    liger: Literal["auto", "true", "false"] = field(
+        default="auto", metadata={"help": "auto (on with CUDA + liger-kernel) | true | false"}
+    )
+    activation: Literal["auto", "full", "selective", "offload", "fused-lora", "none"] = field(
         default="auto",
         metadata={
             "help": "auto (selective on CUDA, none on CPU) | full (recompute each layer) | selective (recompute all "
@@ -105,17 +112,9 @@ class SpeedConfig:
     )
 
 
-ENUMS = {
-    ("model", "torch_dtype"): ("auto", "bfloat16", "float16", "float32"),
-    ("model", "attn_implementation"): ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"),
-    ("data", "format"): ("auto", "messages", "sharegpt", "alpaca", "prompt_completion"),
-    ("data", "train_on"): ("assistant", "all"),
-    ("data", "on_bad_row"): ("error", "skip"),
-    ("speed", "padding_free"): ("auto", "true", "false"),
-    ("speed", "liger"): ("auto", "true", "false"),
-    ("speed", "activation"): ("auto", "full", "selective", "offload", "fused-lora", "none"),
-    ("peft_config", "backend"): ("peft", "loralib"),
-}
+# Choices that no dataclass annotation carries: `backend` is phitune's own key inside peft_config. The sections'
+# choices are Literal annotations on their fields, checked with every other type.
+PEFT_BACKENDS = ("peft", "loralib")
 
 
 @dataclass
@@ -225,7 +224,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     speed = _build_section(SpeedConfig, raw.get("speed"), "speed", problems)
     training = _validate_training(raw.get("training_config"), problems, method)
     peft_cfg = _validate_peft(raw, problems)
-    _check_values(model, data, speed, peft_cfg, problems)
+    _check_values(data, problems)
     if method != "sft" or model.adapter:
         from phitune.preference import check_preference_config
 
@@ -248,39 +247,25 @@ def _check_keys(section: dict, valid, where: str, problems: list[str]) -> None:
 
 
 def _build_section(cls, values, where: str, problems: list[str]):
-    """Instantiate a section dataclass, type-checking each value against its field's default type."""
+    """Instantiate a section dataclass, type-checking each value against its field's resolved type."""
     if values is None:
         return cls()
     if not isinstance(values, dict):
         problems.append(f"{where} must be a mapping, got {type(values).__name__}")
         return cls()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(values, fields, where, problems)
+    types = field_types(cls)
+    _check_keys(values, types, where, problems)
     kwargs = {}
     for key, value in values.items():
-        if key not in fields:
+        if key not in types:
             continue
-        expected = _expected_type(fields[key])
-        if isinstance(value, bool) and str in expected and where == "speed":
-            value = str(value).lower()
-        if value is not None and not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-            problems.append(f"{where}.{key} must be {_type_words(expected)}, got {value!r}")
+        value = yaml_value(value, types[key])  # `speed.liger: false` is the choice "false"
+        problem = check_value(where, key, value, types[key])
+        if problem:
+            problems.append(problem)
             continue
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def _expected_type(f: dataclasses.Field) -> tuple:
-    text = str(f.type)
-    types = tuple(t for name, t in (("str", str), ("int", int), ("float", float), ("bool", bool), ("dict", dict))
-                  if name in text)
-    if float in types:
-        types += (int,)
-    return types or (object,)
-
-
-def _type_words(types: tuple) -> str:
-    return " or ".join(dict.fromkeys(t.__name__ for t in types))
 
 
 def training_config_class(method: str):
@@ -296,14 +281,14 @@ def training_config_class(method: str):
 
 def _validate_training(values, problems: list[str], method: str = "sft") -> dict:
     """training_config holds the method's TRL config keys (SFTConfig, DPOConfig, ORPOConfig: all TrainingArguments),
-    checked by name and, for scalars, by type."""
+    checked by name and by the resolved type of each field (phitune.config_types)."""
     if values is None:
         return {}
     config_class = training_config_class(method)
     if not isinstance(values, dict):
         problems.append(f"training_config must be a mapping of {config_class.__name__} keys")
         return {}
-    valid = {f.name: f.type for f in dataclasses.fields(config_class)}
+    valid = field_types(config_class)
     values = dict(values)
     for old, new in RENAMED_TRAINING_KEYS.items():
         if old in values and old not in valid:
@@ -316,25 +301,11 @@ def _validate_training(values, problems: list[str], method: str = "sft") -> dict
         elif key not in valid:
             problems.append(f"unknown key training_config.{key}{_suggest(key, valid)}")
         else:
-            values[key] = _check_training_value(key, values[key], valid[key], problems)
+            values[key] = yaml_value(values[key], valid[key])  # `save_strategy: no` is the choice "no"
+            problem = check_value("training_config", key, values[key], valid[key])
+            if problem:  # SFTConfig itself accepts `max_steps: ten`
+                problems.append(problem)
     return dict(values)
-
-
-_SCALAR_TYPES = {"int": int, "float": float, "bool": bool}
-
-
-def _check_training_value(key: str, value, declared, problems: list[str]):
-    """Type-check a scalar SFTConfig value (SFTConfig itself accepts `max_steps: ten`)."""
-    if value is False and "Strategy" in str(declared):  # YAML 1.1 reads `save_strategy: no` as false
-        return "no"
-    kind = _SCALAR_TYPES.get(getattr(declared, "__name__", str(declared)).removesuffix(" | None"))
-    if kind is None or value is None:
-        return value
-    numbers = (int, float) if kind is float else (kind,)
-    if not isinstance(value, numbers) or (kind is not bool and isinstance(value, bool)):
-        expected = "a number" if kind is float else kind.__name__
-        problems.append(f"training_config.{key} must be {expected}, got {value!r}")
-    return value
 
 
 def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
@@ -347,8 +318,18 @@ def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
         return None
     from peft import LoraConfig
 
-    valid = {f.name for f in dataclasses.fields(LoraConfig)} | {"backend"}
-    _check_keys(values, valid, "peft_config", problems)
+    types = field_types(LoraConfig)
+    values = {key: yaml_value(value, types[key]) if key in types else value for key, value in values.items()}
+    _check_keys(values, {*types, "backend"}, "peft_config", problems)
+    for key, value in values.items():
+        if key in types and key not in ("r", "lora_alpha", "lora_dropout"):  # these three: range checks below
+            problem = check_value("peft_config", key, value, types[key])
+            if problem:
+                problems.append(problem)
+    backend = values.get("backend", "peft")
+    if backend not in PEFT_BACKENDS:
+        problems.append(f"peft_config.backend must be one of {', '.join(PEFT_BACKENDS)}, got {backend!r}"
+                        f"{_suggest(backend, PEFT_BACKENDS)}")
     for key in ("r", "lora_alpha"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] <= 0):
             problems.append(f"peft_config.{key} must be a positive integer, got {values[key]!r}")
@@ -358,12 +339,7 @@ def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
     return dict(values)
 
 
-def _check_values(model: ModelConfig, data: DataConfig, speed: SpeedConfig, peft_cfg, problems: list[str]) -> None:
-    sections = {"model": model, "data": data, "speed": speed}
-    for (section, key), allowed in ENUMS.items():
-        value = (peft_cfg or {}).get(key, "peft") if section == "peft_config" else getattr(sections[section], key)
-        if value not in allowed:
-            problems.append(f"{section}.{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
+def _check_values(data: DataConfig, problems: list[str]) -> None:
     if data.train is None:
         problems.append("data.train is required (a local file or a hub dataset name)")
     if not 0 <= data.eval_split < 1:
