@@ -125,10 +125,12 @@ def quantization_config(cfg: ModelConfig, sharded: bool = False):
 
 
 def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False,
-                    sharded: bool = False):
+                    sharded: bool = False, dtype=None, attn_implementation: str | None = None):
     """Load the causal LM in the configured dtype and attention implementation; no KV cache while training.
 
-    `padding_free` says the batches will be concatenated rows, which changes what attention `auto` picks."""
+    `padding_free` says the batches will be concatenated rows, which changes what attention `auto` picks. A training
+    run passes `dtype` and `attn_implementation` as its RunPlan resolved them (phitune.plan), so they are decided
+    once; other callers leave them None and they are resolved from `cfg` here."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,8 +141,9 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
-            dtype=resolve_dtype(cfg.torch_dtype, log_choice=True),
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation, padding_free),
+            dtype=dtype if dtype is not None else resolve_dtype(cfg.torch_dtype, log_choice=True),
+            attn_implementation=attn_implementation or resolve_attn_implementation(cfg.attn_implementation,
+                                                                                   padding_free),
             trust_remote_code=cfg.trust_remote_code,
             revision=cfg.revision,
             quantization_config=quant,
@@ -209,16 +212,18 @@ def refuse_dropped_gradients() -> None:
     warnings.filterwarnings("error", message=DROPPED_GRADIENT_WARNING, category=UserWarning)
 
 
-def check_target_modules(cfg: ModelConfig, target_modules) -> None:
+def check_target_modules(cfg: ModelConfig, target_modules, model_config=None) -> None:
     """Resolve target_modules against the model built on the meta device, so a bad target fails before any weight
-    is read (Phi-3-mini's 7.6 GB) rather than after."""
+    is read (Phi-3-mini's 7.6 GB) rather than after. `model_config`: config.json when the caller has read it
+    already (phitune.plan), so it is not read twice."""
     if target_modules in (None, "all-linear"):
         return
     import torch
     from transformers import AutoModelForCausalLM
 
+    model_config = model_config if model_config is not None else load_model_config(cfg)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(load_model_config(cfg), trust_remote_code=cfg.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=cfg.trust_remote_code)
     resolve_target_modules(skeleton, target_modules)
 
 

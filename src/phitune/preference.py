@@ -64,17 +64,19 @@ def run_preference_training(cfg: RunConfig, resume: bool = False, overwrite: boo
     """Train with DPO or ORPO as `cfg` says; the output directory is laid out as for SFT, metrics.json adds the
     held-out preference accuracy and margin before and after."""
     from phitune.modeling import load_tokenizer
+    from phitune.plan import plan_run
     from phitune.train import RunResult, finish, fit, prepare_output_dir
     from phitune.train_support import check_resume_layout, latest_complete_checkpoint
 
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+    plan = plan_run(cfg)  # config.json, speed, dtype, attention: resolved once, as for SFT
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
     data, counts = preference_splits(cfg, tokenizer)
-    args = build_preference_config(cfg, has_eval=bool(data.eval))
+    args = build_preference_config(cfg, has_eval=bool(data.eval), plan=plan)
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
-    model, peft_config = load_policy(cfg)
+    model, peft_config = load_policy(cfg, plan)
     trainer = build_preference_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length) if data.eval else {}
     metrics = fit(trainer, checkpoint, has_eval=False)
@@ -109,15 +111,17 @@ def preference_splits(cfg: RunConfig, tokenizer):
     return data, counts
 
 
-def build_preference_config(cfg: RunConfig, has_eval: bool):
+def build_preference_config(cfg: RunConfig, has_eval: bool, plan=None):
     """DPOConfig / ORPOConfig: training_config over phitune's defaults (as for SFT), data.max_seq_length as
-    max_length, and activation checkpointing from the speed switches rather than TRL's default of on."""
+    max_length, and activation checkpointing from the speed switches (the run's `plan.speed`, resolved here without
+    a plan) rather than TRL's default of on."""
     from phitune.config import training_config_class
     from phitune.speed import resolve_speed
     from phitune.train import trainer_settings
 
     settings = trainer_settings(cfg, has_eval)
-    speed = resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization), training_config=cfg.training_config)
+    speed = plan.speed if plan is not None else resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization),
+                                                              training_config=cfg.training_config)
     checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
     settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
     if cfg.method == "orpo" and "include_num_input_tokens_seen" not in cfg.training_config:
@@ -128,19 +132,21 @@ def build_preference_config(cfg: RunConfig, has_eval: bool):
         raise PhituneError(f"training_config: {first_line(exc)}") from None
 
 
-def load_policy(cfg: RunConfig):
+def load_policy(cfg: RunConfig, plan=None):
     """(model, LoraConfig or None): the base with a fresh adapter to come (peft_config), or with model.adapter loaded
-    trainable."""
+    trainable; dtype and attention as the run's `plan` (plan_run(cfg) when not given) resolved them."""
+    from phitune.plan import plan_run
     from phitune.train import load_model_for_training
 
+    plan = plan if plan is not None else plan_run(cfg)
     if not cfg.model.adapter:
-        return load_model_for_training(cfg)
+        return load_model_for_training(cfg, plan)
     from peft import PeftModel
 
     from phitune.modeling import load_base_model
 
     adapter = starting_adapter(cfg)
-    base = load_base_model(cfg.model, training=True)
+    base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
     return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
 
 

@@ -2,7 +2,9 @@
 
 `output_dir` ends up holding the PEFT adapter (or full model), the tokenizer, `phitune_config.yaml`,
 `metrics.json`, `loss.png`, and `checkpoint-N/` directories. The steps are named functions so that each can be read
-(and tested) alone: prepare_output_dir -> load model and data -> build_sft_config -> build_trainer -> fit -> finish.
+(and tested) alone: prepare_output_dir -> plan_run -> load model and data -> build_sft_config -> build_trainer -> fit
+-> finish. plan_run (phitune.plan) resolves what the steps share (config.json, speed switches, dtype, attention) once;
+each step takes the RunPlan rather than working it out again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from phitune.config import RunConfig, save_config
 from phitune.errors import PhituneError, first_line
 from phitune.modeling import DROPPED_GRADIENT_WARNING
+from phitune.plan import RunPlan, plan_run
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     GracefulStop,
@@ -51,12 +54,13 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
         return run_preference_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+    plan = plan_run(cfg)  # config.json, speed, dtype, attention: resolved once, before any weight is read
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    train_set, eval_set = tokenize_splits(cfg, None, tokenizer)  # Arrow, cached, made once per machine
-    args = build_sft_config(cfg, eval_set is not None, bool(cfg.model.quantization))  # fails before weights load
+    train_set, eval_set = tokenize_splits(cfg, None, tokenizer, plan)  # Arrow, cached, made once per machine
+    args = build_sft_config(cfg, eval_set is not None, plan=plan)  # fails before weights load
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
-    model, peft_config = load_model_for_training(cfg)
+    model, peft_config = load_model_for_training(cfg, plan)
     trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
     metrics.update(dataset_metrics(train_set, eval_set))
@@ -80,18 +84,22 @@ def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return output_dir
 
 
-def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
+def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan | None = None):
     """Train and eval sets with masked labels; log how many rows were truncated or skipped.
 
     `conversations` None: cfg.data is read and tokenized into the Arrow cache (phitune.data.prepare), by the first
     process of the machine while the others wait and reuse it. A Conversations from load_conversations (small,
     in-memory data, as tests use) is tokenized in memory. Both sets carry `format` and `skipped_rows` for metrics.
+    `plan` gives the model's context length; without one (a caller outside a run) config.json is read here.
     """
     from phitune.data import tokenize_conversations
     from phitune.data.prepare import prepare_data, training_set
     from phitune.modeling import load_model_config
 
-    context = getattr(load_model_config(cfg.model), "max_position_embeddings", None)
+    if plan is not None:
+        context = plan.context
+    else:
+        context = getattr(load_model_config(cfg.model), "max_position_embeddings", None)
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
     if conversations is None:
@@ -117,21 +125,19 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer):
     return train_set, eval_set
 
 
-def load_model_for_training(cfg: RunConfig):
-    """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig."""
-    import torch
+def load_model_for_training(cfg: RunConfig, plan: RunPlan | None = None):
+    """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig.
 
-    from phitune.modeling import check_target_modules, load_base_model, resolve_peft_targets, untie_embeddings_for
-    from phitune.speed import resolve_speed
+    The dtype, attention kernel and sharding come from `plan` (plan_run(cfg) when not given), which has also checked
+    the target modules against the model's layers."""
+    from phitune.modeling import load_base_model, resolve_peft_targets, untie_embeddings_for
 
-    if cfg.backend == "peft":  # a target that matches nothing fails before the weights are read
-        check_target_modules(cfg.model, cfg.peft_config.get("target_modules"))
+    plan = plan if plan is not None else plan_run(cfg)
     if cfg.backend == "loralib" and cfg.model.quantization:
         raise PhituneError("peft_config.backend loralib wraps plain linear layers, not 4-bit ones; use backend: peft "
                            "for QLoRA")
-    padding_free = resolve_speed(cfg.speed, training_config=cfg.training_config).padding_free
-    sharded = fsdp_requested(cfg) and torch.cuda.is_available()  # on CPU accelerate keeps DDP (see build_trainer)
-    model = load_base_model(cfg.model, training=True, padding_free=padding_free, sharded=sharded)
+    model = load_base_model(cfg.model, training=True, sharded=plan.sharded, dtype=plan.dtype,
+                            attn_implementation=plan.attn_implementation)
     if cfg.backend == "full":
         if cfg.model.quantization:
             raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
@@ -157,20 +163,20 @@ def load_model_for_training(cfg: RunConfig):
         raise PhituneError(f"peft_config: {exc}") from None
 
 
-def fsdp_requested(cfg: RunConfig) -> bool:
-    """FSDP from an accelerate config (accelerate launch sets ACCELERATE_USE_FSDP) or from training_config.fsdp."""
-    return bool(cfg.training_config.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False, plan: RunPlan | None = None):
+    """SFTConfig from training_config over phitune's defaults, plus the keys phitune owns (data, speed).
 
-
-def build_sft_config(cfg: RunConfig, has_eval: bool, quantized: bool = False):
-    """SFTConfig from training_config over phitune's defaults, plus the keys phitune owns (data, speed)."""
+    The speed switches are the run's `plan.speed`; without a plan (a caller outside a run) they are resolved here,
+    for a 4-bit base when `quantized`."""
     from trl import SFTConfig
 
     from phitune.speed import resolve_speed
 
     settings = trainer_settings(cfg, has_eval)
+    speed = plan.speed if plan is not None else resolve_speed(cfg.speed, quantized=quantized,
+                                                              training_config=cfg.training_config)
     # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
-    settings.update(resolve_speed(cfg.speed, quantized=quantized, training_config=cfg.training_config).sft_kwargs())
+    settings.update(speed.sft_kwargs())
     # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
     settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
     try:

@@ -1,0 +1,72 @@
+"""The run resolved once: what a RunConfig means on this machine, for this model.
+
+A run needs the same few answers in several steps: the model's config.json (context length, layer names for the
+target-module check), the speed switches with `auto` turned into on or off, the dtype and the attention kernel the
+base model loads with, and whether FSDP shards it. `plan_run` works them out once, before any weight is read, into a
+frozen RunPlan that run_training (SFT) and run_preference_training (DPO / ORPO) hand down to their steps, so no
+step reads config.json or resolves the switches again, and each answer has one place where it is decided.
+
+torch and transformers are imported inside plan_run, not here: `phitune.config` and the CLI's fast paths stay free
+of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from phitune.config import RunConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every step of one run reads instead of re-deriving it from the RunConfig."""
+
+    model_config: object  # the model's config.json (a transformers PretrainedConfig), read once
+    context: int | None  # max_position_embeddings: the longest sequence the model takes, when it says
+    target_modules: object  # peft_config.target_modules, checked against the model's layers (None without PEFT)
+    speed: object  # phitune.speed.SpeedPlan: padding-free, Liger, activation strategy
+    dtype: object  # the torch.dtype the base weights load in (`torch_dtype: auto` resolved)
+    attn_implementation: str  # the attention kernel the base model loads with (`auto` resolved)
+    sharded: bool  # FSDP on GPUs: 4-bit weights stored in the compute dtype, no device_map
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether the SFT batches are concatenated rows (one switch of `speed`, read by data and attention)."""
+        return self.speed.padding_free
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """Resolve `cfg` once; fails (PhituneError) on a contradictory speed switch or a target that matches nothing,
+    before the data is tokenized or a weight is read."""
+    import torch
+
+    from phitune.modeling import check_target_modules, load_model_config, resolve_attn_implementation, resolve_dtype
+    from phitune.speed import resolve_speed
+
+    speed = resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization), training_config=cfg.training_config)
+    model_config = load_model_config(cfg.model)
+    targets = cfg.peft_config.get("target_modules") if cfg.peft_config else None
+    if cfg.backend == "peft":  # a target that matches nothing fails before the weights are read
+        check_target_modules(cfg.model, targets, model_config=model_config)
+    return RunPlan(
+        model_config=model_config,
+        context=getattr(model_config, "max_position_embeddings", None),
+        target_modules=targets,
+        speed=speed,
+        dtype=resolve_dtype(cfg.model.torch_dtype, log_choice=True),
+        attn_implementation=resolve_attn_implementation(cfg.model.attn_implementation, attention_padding_free(cfg,
+                                                                                                              speed)),
+        sharded=fsdp_requested(cfg) and torch.cuda.is_available(),  # on CPU accelerate keeps DDP (train.build_trainer)
+    )
+
+
+def attention_padding_free(cfg: RunConfig, speed) -> bool:
+    """The padding-free flag `attn_implementation: auto` is chosen for. A DPO / ORPO run from `model.adapter` has
+    always loaded its base as for padded batches, so it keeps doing so (the other runs follow `speed`)."""
+    return speed.padding_free and not (cfg.method != "sft" and cfg.model.adapter)
+
+
+def fsdp_requested(cfg: RunConfig) -> bool:
+    """FSDP from an accelerate config (accelerate launch sets ACCELERATE_USE_FSDP) or from training_config.fsdp."""
+    return bool(cfg.training_config.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
