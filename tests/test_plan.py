@@ -1,0 +1,101 @@
+"""phitune.plan: a run resolves the model's config.json and the speed switches once (SFT and DPO alike), and the
+RunPlan it builds is what the model and the trainer actually got."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import phitune.modeling
+import phitune.plan
+import phitune.speed
+import phitune.train
+from phitune.config import config_from_dict
+from phitune.errors import PhituneError
+from phitune.speed import CHECKPOINTED
+from conftest import write_jsonl
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count phitune's reads of config.json, speed resolutions and plans built; keep the plan and the trainer."""
+    seen = {"load_model_config": 0, "resolve_speed": 0, "plans": [], "trainers": []}
+
+    def counting(name, module):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting("load_model_config", phitune.modeling)
+    counting("resolve_speed", phitune.speed)
+    real_plan, real_trainer = phitune.plan.plan_run, phitune.train.build_trainer
+
+    def plan_run(cfg):
+        seen["plans"].append(real_plan(cfg))
+        return seen["plans"][-1]
+
+    def build_trainer(*args, **kwargs):
+        seen["trainers"].append(real_trainer(*args, **kwargs))
+        return seen["trainers"][-1]
+
+    monkeypatch.setattr(phitune.plan, "plan_run", plan_run)
+    monkeypatch.setattr(phitune.train, "plan_run", plan_run)
+    monkeypatch.setattr(phitune.train, "build_trainer", build_trainer)
+    return seen
+
+
+def test_sft_run_reads_the_model_config_and_resolves_speed_once(make_config, counted):
+    cfg = make_config(data={"eval": None, "eval_split": 0.0, "max_train_examples": 16},
+                      training_config={"max_steps": 1, "save_steps": 1},
+                      peft_config={"target_modules": ["qkv_proj", "o_proj"]},  # checked against the layers
+                      speed={"padding_free": "true"})  # off by default on a CPU: the plan must carry the override
+    result = phitune.train.run_training(cfg)
+
+    assert counted["load_model_config"] == 1
+    assert counted["resolve_speed"] == 1
+    [plan], [trainer] = counted["plans"], counted["trainers"]
+    base = result.model.get_base_model()
+    assert base.config._attn_implementation == plan.attn_implementation == "sdpa"
+    assert next(base.parameters()).dtype == plan.dtype
+    assert trainer.args.padding_free is plan.padding_free is True
+    assert trainer.args.use_liger_kernel == plan.speed.liger
+    assert trainer.args.activation_checkpointing == (plan.speed.activation in CHECKPOINTED)
+    assert result.model.peft_config["default"].target_modules == set(plan.target_modules)
+    assert plan.context == base.config.max_position_embeddings
+    assert json.loads((result.output_dir / "metrics.json").read_text())["global_step"] == 1
+
+
+def test_dpo_run_reads_the_model_config_and_resolves_speed_once(tiny_model_dir, tmp_path, counted):
+    pairs = [{"prompt": f"Question {i}?", "chosen": "yes", "rejected": "no"} for i in range(8)]
+    cfg = config_from_dict({
+        "method": "dpo",
+        "model": {"name_or_path": str(tiny_model_dir), "torch_dtype": "float32"},
+        "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "eval_split": 0.0,
+                 "max_seq_length": 32},
+        "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 4,
+                            "save_steps": 1, "disable_tqdm": True, "eval_strategy": "no"},
+        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj"]},
+    })
+    result = phitune.train.run_training(cfg)
+
+    assert counted["load_model_config"] == 1
+    assert counted["resolve_speed"] == 1
+    [plan] = counted["plans"]
+    base = result.model.get_base_model()
+    assert base.config._attn_implementation == plan.attn_implementation
+    assert next(base.parameters()).dtype == plan.dtype
+    assert result.model.peft_config["default"].target_modules == set(plan.target_modules)
+
+
+def test_plan_refuses_a_target_that_matches_nothing_before_any_weight_is_read(make_config, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(phitune.modeling, "load_base_model", no_weights)
+    with pytest.raises(PhituneError, match="'q_proj' matches nothing"):
+        phitune.plan.plan_run(make_config(peft_config={"target_modules": ["q_proj"]}))
