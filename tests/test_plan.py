@@ -99,3 +99,27 @@ def test_plan_refuses_a_target_that_matches_nothing_before_any_weight_is_read(ma
     monkeypatch.setattr(phitune.modeling, "load_base_model", no_weights)
     with pytest.raises(PhituneError, match="'q_proj' matches nothing"):
         phitune.plan.plan_run(make_config(peft_config={"target_modules": ["q_proj"]}))
+
+
+def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, monkeypatch, tmp_path):
+    """`attn_implementation: auto` on a CUDA machine without flash-attn: flex_attention for SFT's padding-free
+    batches, sdpa for DPO and ORPO (TRL pads their pairs), with or without a starting adapter. The choice is made in
+    plan_run before any weight is read, so the CUDA check can be stood in for on a CPU."""
+    import importlib.util
+
+    import torch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else
+                        real_find_spec(name, *a))
+    speed = {"padding_free": "true", "liger": "false", "activation": "full"}
+    sft = make_config(model={"attn_implementation": "auto"}, speed=speed)
+    assert phitune.plan.plan_run(sft).attn_implementation == "flex_attention"
+    for method in ("dpo", "orpo"):
+        fresh = dict(model={"attn_implementation": "auto"})
+        from_sft = dict(model={"attn_implementation": "auto", "adapter": str(tmp_path)}, peft_config=None)
+        for model in (fresh, from_sft):
+            preference = make_config(method=method, speed=speed, **model,
+                                     data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
+            assert phitune.plan.plan_run(preference).attn_implementation == "sdpa", (method, model)

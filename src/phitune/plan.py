@@ -62,9 +62,10 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
 
 def attention_padding_free(cfg: RunConfig, speed) -> bool:
-    """The padding-free flag `attn_implementation: auto` is chosen for. A DPO / ORPO run from `model.adapter` has
-    always loaded its base as for padded batches, so it keeps doing so (the other runs follow `speed`)."""
-    return speed.padding_free and not (cfg.method != "sft" and cfg.model.adapter)
+    """The padding-free flag `attn_implementation: auto` is chosen for: only SFT concatenates rows. DPO and ORPO
+    batches are TRL's padded chosen/rejected pairs, so their base loads with the kernel for padded batches (sdpa, or
+    flash-attn when installed), never flex_attention, whatever `speed.padding_free` says."""
+    return speed.padding_free and cfg.method == "sft"
 
 
 def fsdp_requested(cfg: RunConfig) -> bool:
