@@ -130,6 +130,31 @@ def test_parquet_and_hub_rows_are_read_in_batches_with_the_same_result(tmp_path,
     assert "row 3: conversation has no assistant turn" in prepared.skipped[0]
 
 
+def test_csv_rows_are_read_in_batches_with_their_lines(tmp_path, tokenizer, monkeypatch):
+    """A CSV file is read from disk a batch at a time (never the whole text in memory): batches of 2 rows give the
+    ids and labels of load_conversations, and a bad row is reported with the line it is on, a quoted multi-line
+    cell counted."""
+    from phitune.data import readers
+
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,input,output\nAdd,2 and 3,5\n"Write two lines",,"One.\nTwo."\n'
+                    'Name a colour,,\nSay hi,,Hi!\n', encoding="utf-8")  # line 5: no output
+    monkeypatch.setattr(readers, "BATCH_ROWS", 2)
+    read = list(readers.read_row_batches(str(path)))
+    assert [[number for number, _ in rows] for rows in read] == [[2, 4], [5, 6]]
+    assert read[0][1][1]["output"] == "One.\nTwo."
+    cfg = DataConfig(train=str(path), eval_split=0, on_bad_row="skip", cache_dir=str(tmp_path / "cache"))
+    prepared, conversations = prepare_data(cfg, tokenizer), load_conversations(cfg)
+    expected = tokenize_conversations(conversations.train, tokenizer, cfg.max_seq_length)
+    assert len(expected.input_ids) == 3
+    assert prepared.train.to_dataset()["input_ids"] == expected.input_ids
+    assert prepared.train.to_dataset()["labels"] == expected.labels
+    assert prepared.skipped == conversations.skipped and len(prepared.skipped) == 1
+    assert prepared.skipped[0].startswith(f"{path}:5: ")
+    with pytest.raises(PhituneError, match=r"d.csv:5: "):
+        prepare_data(DataConfig(train=str(path), eval_split=0, cache_dir=str(tmp_path / "cache2")), tokenizer)
+
+
 def test_fully_masked_examples_are_an_error_or_skipped(tmp_path, tokenizer):
     long_system = {"role": "system", "content": "Rules. " * 40}
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [long_system, *MULTI[:2]]}, {"messages": MULTI[:2]}])

@@ -186,9 +186,9 @@ def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path, fmt: str |
     suffix = Path(source).suffix.lower()
     if suffix == ".jsonl" and Path(source).is_file():
         raw = datasets.Dataset.from_file(str(_jsonl_to_arrow(Path(source), folder / "rows.arrow")))
-    elif suffix not in (".json", ".csv"):  # .parquet and hub datasets: a batch of rows at a time
+    elif suffix != ".json":  # .parquet, .csv and hub datasets: a batch of rows at a time
         raw = datasets.Dataset.from_file(str(_batches_to_arrow(read_row_batches(source, split), folder / "rows.arrow")))
-    else:  # .json (one JSON value, parsed whole) and .csv: read in memory, then kept as Arrow
+    else:  # .json (one JSON value, parsed whole): read in memory, then kept as Arrow
         rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
         lines = [n for n, _ in rows] + [_bad_line(b) for b in bad]
         texts = [json.dumps(r, ensure_ascii=False, default=str) for _, r in rows] + [None] * len(bad)

@@ -1,5 +1,5 @@
 """Readers: a local file or a hub dataset in, a list of (line number, row dict) out, or batches of them for sources
-too large for a list (read_row_batches: parquet and hub; JSONL is copied line by line by phitune.data.prepare).
+too large for a list (read_row_batches: parquet, CSV and hub; JSONL is copied line by line by phitune.data.prepare).
 
 Line numbers are kept so that a bad row is reported as `file:line`, which is what a person needs to fix row 40,000.
 """
@@ -37,15 +37,16 @@ def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> t
 
 
 def read_row_batches(source: str, split: str = "train", batch_rows: int | None = None) -> Iterator[list[Row]]:
-    """The rows of a .parquet file or a hub dataset, `batch_rows` at a time, numbered as read_rows numbers them.
+    """The rows of a .parquet or .csv file or a hub dataset, `batch_rows` at a time, numbered as read_rows numbers them.
 
     What the Arrow preparation reads these sources with, so a dataset larger than memory never becomes a list.
     """
     path = Path(source)
     if _is_local(path):
-        if path.suffix.lower() != ".parquet":
-            raise ValueError(f"{source}: read_row_batches reads .parquet files and hub datasets")
-        return _parquet_batches(path, batch_rows or BATCH_ROWS)
+        batches = {".parquet": _parquet_batches, ".csv": _csv_batches}.get(path.suffix.lower())
+        if batches is None:
+            raise ValueError(f"{source}: read_row_batches reads .parquet and .csv files and hub datasets")
+        return batches(path, batch_rows or BATCH_ROWS)
     return _hub_batches(source, split, batch_rows or BATCH_ROWS)
 
 
@@ -113,9 +114,30 @@ def _read_json(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
 
 
 def _read_csv(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
-    reader = csv.DictReader(_read_text(path).splitlines())
-    # Line 1 is the header, so the first data row is line 2.
-    return [(number, dict(row)) for number, row in enumerate(reader, start=2)], []
+    return [row for rows in _csv_batches(path, BATCH_ROWS) for row in rows], []
+
+
+def _csv_batches(path: Path, batch_rows: int) -> Iterator[list[Row]]:
+    """CSV rows read from the open file a batch at a time, each numbered by the line it ends on (line 1 is the
+    header; a quoted cell may span lines)."""
+    rows: list[Row] = []
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                rows.append((reader.line_num, dict(row)))
+                if len(rows) == batch_rows:
+                    yield rows
+                    rows = []
+    except UnicodeDecodeError:
+        _read_text(path)  # raises the error with the line of the first bad byte
+        raise
+    except OSError as exc:
+        raise PhituneError(f"cannot read {path}: {exc.strerror}") from None
+    except csv.Error as exc:
+        raise PhituneError(f"{path}: not a readable CSV file ({first_line(exc)})") from None
+    if rows:
+        yield rows
 
 
 def _read_parquet(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
