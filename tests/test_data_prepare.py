@@ -137,8 +137,8 @@ def test_csv_rows_are_read_in_batches_with_their_lines(tmp_path, tokenizer, monk
     from phitune.data import readers
 
     path = tmp_path / "d.csv"
-    path.write_text('instruction,input,output\nAdd,2 and 3,5\n"Write two lines",,"One.\nTwo."\n'
-                    'Name a colour,,\nSay hi,,Hi!\n', encoding="utf-8")  # line 5: no output
+    path.write_text('\ufeffinstruction,input,output\nAdd,2 and 3,5\n"Write two lines",,"One.\nTwo."\n'
+                    'Name a colour,,\nSay hi,,Hi!\n', encoding="utf-8")  # a BOM, as Excel writes; line 5: no output
     monkeypatch.setattr(readers, "BATCH_ROWS", 2)
     read = list(readers.read_row_batches(str(path)))
     assert [[number for number, _ in rows] for rows in read] == [[2, 4], [5, 6]]

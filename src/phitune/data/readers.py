@@ -122,7 +122,7 @@ def _csv_batches(path: Path, batch_rows: int) -> Iterator[list[Row]]:
     header; a quoted cell may span lines)."""
     rows: list[Row] = []
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM, as Excel writes, is not a key
             reader = csv.DictReader(handle)
             for row in reader:
                 rows.append((reader.line_num, dict(row)))
