@@ -148,7 +148,8 @@ def test_check_value_follows_the_resolved_type():
 
     ok = [(int, 3), (float, 3), (float, 0.5), (bool, False), (str, "x"), (Optional[int], None), (int | None, 2),
           (dict, {}), (dict[str, Any], {"a": object()}), (list[str], ["a"]), (list[str], "a"), (Strategy, "steps"),
-          (Union[Strategy, str], "anything"), (Literal["a", "b"], "b"), (Union[bool, Literal["pissa"]], True),
+          (Union[Strategy, str], "steps"), (Union[Strategy, str], Strategy.NO), (Union[str, Literal["a"]], "any"),
+          (Literal["a", "b"], "b"), (Union[bool, Literal["pissa"]], True),
           (Union[str, None, Literal[False]], False), (Optional[list[tuple[int, int]]], [[1, 2]]), (Any, object())]
     for type_, value in ok:
         assert check_value("s", "k", value, type_) is None, (type_, value)
@@ -157,6 +158,7 @@ def test_check_value_follows_the_resolved_type():
            (dict | None, [1], "must be a mapping"), (list[str], [1], "must be a list of str"),
            (Literal[False], 0, "must be one of False"),
            (Strategy, "step", "s.k must be one of no, steps, got 'step' (did you mean 'steps'?)"),
+           (Union[Strategy, str, None], "step", "s.k must be one of no, steps, got 'step' (did you mean 'steps'?)"),
            (Literal["assistant", "all"], "assistants", "must be one of assistant, all, got 'assistants' (did you "
                                                        "mean 'assistant'?)")]
     for type_, value, words in bad:
@@ -170,6 +172,41 @@ def typing_callable():
     from collections.abc import Callable
 
     return Callable[[int], int]
+
+
+def test_a_string_for_an_enum_field_is_one_of_its_values_as_the_library_itself_requires():
+    """`lr_scheduler_type: SchedulerType | str`: a typo is caught when the YAML is read (with a suggestion), not by
+    SFTConfig after the model has loaded. That is only right while the library rejects the same strings, so every
+    such field of every config class phitune checks is built here with a string that is not a member."""
+    import dataclasses
+
+    from phitune.config_types import _string_names_enum, field_types
+
+    checked = []
+    for cls in _checked_config_classes():
+        if not dataclasses.is_dataclass(cls) or cls.__module__.startswith("phitune"):
+            continue
+        for name, type_ in field_types(cls).items():
+            if not _string_names_enum(type_) or name == "peft_type":  # LoraConfig overwrites peft_type with LORA
+                continue
+            kwargs = {"output_dir": "unused"} if "output_dir" in field_types(cls) else {}
+            with pytest.raises(ValueError):
+                cls(**kwargs, **{name: "not-a-member"})
+            checked.append(f"{cls.__name__}.{name}")
+    assert {"SFTConfig.lr_scheduler_type", "SFTConfig.optim", "DPOConfig.save_strategy",
+            "LoraConfig.task_type"} <= set(checked)
+
+    with pytest.raises(PhituneError) as err:
+        config_from_dict(minimal(training_config={"lr_scheduler_type": "cosin", "optim": "adamw_torh",
+                                                  "eval_strategy": "step"}, peft_config={"task_type": "CASUAL_LM"}))
+    message = str(err.value)
+    for part in ("training_config.lr_scheduler_type must be one of linear, cosine,", "got 'cosin' (did you mean "
+                 "'cosine'?)", "got 'adamw_torh' (did you mean 'adamw_torch'?)", "got 'step' (did you mean 'steps'?)",
+                 "peft_config.task_type must be one of", "got 'CASUAL_LM' (did you mean 'CAUSAL_LM'?)"):
+        assert part in message
+    cfg = config_from_dict(minimal(training_config={"lr_scheduler_type": "cosine", "optim": "adamw_torch"},
+                                   peft_config={"task_type": "CAUSAL_LM"}))
+    assert cfg.training_config["lr_scheduler_type"] == "cosine" and cfg.peft_config["task_type"] == "CAUSAL_LM"
 
 
 def test_yaml_no_and_false_become_the_choice_they_spell():

@@ -97,6 +97,8 @@ def _accepts(value, type_) -> bool:
     if origin is Literal:
         return any(_same(value, a) for a in args)
     if _is_union(type_):
+        if isinstance(value, str) and _string_names_enum(type_):
+            return any(_accepts(value, a) for a in args if a is not str)
         return any(_accepts(value, a) for a in args)
     if origin is list:  # a lone item is a one-item list, as HfArgumentParser (nargs="+") and TRL (loss_type) read it
         if not args:
@@ -113,6 +115,15 @@ def _accepts(value, type_) -> bool:
             return False
         return not args or all(_accepts(k, args[0]) and _accepts(v, args[1]) for k, v in value.items())
     return True  # not understood: see `understood` and the test that walks every field
+
+
+def _string_names_enum(type_) -> bool:
+    """`SchedulerType | str`, `OptimizerNames | str`, `TaskType | str`: the `str` is for callers' typing only, since
+    TrainingArguments and PEFT turn the string into the enum when the config is built and reject any other string.
+    So a string must be one of the enum's values here too, and a typo fails when the YAML is read, with a
+    suggestion, not after the model has loaded. tests/test_config.py checks the libraries still reject one."""
+    members = _members(type_)
+    return str in members and any(_is_enum(m) for m in members)
 
 
 def _members(type_) -> tuple:
@@ -149,8 +160,10 @@ def describe(type_) -> str:
         return f"a mapping of {type_.__name__} keys"
     if _is_union(type_):
         members = [a for a in get_args(type_) if a is not _NONE]
-        if str in members:  # any string passes, so naming the enum's values would mislead
-            members = [a for a in members if not (_is_enum(a) or get_origin(a) is Literal)]
+        if _string_names_enum(type_):  # the enum's values are the strings that pass
+            members = [a for a in members if a is not str]
+        elif str in members:  # any string passes, so naming a Literal's values would mislead
+            members = [a for a in members if get_origin(a) is not Literal]
         return " or ".join(dict.fromkeys(describe(a) for a in members)) or "null"
     return getattr(type_, "__name__", str(type_))
 
