@@ -176,7 +176,7 @@ def typing_callable():
 
 def test_a_string_for_an_enum_field_is_one_of_its_values_as_the_library_itself_requires():
     """`lr_scheduler_type: SchedulerType | str`: a typo is caught when the YAML is read (with a suggestion), not by
-    SFTConfig after the model has loaded. That is only right while the library rejects the same strings, so every
+    SFTConfig after the data has been prepared. That is only right while the library rejects the same strings, so every
     such field of every config class phitune checks is built here with a string that is not a member."""
     import dataclasses
 

@@ -120,8 +120,9 @@ def _accepts(value, type_) -> bool:
 def _string_names_enum(type_) -> bool:
     """`SchedulerType | str`, `OptimizerNames | str`, `TaskType | str`: the `str` is for callers' typing only, since
     TrainingArguments and PEFT turn the string into the enum when the config is built and reject any other string.
-    So a string must be one of the enum's values here too, and a typo fails when the YAML is read, with a
-    suggestion, not after the model has loaded. tests/test_config.py checks the libraries still reject one."""
+    So a string must be one of the enum's values here too, and a typo fails when the YAML is read (with every other
+    problem and a suggestion), not when the trainer's config is built after the data has been prepared, which takes
+    minutes on a large dataset. tests/test_config.py checks the libraries still reject such a string themselves."""
     members = _members(type_)
     return str in members and any(_is_enum(m) for m in members)
 
