@@ -87,17 +87,21 @@ def run_config(base, output_dir, *, quantized=False, **training) -> dict:
 def _bf16_input_gradient_gflops() -> float:
     """GFLOP/s of the matmul a frozen bf16 Linear's backward does (grad_output @ weight), on this CPU.
 
-    With AVX-512, torch's oneDNN kernels run it at tens of GFLOP/s (the LoRA part took 5 min 19 s on such a CPU);
-    on an AVX2-only AMD EPYC (2026-11-29) it fell back to 0.5 GFLOP/s against 82 for float32, and the 2 bf16 LoRA
-    steps were still in their first backward pass after 45 minutes, past CI's limit."""
+    On the AVX-512 CPU this test was built on, the whole LoRA part (about 4e12 bf16 FLOPs) took 5 min 19 s, so above
+    10 GFLOP/s; the threshold of 5 is below that. On an AVX2-only AMD EPYC (2026-11-29) this matmul ran at 0.3-0.5
+    GFLOP/s against 82 in float32, and the 2 bf16 LoRA steps were still in their first backward pass after 45
+    minutes, past CI's limit. Best of three timings, so a busy moment does not skip the test on a fast CPU."""
     import time
 
     grad_output = torch.randn(32, 2048, dtype=torch.bfloat16)
     weight = torch.randn(2048, 2048, dtype=torch.bfloat16)
     grad_output @ weight  # warm-up
-    start = time.perf_counter()
-    grad_output @ weight
-    return 2 * 32 * 2048 * 2048 / (time.perf_counter() - start) / 1e9
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        grad_output @ weight
+        seconds.append(time.perf_counter() - start)
+    return 2 * 32 * 2048 * 2048 / min(seconds) / 1e9
 
 
 @pytest.fixture(scope="module")
