@@ -10,7 +10,7 @@ phitune's worker processes count against it; CPU seconds are those of the child 
 from an empty cache (their own temporary HF_DATASETS_CACHE and phitune cache); the "second run" repeats the same
 command on the now-warm caches.
 
-- phitune: `tokenize_splits(cfg, None, tokenizer)`, i.e. read, validate, split, render, tokenize and mask into the
+- phitune: `tokenize_splits(cfg, None, tokenizer, plan)`, i.e. read, validate, split, render, tokenize and mask into the
   fingerprinted Arrow cache with `data.num_proc` processes (default: the cores available), as `phitune train` does.
 - TRL: `datasets.load_dataset("json")` and `SFTTrainer(...)` with TRL's Phi-3 training template,
   `assistant_only_loss=True`, `max_length`, one process: the trainer's own dataset preparation (the bundled tiny
@@ -71,14 +71,15 @@ def prepare_phitune(data: Path, cache: Path, max_length: int, num_proc: int | No
     from phitune.config import config_from_dict
     from phitune.modeling import load_tokenizer
     from phitune.tiny import tiny_base_path
-    from phitune.train import tokenize_splits
+    from phitune.plan import plan_run
+    from phitune.recipes.sft import tokenize_splits
 
     settings = {"train": str(data), "eval_split": 0, "max_seq_length": max_length, "cache_dir": str(cache)}
     if num_proc:
         settings["num_proc"] = num_proc
     cfg = config_from_dict({"model": {"name_or_path": str(tiny_base_path())}, "data": settings})
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    train_set, _ = tokenize_splits(cfg, None, tokenizer)
+    train_set, _ = tokenize_splits(cfg, None, tokenizer, plan_run(cfg))
     return {"examples": len(train_set), "tokens": train_set.num_tokens, "truncated": train_set.truncated}
 
 

@@ -6,7 +6,7 @@
 
 (a) reference: transformers + PEFT LoRA (r 16, alpha 32, all-linear), bf16 weights on GPU, sdpa, full gradient
     checkpointing (use_reentrant False), padded batches with an attention mask, AdamW (fused on CUDA), a plain loop.
-(b) phitune: the same random weights through phitune.train.build_sft_config + PhituneTrainer with the default
+(b) phitune: the same random weights through phitune.recipes.sft.build_sft_config + PhituneTrainer with the default
     `speed` section (padding-free, Liger where installed, attention and activation strategy as resolved).
 
 Both run constant LR 1e-4, no weight decay, gradient clipping at 1.0, and start from the same weights, so their
@@ -151,7 +151,8 @@ def run_phitune(shape: str, batches, warmup: int, device: str, activation: str =
     from phitune.config import config_from_dict
     from phitune.modeling import resolve_attn_implementation, resolve_dtype
     from phitune.speed import apply_activation_strategy, resolve_speed
-    from phitune.train import build_sft_config
+    from phitune.plan import RunPlan
+    from phitune.recipes.sft import build_sft_config
     from phitune.train_support import PhituneTrainer
 
     class Recording(PhituneTrainer):
@@ -187,10 +188,14 @@ def run_phitune(shape: str, batches, warmup: int, device: str, activation: str =
         "peft_config": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
         "speed": {"activation": activation},
     })
-    plan = resolve_speed(cfg.speed, training_config=cfg.training_config)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, plan.padding_free)
-    model = build_model(shape, attn, device, resolve_dtype("auto"))
-    args = build_sft_config(cfg, has_eval=False)
+    speed = resolve_speed(cfg.speed, training_config=cfg.training_config)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, speed.padding_free)
+    dtype = resolve_dtype("auto")
+    model = build_model(shape, attn, device, dtype)
+    # No model directory to read (the weights are built here), so the plan is made by hand from the same answers.
+    plan = RunPlan(model_config=model.config, context=None, target_modules="all-linear", speed=speed, dtype=dtype,
+                   attn_implementation=attn, sharded=False)
+    args = build_sft_config(cfg, has_eval=False, plan=plan)
     apply_activation_strategy(model, args)
     flat = [r for rows in batches for r in rows]
     dataset = datasets.Dataset.from_dict({k: [r[k] for r in flat] for k in ("input_ids", "labels")})
@@ -199,7 +204,7 @@ def run_phitune(shape: str, batches, warmup: int, device: str, activation: str =
     trainer.losses = []
     trainer.remove_callback(PrinterCallback)  # keep stdout to the report
     trainer.train()
-    detail = (f"{attn}, activation {plan.activation}, padding-free {plan.padding_free}, liger {plan.liger}, "
+    detail = (f"{attn}, activation {speed.activation}, padding-free {speed.padding_free}, liger {speed.liger}, "
               f"optim {getattr(args.optim, 'value', args.optim)}, bf16 {args.bf16}")
     return _result(batches[warmup:], Clock.end - Clock.start, trainer.losses, device, detail)
 

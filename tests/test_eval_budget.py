@@ -5,18 +5,20 @@ from __future__ import annotations
 import logging
 import time
 
-from phitune.train import build_sft_config
+from phitune.plan import plan_run
+from phitune.recipes.sft import build_sft_config
 
 
 def test_eval_steps_default_to_save_steps_not_every_logging_step(make_config):
     cfg = make_config(training_config={"logging_steps": 1, "save_steps": 4})
     del cfg.training_config["eval_steps"]
-    args = build_sft_config(cfg, has_eval=True)
+    args = build_sft_config(cfg, has_eval=True, plan=plan_run(cfg))
     assert args.eval_strategy == "steps" and args.eval_steps == 4  # transformers alone would say 1
 
 
 def test_eval_steps_set_by_the_user_are_kept(make_config):
-    args = build_sft_config(make_config(training_config={"logging_steps": 1, "eval_steps": 3}), has_eval=True)
+    cfg = make_config(training_config={"logging_steps": 1, "eval_steps": 3})
+    args = build_sft_config(cfg, has_eval=True, plan=plan_run(cfg))
     assert args.eval_steps == 3
 
 

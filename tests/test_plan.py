@@ -10,6 +10,7 @@ import pytest
 import phitune.modeling
 import phitune.plan
 import phitune.speed
+import phitune.recipes.sft
 import phitune.train
 from phitune.config import config_from_dict
 from phitune.errors import PhituneError
@@ -33,7 +34,7 @@ def counted(monkeypatch):
 
     counting("load_model_config", phitune.modeling)
     counting("resolve_speed", phitune.speed)
-    real_plan, real_trainer = phitune.plan.plan_run, phitune.train.build_trainer
+    real_plan, real_trainer = phitune.plan.plan_run, phitune.recipes.sft.build_trainer
 
     def plan_run(cfg):
         seen["plans"].append(real_plan(cfg))
@@ -45,7 +46,7 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(phitune.plan, "plan_run", plan_run)
     monkeypatch.setattr(phitune.train, "plan_run", plan_run)
-    monkeypatch.setattr(phitune.train, "build_trainer", build_trainer)
+    monkeypatch.setattr(phitune.recipes.sft, "build_trainer", build_trainer)
     return seen
 
 

@@ -1,4 +1,4 @@
-"""Preference tuning (phitune.preference, phitune.data.preference) on the tiny Phi-3: DPO makes held-out pairs
+"""Preference tuning (phitune.recipes.preference, phitune.data.preference) on the tiny Phi-3: DPO makes held-out pairs
 preferred, the adapter loads in plain PEFT, resume is exact, DPO starts from an SFT (QLoRA) adapter, ORPO trains.
 
 The pairs follow one rule a tiny model learns in a few steps: the chosen answer is a word from POSITIVE, the rejected
@@ -66,7 +66,7 @@ def test_dpo_makes_held_out_pairs_preferred_and_the_adapter_loads_in_plain_peft(
 
     from phitune.data.preference import load_preference_data
     from phitune.modeling import load_base_model, load_tokenizer
-    from phitune.preference import score_pairs
+    from phitune.recipes.preference import score_pairs
 
     cfg, result = dpo_run
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
@@ -90,7 +90,7 @@ def test_dpo_scores_are_the_log_probabilities_trl_trains_on(dpo_run):
     pairs; before, they equal the bare base's (a fresh adapter starts, and DPO's reference sits, at the base)."""
     from phitune.data.preference import load_preference_data
     from phitune.modeling import load_base_model, load_tokenizer
-    from phitune.preference import score_pairs
+    from phitune.recipes.preference import score_pairs
 
     cfg, result = dpo_run
     metrics = result.metrics
@@ -106,7 +106,7 @@ def test_dpo_scores_are_the_log_probabilities_trl_trains_on(dpo_run):
 def test_phitune_eval_on_a_dpo_run_reports_preference_accuracy(dpo_run, tmp_path):
     from phitune.evaluate import evaluation_data
     from phitune.generate import resolve_model_source
-    from phitune.preference import run_preference_evaluation
+    from phitune.recipes.preference import run_preference_evaluation
 
     _, result = dpo_run
     model_cfg, adapter = resolve_model_source(result.output_dir)
@@ -124,6 +124,36 @@ def test_phitune_eval_on_a_dpo_run_reports_preference_accuracy(dpo_run, tmp_path
     shown = CliRunner().invoke(app, ["eval", str(result.output_dir), "--output", str(tmp_path / "cli")])
     assert shown.exit_code == 0, shown.output
     assert "preference_accuracy" in shown.output and "16 held-out preference pairs" in shown.output
+
+
+def test_the_api_and_the_cli_train_and_evaluate_a_dpo_run_alike(tiny_model_dir, pair_files, tmp_path):
+    """phitune.api promises the CLI's results: `api.train` and `phitune train` on one DPO config write the same
+    metrics, and `api.evaluate` and `phitune eval` on the run the same preference scores (not SFT's)."""
+    from typer.testing import CliRunner
+
+    from phitune import api
+    from phitune.cli import app
+    from phitune.config import save_config
+
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "api", training_config={"max_steps": 4})
+    save_config(cfg, tmp_path / "dpo.yaml")
+    by_api = api.train(cfg)
+    shown = CliRunner().invoke(app, ["train", str(tmp_path / "dpo.yaml"),
+                                     "--set", f"training_config.output_dir={tmp_path / 'cli'}"])
+    assert shown.exit_code == 0, shown.output
+    by_cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    timings = {"train_runtime_s", "tokens_per_second"}
+    assert {k: v for k, v in by_cli.items() if k not in timings} == pytest.approx(
+        {k: v for k, v in by_api.metrics.items() if k not in timings}, abs=1e-5)
+
+    evaluated = api.evaluate(by_api.output_dir, output=tmp_path / "api-eval")
+    shown = CliRunner().invoke(app, ["eval", str(by_api.output_dir), "--output", str(tmp_path / "cli-eval")])
+    assert shown.exit_code == 0, shown.output
+    assert "preference_accuracy" in evaluated.metrics["fine-tuned"]
+    by_cli = json.loads((tmp_path / "cli-eval" / "eval.json").read_text())["metrics"]
+    assert by_cli.keys() == evaluated.metrics.keys() == {"base", "fine-tuned"}
+    for model in by_cli:
+        assert by_cli[model] == pytest.approx(evaluated.metrics[model], abs=1e-6)
 
 
 def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path):
@@ -150,7 +180,7 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
 
     from phitune.data.preference import load_preference_data
     from phitune.modeling import load_base_model, load_tokenizer
-    from phitune.preference import score_pairs
+    from phitune.recipes.preference import score_pairs
     from phitune.train import run_training
 
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
@@ -186,7 +216,7 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
     # phitune eval on the run: the base, the SFT adapter it started from, and the trained adapter.
     from phitune.evaluate import evaluation_data
     from phitune.generate import resolve_model_source
-    from phitune.preference import run_preference_evaluation
+    from phitune.recipes.preference import run_preference_evaluation
 
     model_cfg, adapter = resolve_model_source(result.output_dir)
     report = run_preference_evaluation(model_cfg, adapter, evaluation_data(result.output_dir, None)[0], tmp_path)

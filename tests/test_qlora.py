@@ -34,9 +34,10 @@ def qlora_config(tmp_path_factory):
 
 
 def test_qlora_base_is_4bit(qlora_config):
-    from phitune.train import load_model_for_training
+    from phitune.plan import plan_run
+    from phitune.run import load_model_for_training
 
-    model, peft_config = load_model_for_training(qlora_config)
+    model, peft_config = load_model_for_training(qlora_config, plan_run(qlora_config))
     linear4bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linear4bit) == 2 * 4  # qkv_proj, o_proj, gate_up_proj, down_proj in each of 2 layers
     assert model.model.layers[0].self_attn.qkv_proj.weight.quant_state.quant_type == "nf4"

@@ -142,13 +142,17 @@ def test_qlora_evaluation_keeps_the_gradients_and_two_steps_lower_the_loss(real_
     every 4-bit layer into a format without backward); then 2 steps lower the loss."""
     from phitune.data import load_conversations
     from phitune.modeling import load_tokenizer
-    from phitune.train import build_trainer, load_model_for_training, tokenize_splits
+    from phitune.plan import plan_run
+    from phitune.recipes.sft import build_sft_config, build_trainer, tokenize_splits
+    from phitune.run import load_model_for_training
 
     cfg = run_config(real_base, tmp_path, quantized=True, learning_rate=1e-3)
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set = tokenize_splits(cfg, load_conversations(cfg.data), tokenizer)
-    model, peft_config = load_model_for_training(cfg)
-    trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config)
+    plan = plan_run(cfg)
+    train_set, eval_set = tokenize_splits(cfg, load_conversations(cfg.data), tokenizer, plan)
+    model, peft_config = load_model_for_training(cfg, plan)
+    args = build_sft_config(cfg, has_eval=eval_set is not None, plan=plan)
+    trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     batch = next(iter(trainer.get_train_dataloader()))
     without_eval = _lora_gradients(trainer, batch)
     loss_before = trainer.evaluate()["eval_loss"]

@@ -87,7 +87,9 @@ def _train(make_config, speed: dict, training: dict | None = None):
     """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer."""
     from phitune.data import load_conversations
     from phitune.modeling import load_tokenizer
-    from phitune.train import build_trainer, load_model_for_training, tokenize_splits
+    from phitune.plan import plan_run
+    from phitune.recipes.sft import build_sft_config, build_trainer, tokenize_splits
+    from phitune.run import load_model_for_training
 
     cfg = make_config(
         data={"eval": None, "eval_split": 0.0, "max_train_examples": 16, "max_seq_length": 96},
@@ -96,10 +98,12 @@ def _train(make_config, speed: dict, training: dict | None = None):
         speed=speed,
     )
     tokenizer = load_tokenizer(cfg.model)
-    train_set, _ = tokenize_splits(cfg, load_conversations(cfg.data), tokenizer)
-    model, peft_config = load_model_for_training(cfg)
+    plan = plan_run(cfg)
+    train_set, _ = tokenize_splits(cfg, load_conversations(cfg.data), tokenizer, plan)
+    model, peft_config = load_model_for_training(cfg, plan)
     torch.manual_seed(0)  # the LoRA A initialisation
-    trainer = build_trainer(cfg, model, tokenizer, train_set, None, peft_config)
+    args = build_sft_config(cfg, has_eval=False, plan=plan)
+    trainer = build_trainer(cfg, model, tokenizer, train_set, None, peft_config, args)
     trainer.train()
     return trainer
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from phitune.config import RunConfig, apply_overrides, config_from_dict, load_config
 from phitune.errors import PhituneError
 
-__all__ = ["PhituneError", "load_run", "train", "evaluate", "generate", "chat", "chat_turn", "merge"]
+__all__ = ["PhituneError", "load_run", "train", "evaluate", "inspect_data", "generate", "chat", "chat_turn", "merge"]
 
 
 def load_run(config: dict | str | Path | RunConfig, overrides: list[str] | None = None) -> RunConfig:
@@ -56,18 +56,25 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
              data: str | None = None, num_generate: int = 50, max_new_tokens: int = 64, batch_size: int = 8,
              output: str | Path | None = None):
     """Base and fine-tuned model side by side (`phitune eval`); returns an EvalResult whose `metrics` maps
-    "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match.
+    "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO
+    run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp.
 
-    Writes eval.json, report.md and eval.png into `output` (default: the run directory).
+    Writes eval.json (and for SFT report.md and eval.png) into `output` (default: the run directory).
     """
-    from phitune.evaluate import evaluation_data, run_evaluation
-    from phitune.generate import SamplingSettings, resolve_model_source
+    from phitune.train import evaluate_run
 
-    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
-    data_cfg, source = evaluation_data(run_dir or adapter, data)
-    return run_evaluation(model_cfg, adapter_dir, data_cfg, Path(output or source or Path.cwd()),
-                          num_generate=num_generate, settings=SamplingSettings(max_new_tokens=max_new_tokens),
-                          batch_size=batch_size, use_eval_split=data is None)
+    return evaluate_run(Path(run_dir) if run_dir else None, model, Path(adapter) if adapter else None, data,
+                        num_generate=num_generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        output=Path(output) if output else None)
+
+
+def inspect_data(config: dict | str | Path | RunConfig, overrides: list[str] | None = None,
+                 output: str | Path | None = None, example: int = 0):
+    """The data as training reads it (`phitune data`): a report with format, counts, lengths, one example and
+    warnings."""
+    from phitune.train import inspect_run_data
+
+    return inspect_run_data(load_run(config, overrides), Path(output) if output else None, example_index=example)
 
 
 def _load(run_dir, model, adapter):

@@ -116,21 +116,11 @@ def eval_(
 ):
     """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
     dpo / orpo run: preference accuracy and margin on held-out pairs)."""
-    from phitune.evaluate import evaluation_data, run_evaluation
-    from phitune.generate import SamplingSettings, resolve_model_source
-    from phitune.preference import is_preference_run, print_preference_eval, run_preference_evaluation
     from phitune.report import print_eval_table
+    from phitune.train import evaluate_run
 
-    model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
-    data_cfg, source = evaluation_data(run_dir or adapter, data)
-    if is_preference_run(source):
-        print_preference_eval(run_preference_evaluation(model_cfg, adapter_dir, data_cfg, output or source,
-                                                        use_eval_split=data is None, batch_size=batch_size))
-        return
-    result = run_evaluation(model_cfg, adapter_dir, data_cfg, output or source or Path.cwd(),
-                            num_generate=num_generate, settings=SamplingSettings(max_new_tokens=max_new_tokens),
-                            batch_size=batch_size, use_eval_split=data is None)
-    print_eval_table(result)
+    print_eval_table(evaluate_run(run_dir, model, adapter, data, num_generate=num_generate,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, output=output))
 
 
 @app.command()
@@ -258,13 +248,10 @@ def data(
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
     from phitune.config import load_config
-    from phitune.data.inspect import inspect_data
-    from phitune.data.preference import inspect_preference_data
     from phitune.report import print_data_report
+    from phitune.train import inspect_run_data
 
-    cfg = load_config(config, set_)
-    inspect = inspect_data if cfg.method == "sft" else inspect_preference_data
-    print_data_report(inspect(cfg, output, example_index=example))
+    print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
 
 
 def main() -> None:

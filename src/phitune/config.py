@@ -226,7 +226,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     peft_cfg = _validate_peft(raw, problems)
     _check_values(data, problems)
     if method != "sft" or model.adapter:
-        from phitune.preference import check_preference_config
+        from phitune.config_methods import check_preference_config
 
         check_preference_config(method, model, data, peft_cfg, problems)
     if problems:
@@ -273,7 +273,7 @@ def training_config_class(method: str):
     import trl  # import here: trl pulls in torch, and most config errors should be instant
 
     if method == "orpo":
-        from phitune.preference import orpo_classes
+        from phitune.config_methods import orpo_classes
 
         return orpo_classes()[0]
     return trl.DPOConfig if method == "dpo" else trl.SFTConfig

@@ -3,8 +3,9 @@
 A run needs the same few answers in several steps: the model's config.json (context length, layer names for the
 target-module check), the speed switches with `auto` turned into on or off, the dtype and the attention kernel the
 base model loads with, and whether FSDP shards it. `plan_run` works them out once, before any weight is read, into a
-frozen RunPlan that run_training (SFT) and run_preference_training (DPO / ORPO) hand down to their steps, so no
-step reads config.json or resolves the switches again, and each answer has one place where it is decided.
+frozen RunPlan that run_training (phitune.train) hands down to the recipe's steps, so no step reads config.json or
+resolves the switches again, and each answer has one place where it is decided. Every step takes the plan; none
+has a fallback that works it out without one.
 
 torch and transformers are imported inside plan_run, not here: `phitune.config` and the CLI's fast paths stay free
 of them.
@@ -14,19 +15,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phitune.config import RunConfig
+
+if TYPE_CHECKING:  # for the field types only: importing torch here would slow every config error down
+    import torch
+    from transformers import PretrainedConfig
+
+    from phitune.speed import SpeedPlan
 
 
 @dataclass(frozen=True)
 class RunPlan:
     """What every step of one run reads instead of re-deriving it from the RunConfig."""
 
-    model_config: object  # the model's config.json (a transformers PretrainedConfig), read once
+    model_config: PretrainedConfig  # the model's config.json, read once
     context: int | None  # max_position_embeddings: the longest sequence the model takes, when it says
-    target_modules: object  # peft_config.target_modules, checked against the model's layers (None without PEFT)
-    speed: object  # phitune.speed.SpeedPlan: padding-free, Liger, activation strategy
-    dtype: object  # the torch.dtype the base weights load in (`torch_dtype: auto` resolved)
+    target_modules: str | list[str] | None  # peft_config.target_modules, checked against the model's layers
+    speed: SpeedPlan  # padding-free, Liger, activation strategy
+    dtype: torch.dtype  # the dtype the base weights load in (`torch_dtype: auto` resolved)
     attn_implementation: str  # the attention kernel the base model loads with (`auto` resolved)
     sharded: bool  # FSDP on GPUs: 4-bit weights stored in the compute dtype, no device_map
 
@@ -57,7 +65,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         dtype=resolve_dtype(cfg.model.torch_dtype, log_choice=True),
         attn_implementation=resolve_attn_implementation(cfg.model.attn_implementation, attention_padding_free(cfg,
                                                                                                               speed)),
-        sharded=fsdp_requested(cfg) and torch.cuda.is_available(),  # on CPU accelerate keeps DDP (train.build_trainer)
+        sharded=fsdp_requested(cfg) and torch.cuda.is_available(),  # CPU: DDP (run.warn_if_fsdp_fell_back)
     )
 
 

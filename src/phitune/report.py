@@ -60,6 +60,9 @@ EVAL_ROWS = [  # (metric key, label, higher is better)
 def print_eval_table(result) -> None:
     """Base and fine-tuned metrics side by side; the better value of each row in bold."""
     names = list(result.metrics)
+    if "preference_accuracy" in result.metrics[names[0]]:  # a DPO / ORPO run's eval (recipes.preference)
+        print_preference_eval(result)
+        return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
                         f"{result.info.get('generated')} generated answers")
     table.add_column("metric")
@@ -71,6 +74,19 @@ def print_eval_table(result) -> None:
         table.add_row(label, *[f"[bold]{_fmt(v)}[/bold]" if i == best else _fmt(v) for i, v in enumerate(values)])
     console.print(table)
     console.print(f"eval.json, report.md and the chart are in [bold]{result.output_dir}[/bold]")
+
+
+def print_preference_eval(result) -> None:
+    """The models side by side, one row per preference metric (accuracy, margin, summed log-probabilities)."""
+    names = list(result.metrics)
+    table = Table(title=f"phitune eval: {result.info['eval_examples']} held-out preference pairs")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    for key in result.metrics[names[0]]:
+        table.add_row(key, *[_fmt(result.metrics[name][key]) for name in names])
+    console.print(table)
+    console.print(f"eval.json is in [bold]{result.output_dir}[/bold]")
 
 
 def _best(values: list, higher: bool) -> int | None:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.export import quant as quants
+import phitune.export.quant as quants
 from phitune.export.gguf_model import (ARCH, GGUFResult, add_hparams, hf_config, load_tensor, plan_weights,
                                        safetensors_shapes)
 from phitune.export.gguf_vocab import add_vocab

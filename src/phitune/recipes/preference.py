@@ -1,7 +1,9 @@
-"""Preference tuning: `method: dpo` (TRL's DPOTrainer) and `method: orpo` (TRL's ORPOTrainer, experimental in TRL 1.x).
+"""The preference recipe: `method: dpo` (TRL's DPOTrainer) and `method: orpo` (TRL's ORPOTrainer, experimental in
+TRL 1.x).
 
-The run is the SFT run with another trainer: the same output directory, checkpoints, SIGTERM / NaN / resume
-guarantees (phitune.train_support), PEFT adapter and phitune_config.yaml. What differs:
+The run goes through the lifecycle every method shares (phitune.run, phitune.train_support) with another trainer: the
+same output directory, checkpoints, SIGTERM / NaN / resume guarantees, PEFT adapter and phitune_config.yaml. What
+differs:
 
 - data: prompt / chosen / rejected pairs (phitune.data.preference), handed to TRL as conversations, which TRL renders
   with the chat template and tokenizes itself;
@@ -18,76 +20,62 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 from phitune.config import RunConfig
+from phitune.config_methods import orpo_classes
 from phitune.errors import PhituneError, first_line
+from phitune.plan import RunPlan
+from phitune.run import load_model_for_training, trainer_settings
 
 log = logging.getLogger("phitune")
 
-LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
-PREFERENCE_METRICS = ("preference_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+def load_data(cfg: RunConfig, tokenizer, plan: RunPlan):
+    """(PreferenceData, counts): the train and eval pairs, checked against data.max_seq_length."""
+    return preference_splits(cfg, tokenizer)
 
 
-def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
-    """Config rules of dpo / orpo, appended to `problems` with the others."""
-    if model.adapter and method == "sft":
-        problems.append("model.adapter (start from a trained adapter) needs method: dpo or orpo")
-        return
-    if method == "sft":
-        return
-    if peft_cfg is None and not model.adapter:
-        problems.append(f"method {method} trains a LoRA adapter: add a peft_config, or set model.adapter to the run "
-                        "directory of the adapter to start from")
-    if peft_cfg and peft_cfg.get("backend", "peft") != "peft":
-        problems.append(f"method {method} needs peft_config.backend: peft")
-    if model.adapter and peft_cfg and any(key in peft_cfg for key in LORA_SHAPE_KEYS):
-        problems.append("model.adapter brings its own LoRA shape (r, alpha, targets); remove peft_config")
-    if data.format != "auto":
-        problems.append(f"method {method} reads prompt/chosen/rejected rows; leave data.format at auto")
-    if data.train_on != "assistant":
-        problems.append(f"method {method} scores the answers only; data.train_on must be assistant")
+def build_config(cfg: RunConfig, data, plan: RunPlan):
+    """DPOConfig or ORPOConfig for this run (see build_preference_config)."""
+    return build_preference_config(cfg, has_eval=bool(data[0].eval), plan=plan)
 
 
-def orpo_classes():
-    """(ORPOConfig, ORPOTrainer) from trl.experimental.orpo, without TRL's "experimental API" warning on every run
-    (docs/preference.md says it once)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
+def load_model(cfg: RunConfig, plan: RunPlan):
+    """(model, LoraConfig or None): see load_policy."""
+    return load_policy(cfg, plan)
 
 
-def run_preference_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-                            push_to_hub: str | None = None):
-    """Train with DPO or ORPO as `cfg` says; the output directory is laid out as for SFT, metrics.json adds the
-    held-out preference accuracy and margin before and after."""
-    from phitune.modeling import load_tokenizer
-    from phitune.plan import plan_run
-    from phitune.train import RunResult, finish, fit, prepare_output_dir
-    from phitune.train_support import check_resume_layout, latest_complete_checkpoint
+def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
+    """The DPO or ORPO trainer over the pairs (see build_preference_trainer)."""
+    return build_preference_trainer(cfg, model, tokenizer, data[0], peft_config, args)
 
-    output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
-    checkpoint = latest_complete_checkpoint(output_dir) if resume else None
-    plan = plan_run(cfg)  # config.json, speed, dtype, attention: resolved once, as for SFT
-    tokenizer = load_tokenizer(cfg.model, padding_side="right")
-    data, counts = preference_splits(cfg, tokenizer)
-    args = build_preference_config(cfg, has_eval=bool(data.eval), plan=plan)
-    if checkpoint is not None:
-        check_resume_layout(checkpoint, args)
-    model, peft_config = load_policy(cfg, plan)
-    trainer = build_preference_trainer(cfg, model, tokenizer, data, peft_config, args)
-    before = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length) if data.eval else {}
-    metrics = fit(trainer, checkpoint, has_eval=False)
-    if data.eval:
-        after = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length)
-        metrics.update({f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()})
-        metrics.update(final_trainer_eval(trainer))
-    metrics.update(method=cfg.method, **counts)
-    finish(cfg, trainer, tokenizer, metrics, push_to_hub)
+
+def evaluate_before(cfg: RunConfig, trainer, tokenizer, data, checkpoint: Path | None) -> dict:
+    """Preference accuracy and margins of the starting point on the held-out pairs (no in-loop evaluation at the
+    start: TRL's own held-out metrics come at the end)."""
+    trainer.args.eval_on_start = False
+    pairs = data[0].eval
+    return score_pairs(trainer.model, tokenizer, pairs, cfg.data.max_seq_length) if pairs else {}
+
+
+def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> dict:
+    """The held-out scores before and after, and TRL's own held-out metrics at the last step."""
+    pairs = data[0].eval
+    if not pairs:
+        return {}
+    after = score_pairs(trainer.model, tokenizer, pairs, cfg.data.max_seq_length)
+    metrics = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    return metrics | final_trainer_eval(trainer)
+
+
+def data_metrics(cfg: RunConfig, data) -> dict:
+    """The method, and counts for metrics.json: format, examples, truncated and skipped rows."""
+    return dict(method=cfg.method, **data[1])
+
+
+def tidy_output(output_dir: Path) -> None:
+    """Drop DPO's frozen reference copy of a starting adapter (see keep_only_trained_adapter)."""
     keep_only_trained_adapter(output_dir)
-    return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
 
 def preference_splits(cfg: RunConfig, tokenizer):
@@ -111,17 +99,14 @@ def preference_splits(cfg: RunConfig, tokenizer):
     return data, counts
 
 
-def build_preference_config(cfg: RunConfig, has_eval: bool, plan=None):
+def build_preference_config(cfg: RunConfig, has_eval: bool, plan: RunPlan):
     """DPOConfig / ORPOConfig: training_config over phitune's defaults (as for SFT), data.max_seq_length as
-    max_length, and activation checkpointing from the speed switches (the run's `plan.speed`, resolved here without
-    a plan) rather than TRL's default of on."""
+    max_length, and activation checkpointing from the speed switches (the run's `plan.speed`) rather than TRL's
+    default of on."""
     from phitune.config import training_config_class
-    from phitune.speed import resolve_speed
-    from phitune.train import trainer_settings
 
     settings = trainer_settings(cfg, has_eval)
-    speed = plan.speed if plan is not None else resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization),
-                                                              training_config=cfg.training_config)
+    speed = plan.speed
     checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
     settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
     if cfg.method == "orpo" and "include_num_input_tokens_seen" not in cfg.training_config:
@@ -132,13 +117,9 @@ def build_preference_config(cfg: RunConfig, has_eval: bool, plan=None):
         raise PhituneError(f"training_config: {first_line(exc)}") from None
 
 
-def load_policy(cfg: RunConfig, plan=None):
+def load_policy(cfg: RunConfig, plan: RunPlan):
     """(model, LoraConfig or None): the base with a fresh adapter to come (peft_config), or with model.adapter loaded
-    trainable; dtype and attention as the run's `plan` (plan_run(cfg) when not given) resolved them."""
-    from phitune.plan import plan_run
-    from phitune.train import load_model_for_training
-
-    plan = plan if plan is not None else plan_run(cfg)
+    trainable; dtype and attention as the run's `plan` resolved them."""
     if not cfg.model.adapter:
         return load_model_for_training(cfg, plan)
     from peft import PeftModel
@@ -262,15 +243,6 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: in
     return (logps * scored[:, 1:].to(device)).sum(-1).cpu()
 
 
-def is_preference_run(run_dir) -> bool:
-    """True when `run_dir` is a phitune run trained with dpo or orpo."""
-    from phitune.config import load_run_config
-
-    if run_dir is None or not (Path(run_dir) / "phitune_config.yaml").is_file():
-        return False
-    return load_run_config(run_dir).method != "sft"
-
-
 def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_dir: Path,
                               use_eval_split: bool = True, batch_size: int = 8):
     """`phitune eval` on a DPO / ORPO run: preference accuracy and margins of the base, of the starting adapter
@@ -310,18 +282,16 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
     return result
 
 
-def print_preference_eval(result) -> None:
-    """The models side by side, one row per preference metric."""
-    from rich.table import Table
+def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *, use_eval_split: bool,
+                 batch_size: int, num_generate: int, settings):
+    """`phitune eval` on a DPO / ORPO run: preference accuracy and margins (nothing is generated, so `num_generate`
+    and the sampling `settings` do not apply)."""
+    return run_preference_evaluation(model_cfg, adapter, data_cfg, output_dir, use_eval_split=use_eval_split,
+                                     batch_size=batch_size)
 
-    from phitune.report import _fmt, console
 
-    names = list(result.metrics)
-    table = Table(title=f"phitune eval: {result.info['eval_examples']} held-out preference pairs")
-    table.add_column("metric")
-    for name in names:
-        table.add_column(name, justify="right")
-    for key in PREFERENCE_METRICS:
-        table.add_row(key, *[_fmt(result.metrics[name][key]) for name in names])
-    console.print(table)
-    console.print(f"eval.json is in [bold]{result.output_dir}[/bold]")
+def inspect_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
+    """`phitune data` on prompt / chosen / rejected pairs: the DataReport of phitune.data.preference."""
+    from phitune.data.preference import inspect_preference_data
+
+    return inspect_preference_data(cfg, output, example_index=example_index)

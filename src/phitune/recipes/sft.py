@@ -1,0 +1,179 @@
+"""The SFT recipe: conversations, tokenized with masked labels, through TRL's SFTTrainer (phitune.train_support's
+PhituneTrainer). Evaluation: eval loss and perplexity on the held-out conversations, at step 0 (inside the training
+loop) and at the last step.
+
+A recipe is a module with the functions phitune.train's driver calls (see phitune.recipes); it never imports another
+recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from phitune.config import RunConfig
+from phitune.errors import PhituneError, first_line
+from phitune.plan import RunPlan
+from phitune.run import load_model_for_training, trainer_settings, warn_if_fsdp_fell_back
+from phitune.train_support import PhituneTrainer
+
+log = logging.getLogger("phitune")
+
+
+def load_data(cfg: RunConfig, tokenizer, plan: RunPlan):
+    """(train set, eval set or None): the Arrow-cached, tokenized splits of cfg.data."""
+    return tokenize_splits(cfg, None, tokenizer, plan)
+
+
+def build_config(cfg: RunConfig, data, plan: RunPlan):
+    """SFTConfig for this run (see build_sft_config)."""
+    return build_sft_config(cfg, data[1] is not None, plan)
+
+
+def load_model(cfg: RunConfig, plan: RunPlan):
+    """(model, PEFT LoraConfig or None): the base with LoRA to come, as phitune.run loads it for every method."""
+    return load_model_for_training(cfg, plan)
+
+
+def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
+    """The SFT trainer over the train and eval sets (see build_trainer)."""
+    train_set, eval_set = data
+    return build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
+
+
+def evaluate_before(cfg: RunConfig, trainer, tokenizer, data, checkpoint: Path | None) -> dict:
+    """Ask for the evaluation at step 0 inside `train()` (eval_on_start), after accelerate has wrapped the model: a
+    `trainer.evaluate()` before `train()` marks the bare model as prepared, and the processes of a multi-process run
+    then train without synchronising their gradients. A resumed run has had its start."""
+    trainer.args.eval_on_start = data[1] is not None and checkpoint is None
+    return {}
+
+
+def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> dict:
+    """eval_loss before and after with their perplexities, when the run has an eval set."""
+    if data[1] is None:
+        return {}
+    return evaluation_metrics(trainer, evaluated_at_start=trainer.args.eval_on_start)
+
+
+def data_metrics(cfg: RunConfig, data) -> dict:
+    """Counts for metrics.json: format, examples, truncated and skipped rows."""
+    return dataset_metrics(*data)
+
+
+def tidy_output(output_dir: Path) -> None:
+    """Nothing to tidy: the SFT output directory is complete as finish wrote it."""
+
+
+def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
+    """Train and eval sets with masked labels; log how many rows were truncated or skipped.
+
+    `conversations` None: cfg.data is read and tokenized into the Arrow cache (phitune.data.prepare), by the first
+    process of the machine while the others wait and reuse it. A Conversations from load_conversations (small,
+    in-memory data, as tests use) is tokenized in memory. Both sets carry `format` and `skipped_rows` for metrics.
+    `plan` gives the model's context length.
+    """
+    from phitune.data import tokenize_conversations
+    from phitune.data.prepare import prepare_data, training_set
+
+    context = plan.context
+    if context and cfg.data.max_seq_length > context:
+        raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
+    if conversations is None:
+        data = prepare_data(cfg.data, tokenizer)
+        log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
+        fmt, skipped = data.format, list(data.skipped)
+        train_set = training_set(data.train, "train", cfg.data.on_bad_row)
+        eval_set = training_set(data.eval, "eval", cfg.data.on_bad_row) if data.eval is not None else None
+    else:
+        kwargs = dict(max_seq_length=cfg.data.max_seq_length, train_on=cfg.data.train_on,
+                      on_bad_row=cfg.data.on_bad_row)
+        fmt, skipped = conversations.format, conversations.skipped
+        train_set = tokenize_conversations(conversations.train, tokenizer, name="train", **kwargs)
+        eval_set = (tokenize_conversations(conversations.eval, tokenizer, name="eval", **kwargs)
+                    if conversations.eval else None)
+    for name, tset in (("train", train_set), ("eval", eval_set)):
+        if tset is not None and tset.truncated:
+            log.warning("%s: %d examples truncated to %d tokens", name, tset.truncated, cfg.data.max_seq_length)
+    skipped += train_set.skipped + (eval_set.skipped if eval_set is not None else [])
+    if skipped:
+        log.warning("skipped %d bad rows; first: %s", len(skipped), "; ".join(skipped[:3]))
+    train_set.format, train_set.skipped_rows = fmt, len(skipped)
+    return train_set, eval_set
+
+
+def build_sft_config(cfg: RunConfig, has_eval: bool, plan: RunPlan):
+    """SFTConfig from training_config over phitune's defaults, plus the keys phitune owns (data, speed); the speed
+    switches are the run's `plan.speed`."""
+    from trl import SFTConfig
+
+    settings = trainer_settings(cfg, has_eval)
+    speed = plan.speed
+    # Activation checkpointing (gradient_checkpointing in older names) is resolved with the speed switches.
+    settings.update(speed.sft_kwargs())
+    # phitune tokenizes, masks and truncates itself (see phitune.data), so TRL must not do it again.
+    settings.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    try:
+        return SFTConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"training_config: {first_line(exc)}") from None
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_config, args):
+    """The SFTTrainer with phitune's callbacks (safe checkpoints, graceful stop, NaN guard); `args` from
+    build_sft_config."""
+    from phitune.speed import apply_activation_strategy
+
+    apply_activation_strategy(model, args)
+    trainer = PhituneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set.to_dataset(),
+        eval_dataset=eval_set.to_dataset() if eval_set is not None else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        loralib=cfg.backend == "loralib",
+    )
+    warn_if_fsdp_fell_back(trainer)
+    return trainer
+
+
+def evaluation_metrics(trainer, evaluated_at_start: bool) -> dict:
+    """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
+    the loop just did it), with their perplexities."""
+    from phitune.metrics import perplexity
+
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
+    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
+    if evaluated_at_start and evals and evals[0]["step"] == 0:
+        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
+    return metrics
+
+
+def dataset_metrics(train_set, eval_set) -> dict:
+    """Counts for metrics.json; `train_set` as tokenize_splits returns it (it carries format and skipped_rows)."""
+    return {
+        "data_format": train_set.format,
+        "train_examples": len(train_set),
+        "eval_examples": len(eval_set) if eval_set is not None else 0,
+        "truncated_examples": train_set.truncated + (eval_set.truncated if eval_set is not None else 0),
+        "skipped_rows": train_set.skipped_rows,
+    }
+
+
+def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *, use_eval_split: bool,
+                 batch_size: int, num_generate: int, settings):
+    """`phitune eval` on an SFT run (or a bare model): loss, perplexity, token accuracy, ROUGE-L, exact match."""
+    from phitune.evaluate import run_evaluation
+
+    return run_evaluation(model_cfg, adapter, data_cfg, output_dir, num_generate=num_generate, settings=settings,
+                          batch_size=batch_size, use_eval_split=use_eval_split)
+
+
+def inspect_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
+    """`phitune data` on conversations: the DataReport of phitune.data.inspect."""
+    from phitune.data.inspect import inspect_data as inspect_conversations
+
+    return inspect_conversations(cfg, output, example_index=example_index)
