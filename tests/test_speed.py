@@ -284,13 +284,38 @@ def test_speed_section_is_validated():
         config_from_dict({"data": {"train": "x.jsonl"}, "speed": {"activation": "sometimes"}})
 
 
-def test_throughput_benchmark_runs_on_cpu():
-    """The benchmark's tiny shape runs both paths on the same batches and reports a ratio and both losses."""
+def _throughput(*args: str) -> tuple[int, dict, str]:
+    """benchmarks/throughput.py on the tiny shape's chat rows: (exit status, the JSON report, stderr)."""
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--shape", "tiny", "--data", "chat",
-               "--warmup", "1", "--steps", "1", "--seq-len", "512", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+               "--seq-len", "512", "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)  # 45 s on 2 busy cores
+    lines = done.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), done.stderr[-2000:]
+    return done.returncode, json.loads(lines[-1]), done.stderr
+
+
+def test_throughput_benchmark_checks_the_math_then_times_both_recipes():
+    """Before timing, both recipes' logits and LoRA gradients on the first batch (LoRA B non-zero) agree; both
+    sides hold float32 weights on a CPU, and the report names each side's dtype, attention and batch layout."""
+    code, report, stderr = _throughput("--warmup", "1", "--steps", "1")
+    assert code == 0, stderr[-2000:]
     (run,) = report["runs"]
+    check = run["equivalence"]["phitune"]
+    assert check["passed"] and check["gradients_compared"] == 2 * 4 * 2 and check["gradients_differing"] == 0
+    assert check["gradients_max_relative_difference"] <= check["tolerance"] == 1e-4
     assert run["ratio"] > 0
-    assert run["reference"]["first_loss"] == pytest.approx(run["phitune"]["first_loss"], rel=1e-3)
+    for side in ("reference", "phitune"):
+        assert run[side]["weights"] == "float32, LoRA float32", side
+        assert run[side]["attention"] == "sdpa" and run[side]["batch_layout"].startswith("padded"), side
+
+
+@pytest.mark.parametrize("injected", ["scale", "unmask"])
+def test_throughput_benchmark_refuses_a_ratio_when_a_switch_changes_the_math(injected):
+    """Deliberate breaks of phitune's side (twice the gradient with the same loss; the prompt counted in the loss):
+    the check reports every LoRA gradient as different, and no ratio is printed (exit status 1), before timing."""
+    code, report, _ = _throughput("--warmup", "0", "--steps", "1", "--inject-break", injected)
+    (run,) = report["runs"]
+    check = run["equivalence"]["phitune"]
+    assert code == 1 and not check["passed"] and check["injected_break"] == injected
+    assert check["gradients_differing"] == check["gradients_compared"] == 2 * 4 * 2
+    assert not any(key.startswith("ratio") for key in run) and "reference" not in run
