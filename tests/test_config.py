@@ -93,6 +93,46 @@ def test_overrides_apply_after_the_file(tmp_path):
         load_config(path, ["learning_rate=1"])
 
 
+def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    with pytest.raises(PhituneError) as err:
+        load_config(path, ["data.max_seq_length=[1"])
+    message = str(err.value)
+    assert message.startswith("--set 'data.max_seq_length=[1': the value is not valid YAML") and "\n" not in message
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be at least 1, got 0"),
+    ({"per_device_eval_batch_size": -2}, "per_device_eval_batch_size must be at least 1"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be at least 1"),
+    ({"num_train_epochs": -1}, "num_train_epochs must be positive, got -1"),
+    ({"num_train_epochs": 0}, "the run would train nothing"),
+    ({"num_train_epochs": 0, "max_steps": 0}, "max_steps must be a positive number of steps, or -1"),
+    ({"max_steps": 0}, "max_steps must be a positive number of steps"),
+    ({"learning_rate": -1e-4}, "learning_rate must be positive"),
+    ({"warmup_steps": -5}, "warmup_steps must be 0 or more"),
+    ({"save_steps": 0}, "save_steps must be positive"),
+    ({"eval_steps": -1}, "eval_steps must be positive"),
+    ({"logging_steps": 0}, "logging_steps must be positive"),
+])
+def test_ranges_that_train_nothing_or_fail_late_are_rejected(settings, expected):
+    with pytest.raises(PhituneError, match="invalid config: .*" + expected):
+        config_from_dict(minimal(training_config=settings))
+
+
+def test_ranges_are_checked_where_they_are_used_and_reported_at_once():
+    config_from_dict(minimal(training_config={"save_strategy": "no", "save_steps": 0, "num_train_epochs": 0,
+                                              "max_steps": 5, "warmup_steps": 0.1, "logging_steps": 0.5}))
+    with pytest.raises(PhituneError) as err:
+        config_from_dict(minimal(training_config={"per_device_train_batch_size": 0, "num_train_epochs": -1},
+                                 data={"train": "t.jsonl", "max_train_examples": -1}, method="dpo"))
+    message = str(err.value)
+    for part in ("per_device_train_batch_size must be at least 1", "num_train_epochs must be positive",
+                 "data.max_train_examples must be at least 1"):
+        assert part in message
+
+
 def test_no_peft_config_means_full_fine_tuning():
     assert config_from_dict(minimal()).backend == "full"
     assert config_from_dict(minimal(peft_config={"r": 8})).backend == "peft"

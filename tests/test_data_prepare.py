@@ -104,6 +104,61 @@ def test_bad_rows_file_line_and_skip(tmp_path, tokenizer):
     assert "d.jsonl:3: conversation has no assistant turn" in prepared.skipped[1]
 
 
+@pytest.mark.parametrize("first", ["skip", "error"])
+def test_a_cache_entry_made_with_skip_still_stops_a_run_with_on_bad_row_error(tmp_path, tokenizer, first):
+    """`phitune data` prepares with on_bad_row: skip; the `phitune train` after it (default: error) reuses the entry
+    and must stop at the first bad row as it does without a cache, in either order."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS["messages"][0]) + "\n{not json\n" + json.dumps(ROWS["messages"][1]) + "\n")
+    for on_bad_row in (first, "skip" if first == "error" else "error", first):
+        cfg = _config(tmp_path, path, on_bad_row=on_bad_row)
+        if on_bad_row == "error":
+            with pytest.raises(PhituneError, match=r"d.jsonl:2: malformed JSON"):
+                prepare_data(cfg, tokenizer)
+        else:
+            assert len(prepare_data(cfg, tokenizer).train) == 2
+
+
+def test_train_and_eval_files_are_each_detected_in_their_own_format(tmp_path, tokenizer):
+    """format: auto with a sharegpt JSONL train file and an alpaca JSON eval file: each file's rows are read in the
+    format of that file, as the in-memory path reads them."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS["sharegpt"] * 2)
+    evals = tmp_path / "eval.json"
+    evals.write_text(json.dumps(ROWS["alpaca"]))
+    cfg = DataConfig(train=str(train), eval=str(evals), cache_dir=str(tmp_path / "cache"))
+    prepared, conversations = prepare_data(cfg, tokenizer), load_conversations(cfg)
+    assert prepared.format == "sharegpt" and len(prepared.eval) == 2
+    expected = tokenize_conversations(conversations.eval, tokenizer, cfg.max_seq_length)
+    assert prepared.eval.to_dataset()["input_ids"] == expected.input_ids
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"text": pa.array([], pa.string())}), path)
+
+
+EMPTY_FILES = {"empty.jsonl": "", "blank.jsonl": "\n  \n\n", "empty.json": "", "blank.json": " \n\t\n",
+               "list.json": "[]", "empty.csv": "", "blank.csv": "\n\n", "header.csv": "instruction,output\n",
+               "empty.parquet": "", "rowless.parquet": None}
+
+
+@pytest.mark.parametrize("name", EMPTY_FILES)
+def test_an_empty_or_blank_file_is_one_line_in_both_paths(tmp_path, tokenizer, name):
+    path = tmp_path / name
+    if EMPTY_FILES[name] is None:
+        _write_parquet(path, [])
+    else:
+        path.write_text(EMPTY_FILES[name])
+    for load in (lambda cfg: prepare_data(cfg, tokenizer), load_conversations):
+        with pytest.raises(PhituneError) as err:
+            load(_config(tmp_path, path))
+        message = str(err.value)
+        assert message.startswith(str(path)) and "\n" not in message
+        assert any(words in message for words in ("no rows", "empty", "blank")), message
+
+
 @pytest.mark.parametrize("source", ["parquet", "hub"])
 def test_parquet_and_hub_rows_are_read_in_batches_with_the_same_result(tmp_path, tokenizer, monkeypatch, source):
     """Batches of 2 rows give the ids, labels and `row N` problems of the in-memory readers (row 3: batch 2)."""

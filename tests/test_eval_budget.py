@@ -8,6 +8,8 @@ import time
 from phitune.plan import plan_run
 from phitune.recipes.sft import build_sft_config
 
+TRIES = 3  # timings per side; the best of them is compared
+
 
 def test_eval_steps_default_to_save_steps_not_every_logging_step(make_config):
     cfg = make_config(training_config={"logging_steps": 1, "save_steps": 4})
@@ -36,7 +38,11 @@ def _eval_inputs(tiny_model_dir, demo_data):
 
 def test_eval_time_estimate_comes_with_advice_and_is_the_right_size(tiny_model_dir, demo_data, caplog):
     """The estimate grows with what is asked, says how to shorten a long evaluation, and is within a factor of a
-    few of the real time (on the tiny model, Python's per-step overhead counts more than on Phi-3-mini)."""
+    few of the real time (on the tiny model, Python's per-step overhead counts more than on Phi-3-mini).
+
+    Both sides are single-shot wall-clock timings of a few milliseconds, so a busy moment on a shared machine can
+    inflate either one several times over: each is the best of TRIES (the time this machine takes when nothing else
+    gets in the way), which is what the comparison is about."""
     from phitune.evaluate import announce_eval_time, split_prompts, teacher_forced_metrics
     from phitune.generate import SamplingSettings, generate_replies
 
@@ -47,9 +53,15 @@ def test_eval_time_estimate_comes_with_advice_and_is_the_right_size(tiny_model_d
     assert 0 < small < large
     assert "--num-generate 5 --max-new-tokens 32 would take about" in caplog.text
     assert "2 models x (16 conversations scored, 16 answers of up to 64 new tokens)" in caplog.text
-    start = time.perf_counter()
-    teacher_forced_metrics(model, tokenizer, tokenized, batch_size=8)
     prompts, _ = split_prompts(conversations[:4])
-    generate_replies(model, tokenizer, prompts, SamplingSettings(max_new_tokens=16), batch_size=8)
-    actual = time.perf_counter() - start
-    assert small / 5 < actual < small * 5, f"estimated {small:.2f} s, took {actual:.2f} s"
+
+    def evaluate() -> float:
+        start = time.perf_counter()
+        teacher_forced_metrics(model, tokenizer, tokenized, batch_size=8)
+        generate_replies(model, tokenizer, prompts, SamplingSettings(max_new_tokens=16), batch_size=8)
+        return time.perf_counter() - start
+
+    estimate = min([small] + [announce_eval_time(model, tokenized, 4, 16, batch_size=8, n_models=1)
+                              for _ in range(TRIES - 1)])
+    actual = min(evaluate() for _ in range(TRIES))
+    assert estimate / 5 < actual < estimate * 5, f"estimated {estimate:.2f} s, took {actual:.2f} s (best of {TRIES})"

@@ -1,7 +1,8 @@
 """Each loralib 0.1.2 defect that phitune.lora fixes.
 
-Tests parametrised over LIBS run the same check on both libraries; the loralib run is marked
-xfail(strict=True), so it must fail: that documents the defect and catches a loralib that fixed it.
+Tests parametrised over _libs run the same check on both libraries; the loralib run is marked
+xfail(strict=True, raises=...), so it must fail, and with the defect's own error (a failed check, or the crash the
+defect causes): that documents the defect and catches a loralib that fixed it or that breaks in another way.
 """
 
 import loralib
@@ -15,9 +16,10 @@ from torch.utils._pytree import tree_flatten
 import phitune.lora as lora
 
 
-def _libs(defect):
+def _libs(defect, raises=AssertionError):
+    """`raises`: the exception loralib's defect produces (a check that fails), so an unrelated error is no pass."""
     return [pytest.param(lora, id="phitune"),
-            pytest.param(loralib, id="loralib", marks=pytest.mark.xfail(strict=True, reason=defect))]
+            pytest.param(loralib, id="loralib", marks=pytest.mark.xfail(strict=True, reason=defect, raises=raises))]
 
 
 def _conv_weight(layer):
@@ -32,7 +34,7 @@ def _randomise_B(layer):
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-@pytest.mark.parametrize("lib", _libs("issue 115: B A has the wrong size for Conv1d/Conv3d"))
+@pytest.mark.parametrize("lib", _libs("issue 115: B A has the wrong size for Conv1d/Conv3d", RuntimeError))
 @pytest.mark.parametrize("dims", [1, 3])
 def test_conv1d_conv3d_delta_has_weight_shape(lib, dims):
     layer = getattr(lib, f"Conv{dims}d")(4, 6, 3, r=2, lora_alpha=4, groups=2, padding=1)
@@ -73,7 +75,7 @@ def test_conv_applies_lora_dropout(lib):
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lib", _libs("loralib crashes: merge_AB reads lora_A, which was never created"))
+@pytest.mark.parametrize("lib", _libs("loralib crashes: merge_AB reads lora_A, which was never created", AttributeError))
 def test_merged_linear_with_every_slice_disabled(lib):
     layer = lib.MergedLinear(8, 12, r=2, enable_lora=[False, False, False])
     x = torch.randn(3, 8)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from phitune.config import config_from_dict
 from phitune.errors import PhituneError
+from _resume import assert_resumed, watch_training
 from conftest import write_jsonl
 
 POSITIVE = ["yes", "good", "happy", "right", "hot", "big"]
@@ -156,7 +157,9 @@ def test_the_api_and_the_cli_train_and_evaluate_a_dpo_run_alike(tiny_model_dir, 
         assert by_cli[model] == pytest.approx(evaluated.metrics[model], abs=1e-6)
 
 
-def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path):
+def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path, monkeypatch):
+    """Steps 3..4 only, from checkpoint-2's optimizer state (a run that starts over fails assert_resumed: see
+    test_train's break test), and the uninterrupted run's adapter."""
     from phitune.train import run_training
 
     def run(name, steps, resume=False):
@@ -165,8 +168,10 @@ def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, 
         return run_training(cfg, resume=resume).output_dir
 
     straight = run("straight", 4)
+    runs = watch_training(monkeypatch)
     run("resumed", 2)
     resumed = run("resumed", 4, resume=True)
+    assert_resumed(runs[-1], resumed / "checkpoint-2", max_steps=4)
     a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     for key in a:

@@ -1,7 +1,9 @@
 """phitune.speed: padding-free batches and every speed switch leave the loss and the gradients unchanged.
 
-All on CPU with the tiny Phi-3 in float32, where "unchanged" means within TOL (float summation order differs between
-a padded and a concatenated batch, nothing else).
+All on CPU with the tiny Phi-3 in float32, where "unchanged" means within TOL for losses and within
+_equivalence.RELATIVE_TOLERANCE for each gradient tensor (float summation order differs between a padded and a
+concatenated batch, nothing else). Gradients are compared themselves, raw (max_grad_norm 0), never through adapters
+after AdamW steps, which hide a uniform scale; each family keeps a deliberate break that the comparison catches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from phitune.config import SpeedConfig
 from phitune.errors import PhituneError
 from phitune.speed import SpeedPlan, auto_attention, resolve_activation, resolve_speed
+
+from _equivalence import GradientRecorder, gradient_mismatches, without_signal
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32; observed differences are ~1e-6
 ROOT = Path(__file__).parents[1]
@@ -51,22 +55,40 @@ def _loss_and_grads(model, batch):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_loss_and_grads_equal_padded(tiny_model_dir, attn):
+def _padded_and_packed(examples):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    examples = _examples([5, 23, 11, 40])
+    return (DataCollatorForLanguageModeling(pad_token_id=0)(examples),
+            DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_loss_and_grads_equal_padded(tiny_model_dir, attn):
+    """Fails when attention leaks across the concatenated rows (test_padding_free_check_sees_attention_leak)."""
     model = _lora_model(tiny_model_dir, attn)
-    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
-    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    padded, packed = _padded_and_packed(_examples([5, 23, 11, 40]))
     assert packed["input_ids"].shape == (1, 79) and "attention_mask" not in packed
     loss_padded, grads_padded = _loss_and_grads(model, padded)
     loss_packed, grads_packed = _loss_and_grads(model, packed)
     torch.testing.assert_close(loss_packed, loss_padded, **TOL)
     assert len(grads_packed) == 2 * 4 * 2  # 2 layers x (qkv, o, gate_up, down) x (lora_A, lora_B)
-    for name, grad in grads_padded.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads_packed[name], grad, **TOL, msg=name)
+    assert without_signal(grads_padded) == []
+    assert gradient_mismatches(grads_packed, grads_padded) == []
+
+
+def test_padding_free_check_sees_attention_leak(tiny_model_dir, monkeypatch):
+    """Deliberate break: transformers no longer finds the row boundaries in the position ids, so each token of the
+    concatenated row attends to the rows before it (positions still restart). The loss moves little; the gradient
+    comparison reports every LoRA weight of the attention path."""
+    import transformers.masking_utils as masking_utils
+
+    model = _lora_model(tiny_model_dir)
+    padded, packed = _padded_and_packed(_examples([5, 23, 11, 40]))
+    _, grads_padded = _loss_and_grads(model, padded)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    _, grads_leaking = _loss_and_grads(model, packed)
+    mismatched = gradient_mismatches(grads_leaking, grads_padded)
+    assert any("qkv_proj.lora_A" in line for line in mismatched), mismatched
 
 
 def test_padding_free_does_not_attend_across_examples(tiny_model_dir):
@@ -84,7 +106,8 @@ def test_padding_free_does_not_attend_across_examples(tiny_model_dir):
 
 
 def _train(make_config, speed: dict, training: dict | None = None):
-    """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer."""
+    """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer, with
+    each step's raw gradients (no clipping) in `trainer.gradients`."""
     from phitune.data import load_conversations
     from phitune.modeling import load_tokenizer
     from phitune.plan import plan_run
@@ -94,7 +117,7 @@ def _train(make_config, speed: dict, training: dict | None = None):
     cfg = make_config(
         data={"eval": None, "eval_split": 0.0, "max_train_examples": 16, "max_seq_length": 96},
         training_config={"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-2,
-                         "lr_scheduler_type": "constant", **(training or {})},
+                         "lr_scheduler_type": "constant", "max_grad_norm": 0.0, **(training or {})},
         speed=speed,
     )
     tokenizer = load_tokenizer(cfg.model)
@@ -104,12 +127,24 @@ def _train(make_config, speed: dict, training: dict | None = None):
     torch.manual_seed(0)  # the LoRA A initialisation
     args = build_sft_config(cfg, has_eval=False, plan=plan)
     trainer = build_trainer(cfg, model, tokenizer, train_set, None, peft_config, args)
+    recorder = GradientRecorder()
+    trainer.add_callback(recorder)
     trainer.train()
+    trainer.gradients = recorder.steps
     return trainer
 
 
 def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _step_mismatches(trainer, reference) -> list[str]:
+    """gradient_mismatches at each of the two steps: step 1 checks LoRA B's gradient at the shared start (B = 0,
+    so A has none yet); step 2, after one update, every LoRA weight's."""
+    assert len(trainer.gradients) == len(reference.gradients) == 2
+    assert without_signal(reference.gradients[1]) == []
+    return [f"step {i + 1}: {line}" for i, (got, want) in enumerate(zip(trainer.gradients, reference.gradients))
+            for line in gradient_mismatches(got, want)]
 
 
 def _checkpoint_func(trainer):
@@ -124,12 +159,38 @@ SWITCHES = [  # each switch flipped at least once against the reference (padding
 ]
 
 
-def test_every_speed_switch_gives_the_same_loss(make_config):
-    """Step 1 checks the forward (same weights); step 2 checks the gradients too, since it follows one update."""
-    reference = _losses(_train(make_config, {"padding_free": "true", "activation": "none"}))
-    assert len(reference) == 2 and reference[1] != reference[0]
+REFERENCE = {"padding_free": "true", "activation": "none"}
+
+
+def test_every_speed_switch_gives_the_same_gradients(make_config):
+    """The raw gradients of both steps equal the reference's (test_speed_switch_check_sees_gradient_scale shows a
+    switch that doubles them, loss unchanged, fails here)."""
+    reference = _train(make_config, REFERENCE)
     for speed in SWITCHES:
-        assert _losses(_train(make_config, speed)) == pytest.approx(reference, rel=1e-4), speed
+        assert _step_mismatches(_train(make_config, speed), reference) == [], speed
+
+
+def test_speed_switch_check_sees_gradient_scale(make_config, monkeypatch):
+    """Deliberate break: padded batches (padding-free off) get twice the gradient with the same loss value, as a
+    wrong token count in the loss normalisation of one path would give. The first losses still agree (the check
+    this test suite used to rest on); the gradient comparison fails on every LoRA weight."""
+    from phitune.train_support import PhituneTrainer
+
+    reference = _train(make_config, REFERENCE)
+    compute_loss = PhituneTrainer.compute_loss
+
+    def doubled_on_padded_batches(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        if "attention_mask" in inputs and not isinstance(loss, tuple):
+            loss = 2 * loss - loss.detach()  # the same value, twice the gradient
+        return loss
+
+    monkeypatch.setattr(PhituneTrainer, "compute_loss", doubled_on_padded_batches)
+    broken = _train(make_config, SWITCHES[0])
+    assert _losses(broken)[0] == pytest.approx(_losses(reference)[0], rel=1e-4)
+    mismatched = _step_mismatches(broken, reference)
+    assert len([line for line in mismatched if line.startswith("step 1")]) == 2 * 4  # every lora_B
+    assert len([line for line in mismatched if line.startswith("step 2")]) == 2 * 4 * 2  # every LoRA weight
 
 
 def test_selective_checkpointing_takes_effect_with_peft(make_config):
@@ -141,8 +202,8 @@ def test_selective_checkpointing_takes_effect_with_peft(make_config):
     assert full is not None and "context_fn" not in full.keywords
 
 
-def test_offload_gives_the_same_loss(make_config, monkeypatch):
-    """`offload` on CPU: pinned memory needs CUDA, so save_on_cpu runs unpinned here; the plumbing and math are real."""
+def test_offload_gives_the_same_gradients(make_config, monkeypatch):
+    """`offload` on CPU gives the same gradients: pinned memory needs CUDA, so save_on_cpu runs unpinned here; the plumbing and math are real."""
     import functools
 
     import transformers.modeling_utils as modeling_utils
@@ -156,10 +217,10 @@ def test_offload_gives_the_same_loss(make_config, monkeypatch):
 
     monkeypatch.setattr(modeling_utils, "save_on_cpu", unpinned_save_on_cpu)
     monkeypatch.setattr("phitune.speed.resolve_activation", functools.partial(_allow_offload_on_cpu))
-    reference = _losses(_train(make_config, {"activation": "none"}))
+    reference = _train(make_config, {"activation": "none"})
     offloaded = _train(make_config, {"activation": "offload"})
     assert calls, "save_on_cpu was never entered: offload did not reach transformers"
-    assert _losses(offloaded) == pytest.approx(reference, rel=1e-4)
+    assert _step_mismatches(offloaded, reference) == []
 
 
 def _allow_offload_on_cpu(choice, training_config, cuda):
@@ -227,13 +288,38 @@ def test_speed_section_is_validated():
         config_from_dict({"data": {"train": "x.jsonl"}, "speed": {"activation": "sometimes"}})
 
 
-def test_throughput_benchmark_runs_on_cpu():
-    """The benchmark's tiny shape runs both paths on the same batches and reports a ratio and both losses."""
+def _throughput(*args: str) -> tuple[int, dict, str]:
+    """benchmarks/throughput.py on the tiny shape's chat rows: (exit status, the JSON report, stderr)."""
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--shape", "tiny", "--data", "chat",
-               "--warmup", "1", "--steps", "1", "--seq-len", "512", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+               "--seq-len", "512", "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)  # 45 s on 2 busy cores
+    lines = done.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), done.stderr[-2000:]
+    return done.returncode, json.loads(lines[-1]), done.stderr
+
+
+def test_throughput_benchmark_checks_the_math_then_times_both_recipes():
+    """Before timing, both recipes' logits and LoRA gradients on the first batch (LoRA B non-zero) agree; both
+    sides hold float32 weights on a CPU, and the report names each side's dtype, attention and batch layout."""
+    code, report, stderr = _throughput("--warmup", "1", "--steps", "1")
+    assert code == 0, stderr[-2000:]
     (run,) = report["runs"]
+    check = run["equivalence"]["phitune"]
+    assert check["passed"] and check["gradients_compared"] == 2 * 4 * 2 and check["gradients_differing"] == 0
+    assert check["gradients_max_relative_difference"] <= check["tolerance"] == 1e-4
     assert run["ratio"] > 0
-    assert run["reference"]["first_loss"] == pytest.approx(run["phitune"]["first_loss"], rel=1e-3)
+    for side in ("reference", "phitune"):
+        assert run[side]["weights"] == "float32, LoRA float32", side
+        assert run[side]["attention"] == "sdpa" and run[side]["batch_layout"].startswith("padded"), side
+
+
+@pytest.mark.parametrize("injected", ["scale", "unmask"])
+def test_throughput_benchmark_refuses_a_ratio_when_a_switch_changes_the_math(injected):
+    """Deliberate breaks of phitune's side (twice the gradient with the same loss; the prompt counted in the loss):
+    the check reports every LoRA gradient as different, and no ratio is printed (exit status 1), before timing."""
+    code, report, _ = _throughput("--warmup", "0", "--steps", "1", "--inject-break", injected)
+    (run,) = report["runs"]
+    check = run["equivalence"]["phitune"]
+    assert code == 1 and not check["passed"] and check["injected_break"] == injected
+    assert check["gradients_differing"] == check["gradients_compared"] == 2 * 4 * 2
+    assert not any(key.startswith("ratio") for key in run) and "reference" not in run

@@ -11,6 +11,8 @@ from phitune.errors import PhituneError
 from phitune.modeling import load_base_model, load_tokenizer
 from phitune.train import run_training
 
+from _resume import assert_resumed, watch_training
+
 
 def logits_of(model, tokenizer):
     batch = tokenizer(["<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n"], return_tensors="pt",
@@ -78,18 +80,42 @@ def test_a_finished_run_is_not_overwritten(make_config):
     run_training(cfg, overwrite=True)
 
 
-def test_resume_continues_to_the_same_adapter(make_config, tmp_path):
-    settings = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 3}
-    straight = run_training(make_config(training_config={**settings, "max_steps": 6,
+RESUME_SETTINGS = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 3}
+
+
+def interrupted_and_resumed(make_config, directory: Path):
+    """3 steps (checkpoint-3), then --resume to 6 steps in the same directory; the resumed run's result."""
+    run_training(make_config(training_config={**RESUME_SETTINGS, "max_steps": 3, "output_dir": str(directory)}))
+    return run_training(make_config(training_config={**RESUME_SETTINGS, "max_steps": 6, "output_dir": str(directory)}),
+                        resume=True)
+
+
+def test_resume_continues_to_the_same_adapter(make_config, tmp_path, monkeypatch):
+    """The resumed run trains steps 4..6 only, from checkpoint-3's optimizer state, and ends at the uninterrupted
+    run's adapter (the next test shows a run that starts over fails this)."""
+    straight = run_training(make_config(training_config={**RESUME_SETTINGS, "max_steps": 6,
                                                          "output_dir": str(tmp_path / "straight")}))
-    first = make_config(training_config={**settings, "max_steps": 3, "output_dir": str(tmp_path / "resumed")})
-    run_training(first)
-    resumed = run_training(make_config(training_config={**settings, "max_steps": 6,
-                                                        "output_dir": str(tmp_path / "resumed")}), resume=True)
+    runs = watch_training(monkeypatch)
+    resumed = interrupted_and_resumed(make_config, tmp_path / "resumed")
+    assert_resumed(runs[-1], resumed.output_dir / "checkpoint-3", max_steps=6)
     assert resumed.metrics["global_step"] == 6
     a, b = lora_b_weights(straight.output_dir), lora_b_weights(resumed.output_dir)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_check_fails_on_a_run_that_starts_over(make_config, tmp_path, monkeypatch):
+    """Deliberate break: Trainer.train ignores the checkpoint it is given. global_step is 6 all the same (and the
+    adapter would equal the uninterrupted run's: training is deterministic); assert_resumed sees the restart."""
+    from transformers import Trainer
+
+    runs = watch_training(monkeypatch)
+    train = Trainer.train
+    monkeypatch.setattr(Trainer, "train", lambda self, resume_from_checkpoint=None, **kwargs: train(self, **kwargs))
+    resumed = interrupted_and_resumed(make_config, tmp_path / "restarted")
+    assert resumed.metrics["global_step"] == 6
+    with pytest.raises(AssertionError, match="trained steps \\[1, 2, 3\\].*not 4..6"):
+        assert_resumed(runs[-1], resumed.output_dir / "checkpoint-3", max_steps=6)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(make_config, tmp_path):
@@ -137,15 +163,17 @@ def test_loralib_backend_on_q_and_v_slices_exports_an_identical_peft_adapter(mak
     assert b[:hidden].abs().sum() > 0 and b[hidden : 2 * hidden].abs().sum() == 0
 
 
-def test_loralib_backend_resumes_from_its_own_checkpoint(make_config, tmp_path):
+def test_loralib_backend_resumes_from_its_own_checkpoint(make_config, tmp_path, monkeypatch):
     settings = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 2}
     peft_cfg = {"backend": "loralib", "target_modules": ["q_proj", "v_proj"], "r": 4}
     straight = run_training(make_config(peft_config=peft_cfg, training_config={
         **settings, "max_steps": 4, "output_dir": str(tmp_path / "a")}))
+    runs = watch_training(monkeypatch)
     run_training(make_config(peft_config=peft_cfg, training_config={**settings, "max_steps": 2,
                                                                     "output_dir": str(tmp_path / "b")}))
     resumed = run_training(make_config(peft_config=peft_cfg, training_config={
         **settings, "max_steps": 4, "output_dir": str(tmp_path / "b")}), resume=True)
+    assert_resumed(runs[-1], resumed.output_dir / "checkpoint-2", max_steps=4)
     a = load_file(str(straight.output_dir / "lora_state_dict.safetensors"))
     b = load_file(str(resumed.output_dir / "lora_state_dict.safetensors"))
     for key in a:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,11 +23,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune Microsoft Phi-3 with LoRA and QLoRA: one YAML file in, a standard PEFT adapter out.",
 )
-STATE = {"debug": False}
+STATE = {"debug": False, "signal": "SIGINT (Ctrl-C)"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from phitune import __version__
+
+        print(f"phitune {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks and library logs instead of one-line errors")):
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="show full tracebacks and library logs instead of one-line errors"),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print phitune's version and exit"),
+):
     STATE["debug"] = debug
     setup_logging(verbose=debug)
 
@@ -46,6 +59,8 @@ def setup_logging(verbose: bool = False) -> None:
         # environment they read then.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        # transformers' weight-loading bars read this too; phitune's own console shows training progress
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -254,30 +269,59 @@ def data(
     print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
 
 
-def main() -> None:
-    """Entry point: run the app, printing PhituneError as one line (a traceback only with --debug)."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and end with one line and an exit code a script can test.
+
+    Bad input of any kind (a PhituneError, or a usage mistake caught by typer's parser) is one line on stderr and
+    exit code 2 (a traceback only with --debug); an interrupt (Ctrl-C, SIGTERM) is one line and exit code 130."""
+    _interrupts_raise()
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, prog_name="phitune", standalone_mode=False)
     except PhituneError as exc:
         if STATE["debug"]:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every worker fails alike: say it once
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors and friends arrive here in non-standalone mode
-        import click
+        code = getattr(exc, "exit_code", 2)
+        _say(f"error: {exc}")
+    except KeyboardInterrupt:  # typer turns it into exit code 130 itself; this covers the moments outside its reach
+        code = 130
+    except typer.TyperException as exc:  # typer's own (vendored) click: usage mistakes, --help's exit
+        code = _usage_error(exc)
+    except typer.Abort:  # end of input at a prompt
+        code = 130
+    if code == 130:
+        _say(f"error: interrupted by {STATE['signal']}; the command did not finish")
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+
+def _usage_error(exc) -> int:
+    """A usage mistake as one line: typer's message (with its 'Did you mean ...?') and where help is."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "phitune"
+    message = exc.format_message().strip().rstrip(".")
+    if not message:  # `phitune` alone: typer has just printed the help screen
+        message = "no command given; choose one of the commands above"
+    _say(f"error: {message} (see: {where} --help)")
+    return getattr(exc, "exit_code", 2)
+
+
+def _say(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every worker fails alike: say it once
+        print(line, file=sys.stderr, flush=True)
+
+
+def _interrupts_raise() -> None:
+    """SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt, exit code 130), and the final line names it.
+    Training installs its own handler on top (phitune.train_support.GracefulStop), which defers to this one on a
+    second signal."""
+    def interrupt(signum, frame):
+        STATE["signal"] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, interrupt)
+        except ValueError:  # not the main thread (an embedding program): leave its signals alone
+            return
 
 
 if __name__ == "__main__":

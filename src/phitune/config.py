@@ -207,7 +207,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
             if not isinstance(node[part], dict):
                 raise PhituneError(f"--set {item!r}: {part} is not a section")
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise PhituneError(f"--set {item!r}: the value is not valid YAML ({first_line(exc)}); quote it, e.g. "
+                               f"{key.strip()}='\"...\"'") from None
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -305,7 +309,45 @@ def _validate_training(values, problems: list[str], method: str = "sft") -> dict
             problem = check_value("training_config", key, values[key], valid[key])
             if problem:  # SFTConfig itself accepts `max_steps: ten`
                 problems.append(problem)
+    _check_training_ranges(values, problems)
     return dict(values)
+
+
+# Counts that must be at least 1: transformers fails on a batch size of 0 only once the model has loaded.
+POSITIVE_TRAINING_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+# Intervals in steps (a float below 1 is a fraction of the run), checked where their strategy uses them.
+STEP_INTERVALS = {"save_steps": "save_strategy", "eval_steps": "eval_strategy", "logging_steps": "logging_strategy"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_training_ranges(values: dict, problems: list[str]) -> None:
+    """Ranges TrainingArguments accepts but that make no sense: a negative epoch count trains 0 steps and exits 0,
+    leaving an untrained adapter marked complete; a batch size of 0 fails only after the model has loaded."""
+    def bad(key, test) -> bool:
+        return _number(values.get(key)) and test(values[key])
+
+    for key in POSITIVE_TRAINING_INTS:
+        if bad(key, lambda v: v < 1):
+            problems.append(f"training_config.{key} must be at least 1, got {values[key]!r}")
+    if bad("num_train_epochs", lambda v: v < 0):
+        problems.append(f"training_config.num_train_epochs must be positive, got {values['num_train_epochs']!r}")
+    if bad("max_steps", lambda v: v == 0 or v < -1):  # transformers 5 trains max_steps 0 as zero steps
+        problems.append(f"training_config.max_steps must be a positive number of steps, or -1 to train "
+                        f"num_train_epochs; got {values['max_steps']!r}")
+    elif values.get("num_train_epochs") == 0 and not bad("max_steps", lambda v: v > 0):
+        problems.append("training_config.num_train_epochs is 0 and max_steps is not set: the run would train "
+                        "nothing; set max_steps or num_train_epochs above 0")
+    if bad("learning_rate", lambda v: v <= 0):
+        problems.append(f"training_config.learning_rate must be positive, got {values['learning_rate']!r}")
+    if bad("warmup_steps", lambda v: v < 0):
+        problems.append(f"training_config.warmup_steps must be 0 or more, got {values['warmup_steps']!r}")
+    for key, strategy in STEP_INTERVALS.items():
+        if values.get(strategy, "steps") == "steps" and bad(key, lambda v: v <= 0):
+            problems.append(f"training_config.{key} must be positive (steps, or a fraction of the run below 1), "
+                            f"got {values[key]!r}")
 
 
 def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
@@ -346,6 +388,10 @@ def _check_values(data: DataConfig, problems: list[str]) -> None:
         problems.append(f"data.eval_split must be in [0, 1), got {data.eval_split}")
     if isinstance(data.max_seq_length, int) and data.max_seq_length < 8:
         problems.append(f"data.max_seq_length must be at least 8, got {data.max_seq_length}")
+    for key in ("max_train_examples", "max_eval_examples", "num_proc"):
+        value = getattr(data, key)
+        if isinstance(value, int) and value < 1:  # a cap of -1 would silently drop the last row (a slice)
+            problems.append(f"data.{key} must be at least 1 (or null for no limit), got {value}")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

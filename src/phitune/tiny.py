@@ -13,6 +13,8 @@ ASSETS = Path(__file__).parent / "assets"
 TINY_BASE = ASSETS / "tiny-phi3"
 DEMO_DATA = ASSETS / "demo_chat"
 CORPUS = ASSETS / "corpus.txt"
+PHI3_TOKENIZER = ASSETS / "phi3-tokenizer"  # the real Phi-3 tokenizer, rebuilt offline (see its README.md)
+PHI3_VOCAB_SIZE = 32064  # Phi-3-mini's embedding rows: 32,011 tokens padded to a multiple of 64
 
 # Phi-3's special tokens, with the same roles: <unk> pads, <|endoftext|> is eos, <|end|> closes every turn.
 SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -83,19 +85,32 @@ def demo_texts() -> list[str]:
     return texts or ["The capital of France is Paris."]
 
 
-def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 2048, **shape) -> Path:
-    """Write a randomly initialised tiny Phi-3 and its tokenizer to `output_dir`; return the directory."""
+def build_tiny_model(output_dir: str | Path, seed: int = 0, vocab_size: int = 2048, real_tokenizer: bool = False,
+                     **shape) -> Path:
+    """Write a randomly initialised tiny Phi-3 and its tokenizer to `output_dir`; return the directory.
+
+    real_tokenizer: Phi-3's own tokenizer files (copied as they are) and its 32,064 embedding rows, instead of a
+    byte-level BPE of `vocab_size` pieces trained here."""
+    import shutil
+
     import torch
-    from transformers import Phi3ForCausalLM
+    from transformers import AutoTokenizer, Phi3ForCausalLM
 
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(demo_texts(), vocab_size=vocab_size)
+    if real_tokenizer:
+        shutil.copytree(PHI3_TOKENIZER, output_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.md"))
+        tokenizer, rows = AutoTokenizer.from_pretrained(output_dir), PHI3_VOCAB_SIZE
+    else:
+        tokenizer = build_tokenizer(demo_texts(), vocab_size=vocab_size)
+        tokenizer.save_pretrained(output_dir)
+        rows = len(tokenizer)
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(tiny_config(len(tokenizer), **shape))
+    config = tiny_config(rows, **shape)
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = Phi3ForCausalLM(config)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     return output_dir
 
 

@@ -173,7 +173,13 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal_name:  # a second Ctrl-C means: stop now
+        if self.signal_name:  # a second signal means: stop now, as the handler before ours would (the CLI's says so)
+            last = latest_complete_checkpoint(Path(self.trainer.args.output_dir))
+            log.warning("second %s: stopping now without saving; %s", signal.Signals(signum).name,
+                        f"resume from {last} with --resume" if last else "no complete checkpoint was written")
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)

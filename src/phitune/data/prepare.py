@@ -98,7 +98,7 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
             with _quiet_progress():
                 _make(cfg, tokenizer, template, work)
             work.rename(final)
-    return _load(final, cfg.max_seq_length, fingerprint, reused)
+    return _load(final, cfg, fingerprint, reused)
 
 
 @contextmanager
@@ -116,8 +116,11 @@ def _quiet_progress():
 
 
 def data_fingerprint(cfg: DataConfig, tokenizer, template: str) -> str:
-    """Hash of everything that changes the prepared tokens; not of num_proc, cache_dir or on_bad_row."""
-    code = b"".join((Path(__file__).parent / name).read_bytes() for name in ("prepare.py", "formats.py", "readers.py"))
+    """Hash of everything that changes the prepared tokens and which rows are kept: the files, the tokenizer and its
+    template, the data settings, the code. Not of num_proc or cache_dir (no effect on the result), nor on_bad_row:
+    an entry keeps every good row and the list of bad ones, and _load applies on_bad_row."""
+    code = b"".join((Path(__file__).parent / name).read_bytes()
+                    for name in ("prepare.py", "formats.py", "readers.py", "__init__.py"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = {
         "sources": [_source_identity(s, cfg) for s in (cfg.train, cfg.eval) if s],
@@ -143,11 +146,12 @@ def _make(cfg: DataConfig, tokenizer, template: str, work: Path) -> None:
     """Read, check, split and tokenize into `work`; meta.json last, so a directory with it is complete."""
     work.mkdir(parents=True)
     train_raw, fmt = _raw_rows(cfg.train, cfg.split, cfg, work / "train-raw")
-    train_good, skipped = _check(train_raw, fmt, cfg, cfg.train, work / "train-check")
-    if cfg.eval:
-        eval_raw, _ = _raw_rows(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, work / "eval-raw", fmt)
-        eval_good, eval_skipped = _check(eval_raw, fmt, cfg, cfg.eval, work / "eval-check")
-        skipped += eval_skipped
+    train_good, skipped, error = _check(train_raw, fmt, cfg, cfg.train, work / "train-check")
+    eval_fmt = fmt
+    if cfg.eval:  # format: auto detects each file's format on its own (a sharegpt train file, an alpaca eval file)
+        eval_raw, eval_fmt = _raw_rows(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, work / "eval-raw")
+        eval_good, eval_skipped, eval_error = _check(eval_raw, eval_fmt, cfg, cfg.eval, work / "eval-check")
+        skipped, error = skipped + eval_skipped, error or eval_error
         train_indices, eval_indices = train_good, eval_good
     else:
         from phitune.data import split_eval
@@ -156,29 +160,34 @@ def _make(cfg: DataConfig, tokenizer, template: str, work: Path) -> None:
         train_indices, eval_indices = split_eval(train_good, cfg.eval_split, cfg.seed)
     train_indices = train_indices[: cfg.max_train_examples or None]
     eval_indices = eval_indices[: cfg.max_eval_examples or None]
-    settings = dict(fmt=fmt, tokenizer=tokenizer, template=template, cfg=cfg)
-    files = {"train": _tokenize(train_raw.select(train_indices), work / "train", **settings)}
+    settings = dict(tokenizer=tokenizer, template=template, cfg=cfg)
+    files = {"train": _tokenize(train_raw.select(train_indices), work / "train", fmt=fmt, **settings)}
     if eval_indices:
-        files["eval"] = _tokenize(eval_raw.select(eval_indices), work / "eval", **settings)
+        files["eval"] = _tokenize(eval_raw.select(eval_indices), work / "eval", fmt=eval_fmt, **settings)
     samples = [_messages(text, fmt) for text in train_raw.select(train_indices[:SAMPLES])["text"]]
     for name in ("train-raw", "train-check", "eval-raw", "eval-check"):
         shutil.rmtree(work / name, ignore_errors=True)
-    meta = {"format": fmt, "skipped": skipped, "files": files, "samples": samples}
+    # `error`: what on_bad_row: error stops with; the entry is shared by both settings and applied on load.
+    meta = {"format": fmt, "skipped": skipped, "error": error, "files": files, "samples": samples}
     (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
 
 
-def _load(final: Path, max_seq_length: int, fingerprint: str, reused: bool) -> PreparedData:
+def _load(final: Path, cfg: DataConfig, fingerprint: str, reused: bool) -> PreparedData:
+    """The prepared sets of a cache entry; with on_bad_row: error, the first bad row stops here as it would have
+    stopped the preparation (the entry may have been made with skip, by `phitune data` for one)."""
     import datasets
 
     meta = json.loads((final / "meta.json").read_text(encoding="utf-8"))
+    if cfg.on_bad_row == "error" and meta["error"]:
+        raise PhituneError(meta["error"])
     sets = {name: PreparedSet(datasets.concatenate_datasets([datasets.Dataset.from_file(str(final / f))
-                                                            for f in files]), max_seq_length)
+                                                            for f in files]), cfg.max_seq_length)
             for name, files in meta["files"].items()}
     return PreparedData(train=sets["train"], eval=sets.get("eval"), format=meta["format"], skipped=meta["skipped"],
                         samples=meta["samples"], fingerprint=fingerprint, reused=reused)
 
 
-def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path, fmt: str | None = None):
+def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path):
     """An Arrow dataset of (line, text): one JSON object text per row; and the format, detected from row one."""
     import datasets
 
@@ -194,9 +203,7 @@ def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path, fmt: str |
         texts = [json.dumps(r, ensure_ascii=False, default=str) for _, r in rows] + [None] * len(bad)
         problems = [None] * len(rows) + [str(b) for b in bad]
         raw = datasets.Dataset.from_dict({"line": lines, "text": texts, "problem": problems})
-    if fmt is None:
-        fmt = cfg.format if cfg.format != "auto" else _detect(raw, source)
-    return raw, fmt
+    return raw, cfg.format if cfg.format != "auto" else _detect(raw, source)
 
 
 def _bad_line(problem: BadRow) -> int:
@@ -208,7 +215,8 @@ def _jsonl_to_arrow(path: Path, target: Path, chunk_bytes: int = 32 << 20) -> Pa
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
-    writer, number, tail = ArrowWriter(path=str(target)), 0, b""
+    schema = pa.schema({"line": pa.int64(), "text": pa.string()})  # given: a file of no lines has no row to infer it
+    writer, number, tail = ArrowWriter(path=str(target), schema=schema), 0, b""
     try:
         with path.open("rb") as source:
             while chunk := source.read(chunk_bytes) or tail:
@@ -218,8 +226,8 @@ def _jsonl_to_arrow(path: Path, target: Path, chunk_bytes: int = 32 << 20) -> Pa
                     texts = [line.decode("utf-8") for line in lines]
                 except UnicodeDecodeError:
                     _raise_not_utf8(path)
-                writer.write_table(pa.table({"line": pa.array(range(number + 1, number + len(texts) + 1)),
-                                             "text": pa.array(texts, pa.string())}))
+                writer.write_table(pa.table([pa.array(range(number + 1, number + len(texts) + 1), pa.int64()),
+                                             pa.array(texts, pa.string())], schema=schema))
                 number += len(texts)
         writer.finalize()
     except OSError as exc:
@@ -278,8 +286,9 @@ def _where(source: str, number: int) -> str:
     return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
-def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[list[int], list[str]]:
-    """Indices of good rows and the `file:line: why` of bad ones; raise the first when on_bad_row is error."""
+def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[list[int], list[str], str | None]:
+    """Indices of good rows, the `file:line: why` of bad ones, and the error of the first (raised when on_bad_row
+    is error)."""
     folder.mkdir()
     checked = raw.map(_check_batch, batched=True, batch_size=BATCH * 4, fn_kwargs={"fmt": fmt, "source": source},
                       num_proc=_procs(cfg, len(raw)),
@@ -289,15 +298,18 @@ def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[l
     bad = np.flatnonzero((status == READ_BAD) | (status == ROW_BAD))
     order = bad[np.lexsort((bad, status[bad]))]  # reading problems first, as the reader reports them first
     problems = list(checked.select(order)["problem"]) if len(order) else []
-    if problems and cfg.on_bad_row == "error":
+    error = None
+    if problems:
         suffix = " (set data.on_bad_row: skip to skip such rows)" if status[order[0]] == ROW_BAD else ""
-        raise PhituneError(problems[0] + suffix)
+        error = problems[0] + suffix
+        if cfg.on_bad_row == "error":
+            raise PhituneError(error)
     good = np.flatnonzero(status == OK)
     if not len(good):
         if not np.any(status == ROW_BAD):
             raise PhituneError(f"{source}: no rows")
         raise PhituneError(f"{source}: the dataset is empty after skipping {len(problems)} bad rows")
-    return good.tolist(), problems
+    return good.tolist(), problems, error
 
 
 def _token() -> str:

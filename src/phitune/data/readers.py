@@ -57,6 +57,8 @@ def _is_local(path: Path) -> bool:
             raise PhituneError(f"{path} is a directory, not a data file; name the file itself")
         if not path.is_file():
             raise PhituneError(f"data file not found: {path}")
+        if path.stat().st_size == 0:  # each reader would say it differently, one in a library's traceback
+            raise PhituneError(f"{path}: the file is empty (0 bytes); it needs rows of chat data")
         return True
     if path.exists():
         raise PhituneError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
@@ -93,8 +95,11 @@ def _read_jsonl(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
 
 
 def _read_json(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
+    text = _read_text(path)
+    if not text.strip():
+        raise PhituneError(f"{path}: the file holds only blank space; it needs a JSON list of rows")
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text)
     except ValueError as exc:
         raise PhituneError(f"{path}: malformed JSON ({first_line(exc)})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the single list inside

@@ -38,6 +38,7 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
     output = Path(output)
     if fmt not in FORMATS:
         raise PhituneError(f"--format {fmt} is not one of: {', '.join(FORMATS)}")
+    check_export_extras(fmt, check_quant(quant))
     if output.exists():
         raise PhituneError(f"{output} exists; choose a new --output file")
     if ollama and fmt != "gguf":
@@ -53,6 +54,20 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
         write_gguf_lora(adapter_dir, output)
         return ExportResult(path=output, format=fmt)
     return _export_gguf(model_cfg, adapter_dir, output, check_quant(quant), ollama)
+
+
+def check_export_extras(fmt: str, quant: str) -> None:
+    """The optional packages an export needs, imported first: a missing one is a one-line error before the model
+    is loaded and merged (minutes for a real model), not after."""
+    from phitune.export.quant import LLAMA_QUANTIZE, require_llama_cpp
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise PhituneError("phitune export needs the gguf package, which the [export] extra installs: "
+                           "pip install 'phitune[export]'") from None
+    if fmt == "gguf" and quant in LLAMA_QUANTIZE:
+        require_llama_cpp(quant)
 
 
 def _export_gguf(model_cfg, adapter_dir, output: Path, quant: str, ollama: bool) -> ExportResult:

@@ -85,13 +85,19 @@ def byte_shape(shape: tuple[int, ...], qtype: int) -> tuple[tuple[int, ...], obj
     return gguf.quant_shape_to_byte_shape(shape, kind), np.dtype(np.uint8)
 
 
-def llama_quantize(source: Path, output: Path, quant: str, threads: int = 0) -> None:
-    """Quantise an f16 GGUF with llama.cpp's own quantiser (llama_model_quantize, as `llama-quantize` runs it)."""
+def require_llama_cpp(quant: str):
+    """llama-cpp-python, which the quants beyond DIRECT need; a one-line error naming the way round when missing."""
     try:
         import llama_cpp
     except ImportError:
         raise PhituneError(f"--quant {quant} is done by llama.cpp's quantiser: pip install llama-cpp-python, or "
                            f"export f16 and run llama-quantize FILE.gguf OUT.gguf {quant.upper()}") from None
+    return llama_cpp
+
+
+def llama_quantize(source: Path, output: Path, quant: str, threads: int = 0) -> None:
+    """Quantise an f16 GGUF with llama.cpp's own quantiser (llama_model_quantize, as `llama-quantize` runs it)."""
+    llama_cpp = require_llama_cpp(quant)
     import gguf
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -1,0 +1,52 @@
+"""What a resume must look like from inside the trainer, for the resume tests of every method.
+
+An uninterrupted run and a run that silently starts over end at the same adapter (training is deterministic), so
+equal adapters do not prove a resume. What does: the resumed `Trainer.train` call trains only the steps after the
+checkpoint, and its optimizer starts from the checkpoint's optimizer state (Adam's moments), not from zero.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+
+def watch_training(monkeypatch) -> list[dict]:
+    """Record, for each `Trainer.train` call from now on, the global step each optimizer step ends at and the
+    optimizer's state at its first training step; return the list the records are appended to."""
+    from transformers import Trainer
+
+    runs: list[dict] = []
+    train, training_step = Trainer.train, Trainer.training_step
+
+    def watched_train(self, *args, **kwargs):
+        runs.append({"steps": [], "optimizer": None})
+        return train(self, *args, **kwargs)
+
+    def watched_step(self, model, inputs, num_items_in_batch=None):
+        run = runs[-1]
+        if run["optimizer"] is None:
+            run["optimizer"] = copy.deepcopy(self.optimizer.state_dict()["state"])
+        if self.state.global_step + 1 not in run["steps"]:  # once per optimizer step, whatever the accumulation
+            run["steps"].append(self.state.global_step + 1)
+        return training_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(Trainer, "train", watched_train)
+    monkeypatch.setattr(Trainer, "training_step", watched_step)
+    return runs
+
+
+def assert_resumed(run: dict, checkpoint: Path, max_steps: int) -> None:
+    """`run` (from watch_training) trained exactly steps checkpoint+1..max_steps, starting from the optimizer state
+    saved in `checkpoint`."""
+    done = int(checkpoint.name.rsplit("-", 1)[1])
+    assert run["steps"] == list(range(done + 1, max_steps + 1)), (
+        f"the resumed run trained steps {run['steps'][:3]}...{run['steps'][-1:]}, not {done + 1}..{max_steps}")
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
+    started = run["optimizer"]
+    assert saved and started.keys() == saved.keys(), "the resumed optimizer did not start from the checkpoint's state"
+    for index, moments in saved.items():
+        for name, value in moments.items():
+            assert torch.equal(started[index][name], value), f"optimizer state {index}.{name} differs from the checkpoint"
