@@ -105,7 +105,7 @@ def test_padding_free_does_not_attend_across_examples(tiny_model_dir):
     torch.testing.assert_close(logits_a, logits_b, **TOL)
 
 
-def _train(make_config, speed: dict, training: dict | None = None):
+def _train(make_config, speed: dict, training: dict | None = None, model: dict | None = None):
     """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer, with
     each step's raw gradients (no clipping) in `trainer.gradients`."""
     from phitune.data import load_conversations
@@ -119,6 +119,7 @@ def _train(make_config, speed: dict, training: dict | None = None):
         training_config={"max_steps": 2, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-2,
                          "lr_scheduler_type": "constant", "max_grad_norm": 0.0, **(training or {})},
         speed=speed,
+        **({"model": model} if model else {}),  # None would replace the section
     )
     tokenizer = load_tokenizer(cfg.model)
     plan = plan_run(cfg)
@@ -138,13 +139,13 @@ def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _step_mismatches(trainer, reference) -> list[str]:
+def _step_mismatches(trainer, reference, dtype=torch.float32) -> list[str]:
     """gradient_mismatches at each of the two steps: step 1 checks LoRA B's gradient at the shared start (B = 0,
     so A has none yet); step 2, after one update, every LoRA weight's."""
     assert len(trainer.gradients) == len(reference.gradients) == 2
     assert without_signal(reference.gradients[1]) == []
     return [f"step {i + 1}: {line}" for i, (got, want) in enumerate(zip(trainer.gradients, reference.gradients))
-            for line in gradient_mismatches(got, want)]
+            for line in gradient_mismatches(got, want, dtype)]
 
 
 def _checkpoint_func(trainer):
