@@ -10,11 +10,19 @@ import random
 from dataclasses import dataclass, field
 
 from phitune.config import DataConfig
+from phitune.data.encode import (  # IGNORE_INDEX, render_with_mask, training_chat_template: public here too
+    IGNORE_INDEX,
+    encode_with_masks,
+    label_tokens,
+    render_with_mask,
+    training_chat_template,
+)
 from phitune.data.formats import Messages, detect_format, to_messages
-from phitune.data.readers import BadRow, read_rows
+from phitune.data.readers import BadRow, read_rows, row_location
 from phitune.errors import PhituneError
 
-IGNORE_INDEX = -100  # label value that the loss ignores
+__all__ = ["IGNORE_INDEX", "Conversations", "TokenizedSet", "load_conversations", "render_with_mask", "split_eval",
+           "tokenize_conversations", "training_chat_template"]
 
 
 @dataclass
@@ -29,9 +37,17 @@ class Conversations:
 
 def load_conversations(cfg: DataConfig) -> Conversations:
     """Read train (and eval) data, normalise every row to messages, and split off eval if no eval file is given."""
-    train, fmt, skipped = _read_source(cfg.train, cfg.split, cfg)
+    train, evals, fmt, skipped = load_splits(cfg, _read_source)
+    return Conversations(train=train, eval=evals, format=fmt, skipped=skipped)
+
+
+def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
+    """(train, eval, format, skipped rows) of cfg's data, for any kind of row: `read(source, split, cfg)` gives a
+    file's items, their format and its skipped rows. data.eval_split is held out of train when no eval file is
+    given, then the max_train_examples / max_eval_examples caps apply."""
+    train, fmt, skipped = read(cfg.train, cfg.split, cfg)
     if cfg.eval:
-        evals, _, eval_skipped = _read_source(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
+        evals, _, eval_skipped = read(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
         skipped += eval_skipped
     else:
         train, evals = split_eval(train, cfg.eval_split, cfg.seed)
@@ -39,7 +55,7 @@ def load_conversations(cfg: DataConfig) -> Conversations:
         train = train[: cfg.max_train_examples]
     if cfg.max_eval_examples:
         evals = evals[: cfg.max_eval_examples]
-    return Conversations(train=train, eval=evals, format=fmt, skipped=skipped)
+    return train, evals, fmt, skipped
 
 
 def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Messages], str, list[str]]:
@@ -50,7 +66,7 @@ def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Message
     conversations = []
     for number, row in rows:
         try:
-            conversations.append(to_messages(row, fmt, _where(source, number)))
+            conversations.append(to_messages(row, fmt, row_location(source, number)))
         except BadRow as problem:
             if cfg.on_bad_row == "error":
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
@@ -58,10 +74,6 @@ def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Message
     if not conversations:
         raise PhituneError(f"{source}: the dataset is empty after skipping {len(bad)} bad rows")
     return conversations, fmt, [str(b) for b in bad]
-
-
-def _where(source: str, number: int) -> str:
-    return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
 def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -113,70 +125,23 @@ def tokenize_conversations(
     """Render each conversation with the training chat template; label assistant tokens (or all), truncate.
 
     Labels equal input_ids on assistant content and its closing `<|end|>` (the model must learn to stop), and
-    IGNORE_INDEX on system and user turns when train_on is "assistant".
+    IGNORE_INDEX on system and user turns when train_on is "assistant": phitune.data.encode's encoding and labels,
+    the ones training's Arrow cache holds, in memory.
     """
     template = training_chat_template(tokenizer, train_on)
     out = TokenizedSet(input_ids=[], labels=[])
-    for index, messages in enumerate(conversations):
-        ids, mask = render_with_mask(tokenizer, messages, template)
-        labels = [t if (m or train_on == "all") else IGNORE_INDEX for t, m in zip(ids, mask)]
-        if len(ids) > max_seq_length:
-            out.truncated += 1
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+    encoded = encode_with_masks(tokenizer, conversations, template) if conversations else []
+    for index, (ids, mask) in enumerate(encoded):
+        ids, labels, length, masked = label_tokens(ids, mask, train_on, max_seq_length)
+        out.truncated += length > max_seq_length
+        if masked:
             problem = f"{name} example {index + 1}: every label is masked (assistant turn cut off by max_seq_length?)"
             if on_bad_row == "error":
                 raise PhituneError(problem + "; raise data.max_seq_length or set data.on_bad_row: skip")
             out.skipped.append(problem)
             continue
-        out.input_ids.append(ids)
-        out.labels.append(labels)
+        out.input_ids.append(ids.tolist())
+        out.labels.append(labels.tolist())
     if not out.input_ids:
         raise PhituneError(f"the {name} set is empty after skipping {len(out.skipped)} fully-masked examples")
     return out
-
-
-def render_with_mask(tokenizer, messages: Messages, template: str) -> tuple[list[int], list[int]]:
-    """Token ids of a rendered conversation and a 0/1 mask of the tokens inside {% generation %} blocks."""
-    encoded = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
-
-
-def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
-    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's.
-
-    With `train_on: all` the markers are not needed (every token is a label), so a template nobody has a training
-    variant of is used as it is.
-    """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    from phitune.data.templates import training_template_for
-
-    template = tokenizer.chat_template
-    if not template:
-        raise PhituneError("the tokenizer has no chat template; phitune needs one to render conversations")
-    if has_generation_markers(template):
-        return template
-    try:
-        family_template = training_template_for(tokenizer)  # Phi-4, Phi-4-mini (phitune.data.templates)
-    except ValueError as exc:
-        if train_on == "all":
-            return template
-        raise PhituneError(f"{exc}; add {{% generation %}} markers to the tokenizer's template") from None
-    if family_template is not None:
-        return family_template
-    try:
-        return get_training_chat_template(tokenizer) or template
-    except Exception:  # TRL raises for templates it has no training variant of
-        if all(tag in template for tag in ("<|user|>", "<|assistant|>", "<|end|>")):
-            from trl.chat_template_utils import phi3_training_chat_template
-
-            return phi3_training_chat_template  # a Phi-3 template revision TRL does not know verbatim
-        if train_on == "all":
-            return template
-        raise PhituneError(
-            "the tokenizer's chat template has no {% generation %} markers and TRL has no training variant of it, "
-            "so assistant turns cannot be found; add the markers to the template or set data.train_on: all"
-        ) from None

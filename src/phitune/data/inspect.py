@@ -20,9 +20,9 @@ import numpy as np
 
 from phitune.config import RunConfig
 from phitune.data import render_with_mask, training_chat_template
+from phitune.data.encode import END_OF_TURN
 
 HISTOGRAM_PNG = "data_lengths.png"
-END_OF_TURN = "<|end|>"
 
 
 @dataclass
@@ -74,11 +74,11 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     )
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
-    report.histogram = plot_lengths(lengths, limit, _output_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir) / HISTOGRAM_PNG)
     return report
 
 
-def _output_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
+def report_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
     """--output, else the run's output_dir when it exists already, else the current directory."""
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phitune.config import DataConfig
-from phitune.data import split_eval, _where
+from phitune.data import load_splits
 from phitune.data.formats import Messages, check_conversation
-from phitune.data.readers import BadRow, read_rows
+from phitune.data.readers import BadRow, read_rows, row_location
 from phitune.errors import PhituneError
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -64,16 +64,7 @@ def row_shape(row: dict) -> str:
 
 def load_preference_data(cfg: DataConfig) -> PreferenceData:
     """Read train (and eval) pairs; hold out data.eval_split of train when no eval file is given."""
-    train, fmt, skipped = _read_pairs(cfg.train, cfg.split, cfg)
-    if cfg.eval:
-        evals, _, eval_skipped = _read_pairs(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
-        skipped += eval_skipped
-    else:
-        train, evals = split_eval(train, cfg.eval_split, cfg.seed)
-    if cfg.max_train_examples:
-        train = train[: cfg.max_train_examples]
-    if cfg.max_eval_examples:
-        evals = evals[: cfg.max_eval_examples]
+    train, evals, fmt, skipped = load_splits(cfg, _read_pairs)
     return PreferenceData(train=train, eval=evals, format=fmt, skipped=skipped)
 
 
@@ -83,12 +74,12 @@ def _read_pairs(source: str, split: str, cfg: DataConfig) -> tuple[list[Preferen
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]
     if not is_preference_row(first):
-        raise PhituneError(f"{_where(source, rows[0][0])}: preference training needs chosen and rejected answers "
+        raise PhituneError(f"{row_location(source, rows[0][0])}: preference training needs chosen and rejected answers "
                            f"(and a prompt); this row has {', '.join(sorted(first)) or 'no columns'}")
     pairs = []
     for number, row in rows:
         try:
-            pairs.append(to_pair(row, _where(source, number)))
+            pairs.append(to_pair(row, row_location(source, number)))
         except BadRow as problem:
             if cfg.on_bad_row == "error":
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
@@ -249,7 +240,7 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     data.max_seq_length, other malformed rows."""
     from dataclasses import replace
 
-    from phitune.data.inspect import HISTOGRAM_PNG, _output_dir, example_tokens, plot_lengths
+    from phitune.data.inspect import HISTOGRAM_PNG, example_tokens, plot_lengths, report_dir
     from phitune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -274,7 +265,7 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     )
     report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
-    report.histogram = plot_lengths(totals, limit, _output_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir) / HISTOGRAM_PNG)
     return report
 
 

@@ -20,18 +20,16 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
 from phitune.config import DataConfig
+from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
 from phitune.data.formats import detect_format, to_messages
-from phitune.data.readers import BadRow, read_row_batches, read_rows
+from phitune.data.readers import BadRow, read_row_batches, read_rows, row_location
 from phitune.errors import PhituneError, first_line
 
-IGNORE_INDEX = -100
-END_OF_TURN = "<|end|>"
 ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
 BATCH = 256  # rows per map batch: big enough for batch encoding, small enough for bounded memory
 OK, READ_BAD, ROW_BAD, BLANK = 0, 1, 2, 3  # row status after the check pass
@@ -83,8 +81,6 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     """Prepared train and eval sets of `cfg`, from the cache when another run or process already made them."""
     from filelock import FileLock
 
-    from phitune.data import training_chat_template
-
     template = training_chat_template(tokenizer, cfg.train_on)
     cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data")
     cache.mkdir(parents=True, exist_ok=True)
@@ -120,7 +116,7 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: str) -> str:
     template, the data settings, the code. Not of num_proc or cache_dir (no effect on the result), nor on_bad_row:
     an entry keeps every good row and the list of bad ones, and _load applies on_bad_row."""
     code = b"".join((Path(__file__).parent / name).read_bytes()
-                    for name in ("prepare.py", "formats.py", "readers.py", "__init__.py"))
+                    for name in ("prepare.py", "encode.py", "formats.py", "readers.py", "__init__.py"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = {
         "sources": [_source_identity(s, cfg) for s in (cfg.train, cfg.eval) if s],
@@ -271,7 +267,7 @@ def _detect(raw, source: str) -> str:
         for line, text in zip(batch["line"], batch["text"]):
             row = _parse(text)
             if isinstance(row, dict):
-                return detect_format(row, _where(source, line))
+                return detect_format(row, row_location(source, line))
     raise PhituneError(f"{source}: no rows")
 
 
@@ -280,10 +276,6 @@ def _parse(text):
         return json.loads(text) if text and text.strip() else None
     except ValueError:
         return None
-
-
-def _where(source: str, number: int) -> str:
-    return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
 def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[list[int], list[str], str | None]:
@@ -339,7 +331,7 @@ def _check_row(line: int, text, problem, fmt: str, source: str) -> tuple[int, st
     except ValueError as exc:
         return READ_BAD, f"{source}:{line}: malformed JSON line ({first_line(exc)})"
     try:
-        to_messages(row, fmt, _where(source, line))
+        to_messages(row, fmt, row_location(source, line))
     except BadRow as bad:
         return ROW_BAD, str(bad)
     return OK, None
@@ -371,20 +363,20 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
                    stops: list[int]):
     """Render and tokenize a batch of rows in one call, then label, truncate and flag each row with numpy.
 
-    Same ids and labels as tokenize_conversations (tests/test_data_prepare.py holds them equal): labels are the ids
-    on tokens inside {% generation %} spans (or every token, train_on: all) and IGNORE_INDEX elsewhere.
+    The encoding and labels are phitune.data.encode's, as for tokenize_conversations (tests/test_data_prepare.py
+    holds the two equal): labels are the ids on tokens inside {% generation %} spans (or every token, train_on: all)
+    and IGNORE_INDEX elsewhere.
     """
     import pyarrow as pa
 
     conversations = [_messages(text, fmt) for text in batch["text"]]
     ids_out, labels_out, lengths, flags = [], [], [], {"truncated": [], "masked": [], "stop": []}
     for ids, mask in encode_with_masks(tokenizer, conversations, template):
-        labels = ids if train_on == "all" else np.where(mask, ids, IGNORE_INDEX)
-        lengths.append(len(ids))
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        ids, labels, length, masked = label_tokens(ids, mask, train_on, max_seq_length)
         trained = labels != IGNORE_INDEX
-        flags["truncated"].append(lengths[-1] > max_seq_length)
-        flags["masked"].append(not trained[1:].any())
+        lengths.append(length)
+        flags["truncated"].append(length > max_seq_length)
+        flags["masked"].append(masked)
         flags["stop"].append(bool((trained & np.isin(ids, stops)).any()))
         ids_out.append(ids)
         labels_out.append(labels.astype(np.int32))
@@ -393,33 +385,6 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
     return pa.table({"input_ids": _list_array(ids_out), "labels": _list_array(labels_out),
                      "length": pa.array(lengths, pa.int32()), **{k: pa.array(v, pa.bool_()) for k, v in flags.items()},
                      "key": pa.array(keys, pa.uint64())})
-
-
-def encode_with_masks(tokenizer, conversations: list, template: str):
-    """(ids, assistant mask) per conversation, as numpy arrays: apply_chat_template's, without its per-token loop.
-
-    The same three steps as `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template
-    (which also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and
-    mark every token that overlaps a span. transformers walks the tokens in Python (about 4% of the CPU, measured
-    without a profiler; cProfile's per-call cost made it look like a fifth); here the walk is vectorised: a token's
-    span is the first one that ends after the token starts, never moving back (the running maximum), and the token
-    is marked when it ends after that span starts. The batch encode itself is about 85% of the CPU.
-    """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
-                                         return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
-    encoded = tokenizer(texts, add_special_tokens=False)
-    for encoding, row_spans in zip(encoded.encodings, spans):
-        ids = np.asarray(encoding.ids, dtype=np.int32)
-        mask = np.zeros(len(ids), dtype=bool)
-        if row_spans and len(ids):
-            offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
-            bounds = np.asarray(row_spans, dtype=np.int64)
-            span = np.maximum.accumulate(np.searchsorted(bounds[:, 1], offsets[:, 0], side="right"))
-            inside = span < len(bounds)
-            mask[inside] = offsets[inside, 1] > bounds[span[inside], 0]
-        yield ids, mask
 
 
 def _list_array(arrays: list[np.ndarray]):

@@ -27,6 +27,11 @@ class BadRow(Exception):
         self.where = where
 
 
+def row_location(source: str, number: int) -> str:
+    """Where a row is, for messages: `file:line` in line-based files, `source: row N` elsewhere."""
+    return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
+
+
 def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> tuple[list[Row], list[BadRow]]:
     """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name."""
     path = Path(source)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phitune.data.encode import END_OF_TURN
 from phitune.errors import PhituneError
 
-END_OF_TURN = "<|end|>"
 END_OF_TURN_TOKENS = (END_OF_TURN, "<|im_end|>")  # Phi-3 and Phi-4-mini; Phi-4's ChatML-style turns
 # The GPT-2 pre-tokenizer regex: what a `ByteLevel(use_regex=True)` pre-tokenizer splits with, and what llama.cpp
 # runs for tokenizer.ggml.pre = "gpt-2". Any other pre-tokenizer would tokenize differently in llama.cpp.
