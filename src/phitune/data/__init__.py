@@ -137,15 +137,17 @@ def tokenize_conversations(
 
 
 def render_with_mask(tokenizer, messages: Messages, template: str) -> tuple[list[int], list[int]]:
-    """Token ids of a rendered conversation and a 0/1 mask of the tokens inside {% generation %} blocks."""
-    encoded = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    """Token ids of a rendered conversation and a 0/1 mask of the tokens inside {% generation %} blocks.
+
+    The same code as prepared data (prepare.encode_with_masks), so evaluation and training mask alike."""
+    from phitune.data.prepare import encode_with_masks
+
+    ids, mask = next(encode_with_masks(tokenizer, [messages], template))
+    return ids.tolist(), mask.astype(int).tolist()
 
 
 def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
-    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's.
+    """The tokenizer's chat template with {% generation %} markers: phitune's for the Phi family, else TRL's.
 
     With `train_on: all` the markers are not needed (every token is a label), so a template nobody has a training
     variant of is used as it is.

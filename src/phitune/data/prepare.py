@@ -396,30 +396,59 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
 
 
 def encode_with_masks(tokenizer, conversations: list, template: str):
-    """(ids, assistant mask) per conversation, as numpy arrays: apply_chat_template's, without its per-token loop.
+    """(ids, assistant mask) per conversation, as numpy arrays; `rendered_with_offsets` gives the texts too."""
+    for _, ids, _, mask in rendered_with_offsets(tokenizer, conversations, template):
+        yield ids, mask
 
-    The same three steps as `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template
-    (which also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and
-    mark every token that overlaps a span. transformers walks the tokens in Python (about 4% of the CPU, measured
-    without a profiler; cProfile's per-call cost made it look like a fifth); here the walk is vectorised: a token's
-    span is the first one that ends after the token starts, never moving back (the running maximum), and the token
-    is marked when it ends after that span starts. The batch encode itself is about 85% of the CPU.
+
+def rendered_with_offsets(tokenizer, conversations: list, template: str):
+    """(text, ids, own-text character offsets, assistant mask) per conversation.
+
+    Three steps, as in `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template (which
+    also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and mark
+    every token whose own text overlaps a span. A token's own text: Phi-3's chat tokens strip the whitespace after
+    them (rstrip), and the tokenizer reports that whitespace in the token's offsets; transformers' per-token loop
+    then marks `<|assistant|>` when the answer starts with a space or a newline. Here only the token's own
+    characters count (`_own_offsets`). The walk is vectorised: a token's span is the first one that ends after the
+    token starts, never moving back (the running maximum), and the token is marked when it ends after that span
+    starts. The batch encode itself is about 85% of the CPU.
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     encoded = tokenizer(texts, add_special_tokens=False)
-    for encoding, row_spans in zip(encoded.encodings, spans):
+    stripping = _stripping_added_tokens(tokenizer)
+    for text, encoding, row_spans in zip(texts, encoded.encodings, spans):
         ids = np.asarray(encoding.ids, dtype=np.int32)
+        offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
+        offsets = _own_offsets(text, ids, offsets, stripping)
         mask = np.zeros(len(ids), dtype=bool)
         if row_spans and len(ids):
-            offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
             bounds = np.asarray(row_spans, dtype=np.int64)
             span = np.maximum.accumulate(np.searchsorted(bounds[:, 1], offsets[:, 0], side="right"))
             inside = span < len(bounds)
             mask[inside] = offsets[inside, 1] > bounds[span[inside], 0]
-        yield ids, mask
+        yield text, ids, offsets, mask
+
+
+def _stripping_added_tokens(tokenizer) -> dict[int, str]:
+    """id -> text of the added tokens that swallow whitespace beside them (lstrip / rstrip)."""
+    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.lstrip or t.rstrip}
+
+
+def _own_offsets(text: str, ids: np.ndarray, offsets: np.ndarray, stripping: dict[int, str]) -> np.ndarray:
+    """Offsets narrowed, for each whitespace-stripping added token, to the characters of the token itself."""
+    if not stripping:
+        return offsets
+    offsets = offsets.copy()
+    for position in np.flatnonzero(np.isin(ids, list(stripping))):
+        start, end = offsets[position]
+        content = stripping[int(ids[position])]
+        found = text.find(content, start, end)
+        if found >= 0:
+            offsets[position] = found, found + len(content)
+    return offsets
 
 
 def _list_array(arrays: list[np.ndarray]):
