@@ -3,7 +3,7 @@
 Every `import` in every module counts, the ones inside functions too: a function-level import still makes the module
 depend on the one it imports, it only hides it until the function runs. Layers, bottom up:
 
-    base      errors, the package root, lora/, metrics, report, hub, tiny, config_types, config_methods
+    base      errors, the package root, lora/, metrics, console, report, hub, tiny, config_types, config_methods
     config    config
     library   data/, modeling, speed/, plan, memory, lora_backend, generate, evaluate, merge, export/
     lifecycle run, train_support, trainer_hooks
@@ -25,7 +25,7 @@ import phitune
 
 PACKAGE = Path(phitune.__file__).parent
 LAYERS = [
-    ("base", ("errors", "", "lora", "metrics", "report", "hub", "tiny", "config_types", "config_methods")),
+    ("base", ("errors", "", "lora", "metrics", "console", "report", "hub", "tiny", "config_types", "config_methods")),
     ("config", ("config",)),
     ("library", ("data", "modeling", "speed", "plan", "memory", "lora_backend", "generate", "evaluate", "merge",
                  "export")),

@@ -11,7 +11,8 @@ from conftest import write_jsonl
 from phitune.config import DataConfig, ModelConfig
 from phitune.data import load_conversations, tokenize_conversations
 from phitune.data import training_chat_template
-from phitune.data.prepare import encode_with_masks, prepare_data, training_set
+from phitune.data.encode import encode_with_masks
+from phitune.data.prepare import prepare_data, training_set
 from phitune.errors import PhituneError
 from phitune.modeling import load_tokenizer
 

@@ -194,12 +194,13 @@ def test_phi4_mini_tool_turns_train_the_call_not_the_definitions_or_the_result()
                                        tokenizer.encode("Clear skies.<|end|>", add_special_tokens=False)]
 
 
-def test_phi3_family_keeps_trls_template_end_and_final_eos():
+def test_phi3_family_trains_content_and_end_not_the_newline_after_it_or_the_final_eos():
+    """TRL's Phi-3 variant also trains the "\n" after <|end|> and the final eos, which the model never writes."""
     tokenizer = family_tokenizer("phi-3")
     ids, mask = render_with_mask(tokenizer, CHAT, training_chat_template(tokenizer))
-    runs = trained_runs(ids, mask)
-    assert runs[0] == tokenizer.encode("Paris.<|end|>\n", add_special_tokens=False)
-    assert runs[1] == tokenizer.encode("Rome, since 1871.<|end|>\n<|endoftext|>", add_special_tokens=False)
+    assert ids == list(tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"])
+    assert trained_runs(ids, mask) == [tokenizer.encode("Paris.<|end|>", add_special_tokens=False),
+                                       tokenizer.encode("Rome, since 1871.<|end|>", add_special_tokens=False)]
 
 
 def test_a_phi4_looking_template_that_renders_otherwise_is_refused():

@@ -1,7 +1,9 @@
 """speed.activation fused-lora: the plain path's loss and LoRA gradients, each layer keeping only its input, a
 `phitune train` run whose adapter is a plain PEFT adapter, and one-line refusals of what it does not support.
 
-CPU, the tiny Phi-3 in float32; "the same" means within TOL (only the summation order differs).
+CPU, the tiny Phi-3 in float32; "the same" means within TOL for losses, and for gradients within
+_equivalence.RELATIVE_TOLERANCE per tensor (only the summation order differs), compared themselves (B non-zero) or
+through plain SGD without clipping, never through AdamW steps, which hide a gradient's scale.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from torch import nn
 from phitune.errors import PhituneError
 from phitune.speed import fused_lora
 from phitune.speed.fused_lora import Projection, install_fused_lora
+
+from _equivalence import gradient_mismatches, without_signal
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; observed relative differences are ~4e-7
 
@@ -57,15 +61,35 @@ def _loss_and_grads(model, padding_free: bool = False, autocast: bool = False):
 
 @pytest.mark.parametrize("padding_free,targets", [(False, "all-linear"), (True, "all-linear"), (False, ["o_proj"])])
 def test_loss_and_lora_gradients_equal_the_plain_path(tiny_model_dir, padding_free, targets):
-    """All four projections with LoRA, or o_proj alone (the others plain linear layers)."""
+    """All four projections with LoRA, or o_proj alone (the others plain linear layers). The gradients themselves
+    are compared, B non-zero: test_gradient_check_sees_a_scaled_lora_B_gradient shows the comparison failing."""
     loss, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False, targets=targets), padding_free)
     fused_loss, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True, targets=targets), padding_free)
     torch.testing.assert_close(fused_loss, loss, **TOL)
     projections = 4 if targets == "all-linear" else 1
     assert len(grads) == 2 * projections * 2 and fused_grads.keys() == grads.keys()  # layers x projections x (A, B)
-    for name, grad in grads.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(fused_grads[name], grad, **TOL, msg=name)
+    assert without_signal(grads) == []
+    assert gradient_mismatches(fused_grads, grads) == []
+
+
+def test_gradient_check_sees_a_scaled_lora_B_gradient(tiny_model_dir, monkeypatch):
+    """Deliberate break: the fused formulas return twice B's gradient (the loss is untouched, and AdamW would
+    follow the same direction). The comparison reports the lora_B of every projection whose backward goes through
+    Projection.backward (gate_up_proj and down_proj; attention's projections are recomputed under autograd), and
+    nothing else."""
+    _, grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=False))
+    backward = Projection.backward
+
+    def doubled_B(self, g, x, xa):
+        grad_x, grad_A, grad_B = backward(self, g, x, xa)
+        return grad_x, grad_A, None if grad_B is None else 2 * grad_B
+
+    monkeypatch.setattr(Projection, "backward", doubled_B)
+    _, fused_grads = _loss_and_grads(_peft_model(tiny_model_dir, fused=True))
+    mismatched = gradient_mismatches(fused_grads, grads)
+    expected = {f"base_model.model.model.layers.{i}.mlp.{p}_proj.lora_B.default.weight" for i in (0, 1)
+                for p in ("gate_up", "down")}
+    assert {line.split(":")[0] for line in mismatched} == expected, mismatched
 
 
 def test_bf16_autocast_is_as_close_to_float32_as_the_plain_path(tiny_model_dir):
@@ -127,9 +151,11 @@ def _write_config(path, model_dir, demo_data, output_dir):
     raw = {
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
         "data": {"train": str(demo_data / "train.jsonl"), "max_seq_length": 64, "max_train_examples": 8},
-        "training_config": {"output_dir": str(output_dir), "max_steps": 2, "learning_rate": 1e-2, "seed": 0,
-                            "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
-                            "lr_scheduler_type": "constant", "disable_tqdm": True},
+        # plain SGD without clipping: each update is -lr x the gradient, so equal adapters mean equal gradients
+        # (AdamW's update would be about lr x sign(gradient), blind to its scale)
+        "training_config": {"output_dir": str(output_dir), "max_steps": 2, "optim": "sgd", "learning_rate": 1.0,
+                            "max_grad_norm": 0.0, "seed": 0, "per_device_train_batch_size": 4, "logging_steps": 1,
+                            "save_strategy": "no", "lr_scheduler_type": "constant", "disable_tqdm": True},
         "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
     }
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -146,9 +172,11 @@ def _logits(output_dir, model_dir):
 
 
 def test_phitune_train_with_fused_lora_saves_the_plain_paths_adapter(tiny_model_dir, demo_data, tmp_path, monkeypatch):
-    """`phitune train` with speed.activation fused-lora and none: same losses, and the saved adapters reload in plain
-    PEFT with the same logits; the fused layers really ran."""
+    """`phitune train` with speed.activation fused-lora and none, 2 SGD steps: same losses, the same B (its summed
+    gradients), and the saved adapters reload in plain PEFT with the same logits; the fused layers really ran."""
     import json
+
+    from safetensors.torch import load_file
 
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
@@ -170,6 +198,9 @@ def test_phitune_train_with_fused_lora_saves_the_plain_paths_adapter(tiny_model_
     assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     configs = [json.loads((outputs[a] / "adapter_config.json").read_text()) for a in ("none", "fused-lora")]
     assert configs[0] == configs[1]  # the same plain PEFT LoRA adapter, nothing fused-lora-specific in it
+    adapters = [load_file(str(outputs[a] / "adapter_model.safetensors")) for a in ("none", "fused-lora")]
+    sums = [{k: v for k, v in adapter.items() if "lora_B" in k} for adapter in adapters]  # -lr x B's gradients
+    assert without_signal(sums[0]) == [] and gradient_mismatches(sums[1], sums[0]) == []
     logits = _logits(outputs["none"], tiny_model_dir)
     torch.testing.assert_close(_logits(outputs["fused-lora"], tiny_model_dir), logits, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # the adapters moved: equal logits are not two untouched (B = 0) adapters

@@ -103,6 +103,7 @@ def test_statistics_are_read_from_the_prepared_columns_and_one_example_is_render
     import phitune.data as data
     import phitune.data.inspect as inspect_module
     from phitune.data import load_conversations, render_with_mask, training_chat_template
+    from phitune.data.encode import rendered_with_offsets
     from phitune.modeling import load_tokenizer
 
     cfg = _config(tiny_base_path(), DEMO_DATA / "train.jsonl", max_seq_length=64, cache_dir=str(tmp_path / "c"))
@@ -111,9 +112,53 @@ def test_statistics_are_read_from_the_prepared_columns_and_one_example_is_render
     lengths = sorted(len(render_with_mask(tokenizer, c, template)[0]) for c in load_conversations(cfg.data).train)
     rendered = []
     monkeypatch.setattr(data, "tokenize_conversations", lambda *a, **k: pytest.fail("tokenized in memory"))
-    monkeypatch.setattr(inspect_module, "render_with_mask", lambda *a: rendered.append(a) or render_with_mask(*a))
+    monkeypatch.setattr(inspect_module, "rendered_with_offsets",
+                        lambda *a: rendered.extend(a[1]) or rendered_with_offsets(*a))
     summary = inspect_data(cfg, tmp_path).summary()
     assert len(rendered) == 1
     assert summary["tokens (train)"] == sum(lengths) and type(summary["tokens (train)"]) is int
     assert summary["length min / median / max"] == f"{lengths[0]} / {lengths[len(lengths) // 2]} / {lengths[-1]}"
     assert summary["truncated (train)"] == sum(n > 64 for n in lengths) > 0
+
+
+KANNADA = [{"role": "system", "content": "Answer in Kannada."},
+           {"role": "user", "content": "What is the capital of Karnataka?"},
+           {"role": "assistant", "content": "ಬೆಂಗಳೂರು  (Bengaluru)."},
+           {"role": "user", "content": "ಕರ್ನಾಟಕದ ರಾಜಧಾನಿ ಯಾವುದು?"},
+           {"role": "assistant", "content": "\n  ಬೆಂಗಳೂರು.\tಹೌದು 🎉"}]
+
+
+def test_example_is_the_rendered_text_exactly_with_trained_runs_by_character():
+    """On the real Phi-3 tokenizer: SentencePiece word marks and byte-fallback pieces never reach the display."""
+    from transformers import AutoTokenizer
+
+    from phitune.data import training_chat_template
+    from phitune.data.inspect import example_runs
+    from phitune.tiny import PHI3_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    runs = example_runs(tokenizer, KANNADA, training_chat_template(tokenizer))
+    assert "".join(text for text, _ in runs) == tokenizer.apply_chat_template(KANNADA, tokenize=False)
+    assert [text for text, trained in runs if trained] == ["ಬೆಂಗಳೂರು  (Bengaluru).<|end|>", "ಬೆಂಗಳೂರು.\tಹೌದು 🎉<|end|>"]
+    everything = example_runs(tokenizer, KANNADA, training_chat_template(tokenizer), train_on="all")
+    assert everything == [(tokenizer.apply_chat_template(KANNADA, tokenize=False), True)]
+
+
+def test_data_command_prints_a_kannada_conversation_exactly(tmp_path):
+    from phitune.cli import app
+    from phitune.tiny import PHI3_TOKENIZER
+
+    """The issue's case: spaces gone and byte pieces shown as U+FFFD when each token was decoded alone. (Tabs are
+    left out here: rich expands them to spaces on a terminal; example_runs keeps them, as the test above shows.)"""
+    chat = [dict(m, content=m["content"].replace("\t", " ")) for m in KANNADA]
+    train = write_jsonl(tmp_path / "kn.jsonl", [{"messages": chat}])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name_or_path: {PHI3_TOKENIZER}}}\n"
+                      f"data: {{train: {train}, eval_split: 0, cache_dir: {tmp_path / 'cache'}}}\n")
+    result = CliRunner().invoke(app, ["data", str(config), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    shown = ("<|system|>\nAnswer in Kannada.<|end|>\n<|user|>\nWhat is the capital of Karnataka?<|end|>\n"
+             "<|assistant|>\nಬೆಂಗಳೂರು  (Bengaluru).<|end|>\n<|user|>\nಕರ್ನಾಟಕದ ರಾಜಧಾನಿ ಯಾವುದು?<|end|>\n"
+             "<|assistant|>\n\n  ಬೆಂಗಳೂರು. ಹೌದು 🎉<|end|>\n<|endoftext|>")
+    assert shown in result.output
+    assert "\ufffd" not in result.output and "\u2581" not in result.output

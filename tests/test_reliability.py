@@ -7,6 +7,7 @@ run side by side and float reductions happen in the same order in every run.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoin
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 ADAPTER = "adapter_model.safetensors"
+TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
 
 
 def write_config(directory: Path, model_dir: Path, **training) -> Path:
@@ -72,7 +74,7 @@ def last_line(text: str) -> str:
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
     proc = start_train(config)
-    wait_for(lambda: "'loss'" in (tmp_path / "train.out").read_text(), proc)
+    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc)
     proc.send_signal(signal.SIGTERM)
     code, stderr = finish(proc)
     assert code == 130, stderr[-2000:]
@@ -84,6 +86,24 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_p
     assert checkpoint is not None and str(checkpoint) in message
     assert (checkpoint / ADAPTER).is_file() and (checkpoint / "optimizer.pt").is_file()
     assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()  # the run is not marked finished
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_and_fails_with_130(tiny_model_dir, tmp_path, signum):
+    """The first signal asks for a checkpoint at the end of the step; a second one does not wait for it. Either way
+    the run must not look like a success to `phitune train c.yaml && phitune merge ...`."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
+    proc = start_train(config)
+    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc)
+    proc.send_signal(signum)
+    proc.send_signal(signum)
+    code, stderr = finish(proc)
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    message = last_line(stderr)
+    # the second signal arrives during the step (stopped now) or, rarely, after the checkpoint of the first
+    assert message.startswith(("error: interrupted by SIG", "error: stopped by SIG")), message
+    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
 
 
 def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
@@ -104,7 +124,8 @@ def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model
     code, stderr = finish(start_train(config, "--resume"))
     assert code == 0, stderr[-3000:]
     steps_done = int(complete.name.split("-")[1])
-    assert (tmp_path / "killed" / "resume.out").read_text().count("'loss':") == 12 - steps_done  # resumed, not redone
+    resumed_log = (tmp_path / "killed" / "resume.out").read_text()
+    assert len(TRAIN_LINE.findall(resumed_log)) == 12 - steps_done  # resumed, not redone
     assert finish(reference)[0] == 0
     resumed, uninterrupted = load_file(out / ADAPTER), load_file(tmp_path / "reference" / "out" / ADAPTER)
     assert resumed.keys() == uninterrupted.keys()

@@ -11,6 +11,7 @@ from phitune.errors import PhituneError
 from phitune.modeling import load_base_model, load_tokenizer
 from phitune.train import run_training
 
+from _equivalence import gradient_mismatches, without_signal
 from _resume import assert_resumed, watch_training
 
 
@@ -118,23 +119,41 @@ def test_resume_check_fails_on_a_run_that_starts_over(make_config, tmp_path, mon
         assert_resumed(runs[-1], resumed.output_dir / "checkpoint-3", max_steps=6)
 
 
+ACCUMULATION = {"max_steps": 1, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "eval_strategy": "no",
+                "lr_scheduler_type": "constant", "warmup_steps": 0}
+
+
+def one_sgd_step(make_config, directory: Path, **batch) -> tuple[dict, float]:
+    """(LoRA B, train loss) after one plain SGD step (lr 1, no clipping) from B = 0: B is minus its gradient."""
+    result = run_training(make_config(training_config={**ACCUMULATION, **batch, "output_dir": str(directory)}))
+    return lora_b_weights(result.output_dir), result.metrics["train_loss"]
+
+
 def test_gradient_accumulation_equals_the_larger_batch(make_config, tmp_path):
     """The 2024 accumulation bug: averaging per micro-batch over-weights short sequences. Rows here differ in length.
 
-    One SGD step without clipping: the weight change is -lr * gradient, so equal adapters mean equal gradients.
+    One SGD step without clipping from B = 0: B is minus the gradient, so the gradients themselves are compared
+    (test_accumulation_check_sees_per_micro_batch_averaging keeps the bug, and this comparison fails on it).
     """
-    common = {"max_steps": 1, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "eval_strategy": "no",
-              "lr_scheduler_type": "constant", "warmup_steps": 0}
-    big = run_training(make_config(training_config={**common, "per_device_train_batch_size": 8,
-                                                    "output_dir": str(tmp_path / "big")}))
-    accumulated = run_training(make_config(training_config={**common, "per_device_train_batch_size": 2,
-                                                            "gradient_accumulation_steps": 4,
-                                                            "output_dir": str(tmp_path / "acc")}))
-    a, b = lora_b_weights(big.output_dir), lora_b_weights(accumulated.output_dir)
-    assert any(v.abs().max() > 1e-4 for v in a.values())
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
-    assert big.metrics["train_loss"] == pytest.approx(accumulated.metrics["train_loss"], rel=1e-4)
+    big, big_loss = one_sgd_step(make_config, tmp_path / "big", per_device_train_batch_size=8)
+    accumulated, accumulated_loss = one_sgd_step(make_config, tmp_path / "acc", per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=4)
+    assert without_signal(big) == [] and gradient_mismatches(accumulated, big) == []
+    assert big_loss == pytest.approx(accumulated_loss, rel=1e-4)
+
+
+def test_accumulation_check_sees_per_micro_batch_averaging(make_config, tmp_path, monkeypatch):
+    """Deliberate break: the whole batch's token count is not passed down, so each micro-batch's loss is its own
+    mean, divided by the accumulation steps (transformers before the 2024 fix). Every B's gradient is reported."""
+    from phitune.train_support import PhituneTrainer
+
+    training_step = PhituneTrainer.training_step
+    monkeypatch.setattr(PhituneTrainer, "training_step",
+                        lambda self, model, inputs, num_items_in_batch=None: training_step(self, model, inputs, None))
+    big, _ = one_sgd_step(make_config, tmp_path / "big", per_device_train_batch_size=8)
+    accumulated, _ = one_sgd_step(make_config, tmp_path / "acc", per_device_train_batch_size=2,
+                                  gradient_accumulation_steps=4)
+    assert len(gradient_mismatches(accumulated, big)) == len(big) == 2 * 4
 
 
 def test_full_fine_tuning_without_peft_config(make_config):

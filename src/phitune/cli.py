@@ -283,14 +283,20 @@ def main(argv: list[str] | None = None) -> None:
         code = getattr(exc, "exit_code", 2)
         _say(f"error: {exc}")
     except KeyboardInterrupt:  # typer turns it into exit code 130 itself; this covers the moments outside its reach
-        code = 130
+        code = _interrupted()
     except typer.TyperException as exc:  # typer's own (vendored) click: usage mistakes, --help's exit
         code = _usage_error(exc)
     except typer.Abort:  # end of input at a prompt
-        code = 130
-    if code == 130:
-        _say(f"error: interrupted by {STATE['signal']}; the command did not finish")
+        code = _interrupted()
+    else:
+        if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
+            code = _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> int:
+    _say(f"error: interrupted by {STATE['signal']}; the command did not finish")
+    return 130
 
 
 def _usage_error(exc) -> int:
@@ -314,7 +320,7 @@ def _interrupts_raise() -> None:
     Training installs its own handler on top (phitune.train_support.GracefulStop), which defers to this one on a
     second signal."""
     def interrupt(signum, frame):
-        STATE["signal"] = signal.Signals(signum).name
+        STATE["signal"] = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
         raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,30 +1,63 @@
-"""Console output of finished runs: rich tables, written once here so every command looks the same."""
+"""Console output of finished runs: rich tables, written once here so every command looks the same (the live
+training console is phitune.console)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from phitune.console import console, format_duration, format_value
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+        return format_value(value) if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None else str(value)
 
 
 def print_run_summary(result) -> None:
-    """The metrics of a finished training run and where its files are."""
+    """The metrics of a finished training run, with units, and where its files are."""
     table = Table(title=f"phitune run: {result.output_dir}", show_header=False)
-    for key, value in result.metrics.items():
-        table.add_row(key, _fmt(value))
+    for label, value in run_summary_rows(result.metrics):
+        table.add_row(label, value)
     console.print(table)
     console.print(f"adapter, tokenizer, metrics.json and loss.png are in [bold]{result.output_dir}[/bold]")
+
+
+# metrics.json keys shown as "before -> after" (key_before, key_after), with their label and format
+BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity", "loss"),
+                ("preference_accuracy", "preference accuracy (held out)", "percent"),
+                ("reward_margin", "reward margin (held out)", "loss"), ("chosen_logp", "log p(chosen)", "loss"),
+                ("rejected_logp", "log p(rejected)", "loss")]
+
+
+def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of metrics.json for people: units, 4 significant digits, before -> after pairs; keys
+    without a row of their own follow under their own names."""
+    m = dict(metrics)
+    rows = [("method", str(m.pop("method")))] if "method" in m else []
+    rows.append(("steps", f"{m.pop('global_step', 0):,}"))
+    if "train_loss" in m:
+        rows.append(("train loss", format_value(m.pop("train_loss"))))
+    for key, label, kind in BEFORE_AFTER:
+        before, after = m.pop(f"{key}_before", None), m.pop(f"{key}_after", None)
+        if after is not None:
+            rows.append((label, " -> ".join(format_value(v, kind) for v in (before, after) if v is not None)))
+    if "train_runtime_s" in m:
+        rows.append(("training time", format_duration(m.pop("train_runtime_s"))))
+    tokens, speed = m.pop("train_tokens", None), m.pop("tokens_per_second", None)
+    if tokens:
+        rows.append(("tokens trained", f"{tokens:,}" + (f" ({speed:,.0f} tokens/s)" if speed else "")))
+    trainable, total = m.pop("trainable_parameters", None), m.pop("total_parameters", None)
+    if trainable is not None and total:
+        rows.append(("trainable parameters", f"{trainable:,} of {total:,} ({trainable / total:.2%})"))
+    rows.append(("examples", f"{m.pop('train_examples', 0):,} train, {m.pop('eval_examples', 0):,} eval "
+                             f"({m.pop('data_format', '?')} format)"))
+    rows += [(key.replace("_", " "), _fmt(value)) for key, value in m.items()]
+    return rows
 
 
 def print_demo_summary(result, question: str, reference: str, before: str, after: str) -> None:

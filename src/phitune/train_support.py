@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from phitune.console import use_console
 from phitune.errors import PhituneError
 from phitune.trainer_hooks import LoralibCheckpointing, check_private_hooks
 
@@ -68,6 +69,7 @@ class GuardedTraining:
         # phitune deletes old checkpoints itself, after the new one is complete (CompleteCheckpoints)
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         self.add_callback(CompleteCheckpoints(limit))
+        use_console(self)  # a progress bar and readable log lines instead of transformers' dicts
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -1,9 +1,8 @@
 """The one SFT encoding: a conversation rendered with the training chat template, tokenized, and labelled.
 
 Training (phitune.data.prepare, into the Arrow cache), evaluation and in-memory sets (phitune.data's
-tokenize_conversations) all go through `encode_with_masks` and `label_tokens`, so the ids and labels a model is
-trained on are the ones it is evaluated on. `render_with_mask` is apply_chat_template's own path, kept for
-`phitune data`'s example and as the reference tests/test_data_prepare.py checks the encoding against.
+tokenize_conversations), and `phitune data`'s example all go through `rendered_with_offsets` and `label_tokens`, so
+the ids and labels a model is trained on are the ones it is evaluated on, and the ones a user is shown.
 """
 
 from __future__ import annotations
@@ -29,42 +28,71 @@ def label_tokens(ids: np.ndarray, mask: np.ndarray, train_on: str, max_seq_lengt
 
 
 def encode_with_masks(tokenizer, conversations: list, template: str):
-    """(ids, assistant mask) per conversation, as numpy arrays: apply_chat_template's, without its per-token loop.
+    """(ids, assistant mask) per conversation, as numpy arrays; `rendered_with_offsets` gives the texts too."""
+    for _, ids, _, mask in rendered_with_offsets(tokenizer, conversations, template):
+        yield ids, mask
 
-    The same three steps as `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template
-    (which also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and
-    mark every token that overlaps a span. transformers walks the tokens in Python (about 4% of the CPU, measured
-    without a profiler; cProfile's per-call cost made it look like a fifth); here the walk is vectorised: a token's
-    span is the first one that ends after the token starts, never moving back (the running maximum), and the token
-    is marked when it ends after that span starts. The batch encode itself is about 85% of the CPU.
+
+def rendered_with_offsets(tokenizer, conversations: list, template: str):
+    """(text, ids, own-text character offsets, assistant mask) per conversation.
+
+    Three steps, as in `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template (which
+    also gives the character span of each {% generation %} block), tokenize the texts in one batch call, and mark
+    every token whose own text overlaps a span. A token's own text: Phi-3's chat tokens strip the whitespace after
+    them (rstrip), and the tokenizer reports that whitespace in the token's offsets; transformers' per-token loop
+    then marks `<|assistant|>` when the answer starts with a space or a newline. Here only the token's own
+    characters count (`_own_offsets`). The walk is vectorised: a token's span is the first one that ends after the
+    token starts, never moving back (the running maximum), and the token is marked when it ends after that span
+    starts. The batch encode itself is about 85% of the CPU.
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     encoded = tokenizer(texts, add_special_tokens=False)
-    for encoding, row_spans in zip(encoded.encodings, spans):
+    stripping = _stripping_added_tokens(tokenizer)
+    for text, encoding, row_spans in zip(texts, encoded.encodings, spans):
         ids = np.asarray(encoding.ids, dtype=np.int32)
+        offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
+        offsets = _own_offsets(text, ids, offsets, stripping)
         mask = np.zeros(len(ids), dtype=bool)
         if row_spans and len(ids):
-            offsets = np.fromiter(chain.from_iterable(encoding.offsets), np.int64, 2 * len(ids)).reshape(-1, 2)
             bounds = np.asarray(row_spans, dtype=np.int64)
             span = np.maximum.accumulate(np.searchsorted(bounds[:, 1], offsets[:, 0], side="right"))
             inside = span < len(bounds)
             mask[inside] = offsets[inside, 1] > bounds[span[inside], 0]
-        yield ids, mask
+        yield text, ids, offsets, mask
 
 
-def render_with_mask(tokenizer, messages: Messages, template: str) -> tuple[list[int], list[int]]:
-    """Token ids of a rendered conversation and a 0/1 mask of the tokens inside {% generation %} blocks."""
-    encoded = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+def _stripping_added_tokens(tokenizer) -> dict[int, str]:
+    """id -> text of the added tokens that swallow whitespace beside them (lstrip / rstrip)."""
+    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.lstrip or t.rstrip}
+
+
+def _own_offsets(text: str, ids: np.ndarray, offsets: np.ndarray, stripping: dict[int, str]) -> np.ndarray:
+    """Offsets narrowed, for each whitespace-stripping added token, to the characters of the token itself."""
+    if not stripping:
+        return offsets
+    offsets = offsets.copy()
+    for position in np.flatnonzero(np.isin(ids, list(stripping))):
+        start, end = offsets[position]
+        content = stripping[int(ids[position])]
+        found = text.find(content, start, end)
+        if found >= 0:
+            offsets[position] = found, found + len(content)
+    return offsets
+
+
+def render_with_mask(tokenizer, messages, template: str) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation and a 0/1 mask of the tokens inside {% generation %} blocks.
+
+    The same code as prepared data (encode_with_masks), so evaluation and training mask alike."""
+    ids, mask = next(encode_with_masks(tokenizer, [messages], template))
+    return ids.tolist(), mask.astype(int).tolist()
 
 
 def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
-    """The tokenizer's chat template with {% generation %} markers: phitune's for Phi-4 and Phi-4-mini, else TRL's.
+    """The tokenizer's chat template with {% generation %} markers: phitune's for the Phi family, else TRL's.
 
     With `train_on: all` the markers are not needed (every token is a label), so a template nobody has a training
     variant of is used as it is.

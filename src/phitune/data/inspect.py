@@ -2,7 +2,10 @@
 
 Only the tokenizer is loaded. The data is prepared by the same code as training (phitune.data.prepare, and its
 cache, so `phitune data` then `phitune train` tokenizes once); the statistics are read column by column from the
-Arrow files, so a million rows fit in memory; one sampled example is rendered to show its trained tokens.
+Arrow files, so a million rows fit in memory; one sampled example is rendered to show its trained tokens. The
+example is the rendered text itself, cut by the character offsets of the trained tokens: SentencePiece's "▁" and
+byte-fallback pieces (one Kannada letter is three tokens) decode to garbage one token at a time, so the text is never
+rebuilt from per-token decoding.
 
 The pad-token check looks at two tokenizers on purpose: the one training uses (phitune pads with `<unk>` when the
 tokenizer has one; if it has none, padding stays on the tokenizer's own pad token) and the raw tokenizer_config.
@@ -19,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from phitune.config import RunConfig
-from phitune.data import render_with_mask, training_chat_template
-from phitune.data.encode import END_OF_TURN
+from phitune.data import training_chat_template
+from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 
 HISTOGRAM_PNG = "data_lengths.png"
 
@@ -35,7 +38,7 @@ class DataReport:
     lengths: np.ndarray  # untruncated token length of each train example
     max_seq_length: int
     truncated: dict[str, int]
-    example: list[tuple[str, bool]]  # (token text, trained?) of one rendered example
+    example: list[tuple[str, bool]]  # one rendered example, exactly, in (text, trained?) runs
     histogram: Path | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -70,7 +73,8 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
         lengths=lengths,
         max_seq_length=limit,
         truncated={"train": int((lengths > limit).sum()), "eval": sets["eval"].truncated if "eval" in sets else 0},
-        example=example_tokens(tokenizer, *render_with_mask(tokenizer, sample, training_chat_template(tokenizer, cfg.data.train_on))),
+        example=example_runs(tokenizer, sample, training_chat_template(tokenizer, cfg.data.train_on),
+                             cfg.data.train_on),
     )
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
@@ -87,8 +91,25 @@ def report_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
 
 
 def example_tokens(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:
-    """Each token's text and whether it is trained on (its label is kept)."""
+    """Each token's text and whether it is trained on (its label is kept): for preference pairs, tokenized by TRL's
+    rules rather than rendered with a template (phitune.data.preference)."""
     return [(tokenizer.decode([token]), bool(m)) for token, m in zip(ids, mask)]
+
+
+def example_runs(tokenizer, messages: list[dict], template: str, train_on: str = "assistant") -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained?) runs, cut at the character offsets of the trained tokens.
+
+    A character is trained when a trained token's own text covers it (the whitespace a Phi-3 chat token swallows is
+    not its own text); joined, the runs are the rendered text exactly."""
+    [(text, _, offsets, mask)] = rendered_with_offsets(tokenizer, [messages], template)
+    if train_on == "all":
+        return [(text, True)]
+    depth = np.zeros(len(text) + 1, dtype=np.int64)  # +1 where a trained token starts, -1 where it ends
+    np.add.at(depth, offsets[mask, 0], 1)
+    np.add.at(depth, offsets[mask, 1], -1)
+    trained = np.cumsum(depth)[:-1] > 0
+    cuts = [0, *(np.flatnonzero(trained[1:] != trained[:-1]) + 1).tolist(), len(text)]
+    return [(text[a:b], bool(trained[a])) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def pad_token_warnings(cfg: RunConfig, tokenizer) -> list[str]:

@@ -1,21 +1,37 @@
 """The Phi family's chat templates and their training variants with {% generation %} markers.
 
 Assistant-only loss needs to know which tokens the assistant wrote: Hugging Face marks them with {% generation %}
-blocks in the chat template (`return_assistant_tokens_mask`). TRL ships a training variant of Phi-3's template only;
-Phi-4 (ChatML-style `<|im_start|>role<|im_sep|>content<|im_end|>`) and Phi-4-mini (`<|role|>content<|end|>`, tool
-definitions in the system turn between `<|tool|>` and `<|/tool|>`) get theirs here.
+blocks in the chat template (`return_assistant_tokens_mask`). Phi-3 (`<|role|>\ncontent<|end|>\n`), Phi-4
+(ChatML-style `<|im_start|>role<|im_sep|>content<|im_end|>`) and Phi-4-mini (`<|role|>content<|end|>`, tool
+definitions in the system turn between `<|tool|>` and `<|/tool|>`) get theirs here. TRL's Phi-3 variant is not used:
+its generation block also holds the "\n" after `<|end|>` and the eos after the last turn, which the model never
+writes (generation stops at `<|end|>`).
 
 The family is told from the tokenizer's own template text, never from the model name, so a fine-tune or a local copy
 of Phi-4 is recognised too. The templates below were written from the model cards and tokenizer configs of
 microsoft/phi-4 and microsoft/Phi-4-mini-instruct, not downloaded; `training_template_for` therefore checks that the
 training variant renders a probe conversation exactly as the tokenizer's own template does, and refuses otherwise.
 
-Trained tokens (mask 1): each assistant turn's content and the token that closes it (`<|im_end|>` for Phi-4,
-`<|end|>` for Phi-4-mini). The role header and every system, user and tool turn are masked, and so is the eos that
-Phi-4-mini puts after a whole conversation: generation stops at `<|end|>`, so the model never writes that eos.
+Trained tokens (mask 1): each assistant turn's content and the token that closes it (`<|end|>` for Phi-3 and
+Phi-4-mini, `<|im_end|>` for Phi-4). The role header and every system, user and tool turn are masked, and so is the
+eos that Phi-3 and Phi-4-mini put after a whole conversation: generation stops at `<|end|>`, so the model never writes
+that eos. Phi-3's chat tokens strip the whitespace after them (`rstrip` in its tokenizer, and in llama.cpp), so the
+"\n" after `<|end|>` is part of that token, and whitespace an assistant message starts with is part of
+`<|assistant|>`, masked: the model is never asked to write it (see README, "What is trained").
 """
 
 from __future__ import annotations
+
+# microsoft/Phi-3-mini-4k-instruct's template (assets/phi3-tokenizer) with the assistant's content and <|end|> marked.
+PHI3_TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + '<|end|>\\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n'}}"
+    "{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 PHI4_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,7 +73,8 @@ PHI4_MINI_TRAINING_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-TRAINING_TEMPLATES = {"phi-4": PHI4_TRAINING_TEMPLATE, "phi-4-mini": PHI4_MINI_TRAINING_TEMPLATE}
+TRAINING_TEMPLATES = {"phi-3": PHI3_TRAINING_TEMPLATE, "phi-4": PHI4_TRAINING_TEMPLATE,
+                      "phi-4-mini": PHI4_MINI_TRAINING_TEMPLATE}
 
 # A conversation touching every branch of both templates: system turn with tools, two exchanges, a tool result.
 PROBE = [
@@ -72,16 +89,18 @@ PROBE = [
 
 
 def template_family(template: str) -> str | None:
-    """'phi-4', 'phi-4-mini' or None, read from the template's own special tokens."""
+    """'phi-3', 'phi-4', 'phi-4-mini' or None, read from the template's own special tokens."""
     if "<|im_start|>" in template and "<|im_sep|>" in template and "<|im_end|>" in template:
         return "phi-4"
     if "<|tool|>" in template and "<|/tool|>" in template and "<|end|>" in template:
         return "phi-4-mini"
+    if all(tag + "|>\\n" in template or tag + "|>\n" in template for tag in ("<|user", "<|assistant", "<|end")):
+        return "phi-3"
     return None
 
 
 def training_template_for(tokenizer) -> str | None:
-    """The training variant of the tokenizer's template if it is Phi-4's or Phi-4-mini's, else None.
+    """The training variant of the tokenizer's template if it is Phi-3's, Phi-4's or Phi-4-mini's, else None.
 
     Raises ValueError when the family is recognised but the tokenizer's template renders differently from the
     training variant (another revision): training on a format the model is not prompted with would be wrong."""
@@ -94,6 +113,8 @@ def training_template_for(tokenizer) -> str | None:
         own, ours = (tokenizer.apply_chat_template(probe, chat_template=t, tokenize=False,
                                                    add_generation_prompt=add_generation_prompt)
                      for t in (tokenizer.chat_template, training))
+        if own != ours and family == "phi-3":
+            return None  # an older Phi-3 revision (bos first, no system turn): TRL's handling, as before
         if own != ours:
             raise ValueError(f"the tokenizer's chat template looks like {family}'s but renders differently from "
                              f"phitune's training variant ({own[:80]!r} vs {ours[:80]!r})")

@@ -1,0 +1,146 @@
+"""What a person reads while phitune trains: a progress bar and one line per logging step, in place of
+transformers' raw log dicts (`{'loss': '5.375', 'grad_norm': '2.902', ...}`).
+
+Everything goes through one rich console (rich's global one, which phitune's log handler also writes to), so log
+lines print above a live bar on a terminal; on a pipe or a file the bar is drawn once, when training ends, and the
+lines carry the same numbers (step / total, loss, eval loss, learning rate, tokens/s, time left).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich import get_console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+console = get_console()
+
+# (log key, label, format) in the order a line shows them; keys absent from a log are left out. Eval keys come from
+# evaluation logs; TRL's DPO / ORPO add the reward keys (margin: chosen minus rejected implicit reward).
+TRAIN_FIELDS = [
+    ("loss", "loss", "loss"), ("rewards/margins", "reward margin", "loss"),
+    ("rewards/accuracies", "reward accuracy", "percent"), ("mean_token_accuracy", "token accuracy", "percent"),
+    ("grad_norm", "grad norm", "loss"), ("learning_rate", "lr", "rate"),
+]
+EVAL_FIELDS = [
+    ("eval_loss", "eval loss", "loss"), ("eval_perplexity", "perplexity", "loss"),
+    ("eval_token_accuracy", "token accuracy", "percent"), ("eval_rewards/margins", "reward margin", "loss"),
+    ("eval_rewards/accuracies", "reward accuracy", "percent"),
+]
+
+
+def format_value(value, kind: str = "loss") -> str:
+    """A number as a person reads it: 4 significant digits (whole numbers from 1,000), a learning rate in e-notation, shares in percent."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(number)
+    if kind == "rate":
+        return f"{number:.2e}"
+    if kind == "percent":
+        return f"{number:.1%}"
+    return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:#.4g}"
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 3 min 05 s, 2 h 07 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def describe_log(logs: dict, fields: list[tuple[str, str, str]]) -> list[str]:
+    """The `label value` pieces of one log, in the fields' order."""
+    return [f"{label} {format_value(logs[key], kind)}" for key, label, kind in fields if key in logs]
+
+
+class TrainingConsole(TrainerCallback):
+    """A progress bar (step / total, loss, eval loss, learning rate, tokens/s, time left) and one readable line per
+    log; on the main process only. Replaces transformers' ProgressCallback / PrinterCallback (see `use_console`)."""
+
+    def __init__(self, show_bar: bool = True):
+        self.show_bar = show_bar
+        self.progress: Progress | None = None
+        self.task = None
+        self.stats = {"loss": "-", "eval loss": "-", "lr": "-"}
+        self.start_time = self.start_step = self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.start_time, self.start_step = time.perf_counter(), state.global_step
+        self.start_tokens = state.num_input_tokens_seen or 0
+        if self.show_bar:
+            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console)
+            self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step,
+                                               stats=self._stats_text(state))
+            self.progress.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, stats=self._stats_text(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        evaluation = any(key.startswith("eval_") for key in logs)
+        pieces = describe_log(logs, EVAL_FIELDS if evaluation else TRAIN_FIELDS)
+        if not pieces:  # the Trainer's closing log (train_runtime, ...): the summary table shows it
+            return
+        self._remember(logs)
+        where = f"step {state.global_step:>{len(str(state.max_steps))}}/{state.max_steps}"
+        if not evaluation:
+            pieces += self._speed(state)
+        console.print("  ".join([where, *pieces]), highlight=False, soft_wrap=True)
+        if self.progress is not None:
+            self.progress.update(self.task, stats=self._stats_text(state))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, stats=self._stats_text(state))
+            self.progress.stop()
+            self.progress = None
+
+    def _remember(self, logs: dict) -> None:
+        for key, label, kind in (("loss", "loss", "loss"), ("eval_loss", "eval loss", "loss"),
+                                 ("learning_rate", "lr", "rate")):
+            if key in logs:
+                self.stats[label] = format_value(logs[key], kind)
+
+    def _speed(self, state) -> list[str]:
+        """Tokens per second and the time left, over the steps of this process (a resumed run counts from its
+        resume point)."""
+        elapsed = time.perf_counter() - self.start_time
+        steps = state.global_step - self.start_step
+        if elapsed <= 0 or steps <= 0:
+            return []
+        left = elapsed / steps * max(0, state.max_steps - state.global_step)
+        return [*self._tokens_per_second(state, elapsed), f"{format_duration(left)} left"]
+
+    def _tokens_per_second(self, state, elapsed: float) -> list[str]:
+        tokens = (state.num_input_tokens_seen or 0) - self.start_tokens
+        return [f"{tokens / elapsed:,.0f} tok/s"] if tokens > 0 and elapsed > 0 else []
+
+    def _stats_text(self, state) -> str:
+        """The bar's numbers; rich's own column shows the time left."""
+        speed = self._tokens_per_second(state, time.perf_counter() - self.start_time)
+        return "  ".join([*(f"{label} {value}" for label, value in self.stats.items()), *speed])
+
+
+def use_console(trainer) -> None:
+    """Swap transformers' progress bar and dict printer for TrainingConsole (a public Trainer hook)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    # On a pipe or a file a live bar draws nothing useful; the log lines carry its numbers there. (disable_tqdm is
+    # no guide: transformers turns it on by itself when its log level is above warning, as phitune sets it.)
+    trainer.add_callback(TrainingConsole(show_bar=console.is_terminal))
