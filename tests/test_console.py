@@ -79,3 +79,18 @@ def test_summary_table_has_units_and_before_after():
     assert rows["eval loss"] == "6.270 -> 5.920" and rows["perplexity"] == "528.6 -> 372.6"
     assert rows["trainable parameters"] == "8,128 of 171,264 (4.75%)"
     assert rows["train loss"] == "5.977" and rows["steps"] == "30" and rows["skipped rows"] == "0"
+
+
+def test_chat_help_lists_the_commands_and_is_not_sent_to_the_model(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from phitune.cli import app
+    from phitune.generate import CHAT_COMMANDS
+
+    lines = "/help\n/rest\nhello\n/exit\n"
+    result = CliRunner().invoke(app, ["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4"], input=lines)
+    assert result.exit_code == 0, result.output
+    for command, what in CHAT_COMMANDS.items():
+        assert f"{command:<7} {what}" in result.output
+    assert "unknown command /rest; /help lists the commands" in result.output
+    assert result.output.count("assistant>") == 1  # only "hello" went to the model

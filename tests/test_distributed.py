@@ -89,6 +89,69 @@ def eval_losses(out: Path) -> dict[int, float]:
     return {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
 
 
+LAUNCHER = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import pytest, torch
+from phitune.train_support import PhituneTrainer
+
+rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+patch = pytest.MonkeyPatch()
+if {gradients!r}:  # each optimizer step's raw gradients (after the all-reduce), saved by rank 0
+    from _equivalence import GradientRecorder
+
+    recorder, init = GradientRecorder(), PhituneTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(recorder)
+
+    patch.setattr(PhituneTrainer, "__init__", recording_init)
+if {scale_by_world!r}:  # the deliberate break: the loss's gradient times the process count, its value unchanged
+    compute_loss = PhituneTrainer.compute_loss
+
+    def scaled(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return world * loss - (world - 1) * loss.detach()
+
+    patch.setattr(PhituneTrainer, "compute_loss", scaled)
+if {watch!r}:  # the steps this run trains and the optimizer state it starts from (tests/_resume.py)
+    from _resume import watch_training
+
+    runs = watch_training(patch)
+sys.argv[0] = "phitune"
+from phitune.cli import main
+
+try:
+    main()
+finally:
+    if {gradients!r} and rank == "0":
+        torch.save(recorder.steps, "gradients.pt")
+    if {watch!r}:
+        torch.save(runs[-1] if runs else None, f"resume_watch_rank{{rank}}.pt")
+"""
+
+
+def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = False, watch: bool = False) -> Path:
+    """A `phitune` entry point for the test's own processes, instrumented as asked (the breaks live here, in the
+    test, never in phitune)."""
+    path = directory / "phitune_launcher.py"
+    path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients,
+                                    scale_by_world=scale_by_world, watch=watch), encoding="utf-8")
+    return path
+
+
+def assert_resumed_under(directory: Path, checkpoint: Path, max_steps: int) -> None:
+    """Every worker of the resumed run (launched with watch=True) trained only the steps after `checkpoint`, from
+    the optimizer state it saved."""
+    from _resume import assert_resumed
+
+    watched = sorted(directory.glob("resume_watch_rank*.pt"))
+    assert watched, "the resumed run left no record"
+    for path in watched:
+        assert_resumed(torch.load(path, weights_only=False), checkpoint, max_steps)
+
+
 @pytest.fixture(scope="module")
 def one_and_two_workers(tiny_model_dir, tmp_path_factory):
     """The same 12 steps with the default eval set, once as 1 worker x batch 4 and once as 2 workers x batch 2."""
@@ -138,6 +201,53 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     said = " ".join((stdout + stderr).split())  # rich wraps long lines
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1  # once, not once per worker
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
+
+
+def gradient_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
+    """2 steps, no eval set, no checkpoint, no clipping: each step's raw gradients are what is compared."""
+    path = write_config(directory, model_dir, batch_size=batch_size, max_steps=2, eval_split=0)
+    config = yaml.safe_load(path.read_text())
+    config["training_config"].update({"max_grad_norm": 0.0, "save_strategy": "no", "eval_strategy": "no"})
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gradients_one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """Each step's raw gradients: 1 worker x batch 4, 2 workers x batch 2, and 2 workers x batch 2 with the
+    deliberate break (the gradient times the process count, the loss value unchanged); all three at once."""
+    tmp_path = tmp_path_factory.mktemp("distributed_gradients")
+    procs = {}
+    for name, workers, scale in (("single", 1, False), ("multi", 2, False), ("scaled", 2, True)):
+        directory = tmp_path / name
+        config = gradient_config(directory, tiny_model_dir, batch_size=4 // workers)
+        entry = [str(launcher(directory, gradients=True, scale_by_world=scale)), "train", str(config)]
+        procs[name] = launch([*torchrun_command(), *entry] if workers == 2 else [sys.executable, *entry], directory)
+    for name, proc in procs.items():
+        wait(proc, tmp_path / name)
+    return {name: torch.load(tmp_path / name / "gradients.pt") for name in procs}
+
+
+def gradient_step_mismatches(got: list[dict], expected: list[dict]) -> list[str]:
+    from _equivalence import gradient_mismatches, without_signal
+
+    assert len(got) == len(expected) == 2 and without_signal(expected[1]) == []
+    return [f"step {i + 1}: {line}" for i, (g, e) in enumerate(zip(got, expected)) for line in gradient_mismatches(g, e)]
+
+
+def test_two_workers_compute_the_one_worker_gradients(gradients_one_and_two_workers):
+    """The gradients themselves at both steps (step 1: B's, from B = 0; step 2: every LoRA weight's), raw: AdamW
+    steps and clipping can hide a uniform scale, this cannot (the next test keeps such a scale)."""
+    runs = gradients_one_and_two_workers
+    assert gradient_step_mismatches(runs["multi"], runs["single"]) == []
+
+
+def test_the_n_versus_1_check_sees_a_gradient_scaled_by_the_process_count(gradients_one_and_two_workers):
+    """Deliberate break: under 2 processes each worker's loss has twice its gradient, its value unchanged (the loss
+    normalised by the local instead of the global token count would do it). Every LoRA gradient is reported."""
+    runs = gradients_one_and_two_workers
+    mismatched = gradient_step_mismatches(runs["scaled"], runs["single"])
+    assert len(mismatched) == 2 * 4 + 2 * 4 * 2, mismatched  # step 1: every B; step 2: every A and B
 
 
 def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):

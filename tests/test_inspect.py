@@ -145,11 +145,11 @@ def test_example_is_the_rendered_text_exactly_with_trained_runs_by_character():
 
 
 def test_data_command_prints_a_kannada_conversation_exactly(tmp_path):
+    """The issue's case: spaces gone and byte pieces shown as U+FFFD when each token was decoded alone. (Tabs are
+    left out here: rich expands them to spaces on a terminal; example_runs keeps them, as the test above shows.)"""
     from phitune.cli import app
     from phitune.tiny import PHI3_TOKENIZER
 
-    """The issue's case: spaces gone and byte pieces shown as U+FFFD when each token was decoded alone. (Tabs are
-    left out here: rich expands them to spaces on a terminal; example_runs keeps them, as the test above shows.)"""
     chat = [dict(m, content=m["content"].replace("\t", " ")) for m in KANNADA]
     train = write_jsonl(tmp_path / "kn.jsonl", [{"messages": chat}])
     config = tmp_path / "run.yaml"

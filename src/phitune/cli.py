@@ -151,15 +151,15 @@ def chat(
     top_k: int = TOP_K_OPT,
     seed: int = SEED_OPT,
 ):
-    """Talk to the model; replies stream as they are generated. /reset forgets the conversation, /exit ends."""
-    from phitune.generate import ChatSession, load_for_inference, resolve_model_source
+    """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
+    from phitune.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
     session = ChatSession(loaded, tokenizer, _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed),
                           system=system)
     interactive = sys.stdin.isatty()
-    print("chat with the model; /reset starts over, /exit ends", file=sys.stderr)
+    print("chat with the model; /help lists the commands, /exit ends", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
@@ -167,9 +167,9 @@ def chat(
         if not line or line.strip() == "/exit":
             break
         text = line.strip()
-        if text == "/reset":
-            session.reset()
-            print("(conversation reset)", flush=True)
+        said = chat_command(session, text)
+        if said is not None:
+            print(said, flush=True)
             continue
         if not text:
             continue

@@ -9,6 +9,7 @@ reply streamed piece by piece; the CLI does the reading and printing).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,26 @@ def generate_file(model, tokenizer, rows: list[dict], output: Path, settings: Sa
         for row, answer in zip(rows, answers):
             out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
     return len(answers)
+
+
+CHAT_COMMANDS = {  # what `phitune chat` does itself rather than send to the model
+    "/help": "list these commands",
+    "/reset": "forget the conversation and start over (the system prompt stays)",
+    "/exit": "end the chat (so do Ctrl-D and Ctrl-C)",
+}
+
+
+def chat_command(session: "ChatSession", text: str) -> str | None:
+    """Run a chat command other than /exit (the caller's loop ends on it); return what to print, or None when
+    `text` is a message for the model. A lone unknown /word is a mistyped command, not a message."""
+    if text == "/help":
+        return "\n".join(f"{name:<7} {what}" for name, what in CHAT_COMMANDS.items())
+    if text == "/reset":
+        session.reset()
+        return "(conversation reset)"
+    if re.fullmatch(r"/\w+", text):
+        return f"unknown command {text}; /help lists the commands"
+    return None
 
 
 class ChatSession:
