@@ -141,8 +141,9 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
 
 
 def test_every_method_has_a_recipe():
-    """config.METHODS (what a config may name) and the driver's RECIPES (what runs it) list the same methods."""
-    from phitune.config import METHODS
+    """config_methods.METHODS (what a config may name) and the driver's RECIPES (what runs it) list the same
+    methods."""
+    from phitune.config_methods import METHODS
     from phitune.train import RECIPES
 
     assert set(RECIPES) == set(METHODS)

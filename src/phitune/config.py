@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from phitune.config_methods import METHODS, check_preference_config, training_config_class
 from phitune.config_types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
 SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
-METHODS = ("sft", "dpo", "orpo")  # the top-level `method` key: what the trainer optimises
 
 # SFTConfig keys that phitune sets itself from another section; naming them in training_config is a mistake.
 MANAGED_TRAINING_KEYS = {
@@ -230,8 +230,6 @@ def config_from_dict(raw: dict) -> RunConfig:
     peft_cfg = _validate_peft(raw, problems)
     _check_values(data, problems)
     if method != "sft" or model.adapter:
-        from phitune.config_methods import check_preference_config
-
         check_preference_config(method, model, data, peft_cfg, problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))
@@ -270,17 +268,6 @@ def _build_section(cls, values, where: str, problems: list[str]):
             continue
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def training_config_class(method: str):
-    """TRL's config dataclass of a method: SFTConfig, DPOConfig, or ORPOConfig (experimental in TRL 1.x)."""
-    import trl  # import here: trl pulls in torch, and most config errors should be instant
-
-    if method == "orpo":
-        from phitune.config_methods import orpo_classes
-
-        return orpo_classes()[0]
-    return trl.DPOConfig if method == "dpo" else trl.SFTConfig
 
 
 def _validate_training(values, problems: list[str], method: str = "sft") -> dict:

@@ -1,14 +1,17 @@
-"""What each training method asks of a run's config: the rules DPO and ORPO add, and the TRL classes whose keys
-`training_config` holds.
+"""What the config layer knows of each training method: its name, the TRL config class whose keys
+`training_config` holds, the rules DPO and ORPO add, and whether phitune builds (and may pack) its batches.
 
 It sits beside phitune.config (which calls it while it validates) and imports nothing of phitune, so the config
-layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too.
+layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
+a method is decided in one place above: phitune.train's RECIPES.
 """
 
 from __future__ import annotations
 
 import warnings
 
+METHODS = ("sft", "dpo", "orpo")  # the top-level `method` key: what the trainer optimises
+PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads DPO / ORPO pairs
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
 
 
@@ -30,6 +33,15 @@ def check_preference_config(method: str, model, data, peft_cfg, problems: list[s
         problems.append(f"method {method} reads prompt/chosen/rejected rows; leave data.format at auto")
     if data.train_on != "assistant":
         problems.append(f"method {method} scores the answers only; data.train_on must be assistant")
+
+
+def training_config_class(method: str):
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, or ORPOConfig (experimental in TRL 1.x)."""
+    import trl  # import here: trl pulls in torch, and most config errors should be instant
+
+    if method == "orpo":
+        return orpo_classes()[0]
+    return trl.DPOConfig if method == "dpo" else trl.SFTConfig
 
 
 def orpo_classes():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phitune.config import RunConfig
+from phitune.config_methods import PACKING_METHODS
 
 if TYPE_CHECKING:  # for the field types only: importing torch here would slow every config error down
     import torch
@@ -73,7 +74,7 @@ def attention_padding_free(cfg: RunConfig, speed) -> bool:
     """The padding-free flag `attn_implementation: auto` is chosen for: only SFT concatenates rows. DPO and ORPO
     batches are TRL's padded chosen/rejected pairs, so their base loads with the kernel for padded batches (sdpa, or
     flash-attn when installed), never flex_attention, whatever `speed.padding_free` says."""
-    return speed.padding_free and cfg.method == "sft"
+    return speed.padding_free and cfg.method in PACKING_METHODS
 
 
 def fsdp_requested(cfg: RunConfig) -> bool:

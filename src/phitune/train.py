@@ -20,7 +20,7 @@ from phitune.recipes import preference, sft
 from phitune.run import RunResult, finish, fit, prepare_output_dir
 from phitune.train_support import check_resume_layout, latest_complete_checkpoint
 
-RECIPES = {"sft": sft, "dpo": preference, "orpo": preference}  # config.METHODS names the same keys
+RECIPES = {"sft": sft, "dpo": preference, "orpo": preference}  # config_methods.METHODS names the same keys
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,

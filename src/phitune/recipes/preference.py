@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from phitune.config import RunConfig
-from phitune.config_methods import orpo_classes
+from phitune.config_methods import orpo_classes, training_config_class
 from phitune.errors import PhituneError, first_line
 from phitune.plan import RunPlan
 from phitune.run import load_model_for_training, trainer_settings
@@ -103,8 +103,6 @@ def build_preference_config(cfg: RunConfig, has_eval: bool, plan: RunPlan):
     """DPOConfig / ORPOConfig: training_config over phitune's defaults (as for SFT), data.max_seq_length as
     max_length, and activation checkpointing from the speed switches (the run's `plan.speed`) rather than TRL's
     default of on."""
-    from phitune.config import training_config_class
-
     settings = trainer_settings(cfg, has_eval)
     speed = plan.speed
     checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
