@@ -329,6 +329,10 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
     assert "1 rows have an empty answer" in warnings
     assert "train: 1 pairs have an answer cut by max_seq_length 48" in warnings
 
+    from phitune import api
+
+    assert api.inspect_data(cfg, output=tmp_path).summary() == summary  # the driver picks the pairs' inspection
+
 
 def test_a_nan_loss_stops_dpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, pair_files, tmp_path):
     """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops DPO as it stops SFT."""
