@@ -24,6 +24,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def phi3_tokenizer_dir(tmp_path_factory) -> Path:
+    """The bundled Phi-3 tokenizer files next to a Phi-3 config.json, as in the hub repository: transformers then
+    loads tokenizer.json as it is (without config.json it builds a LlamaTokenizer that tokenizes differently)."""
+    import shutil
+
+    from transformers import Phi3Config
+
+    from phitune.tiny import PHI3_TOKENIZER, PHI3_VOCAB_SIZE
+
+    folder = tmp_path_factory.mktemp("phi3-tokenizer")
+    shutil.copytree(PHI3_TOKENIZER, folder, dirs_exist_ok=True)
+    Phi3Config(vocab_size=PHI3_VOCAB_SIZE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def demo_data() -> Path:
     return DEMO_DATA
 

@@ -128,15 +128,14 @@ KANNADA = [{"role": "system", "content": "Answer in Kannada."},
            {"role": "assistant", "content": "\n  ಬೆಂಗಳೂರು.\tಹೌದು 🎉"}]
 
 
-def test_example_is_the_rendered_text_exactly_with_trained_runs_by_character():
+def test_example_is_the_rendered_text_exactly_with_trained_runs_by_character(phi3_tokenizer_dir):
     """On the real Phi-3 tokenizer: SentencePiece word marks and byte-fallback pieces never reach the display."""
     from transformers import AutoTokenizer
 
     from phitune.data import training_chat_template
     from phitune.data.inspect import example_runs
-    from phitune.tiny import PHI3_TOKENIZER
 
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
     runs = example_runs(tokenizer, KANNADA, training_chat_template(tokenizer))
     assert "".join(text for text, _ in runs) == tokenizer.apply_chat_template(KANNADA, tokenize=False)
     assert [text for text, trained in runs if trained] == ["ಬೆಂಗಳೂರು  (Bengaluru).<|end|>", "ಬೆಂಗಳೂರು.\tಹೌದು 🎉<|end|>"]
@@ -144,16 +143,15 @@ def test_example_is_the_rendered_text_exactly_with_trained_runs_by_character():
     assert everything == [(tokenizer.apply_chat_template(KANNADA, tokenize=False), True)]
 
 
-def test_data_command_prints_a_kannada_conversation_exactly(tmp_path):
+def test_data_command_prints_a_kannada_conversation_exactly(tmp_path, phi3_tokenizer_dir):
     """The issue's case: spaces gone and byte pieces shown as U+FFFD when each token was decoded alone. (Tabs are
     left out here: rich expands them to spaces on a terminal; example_runs keeps them, as the test above shows.)"""
     from phitune.cli import app
-    from phitune.tiny import PHI3_TOKENIZER
 
     chat = [dict(m, content=m["content"].replace("\t", " ")) for m in KANNADA]
     train = write_jsonl(tmp_path / "kn.jsonl", [{"messages": chat}])
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {{name_or_path: {PHI3_TOKENIZER}}}\n"
+    config.write_text(f"model: {{name_or_path: {phi3_tokenizer_dir}}}\n"
                       f"data: {{train: {train}, eval_split: 0, cache_dir: {tmp_path / 'cache'}}}\n")
     result = CliRunner().invoke(app, ["data", str(config), "--output", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

@@ -17,7 +17,6 @@ from phitune.data import render_with_mask, training_chat_template
 from phitune.data.encode import rendered_with_offsets
 from phitune.data.formats import to_messages
 from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
-from phitune.tiny import PHI3_TOKENIZER
 
 SYSTEM = {"role": "system", "content": "Answer briefly; keep the user's language."}
 TURNS = [  # (user, assistant): scripts, leading whitespace, emoji, code
@@ -43,15 +42,26 @@ FAMILIES = {  # family -> (template, end-of-turn token, added special tokens)
 }
 
 
-def family_tokenizer(family: str):
-    """The real Phi-3 vocabulary with the family's template (and its extra special tokens)."""
+@pytest.fixture(scope="module")
+def phi3_tokenizer(phi3_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    template, _, extra = FAMILIES[family]
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
-    tokenizer.add_special_tokens({"additional_special_tokens": extra})
-    tokenizer.chat_template = template or tokenizer.chat_template
-    return tokenizer
+    return AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
+
+
+@pytest.fixture
+def family_tokenizer(phi3_tokenizer):
+    """The real Phi-3 vocabulary (loaded from a model folder, as phitune does) with a family's template."""
+    import copy
+
+    def make(family: str):
+        template, _, extra = FAMILIES[family]
+        tokenizer = copy.deepcopy(phi3_tokenizer)
+        tokenizer.add_special_tokens({"additional_special_tokens": extra})
+        tokenizer.chat_template = template or tokenizer.chat_template
+        return tokenizer
+
+    return make
 
 
 def trained_texts(text: str, offsets: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -77,7 +87,7 @@ def expected_texts(tokenizer, messages: list[dict], end: str) -> list[str]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("fmt", list(ROWS))
-def test_trained_characters_are_each_answer_and_its_end_token_and_nothing_else(family, fmt):
+def test_trained_characters_are_each_answer_and_its_end_token_and_nothing_else(family_tokenizer, family, fmt):
     tokenizer = family_tokenizer(family)
     _, end, _ = FAMILIES[family]
     messages = to_messages(ROWS[fmt], fmt, "test")
@@ -90,7 +100,7 @@ def test_trained_characters_are_each_answer_and_its_end_token_and_nothing_else(f
 
 
 @pytest.mark.parametrize("fmt", list(ROWS))
-def test_phi3_trained_tokens_decode_to_each_answer_and_end(fmt):
+def test_phi3_trained_tokens_decode_to_each_answer_and_end(family_tokenizer, fmt):
     """The issue's check, as a user would do it: decode the trained ids of each assistant turn."""
     tokenizer = family_tokenizer("phi-3")
     messages = to_messages(ROWS[fmt], fmt, "test")
@@ -105,7 +115,7 @@ def test_phi3_trained_tokens_decode_to_each_answer_and_end(fmt):
     assert runs == [m["content"].lstrip() + "<|end|>" for m in messages if m["role"] == "assistant"]
 
 
-def test_trls_phi3_variant_would_train_the_newline_and_the_final_eos():
+def test_trls_phi3_variant_would_train_the_newline_and_the_final_eos(family_tokenizer):
     """Why phitune has its own Phi-3 training template: the measured difference to TRL's."""
     from trl.chat_template_utils import phi3_training_chat_template
 
@@ -117,7 +127,7 @@ def test_trls_phi3_variant_would_train_the_newline_and_the_final_eos():
     assert training_chat_template(tokenizer) != phi3_training_chat_template
 
 
-def test_prepared_labels_follow_the_mask_for_every_format(tmp_path):
+def test_prepared_labels_follow_the_mask_for_every_format(family_tokenizer, tmp_path):
     """Through prepare_data (Arrow, batched) as training runs it: labels are the ids exactly where the mask is."""
     from phitune.config import DataConfig
     from phitune.data.encode import IGNORE_INDEX

@@ -41,12 +41,37 @@ def test_tokenizer_json_reproduces_every_reference_tokenization():
     assert [tokenizer.encode(text, add_special_tokens=False).ids for text, _ in CASES] == [ids for _, ids in CASES]
 
 
-def test_transformers_differs_from_the_reference_exactly_on_text_that_starts_with_a_space():
-    """transformers 5 loads a `legacy: false` LlamaTokenizer with a Metaspace pre-tokenizer instead of the file's
-    Prepend normalizer: one leading space is taken as the word-start mark. Measured, so a change is noticed."""
+def model_folder(tmp_path: Path) -> Path:
+    """The tokenizer files next to a Phi-3 config.json, as in the hub repository and every model phitune loads."""
+    import shutil
+
+    from transformers import Phi3Config
+
+    shutil.copytree(PHI3_TOKENIZER, tmp_path, dirs_exist_ok=True)
+    Phi3Config(vocab_size=32064).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_transformers_loading_a_model_folder_reproduces_every_reference_tokenization(tmp_path):
+    """With config.json (model_type phi3) transformers 5.24 uses tokenizer.json as it is (TokenizersBackend)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(tmp_path))
+    assert [tokenizer(text, add_special_tokens=False).input_ids for text, _ in CASES] == [ids for _, ids in CASES]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("<|user|>\nLima", add_special_tokens=False).input_ids) == [
+        "<|user|>", "\u2581Lima"]  # SentencePiece's word start after a chat token, as llama.cpp tokenizes it
+
+
+def test_transformers_loading_the_tokenizer_files_alone_differs_on_text_that_starts_with_a_space():
+    """Without config.json transformers 5.24 follows tokenizer_config's `LlamaTokenizer, legacy: false` and builds
+    a Metaspace pre-tokenizer instead of the file's Prepend normalizer: one leading space becomes the word-start mark,
+    and text after a chat token gets none (`<|user|>\nLima` -> `L`, `ima`). Measured, so a change is noticed; phitune
+    always loads a model folder (docs/export.md, "Train/serve parity")."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("<|user|>\nLima", add_special_tokens=False).input_ids) == [
+        "<|user|>", "L", "ima"]
     differs = [text for text, ids in CASES if tokenizer(text, add_special_tokens=False).input_ids != ids]
     assert differs == [text for text, _ in CASES if text.startswith(" ")]
     assert len(differs) == 15
@@ -55,10 +80,10 @@ def test_transformers_differs_from_the_reference_exactly_on_text_that_starts_wit
         assert tokenizer.decode(got) == tokenizer.decode(ids).removeprefix(" ") or got == ids
 
 
-def test_ids_special_tokens_and_decoding_of_the_chat_tokens():
+def test_ids_special_tokens_and_decoding_of_the_chat_tokens(tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(tmp_path))
     assert len(tokenizer) == 32011
     expected = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006,
                 "<|end|>": 32007, "<|user|>": 32010}
@@ -68,7 +93,7 @@ def test_ids_special_tokens_and_decoding_of_the_chat_tokens():
     text = "<|user|>\nಕರ್ನಾಟಕದ ರಾಜಧಾನಿ?<|end|>\n<|assistant|>\n"
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert ids[0] == 32010 and ids[-2:] == [32007, 32001]  # the chat tokens swallow the "\n" after them (rstrip)
-    assert tokenizer.decode(ids) == "<|user|>ಕರ್ನಾಟಕದ ರಾಜಧಾನಿ?<|end|><|assistant|>"
+    assert tokenizer.decode(ids) == "<|user|> ಕರ್ನಾಟಕದ ರಾಜಧಾನಿ?<|end|><|assistant|>"  # "▁" word start after <|user|>
 
 
 def test_added_tokens_and_config_agree_with_the_gguf():

@@ -104,17 +104,24 @@ ADAPTER_OPT = typer.Option(None, "--adapter", help="PEFT adapter directory to ap
 
 
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int):
+    """The sampling settings, checked before any weight is loaded (transformers would stop mid-generation)."""
     from phitune.generate import SamplingSettings
+
+    if do_sample and temperature <= 0:
+        raise PhituneError(f"--temperature must be above 0 when sampling, got {temperature}; for deterministic "
+                           "answers use --greedy")
+    if do_sample and not 0 < top_p <= 1:
+        raise PhituneError(f"--top-p must be in (0, 1], got {top_p}")
 
     return SamplingSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                             top_p=top_p, top_k=top_k, seed=seed)
 
 
-MAX_NEW_OPT = typer.Option(256, "--max-new-tokens", help="most tokens generated per answer")
+MAX_NEW_OPT = typer.Option(256, "--max-new-tokens", min=1, help="most tokens generated per answer")
 SAMPLE_OPT = typer.Option(False, "--do-sample/--greedy", help="sample (with the settings below) or decode greedily")
 TEMPERATURE_OPT = typer.Option(0.7, "--temperature", help="sampling temperature (with --do-sample)")
 TOP_P_OPT = typer.Option(0.9, "--top-p", help="nucleus sampling mass (with --do-sample)")
-TOP_K_OPT = typer.Option(50, "--top-k", help="sample among the k likeliest tokens (with --do-sample)")
+TOP_K_OPT = typer.Option(50, "--top-k", min=0, help="sample among the k likeliest tokens (with --do-sample)")
 SEED_OPT = typer.Option(0, "--seed", help="random seed of sampling")
 
 
@@ -124,9 +131,9 @@ def eval_(
     model: Optional[str] = MODEL_OPT,
     adapter: Optional[Path] = ADAPTER_OPT,
     data: Optional[str] = typer.Option(None, "--data", help="eval file, all rows scored (default: the run's eval set)"),
-    num_generate: int = typer.Option(50, "--num-generate", help="held-out prompts to answer for ROUGE-L / exact match"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="most tokens per generated answer"),
-    batch_size: int = typer.Option(8, "--batch-size", help="conversations per forward pass"),
+    num_generate: int = typer.Option(50, "--num-generate", min=0, help="held-out prompts to answer for ROUGE-L / exact match"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="most tokens per generated answer"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="conversations per forward pass"),
     output: Optional[Path] = typer.Option(None, "--output", help="where eval.json and report.md go (default: the run)"),
 ):
     """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
@@ -154,10 +161,10 @@ def chat(
     """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
     from phitune.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
 
+    settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
-    session = ChatSession(loaded, tokenizer, _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed),
-                          system=system)
+    session = ChatSession(loaded, tokenizer, settings, system=system)
     interactive = sys.stdin.isatty()
     print("chat with the model; /help lists the commands, /exit ends", file=sys.stderr)
     while True:
@@ -187,7 +194,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
     model: Optional[str] = MODEL_OPT,
     adapter: Optional[Path] = ADAPTER_OPT,
-    batch_size: int = typer.Option(8, "--batch-size", help="prompts per generate call (left-padded)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts per generate call (left-padded)"),
     max_new_tokens: int = MAX_NEW_OPT,
     do_sample: bool = SAMPLE_OPT,
     temperature: float = TEMPERATURE_OPT,
@@ -201,11 +208,11 @@ def generate(
     from phitune.generate import (check_output_file, generate_file, load_for_inference, read_prompts,
                                   resolve_model_source)
 
+    settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     output = check_output_file(output, overwrite)
     rows = read_prompts(input_)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
-    settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     with Progress(transient=False) as progress:
         task = progress.add_task("generating", total=len(rows))
         count = generate_file(loaded, tokenizer, rows, output, settings, batch_size=batch_size,
@@ -259,7 +266,7 @@ def data(
     config: Path = typer.Argument(..., help="YAML run config whose data section is inspected"),
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
     output: Optional[Path] = typer.Option(None, "--output", help="where the histogram goes (default: output_dir or .)"),
-    example: int = typer.Option(0, "--example", help="index of the train example to show"),
+    example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
     from phitune.config import load_config
