@@ -65,7 +65,8 @@ def run_preference_training(cfg: RunConfig, resume: bool = False, overwrite: boo
     held-out preference accuracy and margin before and after."""
     from phitune.modeling import load_tokenizer
     from phitune.plan import plan_run
-    from phitune.train import RunResult, finish, fit, prepare_output_dir
+    from phitune.run_dir import clear_old_run, prepare_output_dir
+    from phitune.train import RunResult, finish, fit
     from phitune.train_support import check_resume_layout, latest_complete_checkpoint
 
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
@@ -77,6 +78,7 @@ def run_preference_training(cfg: RunConfig, resume: bool = False, overwrite: boo
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
     model, peft_config = load_policy(cfg, plan)
+    clear_old_run(output_dir, overwrite)
     trainer = build_preference_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = score_pairs(trainer.model, tokenizer, data.eval, cfg.data.max_seq_length) if data.eval else {}
     metrics = fit(trainer, checkpoint, has_eval=False)

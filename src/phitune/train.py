@@ -21,13 +21,13 @@ from phitune.config import RunConfig, save_config
 from phitune.errors import PhituneError, first_line
 from phitune.modeling import DROPPED_GRADIENT_WARNING
 from phitune.plan import RunPlan, plan_run
+from phitune.run_dir import clear_old_run, prepare_output_dir
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     GracefulStop,
     NonFiniteLoss,
     PhituneTrainer,
     check_resume_layout,
-    finished_run,
     latest_complete_checkpoint,
     plot_losses,
 )
@@ -61,27 +61,12 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False, 
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
     model, peft_config = load_model_for_training(cfg, plan)
+    clear_old_run(output_dir, overwrite)  # only now: a bad config or bad data must not cost the old run
     trainer = build_trainer(cfg, model, tokenizer, train_set, eval_set, peft_config, args)
     metrics = fit(trainer, checkpoint, has_eval=eval_set is not None)
     metrics.update(dataset_metrics(train_set, eval_set))
     finish(cfg, trainer, tokenizer, metrics, push_to_hub)
     return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
-
-
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse to overwrite a finished run unless asked; `--resume` continues an unfinished or finished one."""
-    output_dir = cfg.output_dir
-    if resume and overwrite:
-        raise PhituneError("--resume and --overwrite contradict each other; pick one")
-    if finished_run(output_dir) and not (resume or overwrite):
-        raise PhituneError(
-            f"{output_dir} already holds a finished run; pass --overwrite to replace it, --resume to continue it, "
-            "or set training_config.output_dir to a new directory"
-        )
-    if resume and latest_complete_checkpoint(output_dir) is None:
-        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan | None = None):

@@ -89,7 +89,7 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
 
     template = training_chat_template(tokenizer, cfg.train_on)
     warn_if_not_sentencepiece(tokenizer)
-    cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data")
+    cache = cache_root(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
     final = cache / fingerprint
@@ -129,6 +129,13 @@ def warn_if_not_sentencepiece(tokenizer) -> None:
                         "model's folder (with config.json), see docs/export.md", type(tokenizer).__name__, text,
                         ours, theirs)
             return
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """data.cache_dir, else ~/.cache/phitune/data (under $XDG_CACHE_HOME when set); absolute, as the Arrow file
+    names inside an entry are taken relative to it."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data"
+    return Path(os.path.abspath(cfg.cache_dir or default))
 
 
 @contextmanager
@@ -295,14 +302,18 @@ def _raise_not_utf8(path: Path):
 
 
 def _detect(raw, source: str) -> str:
-    """The format of the first row that is a JSON object (as the in-memory reader does)."""
+    """The format of the first row that is a JSON object (as the in-memory reader does). With none, the first
+    malformed row is the error (a file of one bad line is not a file of no rows)."""
+    first_bad = None
     for start in range(0, len(raw), 1000):
         batch = raw[start:start + 1000]
         for line, text in zip(batch["line"], batch["text"]):
             row = _parse(text)
             if isinstance(row, dict):
                 return detect_format(row, _where(source, line))
-    raise PhituneError(f"{source}: no rows")
+            if first_bad is None and text is not None and text.strip():
+                first_bad = _check_row(line, text, None, "messages", source)[1]
+    raise PhituneError(first_bad or f"{source}: no rows")
 
 
 def _parse(text):
