@@ -51,8 +51,8 @@ def run_state(output_dir: Path) -> str:
         return "empty"
     if finished_run(output_dir):
         return "finished"
-    if "phitune_config.yaml" in names or any(CHECKPOINT.match(name) for name in names):
-        return "interrupted"
+    if any(name in ("phitune_config.yaml", "runs") or CHECKPOINT.match(name) for name in names):
+        return "interrupted"  # runs/: the TensorBoard logs of a run stopped before its first checkpoint
     return "foreign"
 
 
@@ -70,8 +70,8 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
         raise PhituneError(f"{output_dir} already holds {what}; pass --overwrite to replace it, --resume to "
                            "continue it, or set training_config.output_dir to a new directory")
     if resume and latest_complete_checkpoint(output_dir) is None:
-        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; pass --overwrite to "
-                           "start again there")
+        instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
+        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
     if overwrite:
         others = sorted(name for name in _names(output_dir) if not is_run_file(name))
         if others:
