@@ -6,7 +6,7 @@ depend on the one it imports, it only hides it until the function runs. Layers, 
     base      errors, the package root, lora/, metrics, console, report, hub, tiny, config_types, config_methods
     config    config
     library   data/, modeling, speed/, plan, memory, lora_backend, generate, evaluate, merge, export/
-    lifecycle run, train_support, trainer_hooks
+    lifecycle run, run_dir, train_support, trainer_hooks
     recipes   recipes/ (one module per method; no recipe imports another)
     driver    train
     front     api, cli, demo
@@ -29,7 +29,7 @@ LAYERS = [
     ("config", ("config",)),
     ("library", ("data", "modeling", "speed", "plan", "memory", "lora_backend", "generate", "evaluate", "merge",
                  "export")),
-    ("lifecycle", ("run", "train_support", "trainer_hooks")),
+    ("lifecycle", ("run", "run_dir", "train_support", "trainer_hooks")),
     ("recipes", ("recipes",)),
     ("driver", ("train",)),
     ("front", ("api", "cli", "demo")),

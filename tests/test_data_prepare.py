@@ -120,6 +120,30 @@ def test_a_cache_entry_made_with_skip_still_stops_a_run_with_on_bad_row_error(tm
             assert len(prepare_data(cfg, tokenizer).train) == 2
 
 
+def test_phitune_data_then_train_stops_at_a_bad_row_in_either_order(tmp_path, tiny_model_dir):
+    """The README's first step (`phitune data`, which prepares with on_bad_row: skip) must not make the `phitune
+    train` after it skip bad rows: exit 2 before it, and after it."""
+    import os
+
+    import yaml
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS["messages"][0]) + "\n{not json\n" + json.dumps(ROWS["messages"][1]) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": str(path), "eval_split": 0, "max_seq_length": 128, "cache_dir": str(tmp_path / "cache")},
+        "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1}}))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    results = [subprocess.run([sys.executable, "-m", "phitune.cli", command, str(config), *extra], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+               for command, extra in (("train", []), ("data", ["--output", str(tmp_path / "plots")]), ("train", []))]
+    assert [r.returncode for r in results] == [2, 0, 2], results[-1].stderr[-2000:]
+    for train in (results[0], results[2]):
+        assert "d.jsonl:2: malformed JSON" in train.stderr and "Traceback" not in train.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_and_eval_files_are_each_detected_in_their_own_format(tmp_path, tokenizer):
     """format: auto with a sharegpt JSONL train file and an alpaca JSON eval file: each file's rows are read in the
     format of that file, as the in-memory path reads them."""

@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from phitune.train_support import CHECKPOINT_COMPLETE
+from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoint
 
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
 EVAL_LINE = re.compile(r"^step +\d+/\d+  eval loss ", re.M)
@@ -115,6 +115,19 @@ if {scale_by_world!r}:  # the deliberate break: the loss's gradient times the pr
         return world * loss - (world - 1) * loss.detach()
 
     patch.setattr(PhituneTrainer, "compute_loss", scaled)
+if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last
+    import time
+
+    from transformers import Trainer
+
+    training_step = Trainer.training_step  # every method's trainer (SFT, DPO) runs it
+
+    def held(self, *args, **kwargs):
+        if self.state.global_step >= {hold_at!r}:
+            time.sleep(3600)
+        return training_step(self, *args, **kwargs)
+
+    patch.setattr(Trainer, "training_step", held)
 if {watch!r}:  # the steps this run trains and the optimizer state it starts from (tests/_resume.py)
     from _resume import watch_training
 
@@ -132,12 +145,15 @@ finally:
 """
 
 
-def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = False, watch: bool = False) -> Path:
+def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = False, watch: bool = False,
+             hold_at: int = 0) -> Path:
     """A `phitune` entry point for the test's own processes, instrumented as asked (the breaks live here, in the
-    test, never in phitune)."""
-    path = directory / "phitune_launcher.py"
+    test, never in phitune). `hold_at`: the run waits before training that step, so that a kill -9 lands after
+    checkpoint-`hold_at` and before the next one however busy the machine (the tiny run's 12 steps take about a
+    second: a polling test on a loaded machine saw checkpoint-12, not 4)."""
+    path = directory / f"phitune_launcher{'_held' if hold_at else ''}.py"
     path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients,
-                                    scale_by_world=scale_by_world, watch=watch), encoding="utf-8")
+                                    scale_by_world=scale_by_world, watch=watch, hold_at=hold_at), encoding="utf-8")
     return path
 
 
@@ -251,9 +267,11 @@ def test_the_n_versus_1_check_sees_a_gradient_scaled_by_the_process_count(gradie
 
 
 def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
-    """kill -9 of torchrun and both workers after the first complete checkpoint, then --resume under torchrun."""
+    """kill -9 of torchrun and both workers after the first complete checkpoint, then --resume under torchrun: the
+    resumed workers train only the remaining steps, from the checkpoint's optimizer state (a restart, deterministic,
+    would end at the same adapter: see test_train's break test), and end at the one-worker adapter."""
     config = write_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config)], tmp_path)
+    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
     marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
     deadline = time.monotonic() + 240
     while not marker.is_file():
@@ -263,9 +281,13 @@ def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_tw
     first.wait(timeout=60)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # it really died mid-run
 
-    resumed = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--resume"], tmp_path, ".2")
+    checkpoint = latest_complete_checkpoint(tmp_path / "out")
+    assert checkpoint.name == "checkpoint-4"
+    resumed = launch([*torchrun_command(), str(launcher(tmp_path, watch=True)), "train", str(config), "--resume"],
+                     tmp_path, ".2")
     wait(resumed, tmp_path, ".2")
-    assert TRAIN_LINE.search((tmp_path / "stdout.2").read_text())
+    assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 12 - 4  # logged once, by rank 0
+    assert_resumed_under(tmp_path, checkpoint, max_steps=12)  # each worker: steps 5..12, from its optimizer state
     assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
 
 
@@ -279,10 +301,13 @@ def test_a_two_worker_checkpoint_resumes_in_one_process_with_the_same_global_bat
     config = yaml.safe_load((one_and_two_workers / "single" / "run.yaml").read_text())
     config["training_config"]["output_dir"] = str(out)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    proc = launch([sys.executable, "-m", "phitune.cli", "train", str(tmp_path / "run.yaml"), "--resume"], tmp_path)
+    proc = launch([sys.executable, str(launcher(tmp_path, watch=True)), "train", str(tmp_path / "run.yaml"),
+                   "--resume"], tmp_path)
     wait(proc, tmp_path)
     said = " ".join((tmp_path / "stderr").read_text().split()) + " ".join((tmp_path / "stdout").read_text().split())
     assert "resuming a 2-process checkpoint with 1 processes" in said
+    assert len(TRAIN_LINE.findall((tmp_path / "stdout").read_text())) == 12 - 4
+    assert_resumed_under(tmp_path, out / "checkpoint-4", max_steps=12)
     assert_same_adapter(out, one_and_two_workers / "single" / "out")
 
 
@@ -521,7 +546,7 @@ def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):
 def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_one_and_two_workers, tiny_model_dir,
                                                                           tmp_path):
     config = write_dpo_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config)], tmp_path)
+    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
     marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
     deadline = time.monotonic() + 240
     while not marker.is_file():
@@ -531,7 +556,11 @@ def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_on
     first.wait(timeout=60)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
-    resumed = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--resume"], tmp_path, ".2")
+    checkpoint = latest_complete_checkpoint(tmp_path / "out")
+    assert checkpoint.name == "checkpoint-4"
+    resumed = launch([*torchrun_command(), str(launcher(tmp_path, watch=True)), "train", str(config), "--resume"],
+                     tmp_path, ".2")
     wait(resumed, tmp_path, ".2")
-    assert TRAIN_LINE.search((tmp_path / "stdout.2").read_text())
+    assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 8 - 4
+    assert_resumed_under(tmp_path, checkpoint, max_steps=8)
     assert relative_difference(tmp_path / "out", dpo_one_and_two_workers / "single" / "out") < DPO_TOLERANCE

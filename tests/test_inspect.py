@@ -121,6 +121,19 @@ def test_statistics_are_read_from_the_prepared_columns_and_one_example_is_render
     assert summary["truncated (train)"] == sum(n > 64 for n in lengths) > 0
 
 
+def test_the_histogram_goes_to_the_data_cache_not_the_working_or_run_directory(tmp_path, monkeypatch):
+    work, run = tmp_path / "work", tmp_path / "run"
+    work.mkdir(), run.mkdir()
+    (run / "phitune_complete").write_text("finished\n")
+    monkeypatch.chdir(work)
+    cfg = config_from_dict({"model": {"name_or_path": str(tiny_base_path())},
+                            "data": {"train": str(DEMO_DATA / "eval.jsonl"), "cache_dir": str(tmp_path / "cache")},
+                            "training_config": {"output_dir": str(run)}})
+    report = inspect_data(cfg)
+    assert report.histogram == tmp_path / "cache" / "data_lengths.png" and report.histogram.is_file()
+    assert list(work.iterdir()) == [] and [p.name for p in run.iterdir()] == ["phitune_complete"]
+
+
 KANNADA = [{"role": "system", "content": "Answer in Kannada."},
            {"role": "user", "content": "What is the capital of Karnataka?"},
            {"role": "assistant", "content": "ಬೆಂಗಳೂರು  (Bengaluru)."},

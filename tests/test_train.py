@@ -81,6 +81,89 @@ def test_a_finished_run_is_not_overwritten(make_config):
     run_training(cfg, overwrite=True)
 
 
+def test_overwrite_replaces_the_whole_old_run_and_only_once_the_new_inputs_are_checked(make_config, tmp_path):
+    """--overwrite leaves nothing of the old run (a later --resume would restore its checkpoint-4), deletes nothing
+    when the new run stops at bad data, and never deletes a file a phitune run did not write."""
+    from phitune.evaluate import EVAL_JSON, REPORT_MD
+    from phitune.train_support import finished_run, latest_complete_checkpoint
+
+    settings = {"eval_strategy": "no", "save_steps": 2}
+    old = run_training(make_config(training_config={**settings, "max_steps": 4})).output_dir
+    for name in (EVAL_JSON, REPORT_MD):  # what `phitune eval RUN` adds to a run
+        (old / name).write_text("{}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(PhituneError, match="bad.jsonl:1: malformed JSON"):
+        run_training(make_config(data={"train": str(bad)}, training_config={**settings, "max_steps": 2}),
+                     overwrite=True)
+    assert finished_run(old) and (old / "checkpoint-4").is_dir() and (old / EVAL_JSON).is_file()
+    new = run_training(make_config(training_config={**settings, "max_steps": 2}), overwrite=True).output_dir
+    assert sorted(p.name for p in new.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert latest_complete_checkpoint(new).name == "checkpoint-2"
+    assert not (new / EVAL_JSON).exists() and not (new / REPORT_MD).exists()
+    (new / "notes.txt").write_text("mine")
+    with pytest.raises(PhituneError, match="--overwrite deletes only what a phitune run writes.*notes.txt"):
+        run_training(make_config(training_config={**settings, "max_steps": 2}), overwrite=True)
+    assert (new / "notes.txt").read_text() == "mine" and finished_run(new)
+
+
+def test_an_interrupted_run_refuses_a_fresh_start(make_config):
+    """Without --resume, a fresh start would train from step 0 and its checkpoint rotation delete the interrupted
+    run's checkpoints: refused with both ways on, as for a finished run."""
+    from phitune.train_support import CHECKPOINT_COMPLETE
+
+    cfg = make_config(training_config={"max_steps": 2, "save_steps": 2, "eval_strategy": "no"})
+    out = run_training(cfg).output_dir
+    (out / CHECKPOINT_COMPLETE).unlink()  # as a run killed after its checkpoint, before its end, leaves it
+    with pytest.raises(PhituneError) as err:
+        run_training(cfg)
+    message = str(err.value)
+    assert "holds an interrupted run (checkpoint-2); pass --overwrite to replace it, --resume to continue it" in message
+    assert (out / "checkpoint-2" / CHECKPOINT_COMPLETE).is_file()
+
+
+def test_a_foreign_directory_is_refused_and_early_errors_leave_no_directory(make_config, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(PhituneError, match="is not empty and holds no phitune run"):
+            run_training(make_config(training_config={"output_dir": str(foreign)}), overwrite=overwrite)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+    fresh = tmp_path / "new" / "run"
+    with pytest.raises(PhituneError, match="data file not found"):
+        run_training(make_config(data={"train": str(tmp_path / "missing.jsonl")},
+                                 training_config={"output_dir": str(fresh)}))
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_saved_config_holds_absolute_paths_so_a_run_works_from_any_directory(make_config, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+
+    import yaml
+
+    from phitune import api
+    from conftest import DEMO_DATA
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True), elsewhere.mkdir()
+    for name in ("train.jsonl", "eval.jsonl"):
+        shutil.copy(DEMO_DATA / name, project / "data" / name)
+    monkeypatch.chdir(project)
+    cfg = make_config(data={"train": "data/train.jsonl", "eval": "data/eval.jsonl", "cache_dir": "cache"},
+                      training_config={"output_dir": "run", "max_steps": 2, "eval_strategy": "no"})
+    run_training(cfg)
+    saved = yaml.safe_load((project / "run" / "phitune_config.yaml").read_text())
+    assert saved["data"]["train"] == str(project / "data" / "train.jsonl")
+    assert saved["data"]["cache_dir"] == str(project / "cache")
+    assert saved["training_config"]["output_dir"] == str(project / "run")
+    monkeypatch.chdir(elsewhere)
+    report = api.evaluate(project / "run", num_generate=1, max_new_tokens=4)
+    assert report.metrics["fine-tuned"]["loss"] > 0 and (project / "run" / "eval.json").is_file()
+    assert api.generate(["Hi"], project / "run", max_new_tokens=2)
+
+
 RESUME_SETTINGS = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 3}
 
 

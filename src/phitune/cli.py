@@ -265,7 +265,7 @@ def export(
 def data(
     config: Path = typer.Argument(..., help="YAML run config whose data section is inspected"),
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
-    output: Optional[Path] = typer.Option(None, "--output", help="where the histogram goes (default: output_dir or .)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder for the length histogram (default: the data cache; the path is printed)"),
     example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,8 +383,25 @@ def _check_values(data: DataConfig, problems: list[str]) -> None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved config (secrets removed) next to the adapter, so every later command can rebuild the run."""
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write the resolved config (secrets removed, local paths absolute) next to the adapter, so every later command
+    can rebuild the run from any working directory."""
+    path.write_text(yaml.safe_dump(absolute_paths(cfg).to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of `cfg` whose local paths (data files, cache, a local base model or starting adapter, output_dir) are
+    absolute; hub names are kept as written. Relative paths mean relative to the current directory, as when typed."""
+    def absolute(value: str | None, must_exist: bool = True) -> str | None:
+        if value is None or (must_exist and not Path(value).exists()):
+            return value
+        return os.path.abspath(value)  # not resolve(): a path through a symlink stays the path the user chose
+
+    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval),
+                               cache_dir=absolute(cfg.data.cache_dir, must_exist=False))
+    model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
+                                adapter=absolute(cfg.model.adapter))
+    training = dict(cfg.training_config, output_dir=os.path.abspath(cfg.output_dir))
+    return dataclasses.replace(cfg, data=data, model=model, training_config=training)
 
 
 def load_run_config(output_dir: str | Path) -> RunConfig:

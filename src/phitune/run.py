@@ -1,10 +1,12 @@
 """The run lifecycle every method shares: a RunConfig in, an output directory out.
 
 phitune.train (the driver) takes these steps in order and asks the method's recipe (phitune.recipes) for the rest:
-prepare_output_dir -> plan_run -> the recipe's data, trainer config, model and trainer -> fit -> finish.
+run_dir.prepare_output_dir -> plan_run -> the recipe's data, trainer config and model -> run_dir.clear_old_run ->
+the recipe's trainer -> fit -> finish.
 `output_dir` ends up holding the PEFT adapter (or full model), the tokenizer, `phitune_config.yaml`, `metrics.json`,
 `loss.png`, and `checkpoint-N/` directories. What keeps a run safe while it trains (complete-checkpoint markers,
-graceful stop, NaN guard, resume layout checks) lives in phitune.train_support, in the same layer.
+graceful stop, NaN guard, resume layout checks) lives in phitune.train_support, and what a run directory may hold
+and when an old run is cleared in phitune.run_dir: the same layer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     GracefulStop,
     NonFiniteLoss,
-    finished_run,
     latest_complete_checkpoint,
     plot_losses,
 )
@@ -40,22 +41,6 @@ class RunResult:
     output_dir: Path
     metrics: dict = field(default_factory=dict)
     model: object = None  # the trained model in memory (PeftModel for the peft backend)
-
-
-def prepare_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse to overwrite a finished run unless asked; `--resume` continues an unfinished or finished one."""
-    output_dir = cfg.output_dir
-    if resume and overwrite:
-        raise PhituneError("--resume and --overwrite contradict each other; pick one")
-    if finished_run(output_dir) and not (resume or overwrite):
-        raise PhituneError(
-            f"{output_dir} already holds a finished run; pass --overwrite to replace it, --resume to continue it, "
-            "or set training_config.output_dir to a new directory"
-        )
-    if resume and latest_complete_checkpoint(output_dir) is None:
-        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
 
 
 def trainer_settings(cfg: RunConfig, has_eval: bool) -> dict:

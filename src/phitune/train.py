@@ -4,8 +4,9 @@ run's `method` picks its recipe.
 run_training takes the lifecycle steps of phitune.run once, in order, and asks the method's recipe
 (phitune.recipes) for what differs between methods:
 
-    output directory -> checkpoint -> plan -> tokenizer -> recipe = RECIPES[cfg.method] -> its data, trainer config,
-    model and trainer -> its evaluation before -> fit -> its evaluation after -> its counts -> finish
+    output directory -> checkpoint -> plan -> tokenizer -> recipe = RECIPES[cfg.method] -> its data, trainer config
+    and model -> clear an old run (--overwrite) -> its trainer -> its evaluation before -> fit -> its evaluation
+    after -> its counts -> finish
 
 The CLI and phitune.api call the same three functions here, so both give the same results.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 from phitune.config import RunConfig
 from phitune.plan import plan_run
 from phitune.recipes import preference, sft
-from phitune.run import RunResult, finish, fit, prepare_output_dir
+from phitune.run import RunResult, finish, fit
+from phitune.run_dir import clear_old_run, prepare_output_dir
 from phitune.train_support import check_resume_layout, latest_complete_checkpoint
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference}  # config_methods.METHODS names the same keys
@@ -38,6 +40,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
     model, peft_config = recipe.load_model(cfg, plan)
+    clear_old_run(output_dir, overwrite)  # only now: a bad config or bad data must not cost the old run
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
     metrics = fit(trainer, checkpoint)

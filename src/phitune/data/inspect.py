@@ -83,11 +83,13 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
 
 
 def report_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
-    """--output, else the run's output_dir when it exists already, else the current directory."""
-    if output_dir is not None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        return Path(output_dir)
-    return cfg.output_dir if cfg.output_dir.is_dir() else Path.cwd()
+    """--output, else the data cache (data.cache_dir): `phitune data` only looks, so it writes nothing where a person
+    works, nor into a run's directory (a finished run is never changed, an empty one must stay empty for training)."""
+    from phitune.data.prepare import cache_root
+
+    folder = Path(output_dir) if output_dir is not None else cache_root(cfg.data)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def example_tokens(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
 BATCH = 256  # rows per map batch: big enough for batch encoding, small enough for bounded memory
 OK, READ_BAD, ROW_BAD, BLANK = 0, 1, 2, 3  # row status after the check pass
 SAMPLES = 16  # raw train rows kept in meta.json for `phitune data` to show
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +84,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     from filelock import FileLock
 
     template = training_chat_template(tokenizer, cfg.train_on)
-    cache = Path(cfg.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data")
+    warn_if_not_sentencepiece(tokenizer)
+    cache = cache_root(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
     final = cache / fingerprint
@@ -95,6 +98,40 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
                 _make(cfg, tokenizer, template, work)
             work.rename(final)
     return _load(final, cfg, fingerprint, reused)
+
+
+SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
+_warned: set[str] = set()
+
+
+def warn_if_not_sentencepiece(tokenizer) -> None:
+    """Warn, once per tokenizer, when transformers tokenizes plain text otherwise than the model's own SentencePiece
+    model (`tokenizer.model` in its folder), which is also how llama.cpp and Ollama tokenize it.
+
+    transformers 5 builds a Phi-3 tokenizer from its files alone as a Metaspace `LlamaTokenizer` (docs/export.md,
+    "Train/serve parity"): the model would be fine-tuned on ids a GGUF runtime never feeds it."""
+    model_file = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
+    if str(model_file) in _warned or not model_file.is_file():
+        return
+    _warned.add(str(model_file))
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(model_file))
+    for text in SENTENCEPIECE_PROBES:
+        ours, theirs = tokenizer(text, add_special_tokens=False).input_ids, sp.encode(text)
+        if ours != theirs:
+            log.warning("this tokenizer (%s) tokenizes %r as %s, its SentencePiece model as %s: llama.cpp and "
+                        "Ollama would feed the fine-tuned model other ids than it is trained on; load it from the "
+                        "model's folder (with config.json), see docs/export.md", type(tokenizer).__name__, text,
+                        ours, theirs)
+            return
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """data.cache_dir, else ~/.cache/phitune/data (under $XDG_CACHE_HOME when set); absolute, as the Arrow file
+    names inside an entry are taken relative to it."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phitune" / "data"
+    return Path(os.path.abspath(cfg.cache_dir or default))
 
 
 @contextmanager
@@ -261,14 +298,18 @@ def _raise_not_utf8(path: Path):
 
 
 def _detect(raw, source: str) -> str:
-    """The format of the first row that is a JSON object (as the in-memory reader does)."""
+    """The format of the first row that is a JSON object (as the in-memory reader does). With none, the first
+    malformed row is the error (a file of one bad line is not a file of no rows)."""
+    first_bad = None
     for start in range(0, len(raw), 1000):
         batch = raw[start:start + 1000]
         for line, text in zip(batch["line"], batch["text"]):
             row = _parse(text)
             if isinstance(row, dict):
                 return detect_format(row, row_location(source, line))
-    raise PhituneError(f"{source}: no rows")
+            if first_bad is None and text is not None and text.strip():
+                first_bad = _check_row(line, text, None, "messages", source)[1]
+    raise PhituneError(first_bad or f"{source}: no rows")
 
 
 def _parse(text):

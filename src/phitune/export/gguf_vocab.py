@@ -10,12 +10,19 @@ port of the converter's `get_vocab_base`.
 
 `<|end|>` (Phi-4: `<|im_end|>`) is written as the end-of-turn token (`tokenizer.ggml.eot_token_id`), so llama.cpp,
 Ollama and LM Studio end a turn there instead of generating past it.
+
+Phi-3's chat tokens strip the whitespace after them (`rstrip` in the hub's tokenizer). GGUF has no per-token flags
+for that; llama.cpp sets them itself, on every special token but `<unk>`, `<s>` and `<|endoftext|>`, exactly when
+`general.name` contains "phi-3" or "phi3" (llama-vocab.cpp). `gguf_name` makes the name say so exactly when the
+tokenizer strips, so llama.cpp feeds a fine-tuned model the ids it was trained on (docs/export.md).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import re
 
 from phitune.data.encode import END_OF_TURN
 from phitune.errors import PhituneError
@@ -24,6 +31,7 @@ END_OF_TURN_TOKENS = (END_OF_TURN, "<|im_end|>")  # Phi-3 and Phi-4-mini; Phi-4'
 # The GPT-2 pre-tokenizer regex: what a `ByteLevel(use_regex=True)` pre-tokenizer splits with, and what llama.cpp
 # runs for tokenizer.ggml.pre = "gpt-2". Any other pre-tokenizer would tokenize differently in llama.cpp.
 GPT2_PRE = "gpt-2"
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)  # what llama.cpp looks for in general.name, lower-cased
 
 
 def add_vocab(writer, model_dir: Path, vocab_size: int, tokenizer) -> dict:
@@ -60,6 +68,18 @@ def add_vocab(writer, model_dir: Path, vocab_size: int, tokenizer) -> dict:
         writer.add_eot_token_id(end)
         ids["eot"] = end
     return {"tokenizer": kind, **{f"{k}_id": v for k, v in ids.items()}}
+
+
+def gguf_name(name: str, tokenizer) -> str:
+    """general.name, with "phi3" added when the tokenizer strips whitespace after `<|end|>` and llama.cpp would not,
+    or Phi-3 taken out of it (phi-3 -> phi) when llama.cpp would strip and the tokenizer does not."""
+    end = tokenizer.added_tokens_decoder.get(tokenizer.convert_tokens_to_ids(END_OF_TURN))
+    strips = end is not None and end.content == END_OF_TURN and end.rstrip
+    if strips and not PHI3_NAME.search(name):
+        return f"{name} (phi3)"
+    if not strips and PHI3_NAME.search(name):
+        return PHI3_NAME.sub(lambda m: m.group(0)[:3], name)
+    return name
 
 
 def _added_specials(tokenizer) -> dict[str, bool]:

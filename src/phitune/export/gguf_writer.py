@@ -10,7 +10,7 @@ from phitune.errors import PhituneError
 import phitune.export.quant as quants
 from phitune.export.gguf_model import (ARCH, GGUFResult, add_hparams, hf_config, load_tensor, plan_weights,
                                        safetensors_shapes)
-from phitune.export.gguf_vocab import add_vocab
+from phitune.export.gguf_vocab import add_vocab, gguf_name
 
 
 def write_gguf(model_dir: Path, output: Path, quant: str = "f16", name: str | None = None) -> GGUFResult:
@@ -31,13 +31,13 @@ def _write_direct(model_dir: Path, output: Path, quant: str, name: str | None) -
     shapes = safetensors_shapes(model_dir)
     result = GGUFResult(path=output, quant=quant)
     writer = gguf.GGUFWriter(None, ARCH)
-    writer.add_name(name or model_dir.name)
     writer.add_file_type(quants.file_type(quant))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     plans = add_hparams(writer, config)
     plans += plan_weights(shapes, config.num_hidden_layers, quants.type_chooser(quant, result.kept_f16))
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     result.special_ids = add_vocab(writer, model_dir, config.vocab_size, tokenizer)
+    writer.add_name(gguf_name(name or model_dir.name, tokenizer))
     weights = [p for p in plans if len(p.shape) > 1]
     if quant not in ("f32", "f16") and weights and len(result.kept_f16) == len(weights):
         raise PhituneError(f"--quant {quant}: no weight of this model has rows that fit its blocks "

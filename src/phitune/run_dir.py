@@ -1,0 +1,108 @@
+"""The output directory of a run, kept so that no work is lost by accident.
+
+A directory is one of: absent or empty (a fresh run starts there), a finished run (the completion marker at its
+top), an interrupted run (checkpoints or a saved config, no marker), or foreign (anything else that is not empty).
+A fresh start is refused on a finished or interrupted run unless `--resume` continues it or `--overwrite` replaces
+it, and always refused on a foreign directory. `--overwrite` deletes only what a phitune run writes there, and only
+once the new run's inputs have been checked (`clear_old_run`), so a typo in the config never costs the old run; a
+directory that also holds other files is refused rather than emptied. The directory itself is made by the trainer
+when it first writes, so a run that stops at a bad config or bad data leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from phitune.errors import PhituneError
+from phitune.train_support import CHECKPOINT_COMPLETE, finished_run, latest_complete_checkpoint
+
+log = logging.getLogger("phitune")
+
+CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+# What phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
+RUN_FILES = (
+    "checkpoint-*", CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png",  # the run
+    "eval.json", "report.md", "eval.png", "data_lengths.png",  # phitune eval, phitune data (older releases)
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lora_state_dict.safetensors",
+    "README.md", "training_args.bin", "runs", "ref",  # PEFT's model card, Trainer arguments, TensorBoard, DPO's ref
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "configuration_*.py", "modeling_*.py",  # full fine-tune
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*",
+    "tokenization_*.py",
+)
+
+
+def is_run_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
+
+
+def run_state(output_dir: Path) -> str:
+    """"empty" (or absent), "finished", "interrupted" or "foreign"."""
+    if not output_dir.is_dir():
+        if output_dir.exists():
+            raise PhituneError(f"training_config.output_dir {output_dir} is a file, not a directory")
+        return "empty"
+    names = [child.name for child in output_dir.iterdir()]
+    if not names:
+        return "empty"
+    if finished_run(output_dir):
+        return "finished"
+    if any(name in ("phitune_config.yaml", "runs") or CHECKPOINT.match(name) for name in names):
+        return "interrupted"  # runs/: the TensorBoard logs of a run stopped before its first checkpoint
+    return "foreign"
+
+
+def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
+    """Check that the run may start in cfg.output_dir; nothing is created or deleted here (see clear_old_run)."""
+    output_dir = cfg.output_dir
+    if resume and overwrite:
+        raise PhituneError("--resume and --overwrite contradict each other; pick one")
+    state = run_state(output_dir)
+    if state == "foreign":
+        raise PhituneError(f"{output_dir} is not empty and holds no phitune run; set training_config.output_dir to "
+                           "a new or empty directory (phitune never deletes files it did not write)")
+    if state in ("finished", "interrupted") and not (resume or overwrite):
+        what = "a finished run" if state == "finished" else f"an interrupted run ({_checkpoints(output_dir)})"
+        raise PhituneError(f"{output_dir} already holds {what}; pass --overwrite to replace it, --resume to "
+                           "continue it, or set training_config.output_dir to a new directory")
+    if resume and latest_complete_checkpoint(output_dir) is None:
+        instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
+        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
+    if overwrite:
+        others = sorted(name for name in _names(output_dir) if not is_run_file(name))
+        if others:
+            raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
+                               f"{', '.join(others[:3])}; move those out or choose another output_dir")
+    return output_dir
+
+
+def clear_old_run(output_dir: Path, overwrite: bool) -> None:
+    """With --overwrite, delete the old run's files (checkpoints, adapter, eval results, ...) so none mixes into the
+    new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked."""
+    if not overwrite:
+        return
+    removed = [child for child in _children(output_dir) if is_run_file(child.name)]
+    for child in removed:  # every process of a multi-process run may get here: a file gone already is fine
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if removed:
+        log.warning("--overwrite: removed the previous run in %s (%d files and folders)", output_dir, len(removed))
+
+
+def _children(output_dir: Path) -> list[Path]:
+    return list(output_dir.iterdir()) if output_dir.is_dir() else []
+
+
+def _names(output_dir: Path) -> list[str]:
+    return [child.name for child in _children(output_dir)]
+
+
+def _checkpoints(output_dir: Path) -> str:
+    found = sorted((name for name in _names(output_dir) if CHECKPOINT.match(name)), key=lambda n: int(n[11:]))
+    return ", ".join(found[-2:]) if found else "no checkpoint yet"

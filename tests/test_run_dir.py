@@ -1,0 +1,52 @@
+"""Run directories: which states a fresh start, --resume and --overwrite accept, and what --overwrite deletes.
+(The same on real runs: tests/test_train.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from phitune.errors import PhituneError
+from phitune.run_dir import clear_old_run, prepare_output_dir, run_state
+
+
+def _cfg(path):
+    return SimpleNamespace(output_dir=path)
+
+
+def _make(folder, names):
+    folder.mkdir()
+    for name in names:
+        (folder / name).mkdir() if name.endswith("/") else (folder / name).write_text("x")
+    return folder
+
+
+def test_states_and_what_each_mode_accepts(tmp_path):
+    absent, empty = tmp_path / "absent", _make(tmp_path / "empty", [])
+    for folder in (absent, empty):
+        assert run_state(folder) == "empty" and prepare_output_dir(_cfg(folder), False, False) == folder
+        with pytest.raises(PhituneError, match="no complete checkpoint .* run without --resume to start"):
+            prepare_output_dir(_cfg(folder), True, False)
+    assert not absent.exists()  # checking creates nothing
+    tensorboard = _make(tmp_path / "tb", ["runs/"])  # stopped before its first checkpoint
+    assert run_state(tensorboard) == "interrupted"
+    with pytest.raises(PhituneError, match="interrupted run \\(no checkpoint yet\\); pass --overwrite"):
+        prepare_output_dir(_cfg(tensorboard), False, False)
+    foreign = _make(tmp_path / "foreign", ["data.csv"])
+    for resume, overwrite in ((False, False), (True, False), (False, True)):
+        with pytest.raises(PhituneError, match="not empty and holds no phitune run"):
+            prepare_output_dir(_cfg(foreign), resume, overwrite)
+    with pytest.raises(PhituneError, match="contradict"):
+        prepare_output_dir(_cfg(empty), True, True)
+
+
+def test_overwrite_deletes_exactly_what_a_run_writes(tmp_path):
+    run = _make(tmp_path / "run", ["checkpoint-3/", "checkpoint-6/", "adapter_config.json", "eval.json", "report.md",
+                                   "runs/", "phitune_config.yaml", "phitune_complete"])
+    prepare_output_dir(_cfg(run), False, True)
+    assert len(list(run.iterdir())) == 8  # nothing deleted while checking
+    clear_old_run(run, overwrite=False)
+    assert len(list(run.iterdir())) == 8
+    clear_old_run(run, overwrite=True)
+    assert list(run.iterdir()) == []
