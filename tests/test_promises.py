@@ -132,6 +132,11 @@ TRAIN_SFT = [
     case("output_dir_holds_finished_run", train(), ["already holds a finished run", "--overwrite", "--resume"],
          {"out/phitune_complete": "finished\n"}),
     case("resume_without_checkpoint", train(extra=("--resume",)), ["no complete checkpoint"]),
+    case("output_dir_holds_interrupted_run", train(), ["already holds an interrupted run (checkpoint-4)", "--resume"],
+         {"out/checkpoint-4/phitune_complete": "{}\n"}),
+    case("output_dir_foreign", train(), ["is not empty and holds no phitune run"], {"out/notes.txt": "mine\n"}),
+    case("overwrite_refuses_a_foreign_dir", train(extra=("--overwrite",)), ["holds no phitune run"],
+         {"out/notes.txt": "mine\n"}),
 ]
 
 TRAIN_DPO = [
@@ -144,6 +149,9 @@ TRAIN_DPO = [
          ["per_device_train_batch_size must be at least 1, got 0"]),
     case("dpo_output_dir_holds_finished_run", dpo(), ["already holds a finished run"],
          {"dpo-out/phitune_complete": "finished\n"}),
+    case("dpo_output_dir_holds_interrupted_run", dpo(), ["already holds an interrupted run"],
+         {"dpo-out/checkpoint-2/phitune_complete": "{}\n"}),
+    case("dpo_output_dir_foreign", dpo(), ["holds no phitune run"], {"dpo-out/notes.txt": "mine\n"}),
 ]
 
 DATA = [
