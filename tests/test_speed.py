@@ -78,8 +78,8 @@ def test_padding_free_loss_and_grads_equal_padded(tiny_model_dir, attn):
 
 def test_padding_free_check_sees_attention_leak(tiny_model_dir, monkeypatch):
     """Deliberate break: transformers no longer finds the row boundaries in the position ids, so each token of the
-    concatenated row attends to the rows before it (positions still restart). The loss moves little; the gradient
-    comparison reports every LoRA weight of the attention path."""
+    concatenated row attends to the rows before it (positions still restart). The loss moves 0.2% (LoRA B
+    non-zero); the gradient comparison reports all 16 LoRA weights (their gradients differ by 88-172%)."""
     import transformers.masking_utils as masking_utils
 
     model = _lora_model(tiny_model_dir)
@@ -88,7 +88,7 @@ def test_padding_free_check_sees_attention_leak(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     _, grads_leaking = _loss_and_grads(model, packed)
     mismatched = gradient_mismatches(grads_leaking, grads_padded)
-    assert any("qkv_proj.lora_A" in line for line in mismatched), mismatched
+    assert len(mismatched) == len(grads_padded) == 2 * 4 * 2, mismatched
 
 
 def test_padding_free_does_not_attend_across_examples(tiny_model_dir):

@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Bad input of any kind (a PhituneError, or a usage mistake caught by typer's parser) is one line on stderr and
     exit code 2 (a traceback only with --debug); an interrupt (Ctrl-C, SIGTERM) is one line and exit code 130."""
+    STATE["signal"] = "SIGINT (Ctrl-C)"  # what an interrupt is called unless a handler names another signal
     _interrupts_raise()
     try:
         code = app(args=argv, prog_name="phitune", standalone_mode=False)

@@ -1,0 +1,451 @@
+"""The README's promises on the paths a new user walks, as tables, one line per case.
+
+Bad input to any command: exit code 2, exactly one line on stderr (`error: ...` saying what to do), no traceback, no
+weights loaded, and nothing left behind: the case's directory (its working directory too) holds the same files and
+folders after the command as before, and the finished run the commands read is unchanged.
+An interrupt (Ctrl-C, SIGTERM) at a command's main stage: exit code 130 and one line saying so.
+
+Bad-input rows run the real CLI in-process (`phitune.cli.main` with the row's arguments), so the table costs no
+interpreter start per row; Python warnings are counted as stderr lines, as a real process would print them. A missing
+extra is also tried in a real process, and the interrupts are real signals to real processes.
+
+Row: case(id, command line, words the stderr line must hold, files=..., hide=...). In the command line and the files,
+{d} is the case's directory, {run} a finished run, {model} the tiny model. Every case directory starts with run.yaml
+(SFT on {d}/train.jsonl), dpo.yaml (DPO on {d}/pairs.jsonl), good data for both, prompts.jsonl and a file
+exists.txt; `files` replaces or adds files (a name ending in / is a directory; UNREADABLE a file no one can read);
+`hide` names modules made unimportable, as when an extra is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import yaml
+
+DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+GOOD = {"messages": [{"role": "user", "content": "Which colour is snow?"}, {"role": "assistant", "content": "White."}]}
+PAIR = {"prompt": "Is snow white?", "chosen": "Yes.", "rejected": "No."}
+LONG_SYSTEM = {"role": "system", "content": "Please read all of this carefully before answering. " * 20}
+UNREADABLE = object()
+
+
+class Case(NamedTuple):
+    id: str
+    argv: list
+    words: list
+    files: dict
+    hide: tuple
+
+
+def case(id: str, argv: list, words: list, files: dict | None = None, hide: tuple = ()) -> Case:
+    return Case(id, argv, words, files or {}, hide)
+
+
+def lines(*rows) -> str:
+    """A .jsonl text whose lines are the given rows (dicts dumped as JSON, strings written as they are)."""
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def chat(*turns) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def train(*sets: str, extra: tuple = (), config: str = "run.yaml") -> list:
+    """`phitune train CONFIG [EXTRA] --set A --set B ...`"""
+    return ["train", f"{{d}}/{config}", *extra, *[part for item in sets for part in ("--set", item)]]
+
+
+def dpo(*sets: str, extra: tuple = ()) -> list:
+    return train(*sets, extra=extra, config="dpo.yaml")
+
+
+USAGE = [
+    case("no_command", [], ["no command given", "phitune --help"]),
+    case("misspelled_command", ["trian"], ["No such command 'trian'", "Did you mean 'train'?"]),
+    case("missing_argument", ["train"], ["Missing argument 'config'", "phitune train --help"]),
+    case("unknown_flag", [*train(), "--bogus"], ["No such option: --bogus", "phitune train --help"]),
+    case("missing_option", ["merge", "{run}"], ["Missing option '--output'", "phitune merge --help"]),
+    case("option_wrong_type", ["eval", "{run}", "--batch-size", "x"], ["'--batch-size'", "integer"]),
+    case("option_out_of_range", ["eval", "{run}", "--batch-size", "0"], ["'--batch-size'", "greater than or equal to 1"]),
+]
+
+TRAIN_SFT = [
+    case("config_missing", ["train", "{d}/nope.yaml"], ["config file not found", "nope.yaml"]),
+    case("data_file_missing", train("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
+    case("data_path_is_directory", train("data.train={d}/dir.jsonl"), ["is a directory"], {"dir.jsonl/": ""}),
+    case("data_file_unreadable", train(), ["cannot read", "train.jsonl"], {"train.jsonl": UNREADABLE}),
+    case("data_file_empty", train(), ["train.jsonl", "no rows"], {"train.jsonl": ""}),
+    case("data_file_blank", train(), ["train.jsonl", "no rows"], {"train.jsonl": "  \n\n"}),
+    case("malformed_json_line", train(), ["train.jsonl:3", "malformed JSON"],
+         {"train.jsonl": lines(GOOD, GOOD, '{"messages": [{"role": "user"')}),
+    case("unknown_row_format", train(), ["unknown data format", "question"],
+         {"train.jsonl": lines({"question": "a?", "answer": "b"})}),
+    case("unknown_format_name", train("data.format=chatml"), ["data.format must be one of", "chatml"]),
+    case("no_assistant_turn", train(), ["train.jsonl:2", "no assistant turn"],
+         {"train.jsonl": lines(GOOD, chat(("user", "hi")))}),
+    case("roles_out_of_order", train(), ["train.jsonl:1", "roles out of order"],
+         {"train.jsonl": lines(chat(("user", "a"), ("user", "b"), ("assistant", "c")))}),
+    case("empty_content", train(), ["train.jsonl:2", "empty content"],
+         {"train.jsonl": lines(GOOD, chat(("user", "a"), ("assistant", "  ")))}),
+    case("empty_after_skipping", train("data.on_bad_row=skip"), ["empty after skipping 2 bad rows"],
+         {"train.jsonl": lines(chat(("user", "a")), "not json")}),
+    case("every_label_masked", train("data.max_seq_length=32"), ["every label is masked", "max_seq_length"],
+         {"train.jsonl": lines({"messages": [LONG_SYSTEM, *GOOD["messages"]]})}),
+    case("not_utf8", train(), ["train.jsonl:2", "not UTF-8"],
+         {"train.jsonl": json.dumps(GOOD).encode() + b"\n" + b'{"x": "caf\xe9"}\n'}),
+    case("unknown_config_key", train("data.trian=x.jsonl"), ["unknown key data.trian", "'train'"]),
+    case("mistyped_training_key", train("training_config.learning_rte=0.1"),
+         ["unknown key training_config.learning_rte", "'learning_rate'"]),
+    case("wrong_type_data_value", train("data.max_seq_length=long"), ["data.max_seq_length must be int", "'long'"]),
+    case("wrong_type_training_value", train("training_config.max_steps=ten"),
+         ["training_config.max_steps must be int", "'ten'"]),
+    case("invalid_training_value", train("training_config.lr_scheduler_type=cosin"),
+         ["training_config.lr_scheduler_type must be one of linear, cosine,", "got 'cosin' (did you mean 'cosine'?)"]),
+    case("training_values_the_trainer_rejects",
+         train("training_config.load_best_model_at_end=true", "training_config.save_strategy=epoch"),
+         ["training_config:", "load_best_model_at_end requires the save and eval strategy to match"]),
+    case("set_value_not_yaml", train("data.max_seq_length=[1"), ["--set 'data.max_seq_length=[1'", "not valid YAML"]),
+    case("batch_size_zero", train("training_config.per_device_train_batch_size=0"),
+         ["per_device_train_batch_size must be at least 1, got 0"]),
+    case("epochs_negative", train("training_config.num_train_epochs=-1", "training_config.max_steps=-1"),
+         ["num_train_epochs must be positive, got -1"]),
+    case("learning_rate_not_a_number", train("training_config.learning_rate=fast"),
+         ["training_config.learning_rate must be a number", "'fast'"]),
+    case("yaml_value_wrong_type", train(), ["data.max_seq_length must be int"],
+         {"run.yaml": "model: {name_or_path: '{model}'}\ndata: {train: '{d}/train.jsonl', max_seq_length: [1, 2]}\n"}),
+    case("model_path_missing", train("model.name_or_path={d}/no-such-model"),
+         ["model path does not exist", "no-such-model"]),
+    case("target_modules_match_nothing", train("peft_config.target_modules=[q_proj, o_proj]"),
+         ["'q_proj' matches nothing; this model's linear layers are qkv_proj, o_proj, gate_up_proj, down_proj"]),
+    case("max_seq_length_beyond_context", train("data.max_seq_length=4096"),
+         ["max_seq_length 4096 exceeds the model's context of 1024"]),
+    case("output_dir_holds_finished_run", train(), ["already holds a finished run", "--overwrite", "--resume"],
+         {"out/phitune_complete": "finished\n"}),
+    case("resume_without_checkpoint", train(extra=("--resume",)), ["no complete checkpoint"]),
+    case("output_dir_holds_interrupted_run", train(), ["already holds an interrupted run (checkpoint-4)", "--resume"],
+         {"out/checkpoint-4/phitune_complete": "{}\n"}),
+    case("output_dir_foreign", train(), ["is not empty and holds no phitune run"], {"out/notes.txt": "mine\n"}),
+    case("overwrite_refuses_a_foreign_dir", train(extra=("--overwrite",)), ["holds no phitune run"],
+         {"out/notes.txt": "mine\n"}),
+]
+
+TRAIN_DPO = [
+    case("dpo_pairs_file_missing", dpo("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
+    case("dpo_pairs_file_empty", dpo(), ["pairs.jsonl", "empty"], {"pairs.jsonl": ""}),
+    case("dpo_malformed_json_line", dpo(), ["pairs.jsonl:2", "malformed JSON"], {"pairs.jsonl": lines(PAIR, "{")}),
+    case("dpo_unknown_training_key", dpo("training_config.betta=0.1"), ["unknown key training_config.betta", "'beta'"]),
+    case("dpo_beta_not_a_number", dpo("training_config.beta=high"), ["training_config.beta", "'high'"]),
+    case("dpo_batch_size_zero", dpo("training_config.per_device_train_batch_size=0"),
+         ["per_device_train_batch_size must be at least 1, got 0"]),
+    case("dpo_output_dir_holds_finished_run", dpo(), ["already holds a finished run"],
+         {"dpo-out/phitune_complete": "finished\n"}),
+    case("dpo_output_dir_holds_interrupted_run", dpo(), ["already holds an interrupted run"],
+         {"dpo-out/checkpoint-2/phitune_complete": "{}\n"}),
+    case("dpo_output_dir_foreign", dpo(), ["holds no phitune run"], {"dpo-out/notes.txt": "mine\n"}),
+]
+
+DATA = [
+    case("data_config_missing", ["data", "{d}/nope.yaml"], ["config file not found"]),
+    case("data_command_file_missing", ["data", "{d}/run.yaml", "--set", "data.train={d}/nope.jsonl"], ["data file not found"]),
+    case("data_set_not_yaml", ["data", "{d}/run.yaml", "--set", "data.format=[x"], ["not valid YAML"]),
+    case("data_example_negative", ["data", "{d}/run.yaml", "--example", "-1"], ["'--example'", "greater than or equal"]),
+    case("data_unknown_key", ["data", "{d}/run.yaml", "--set", "data.trian=x"], ["unknown key data.trian"]),
+]
+
+INFERENCE = [
+    case("eval_run_dir_missing", ["eval", "{d}/nope"], ["not a phitune run directory"]),
+    case("eval_not_a_run_dir", ["eval", "{d}"], ["not a phitune run directory", "phitune_config.yaml"]),
+    case("eval_nothing_named", ["eval"], ["name a run directory, or --model"]),
+    case("eval_data_missing", ["eval", "{run}", "--data", "{d}/nope.jsonl"], ["data file not found"]),
+    case("eval_data_empty", ["eval", "{run}", "--data", "{d}/train.jsonl"], ["train.jsonl", "empty"],
+         {"train.jsonl": ""}),
+    case("eval_num_generate_negative", ["eval", "{run}", "--num-generate", "-1"], ["'--num-generate'"]),
+    case("eval_max_new_tokens_zero", ["eval", "{run}", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
+    case("chat_not_a_run_dir", ["chat", "{d}"], ["not a phitune run directory"]),
+    case("chat_temperature_zero", ["chat", "{run}", "--do-sample", "--temperature", "0"],
+         ["--temperature must be above 0", "--greedy"]),
+    case("chat_top_p_above_one", ["chat", "{run}", "--do-sample", "--top-p", "2"], ["--top-p must be in (0, 1]"]),
+    case("generate_input_missing", ["generate", "{run}", "--input", "{d}/nope.jsonl", "--output", "{d}/a.jsonl"],
+         ["input file not found"]),
+    case("generate_input_empty", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
+         ["prompts.jsonl", "empty"], {"prompts.jsonl": ""}),
+    case("generate_input_malformed", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
+         ["prompts.jsonl:1", "malformed JSON"], {"prompts.jsonl": "{prompt: hi}\n"}),
+    case("generate_output_exists", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output",
+                                    "{d}/exists.txt"], ["already exists", "--overwrite"]),
+    case("generate_batch_size_zero", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl",
+                                      "--batch-size", "0"], ["'--batch-size'"]),
+    case("merge_not_a_run_dir", ["merge", "{d}", "--output", "{d}/merged"], ["not a phitune run directory"]),
+    case("merge_output_not_empty", ["merge", "{run}", "--output", "{d}"], ["exists and is not empty"]),
+    case("merge_dtype_unknown", ["merge", "{run}", "--output", "{d}/merged", "--dtype", "float8"],
+         ["--dtype must be one of", "float8"]),
+    case("export_format_unknown", ["export", "{run}", "--output", "{d}/m.gguf", "--format", "ggml"],
+         ["--format ggml is not one of"]),
+    case("export_quant_unknown", ["export", "{run}", "--output", "{d}/m.gguf", "--quant", "q3"],
+         ["--quant q3 is not one of"]),
+    case("export_output_exists", ["export", "{run}", "--output", "{d}/exists.txt"], ["exists; choose a new --output"]),
+    case("export_ollama_with_lora", ["export", "{run}", "--output", "{d}/a.gguf", "--format", "gguf-lora", "--ollama"],
+         ["--ollama needs --format gguf"]),
+    case("export_without_the_extra", ["export", "{run}", "--output", "{d}/m.gguf"],
+         ["needs the gguf package", "pip install 'phitune[export]'"], hide=("gguf",)),
+    case("export_quant_without_llama_cpp", ["export", "{run}", "--output", "{d}/m.gguf", "--quant", "q4_k_m"],
+         ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
+]
+
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE
+
+
+def base_files(model_dir: Path) -> dict:
+    """What every case directory starts with: good configs and data for SFT and DPO, prompts, one existing file."""
+    sft = {"model": {"name_or_path": "{model}", "torch_dtype": "float32"},
+           "data": {"train": "{d}/train.jsonl", "eval_split": 0, "max_seq_length": 128, "cache_dir": "{d}/cache"},
+           "training_config": {"output_dir": "{d}/out", "max_steps": 1, "seed": 0},
+           "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}
+    preference = {**sft, "method": "dpo", "data": {**sft["data"], "train": "{d}/pairs.jsonl"},
+                  "training_config": {**sft["training_config"], "output_dir": "{d}/dpo-out"}}
+    return {"run.yaml": yaml.safe_dump(sft), "dpo.yaml": yaml.safe_dump(preference), "train.jsonl": lines(GOOD, GOOD),
+            "pairs.jsonl": lines(PAIR, PAIR), "prompts.jsonl": lines({"prompt": "Hi"}), "exists.txt": "mine\n"}
+
+
+def fill(text, places: dict):
+    if isinstance(text, bytes) or text is UNREADABLE:
+        return text
+    for name, value in places.items():
+        text = text.replace("{" + name + "}", str(value))
+    return text
+
+
+def write_files(directory: Path, files: dict, places: dict) -> None:
+    for name, content in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir(exist_ok=True)
+        elif content is UNREADABLE:
+            # Root reads any file whatever its mode: as root it is /proc/self/mem (reading it at offset 0 fails
+            # with EIO for every user); otherwise a file with mode 000.
+            if os.geteuid() == 0:
+                path.symlink_to("/proc/self/mem")
+            else:
+                path.write_text("{}\n")
+                path.chmod(0)
+        else:
+            content = fill(content, places)
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content, encoding="utf-8")
+
+
+def tree(directory: Path) -> list[str]:
+    """Every file and folder under `directory`, with its size for files: what must not change. The data cache
+    (cache/) is left out here: a stop at bad data still leaves a work folder there, a known break of its own
+    (test_bad_data_leaves_no_work_folder_in_the_data_cache)."""
+    return sorted(f"{p.relative_to(directory)}{'/' if p.is_dir() else ' ' + str(p.lstat().st_size)}"
+                  for p in directory.rglob("*") if p.relative_to(directory).parts[0] != "cache")
+
+
+class Outcome(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(argv: list[str], cwd: Path, hide: tuple, monkeypatch, capsys) -> Outcome:
+    """`phitune ARGV` through the real entry point, in this process: exit code, stdout, and stderr with each Python
+    warning as a line (a real process prints them there). Signal handlers and environment are restored after."""
+    from phitune import cli
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    environment = dict(os.environ)
+    monkeypatch.chdir(cwd)
+    for module in hide:
+        monkeypatch.setitem(sys.modules, module, None)
+    capsys.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)  # Python's defaults outside __main__
+            with pytest.raises(SystemExit) as exited:
+                cli.main(argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.environ.clear()
+        os.environ.update(environment)
+    printed = capsys.readouterr()
+    warned = "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    return Outcome(exited.value.code, printed.out, printed.err + warned)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished two-step LoRA run of the tiny model, with an eval file: what eval, chat, merge and export read."""
+    from phitune.config import config_from_dict
+    from phitune.train import run_training
+
+    output_dir = tmp_path_factory.mktemp("promises") / "run"
+    run_training(config_from_dict({
+        "model": {"name_or_path": str(tiny_model_dir), "torch_dtype": "float32"},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"),
+                 "max_seq_length": 128, "max_train_examples": 16, "max_eval_examples": 8},
+        "training_config": {"output_dir": str(output_dir), "max_steps": 2, "per_device_train_batch_size": 4,
+                            "save_strategy": "no", "seed": 0},
+        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def run_before(finished_run) -> list[str]:
+    return tree(finished_run)
+
+
+@pytest.fixture
+def weights_loaded(monkeypatch) -> list[str]:
+    """The model classes whose weights were loaded: a spy on transformers' from_pretrained (which it still calls)."""
+    from transformers import PreTrainedModel
+
+    loaded, original = [], PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    return loaded
+
+
+def assert_one_line_error(outcome: Outcome, words: list[str]) -> None:
+    said = [line for line in outcome.stderr.splitlines() if line.strip()]
+    assert outcome.code == 2, outcome.stderr[-2000:]
+    assert "Traceback" not in outcome.stdout + outcome.stderr
+    assert len(said) == 1, outcome.stderr
+    assert said[0].startswith("error: ")
+    for word in words:
+        assert word in said[0]
+
+
+@pytest.mark.parametrize("row", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row, tiny_model_dir, finished_run, run_before, tmp_path,
+                                                         weights_loaded, monkeypatch, capsys):
+    places = {"d": tmp_path, "run": finished_run, "model": tiny_model_dir}
+    write_files(tmp_path, {**base_files(tiny_model_dir), **row.files}, places)
+    before = tree(tmp_path)
+    outcome = run_in_process([fill(arg, places) for arg in row.argv], tmp_path, row.hide, monkeypatch, capsys)
+    assert_one_line_error(outcome, row.words)
+    assert weights_loaded == []
+    assert tree(tmp_path) == before
+    assert tree(finished_run) == run_before
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="prepare_data leaves <fingerprint>.tmp-<pid>/ when the "
+                   "data is bad (src/phitune/data/prepare.py; reported to its owner)")
+def test_bad_data_leaves_no_work_folder_in_the_data_cache(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    places = {"d": tmp_path, "model": tiny_model_dir}
+    write_files(tmp_path, {**base_files(tiny_model_dir), "train.jsonl": lines(GOOD, "not json")}, places)
+    assert run_in_process([fill(arg, places) for arg in train()], tmp_path, (), monkeypatch, capsys).code == 2
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_version_and_help_exit_0():
+    from phitune import __version__
+
+    for args, expected in ((["--version"], f"phitune {__version__}\n"), (["--help"], "Usage")):
+        done = subprocess.run([sys.executable, "-m", "phitune.cli", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and expected in done.stdout and not done.stderr, done.stderr
+
+
+def run_cli(args: list[str], cwd: Path, prelude: str = "", **options) -> subprocess.Popen:
+    """`phitune ARGS` in a real process; `prelude` runs first (e.g. to make a module unimportable)."""
+    code = f"import sys\n{prelude}\nfrom phitune.cli import main\nmain()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **options)
+
+
+def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, run_before, tmp_path):
+    """No merge first: the process ends before the model is loaded (well under the time a load takes)."""
+    start = time.perf_counter()
+    proc = run_cli(["export", str(finished_run), "--output", str(tmp_path / "m.gguf")], tmp_path,
+                   prelude="sys.modules['gguf'] = None  # as when the [export] extra is not installed")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(Outcome(proc.returncode, stdout, stderr), ["pip install 'phitune[export]'"])
+    assert "torch" not in stderr and time.perf_counter() - start < 30
+    assert tree(tmp_path) == [] and tree(finished_run) == run_before
+
+
+# Interrupts: (id, command line, the function at whose call the process waits for the signal, the signal). The
+# process reaches that stage (the model loaded, the work begun), says so, and sleeps in it until the signal comes.
+# Training's own interrupts (a checkpoint first; a second signal) are in test_reliability.py.
+STAGES = [
+    ("eval_scoring", ["eval", "{run}", "--output", "{d}/eval"], "phitune.evaluate:teacher_forced_metrics", "SIGINT"),
+    ("generate_answering", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
+     "phitune.generate:generate_file", "SIGTERM"),
+    ("merge_before_saving", ["merge", "{run}", "--output", "{d}/merged"], "phitune.merge:set_generation_stops",
+     "SIGINT"),
+    ("data_inspecting", ["data", "{d}/run.yaml", "--output", "{d}/report"], "phitune.data.inspect:inspect_data",
+     "SIGTERM"),
+    ("export_writing", ["export", "{run}", "--output", "{d}/m.gguf"], "phitune.export.gguf_writer:write_gguf",
+     "SIGINT"),
+    ("chat_waiting_for_input", ["chat", "{run}"], None, "SIGINT"),
+]
+PAUSE = """
+import importlib, time
+module_name, name = {target!r}.split(":")
+module = importlib.import_module(module_name)
+original = getattr(module, name)
+def paused(*args, **kwargs):
+    print("stage reached", file=sys.stderr, flush=True)
+    time.sleep(300)
+    return original(*args, **kwargs)
+setattr(module, name, paused)
+"""
+
+
+def interrupt(stage, places: dict, cwd: Path) -> Outcome:
+    _, argv, target, signal_name = stage
+    proc = run_cli([fill(arg, places) for arg in argv], cwd, prelude=PAUSE.format(target=target) if target else "",
+                   stdin=subprocess.PIPE)
+    marker = "stage reached" if target else "chat with the model"
+    said = ""
+    deadline = time.monotonic() + 180
+    while marker not in said:  # stderr holds only phitune's lines until the stage: read them one by one
+        assert proc.poll() is None and time.monotonic() < deadline, said + proc.stderr.read()
+        said += proc.stderr.readline()
+    proc.send_signal(getattr(signal, signal_name))
+    stdout, stderr = proc.communicate(timeout=120)
+    return Outcome(proc.returncode, stdout, said + stderr)
+
+
+def test_an_interrupt_at_any_stage_exits_130_with_one_line(tiny_model_dir, finished_run, run_before,
+                                                           tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupts")
+    for stage in STAGES:
+        write_files(root / stage[0], base_files(tiny_model_dir),
+                    {"d": root / stage[0], "model": tiny_model_dir, "run": finished_run})
+    before = {stage[0]: tree(root / stage[0]) for stage in STAGES}
+
+    def one(stage):
+        places = {"d": root / stage[0], "run": finished_run, "model": tiny_model_dir}
+        return stage, interrupt(stage, places, root / stage[0])
+
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each process spends its seconds importing torch
+        outcomes = list(pool.map(one, STAGES))
+    for (stage_id, _, _, signal_name), outcome in outcomes:
+        last = [line for line in outcome.stderr.splitlines() if line.strip()][-1]
+        name = "SIGINT (Ctrl-C)" if signal_name == "SIGINT" else signal_name
+        assert outcome.code == 130, f"{stage_id}: {outcome.stderr[-2000:]}"
+        assert "Traceback" not in outcome.stderr, f"{stage_id}: {outcome.stderr[-2000:]}"
+        assert last == f"error: interrupted by {name}; the command did not finish", stage_id
+        assert tree(root / stage_id) == before[stage_id], stage_id  # no partial output, no scratch folder
+    assert tree(finished_run) == run_before
