@@ -98,7 +98,7 @@ def sentencepiece_model(tokens: list[str], scores: list[float], types: list[int]
     return proto.SerializeToString()
 
 
-def added_tokens(tokens: list[str], types: list[int]) -> dict[int, dict]:
+def added_tokens(tokens: list[str]) -> dict[int, dict]:
     """ids 0-2 and the chat tokens 32000-32010 as the hub's added_tokens_decoder lists them."""
     ids = [0, 1, 2] + [i for i in range(SP_PIECES, len(tokens)) if not tokens[i].startswith("[PAD")]
     return {i: {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": tokens[i] not in NO_RSTRIP,
@@ -149,7 +149,7 @@ def write(out: Path, gguf_path: Path) -> None:
     tokens, scores, types = read_vocab(gguf_path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
-    added = added_tokens(tokens, types)
+    added = added_tokens(tokens)
     dump = {
         "tokenizer.json": tokenizer_json(tokens, scores, added),
         "tokenizer_config.json": tokenizer_config(added),

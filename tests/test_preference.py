@@ -310,7 +310,7 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
     rows = make_pairs(2, 6) + [
         {"prompt": "Same?", "chosen": "yes", "rejected": "yes"},
         {"prompt": "Empty?", "chosen": "", "rejected": "no"},
-        {"prompt": "Long?", "chosen": "yes " * 40, "rejected": "no"},
+        {"prompt": "Long?", "chosen": "yes " * 60, "rejected": "no"},  # past 48 tokens on any tokenizer
     ]
     cfg = config_from_dict({"method": "dpo", "model": {"name_or_path": str(tiny_model_dir)},
                             "data": {"train": str(write_jsonl(tmp_path / "p.jsonl", rows)), "eval_split": 0,

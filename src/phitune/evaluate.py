@@ -86,10 +86,12 @@ def announce_eval_time(model, tokenized: tuple[list, list], num_generate: int, m
                        batch_size: int, n_models: int, advise_above_s: float = ADVISE_ABOVE_S) -> float:
     """Log how long the evaluation will take on this machine and, when long, how to shorten it; return seconds.
 
-    A forward pass costs about fixed + per_token x tokens (fixed: reading every weight once, which dominates a
-    decoding step on a CPU), measured on two short inputs; the evaluation is then, per model, the teacher-forced
-    batches plus, per generation batch, a prefill and max_new_tokens one-token steps."""
+    A forward pass costs about fixed + per_token x tokens (fixed: reading every weight once), measured on two short
+    inputs; a decoding step of a batch is timed on model.generate itself (on a small model its per-step work beyond
+    the forward pass dominates). The evaluation is then, per model, the teacher-forced batches plus, per generation
+    batch, a prefill and max_new_tokens decoding steps: an upper bound, as answers that end early stop sooner."""
     fixed_s, per_token_s = forward_cost(model, batch_size)
+    step_s = decoding_step_cost(model, batch_size)
     lengths = [len(ids) for ids in tokenized[0]]
 
     def seconds(n_generate: int, new_tokens: int) -> float:
@@ -97,7 +99,7 @@ def announce_eval_time(model, tokenized: tuple[list, list], num_generate: int, m
                      for i in range(0, len(lengths), batch_size))
         prompt = max(lengths[:n_generate], default=0)  # the whole conversation: a bound on its prompt
         batches = [min(batch_size, n_generate - i) for i in range(0, n_generate, batch_size)]
-        generated = sum(fixed_s + per_token_s * b * prompt + new_tokens * (fixed_s + per_token_s * b) for b in batches)
+        generated = sum(fixed_s + per_token_s * b * prompt + new_tokens * step_s for b in batches)
         return n_models * (scored + generated)
 
     estimate = seconds(num_generate, max_new_tokens)
@@ -134,6 +136,22 @@ def forward_cost(model, batch_size: int, long: int = 128, tries: int = 3) -> tup
     short, longer = timed((batch_size, 1)), timed((1, long))
     per_token = max(longer - short, 0.0) / max(long - batch_size, 1)
     return max(short - per_token * batch_size, 0.0), per_token
+
+
+def decoding_step_cost(model, batch_size: int, steps: int = 4, tries: int = 3) -> float:
+    """Seconds per decoding step of a `batch_size` batch: model.generate of `steps` new tokens after an 8-token
+    prompt, the best of `tries`, divided by `steps`."""
+    import torch
+
+    ids = torch.full((batch_size, 8), 1, dtype=torch.long, device=model.device)
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                           min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        best = min(best, time.perf_counter() - start)
+    return best / steps
 
 
 def _duration(seconds: float) -> str:

@@ -92,12 +92,6 @@ def report_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
     return folder
 
 
-def example_tokens(tokenizer, ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:
-    """Each token's text and whether it is trained on (its label is kept): for preference pairs, tokenized by TRL's
-    rules rather than rendered with a template (phitune.data.preference)."""
-    return [(tokenizer.decode([token]), bool(m)) for token, m in zip(ids, mask)]
-
-
 def example_runs(tokenizer, messages: list[dict], template: str, train_on: str = "assistant") -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained?) runs, cut at the character offsets of the trained tokens.
 

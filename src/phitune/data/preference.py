@@ -240,7 +240,7 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     data.max_seq_length, other malformed rows."""
     from dataclasses import replace
 
-    from phitune.data.inspect import HISTOGRAM_PNG, example_tokens, plot_lengths, report_dir
+    from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
     from phitune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -251,10 +251,10 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     lengths = {"prompt": [len(t.prompt_ids) for t in train], "chosen": [len(t.chosen_ids) for t in train],
                "rejected": [len(t.rejected_ids) for t in train]}
     shown = train[min(example_index, len(train) - 1)]
-    example = (example_tokens(tokenizer, shown.prompt_ids, [0] * len(shown.prompt_ids))
-               + [("\n[chosen] ", False)] + example_tokens(tokenizer, shown.chosen_ids, [1] * len(shown.chosen_ids))
-               + [("\n[rejected] ", False)]
-               + example_tokens(tokenizer, shown.rejected_ids, [1] * len(shown.rejected_ids)))
+    # each part decoded whole: one token at a time, SentencePiece's word marks and byte pieces come out wrong
+    example = [(tokenizer.decode(shown.prompt_ids), False), ("\n[chosen] ", False),
+               (tokenizer.decode(shown.chosen_ids), True), ("\n[rejected] ", False),
+               (tokenizer.decode(shown.rejected_ids), True)]
     problems = {name: [truncation_problem(t, limit) for t in toks] for name, toks in tokens.items()}
     report = PreferenceDataReport(
         source=str(cfg.data.train), format=data.format,

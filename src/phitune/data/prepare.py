@@ -114,8 +114,10 @@ def warn_if_not_sentencepiece(tokenizer) -> None:
     if str(model_file) in _warned or not model_file.is_file():
         return
     _warned.add(str(model_file))
-    from sentencepiece import SentencePieceProcessor
-
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:  # an optional dependency (phitune[export]); without it there is nothing to compare with
+        return
     sp = SentencePieceProcessor(model_file=str(model_file))
     for text in SENTENCEPIECE_PROBES:
         ours, theirs = tokenizer(text, add_special_tokens=False).input_ids, sp.encode(text)

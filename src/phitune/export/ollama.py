@@ -32,6 +32,7 @@ PHI4_TEMPLATE = """{{- range $i, $_ := .Messages }}
 {{- end }}"""
 FAMILIES = {  # template_family -> (Go template, stops)
     None: (TEMPLATE, STOPS),
+    "phi-3": (TEMPLATE, STOPS),
     "phi-4-mini": (PHI4_MINI_TEMPLATE, STOPS),
     "phi-4": (PHI4_TEMPLATE, ("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
 }
@@ -39,7 +40,7 @@ FAMILIES = {  # template_family -> (Go template, stops)
 
 def modelfile_text(gguf_name: str, system: str | None = None, family: str | None = None) -> str:
     """The Modelfile for `gguf_name`, a file in the same directory (Ollama resolves FROM ./ against the Modelfile);
-    `family` as phitune.data.templates.template_family names it (None: Phi-3)."""
+    `family` as phitune.data.templates.template_family names it (None, an unrecognised template: Phi-3's)."""
     template, stops = FAMILIES[family]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
