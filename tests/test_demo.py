@@ -42,3 +42,21 @@ def test_demo_reruns_over_its_own_output_but_not_over_a_user_run(demo_run, make_
     run_training(cfg)
     with pytest.raises(PhituneError, match="not a demo run"):
         run_demo(cfg.output_dir, [])
+
+
+def test_demo_starts_again_over_its_own_interrupted_run(tmp_path, caplog):
+    """`phitune demo` has no --resume or --overwrite: over an interrupted demo run it trains from scratch, says so,
+    and the interrupted checkpoint is gone (a fresh run keeps no step of it)."""
+    import yaml
+
+    from phitune.tiny import tiny_base_path
+    from phitune.train_support import finished_run
+
+    output_dir = tmp_path / "demo"
+    (output_dir / "checkpoint-90").mkdir(parents=True)  # the layout run_dir.run_state calls interrupted
+    (output_dir / "phitune_config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_base_path())}}))
+    overrides = ["training_config.max_steps=2", "training_config.eval_strategy=no", "data.max_train_examples=32"]
+    with caplog.at_level("WARNING", logger="phitune"):
+        run_demo(output_dir, overrides)
+    assert "interrupted demo run; the demo starts again from scratch" in caplog.text
+    assert finished_run(output_dir) and not (output_dir / "checkpoint-90").exists()

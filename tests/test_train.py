@@ -1,6 +1,7 @@
 """Training end to end on the tiny Phi-3: loss falls, files appear, adapters reload, resume and accumulation are exact."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from phitune.errors import PhituneError
 from phitune.modeling import load_base_model, load_tokenizer
 from phitune.train import run_training
+from phitune.train_support import finished_run
 
 from _equivalence import gradient_mismatches, without_signal
 from _resume import assert_resumed, watch_training
@@ -200,6 +202,27 @@ def test_resume_check_fails_on_a_run_that_starts_over(make_config, tmp_path, mon
     assert resumed.metrics["global_step"] == 6
     with pytest.raises(AssertionError, match="trained steps \\[1, 2, 3\\].*not 4..6"):
         assert_resumed(runs[-1], resumed.output_dir / "checkpoint-3", max_steps=6)
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_training(make_config, tmp_path, monkeypatch):
+    """A 2-step run killed after checkpoint-2, before it wrote its adapter and marker: --resume trains no step
+    (transformers checks max_steps only after a step, so it trained a step 3 and wrote checkpoint-3) and finishes
+    with the uninterrupted run's adapter."""
+    cfg = make_config(training_config={**RESUME_SETTINGS, "max_steps": 2, "save_steps": 1,
+                                       "output_dir": str(tmp_path / "run")})
+    out = run_training(cfg).output_dir
+    straight = load_file(str(out / "adapter_model.safetensors"))
+    for path in out.iterdir():  # what a kill right after checkpoint-2 leaves: the checkpoints only
+        if not path.name.startswith("checkpoint-"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    runs = watch_training(monkeypatch)
+    resumed = run_training(cfg, resume=True)
+    assert_resumed(runs[-1], out / "checkpoint-2", max_steps=2)
+    assert resumed.metrics["global_step"] == 2 and not (out / "checkpoint-3").exists()
+    assert resumed.metrics["train_loss"] is None  # no step, no loss (transformers says 0.0)
+    assert finished_run(out)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter.keys() == straight.keys() and all(torch.equal(adapter[k], straight[k]) for k in straight)
 
 
 ACCUMULATION = {"max_steps": 1, "optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "eval_strategy": "no",

@@ -6,15 +6,17 @@ held-out question with the base model and with the adapter, so the effect of fin
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
 
 from phitune.config import load_config
 from phitune.errors import PhituneError
+from phitune.run_dir import run_state
 from phitune.tiny import ASSETS, DEMO_DATA, tiny_base_path
-from phitune.train_support import finished_run
 
+log = logging.getLogger("phitune")
 DEMO_CONFIG = ASSETS / "demo.yaml"
 
 
@@ -37,15 +39,26 @@ def is_demo_run(output_dir: Path) -> bool:
     return saved.get("model", {}).get("name_or_path") == str(tiny_base_path())
 
 
+def replaces_earlier_demo(output_dir: Path) -> bool:
+    """True when `output_dir` holds a finished or interrupted demo run: the demo starts again from scratch there (it
+    has no --resume; its minute of training is not worth one). A run that is not a demo's is refused."""
+    state = run_state(output_dir)
+    if state not in ("finished", "interrupted"):
+        return False  # empty, or foreign: run_training refuses the latter
+    if not is_demo_run(output_dir):
+        raise PhituneError(f"{output_dir} holds a run that is not a demo run; choose another --output-dir")
+    if state == "interrupted":
+        log.warning("%s holds an interrupted demo run; the demo starts again from scratch", output_dir)
+    return True
+
+
 def run_demo(output_dir: Path, overrides: list[str]):
     """Train the demo, then print eval loss and one answer before and after."""
     from phitune.report import print_demo_summary
     from phitune.train import run_training
 
-    if finished_run(output_dir) and not is_demo_run(output_dir):
-        raise PhituneError(f"{output_dir} holds a run that is not a demo run; choose another --output-dir")
     cfg = load_config(DEMO_CONFIG, demo_overrides(output_dir) + list(overrides))
-    result = run_training(cfg, overwrite=finished_run(output_dir))
+    result = run_training(cfg, overwrite=replaces_earlier_demo(output_dir))
     before, after, question, reference = answer_before_after(cfg, output_dir)
     print_demo_summary(result, question, reference, before, after)
     return result

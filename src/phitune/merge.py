@@ -12,6 +12,7 @@ run trained in: the base is loaded once, directly in that dtype, and merged in p
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,10 +66,7 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
     except ValueError as exc:  # safe_merge found NaN or inf in a merged weight
         raise PhituneError(f"merging {adapter} gives non-finite weights ({exc}); the adapter is broken") from None
     set_generation_stops(merged, tokenizer)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output_dir, max_shard_size=MAX_SHARD_SIZE)
-    tokenizer.save_pretrained(output_dir)
-    copy_tokenizer_files(model_cfg, output_dir)
+    save_merged(merged, tokenizer, model_cfg, output_dir)
     result = MergeResult(output_dir=output_dir, dequantized=bool(model_cfg.quantization), dtype=plain_cfg.torch_dtype,
                          size_bytes=sum(p.stat().st_size for p in output_dir.glob("*.safetensors")))
     if push_to_hub:
@@ -76,6 +74,31 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
 
         result.hub_url = push_folder(output_dir, push_to_hub)
     return result
+
+
+def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> None:
+    """Save model, tokenizer and the base's tokenizer files into a hidden sibling folder, then rename it to
+    `output_dir` (absent or empty): an interrupt or a full disk leaves no half-written model, and the folders this
+    call made are removed again. A folder the user made is never deleted."""
+    created = [folder for folder in output_dir.parents if not folder.exists()]  # deepest first
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    try:
+        merged.save_pretrained(work, max_shard_size=MAX_SHARD_SIZE)
+        tokenizer.save_pretrained(work)
+        copy_tokenizer_files(model_cfg, work)
+        try:
+            work.rename(output_dir)  # replaces an empty folder, never one with files in it
+        except OSError:
+            raise PhituneError(f"{output_dir} was filled while merging; choose a new --output directory") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else was put there meanwhile
+                break
+        raise
 
 
 def adapter_target_modules(adapter: Path):

@@ -40,7 +40,7 @@ def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
     m = dict(metrics)
     rows = [("method", str(m.pop("method")))] if "method" in m else []
     rows.append(("steps", f"{m.pop('global_step', 0):,}"))
-    if "train_loss" in m:
+    if m.get("train_loss") is not None:  # None (nothing trained in a resumed run) follows as "train loss -"
         rows.append(("train loss", format_value(m.pop("train_loss"))))
     for key, label, kind in BEFORE_AFTER:
         before, after = m.pop(f"{key}_before", None), m.pop(f"{key}_after", None)

@@ -152,8 +152,10 @@ def fit(trainer, checkpoint: Path | None) -> dict:
     stopper.raise_if_stopped()
     runtime = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
+    resumed_at = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     metrics = dict(
-        train_loss=output.training_loss,
+        # None when resumed from the last checkpoint: no step trained (transformers would say 0.0)
+        train_loss=output.training_loss if trainer.state.global_step > resumed_at else None,
         train_runtime_s=round(runtime, 2),
         train_tokens=tokens,
         tokens_per_second=round(tokens / runtime, 1) if runtime > 0 else None,

@@ -79,6 +79,14 @@ class GuardedTraining:
             raise NonFiniteLoss(f"the loss became NaN or infinite at step {self.state.global_step + 1}{where}")
         return loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """No batch once max_steps is reached. transformers checks max_steps only after a step, so a run resumed
+        from its last checkpoint (killed between that save and the end of the run) would train a step past it."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True  # the loop ends before the next step, as after a last step
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
 
 class PhituneTrainer(GuardedTraining, LoralibCheckpointing, SFTTrainer):
     """SFTTrainer with phitune's guards (GuardedTraining) and a token-weighted sharded evaluation. `loralib=True`:

@@ -4,8 +4,8 @@ The loralib backend's checkpoints hold `lora_state_dict.safetensors` (and an equ
 Trainer's own save and load do not know, and the Trainer has no public hook for "save / load the model my way". So
 `LoralibCheckpointing` overrides `_save` and `_load_from_checkpoint`, and `check_private_hooks` stops with one line,
 when a loralib trainer is built, if the installed transformers no longer has them with the parameters they had.
-Everything else phitune adds to the Trainer goes through public methods (`training_step`, `evaluation_loop`) and
-callbacks (`on_save`, `on_step_end`).
+Everything else phitune adds to the Trainer goes through public methods (`training_step`, `evaluation_loop`,
+`get_batch_samples`) and callbacks (`on_save`, `on_step_end`).
 """
 
 from __future__ import annotations

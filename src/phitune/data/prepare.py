@@ -86,18 +86,44 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     template = training_chat_template(tokenizer, cfg.train_on)
     warn_if_not_sentencepiece(tokenizer)
     cache = cache_root(cfg)
+    created = [folder for folder in (cache, *cache.parents) if not folder.exists()]  # deepest first
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = data_fingerprint(cfg, tokenizer, template)
-    final = cache / fingerprint
-    with FileLock(str(cache / f"{fingerprint}.lock")):
-        reused = (final / "meta.json").is_file()
-        if not reused:
-            work = cache / f"{fingerprint}.tmp-{os.getpid()}"
-            shutil.rmtree(work, ignore_errors=True)
-            with _quiet_progress():
-                _make(cfg, tokenizer, template, work)
-            work.rename(final)
+    final, lock = cache / fingerprint, cache / f"{fingerprint}.lock"
+    try:
+        with FileLock(str(lock)):
+            reused = (final / "meta.json").is_file()
+            if not reused:
+                _make_entry(cfg, tokenizer, template, cache / f"{fingerprint}.tmp-{os.getpid()}", final)
+    except BaseException:
+        _forget_failed_entry(lock, final, created)
+        raise
     return _load(final, cfg, fingerprint, reused)
+
+
+def _make_entry(cfg: DataConfig, tokenizer, template: str, work: Path, final: Path) -> None:
+    """Make the entry in `work` and rename it to `final`; a stop on the way (bad data, Ctrl-C) removes `work`."""
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        with _quiet_progress():
+            _make(cfg, tokenizer, template, work)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _forget_failed_entry(lock: Path, final: Path, created: list[Path]) -> None:
+    """After a failed make: the lock file, unless an entry for it exists, and the cache folders this call created,
+    when empty, so a stop at bad data leaves nothing behind. (A process that waited on this lock at that moment
+    holds the removed file's lock: one starting just then makes the same entry beside it, in its own work folder.)"""
+    if not final.exists():
+        lock.unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run's entry or lock is in it
+            break
 
 
 SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
@@ -230,6 +256,8 @@ def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path):
     suffix = Path(source).suffix.lower()
     if suffix == ".jsonl" and Path(source).is_file():
         raw = datasets.Dataset.from_file(str(_jsonl_to_arrow(Path(source), folder / "rows.arrow")))
+        if not len(raw):  # not a line: said as readers.py says it for eval and generate
+            raise PhituneError(f"{source}: the file is empty (0 bytes); it needs rows of chat data")
     elif suffix != ".json":  # .parquet, .csv and hub datasets: a batch of rows at a time
         raw = datasets.Dataset.from_file(str(_batches_to_arrow(read_row_batches(source, split), folder / "rows.arrow")))
     else:  # .json (one JSON value, parsed whole): read in memory, then kept as Arrow
@@ -311,7 +339,8 @@ def _detect(raw, source: str) -> str:
                 return detect_format(row, row_location(source, line))
             if first_bad is None and text is not None and text.strip():
                 first_bad = _check_row(line, text, None, "messages", source)[1]
-    raise PhituneError(first_bad or f"{source}: no rows")
+    raise PhituneError(first_bad or f"{source}: no rows (blank lines only, or an empty dataset); it needs rows of "
+                       "chat data")
 
 
 def _parse(text):
