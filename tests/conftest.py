@@ -17,10 +17,11 @@ DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_cha
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Phi-3 (hidden 64) and its tokenizer, built once per test session."""
+    """A randomly initialised 2-layer Phi-3 (hidden 64) with the real Phi-3 tokenizer and its 32,064 embedding rows,
+    built once per test session: masks, evaluation, generation, merge, export and DPO see the real vocabulary."""
     from phitune.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), seed=0, vocab_size=512, hidden=64, layers=2)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), seed=0, real_tokenizer=True, hidden=64, layers=2)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,8 @@ def test_dpo_lines_show_reward_margin_and_accuracy_not_a_dict(tiny_model_dir, tm
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert [bool(TRAIN_LINE.match(line)) for line in lines] == [True, True, False], out
     assert EVAL_LINE.match(lines[2])  # the held-out pairs after training
-    assert all("reward margin " in line and "reward accuracy " in line for line in lines)
+    assert all(re.search(r"  reward accuracy \d+\.\d%  reward margin [+-]\d", line) for line in lines), out
+    assert "token accuracy" not in out  # TRL logs it for DPO, on the chosen answers; DPO does not optimise it
     assert max(map(len, lines)) < 160  # a line a person reads (transformers' DPO dict: about 700 characters)
     assert not RAW_DICT.search(out) and "━" not in out
 
@@ -66,6 +67,7 @@ def test_numbers_and_durations_read_well():
     assert [format_value(v) for v in (6.27, "5.375", 528.6077, 12345.6, 0.0)] == \
         ["6.270", "5.375", "528.6", "12,346", "0.000"]
     assert format_value(4.333e-3, "rate") == "4.33e-03" and format_value(0.2409, "percent") == "24.1%"
+    assert [format_value(v, "signed") for v in (0.01234, -0.5, 0.0)] == ["+0.0123", "-0.500", "+0.00"]
     assert [format_duration(s) for s in (0.4, 51.08, 185, 7620)] == ["0 s", "51 s", "3 min 05 s", "2 h 07 min"]
 
 

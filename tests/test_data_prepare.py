@@ -61,7 +61,9 @@ def test_same_ids_and_labels_as_the_per_conversation_path(tmp_path, tokenizer, f
 
 def test_assistant_mask_equals_apply_chat_templates_on_awkward_text(tokenizer):
     """Multi-byte characters split over byte tokens, leading and trailing spaces, tokens that straddle a turn's edge:
-    the vectorised mask marks exactly the tokens transformers' per-token loop marks."""
+    the vectorised mask marks exactly the tokens transformers' per-token loop marks, but for `<|assistant|>` before
+    an answer that starts with whitespace: Phi-3's chat tokens swallow it (rstrip), transformers counts it as theirs
+    and trains the header; phitune counts a token's own characters only (tests/test_masks.py)."""
     awkward = [chat(("user", "Grüße 😀"), ("assistant", " 日本語  ends with spaces  "), ("user", "ok\n\n"),
                     ("assistant", "\n\tindented ünïcödé 🎉🎉")),
                [SYSTEM, *chat(("user", "x"), ("assistant", "<|end|> inside"))], chat(("user", "only a question"))]
@@ -70,7 +72,9 @@ def test_assistant_mask_equals_apply_chat_templates_on_awkward_text(tokenizer):
         expected = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True,
                                                  return_assistant_tokens_mask=True)
         assert ids.tolist() == list(expected["input_ids"])
-        assert mask.astype(int).tolist() == list(expected["assistant_masks"])
+        header = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        assert mask.astype(int).tolist() == [m if t != header else 0 for t, m in zip(ids, expected["assistant_masks"])]
+        assert mask[ids == header].sum() == 0
     assert mask.sum() == 0  # no assistant turn: nothing trained
 
 

@@ -27,6 +27,7 @@ from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoin
 
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
 EVAL_LINE = re.compile(r"^step +\d+/\d+  eval loss ", re.M)
+SUMMARY_END = "adapter, tokenizer, metrics.json and loss.png are in"  # phitune.report's run summary, last line
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: max |difference| 1.1e-7 on weights of size ~0.13
@@ -216,6 +217,7 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     assert len(TRAIN_LINE.findall(stdout)) == 12 and len(EVAL_LINE.findall(stdout)) == 4
     said = " ".join((stdout + stderr).split())  # rich wraps long lines
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1  # once, not once per worker
+    assert said.count(SUMMARY_END) == 1  # the run summary too
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
 
 
@@ -287,6 +289,7 @@ def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_tw
                      tmp_path, ".2")
     wait(resumed, tmp_path, ".2")
     assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 12 - 4  # logged once, by rank 0
+    assert " ".join((tmp_path / "stdout.2").read_text().split()).count(SUMMARY_END) == 1  # summed up once too
     assert_resumed_under(tmp_path, checkpoint, max_steps=12)  # each worker: steps 5..12, from its optimizer state
     assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
 

@@ -42,13 +42,39 @@ def write_config(directory: Path, model_dir: Path, **training) -> Path:
     return path
 
 
-def start_train(config: Path, *args: str) -> subprocess.Popen:
-    """`phitune train CONFIG ARGS` in the background; stdout and stderr go to files next to the config."""
+HELD_LAUNCHER = """
+import sys, time
+from transformers import Trainer
+
+training_step = Trainer.training_step
+
+
+def held(self, *args, **kwargs):  # the run stops moving once step {hold_at} is done
+    if self.state.global_step >= {hold_at}:
+        time.sleep(3600)
+    return training_step(self, *args, **kwargs)
+
+
+Trainer.training_step = held
+sys.argv[0] = "phitune"
+from phitune.cli import main
+
+main()
+"""
+
+
+def start_train(config: Path, *args: str, hold_at: int = 0) -> subprocess.Popen:
+    """`phitune train CONFIG ARGS` in the background; stdout and stderr go to files next to the config. `hold_at`:
+    the run waits (through the test's own launcher, never phitune) once that step is done, so a kill -9 lands after
+    checkpoint-`hold_at` and before the next one however busy the machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
     tag = "-".join(a.strip("-") for a in args) or "train"
+    entry = ["-m", "phitune.cli"]
+    if hold_at:
+        entry = [str(config.parent / "phitune_held.py")]
+        Path(entry[0]).write_text(HELD_LAUNCHER.format(hold_at=hold_at), encoding="utf-8")
     with open(config.parent / f"{tag}.out", "w") as out, open(config.parent / f"{tag}.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "phitune.cli", "train", str(config), *args], stdout=out,
-                                stderr=err, env=env)
+        proc = subprocess.Popen([sys.executable, *entry, "train", str(config), *args], stdout=out, stderr=err, env=env)
     proc.stderr_path = config.parent / f"{tag}.err"
     return proc
 
@@ -107,15 +133,17 @@ def test_a_second_signal_stops_at_once_and_fails_with_130(tiny_model_dir, tmp_pa
 
 
 def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    """Bitwise on CPU: the resumed run restores weights, optimizer, scheduler, RNG and the data order."""
+    """Bitwise on CPU: the resumed run restores weights, optimizer, scheduler, RNG and the data order. The first run
+    is held after step 4: polling alone, on a loaded machine the 12 quick steps passed checkpoint-8 or -12 first."""
     reference = start_train(write_config(tmp_path / "reference", tiny_model_dir))
     config = write_config(tmp_path / "killed", tiny_model_dir)
     out = tmp_path / "killed" / "out"
-    proc = start_train(config)
+    proc = start_train(config, hold_at=4)
     wait_for(lambda: latest_complete_checkpoint(out) is not None, proc)
     proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
     proc.wait()
     complete = latest_complete_checkpoint(out)
+    assert complete.name == "checkpoint-4" and not (out / "checkpoint-8").exists()
     half_written = out / "checkpoint-10"  # a later checkpoint cut off mid-save: no marker, truncated weights
     half_written.mkdir(exist_ok=True)
     (half_written / ADAPTER).write_bytes(b"\0" * 10)

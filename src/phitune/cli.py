@@ -84,7 +84,8 @@ def train(
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
-    print_run_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every worker ends the same run: rank 0 reports it
+        print_run_summary(result)
 
 
 @app.command()

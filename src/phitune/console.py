@@ -18,17 +18,22 @@ from transformers import TrainerCallback
 console = get_console()
 
 # (log key, label, format) in the order a line shows them; keys absent from a log are left out. Eval keys come from
-# evaluation logs; TRL's DPO / ORPO add the reward keys (margin: chosen minus rejected implicit reward).
+# evaluation logs; TRL's DPO / ORPO add the reward keys: reward accuracy, the share of pairs whose chosen answer
+# gets the higher implicit reward; reward margin, chosen minus rejected reward (signed: it starts at 0 and should grow).
 TRAIN_FIELDS = [
-    ("loss", "loss", "loss"), ("rewards/margins", "reward margin", "loss"),
-    ("rewards/accuracies", "reward accuracy", "percent"), ("mean_token_accuracy", "token accuracy", "percent"),
+    ("loss", "loss", "loss"), ("rewards/accuracies", "reward accuracy", "percent"),
+    ("rewards/margins", "reward margin", "signed"), ("mean_token_accuracy", "token accuracy", "percent"),
     ("grad_norm", "grad norm", "loss"), ("learning_rate", "lr", "rate"),
 ]
 EVAL_FIELDS = [
     ("eval_loss", "eval loss", "loss"), ("eval_perplexity", "perplexity", "loss"),
-    ("eval_token_accuracy", "token accuracy", "percent"), ("eval_rewards/margins", "reward margin", "loss"),
-    ("eval_rewards/accuracies", "reward accuracy", "percent"),
+    ("eval_token_accuracy", "token accuracy", "percent"), ("eval_rewards/accuracies", "reward accuracy", "percent"),
+    ("eval_rewards/margins", "reward margin", "signed"),
 ]
+# Shown for SFT only. TRL 1.16's DPOTrainer also logs mean_token_accuracy (top-1 next-token accuracy on the chosen
+# answers), a score DPO does not optimise: next to the reward accuracy it reads as the run failing (0.0% on a tiny
+# model whose pairs rank right); it stays in trainer_state.json. ORPO does not log it.
+SFT_ONLY = ("mean_token_accuracy", "eval_mean_token_accuracy")
 
 
 def format_value(value, kind: str = "loss") -> str:
@@ -43,6 +48,8 @@ def format_value(value, kind: str = "loss") -> str:
         return f"{number:.2e}"
     if kind == "percent":
         return f"{number:.1%}"
+    if kind == "signed":
+        return f"{number:+#.3g}"
     return f"{number:,.0f}" if abs(number) >= 1000 else f"{number:#.4g}"
 
 
@@ -57,8 +64,10 @@ def format_duration(seconds: float) -> str:
 
 
 def describe_log(logs: dict, fields: list[tuple[str, str, str]]) -> list[str]:
-    """The `label value` pieces of one log, in the fields' order."""
-    return [f"{label} {format_value(logs[key], kind)}" for key, label, kind in fields if key in logs]
+    """The `label value` pieces of one log, in the fields' order; a preference log (reward keys) without SFT's."""
+    preference = any("rewards/" in key for key in logs)
+    return [f"{label} {format_value(logs[key], kind)}" for key, label, kind in fields
+            if key in logs and not (preference and key in SFT_ONLY)]
 
 
 class TrainingConsole(TrainerCallback):
