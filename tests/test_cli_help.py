@@ -22,3 +22,15 @@ def test_command_help(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_usage_mistake_is_one_line_and_exit_code_2(capsys):
+    """Through main(), as the installed `phitune` runs: with typer 0.16 (the lowest job) click's own exceptions
+    arrive, with newer typers those of its vendored click; either is one line, not a traceback."""
+    from phitune.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["trian"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: No such command 'trian'. Did you mean 'train'? (see: phitune --help)", err

@@ -277,6 +277,26 @@ def data(
     print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
 
 
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from typer's vendored copy of click (typer 0.26+), whichever are installed: typer 0.16
+    (the lowest pyproject.toml allows) raises click's own, newer typers their copy's."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _click_exceptions("ClickException")
+_ABORTS = _click_exceptions("Abort") + (typer.Abort,)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and end with one line and an exit code a script can test.
 
@@ -293,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"error: {exc}")
     except KeyboardInterrupt:  # typer turns it into exit code 130 itself; this covers the moments outside its reach
         code = _interrupted()
-    except typer.TyperException as exc:  # typer's own (vendored) click: usage mistakes, --help's exit
+    except _USAGE_ERRORS as exc:  # click's, or typer's own vendored click's: usage mistakes
         code = _usage_error(exc)
-    except typer.Abort:  # end of input at a prompt
+    except _ABORTS:  # end of input at a prompt
         code = _interrupted()
     else:
         if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
