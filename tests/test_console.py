@@ -11,6 +11,7 @@ from rich.console import Console
 
 import phitune.console
 from phitune.console import format_duration, format_value
+from phitune.errors import PhituneError
 from phitune.report import run_summary_rows
 from phitune.train import run_training
 
@@ -97,3 +98,14 @@ def test_chat_help_lists_the_commands_and_is_not_sent_to_the_model(tiny_model_di
         assert f"{command:<7} {what}" in result.output
     assert "unknown command /rest; /help lists the commands" in result.output
     assert result.output.count("assistant>") == 1  # only "hello" went to the model
+
+
+def test_a_failed_run_stops_the_bar_and_shows_the_cursor_again(make_config, terminal):
+    """A NaN stop (like a second Ctrl-C or any exception) leaves trainer.train without on_train_end; the live bar must
+    still stop, or the terminal is left with its cursor hidden (rich hides it while a bar is live)."""
+    cfg = make_config(training_config={"learning_rate": 1e30, "max_steps": 6, "eval_strategy": "no"})
+    with pytest.raises(PhituneError, match="NaN or infinite"):
+        run_training(cfg)
+    text = terminal.getvalue()
+    hidden, shown = text.rfind("\x1b[?25l"), text.rfind("\x1b[?25h")
+    assert hidden >= 0 and shown > hidden

@@ -115,6 +115,12 @@ class TrainingConsole(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, stats=self._stats_text(state))
+        self.close()
+
+    def close(self) -> None:
+        """Stop the live bar (rich shows the terminal's cursor again). on_train_end never runs when training stops
+        with an error (a NaN, a second Ctrl-C, an exception), so phitune.run.fit calls `close_console` as well."""
+        if self.progress is not None:
             self.progress.stop()
             self.progress = None
 
@@ -153,3 +159,10 @@ def use_console(trainer) -> None:
     # On a pipe or a file a live bar draws nothing useful; the log lines carry its numbers there. (disable_tqdm is
     # no guide: transformers turns it on by itself when its log level is above warning, as phitune sets it.)
     trainer.add_callback(TrainingConsole(show_bar=console.is_terminal))
+
+
+def close_console(trainer) -> None:
+    """Stop the trainer's live bar, if it has one; safe to call more than once."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TrainingConsole):
+            callback.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune.config import RunConfig, save_config
+from phitune.console import close_console
 from phitune.errors import PhituneError, first_line
 from phitune.modeling import DROPPED_GRADIENT_WARNING
 from phitune.plan import RunPlan
@@ -149,6 +150,8 @@ def fit(trainer, checkpoint: Path | None) -> dict:
             raise PhituneError(f"training stopped: backward went through an operator without a gradient, so the LoRA "
                                f"gradients would be silently wrong ({first_line(exc)[:160]}); rerun with "
                                "--debug and report it") from None
+        finally:
+            close_console(trainer)  # on an error the bar is still live, and the terminal's cursor hidden
     stopper.raise_if_stopped()
     runtime = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
