@@ -109,6 +109,30 @@ def test_bad_rows_file_line_and_skip(tmp_path, tokenizer):
     assert "d.jsonl:3: conversation has no assistant turn" in prepared.skipped[1]
 
 
+def test_a_failed_make_keeps_the_lock_a_waiting_process_holds(tmp_path, tokenizer):
+    """A process waiting on the entry's lock when another one's make fails holds that lock file; a run starting
+    then must wait for it, not lock a fresh file and make the same entry beside it (the second rename failed)."""
+    import fcntl
+
+    from filelock import FileLock, Timeout
+
+    from phitune.data.prepare import data_fingerprint
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS["messages"][0]) + "\n{not json\n")
+    cfg = _config(tmp_path, path)
+    fingerprint = data_fingerprint(cfg, tokenizer, training_chat_template(tokenizer, cfg.train_on))
+    lock = tmp_path / "cache" / f"{fingerprint}.lock"
+    lock.parent.mkdir()
+    with open(lock, "a") as waiting:  # the waiting process: the lock file open, its turn not yet come
+        with pytest.raises(PhituneError, match=r"d.jsonl:2: malformed JSON"):
+            prepare_data(cfg, tokenizer)
+        fcntl.flock(waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its turn: it makes the entry now
+        with pytest.raises(Timeout):
+            FileLock(str(lock), timeout=0).acquire()
+    assert sorted(p.name for p in lock.parent.iterdir()) == [lock.name]  # no work folder left
+
+
 @pytest.mark.parametrize("first", ["skip", "error"])
 def test_a_cache_entry_made_with_skip_still_stops_a_run_with_on_bad_row_error(tmp_path, tokenizer, first):
     """`phitune data` prepares with on_bad_row: skip; the `phitune train` after it (default: error) reuses the entry

@@ -247,15 +247,20 @@ def write_files(directory: Path, files: dict, places: dict) -> None:
 
 
 def tree(directory: Path) -> list[str]:
-    """Every file and folder under `directory`, with its size for files: what must not change. A finished entry of
-    the data cache (cache/FINGERPRINT/ with its meta.json, and FINGERPRINT.lock) is the cache at work, not a
-    leftover: a check after tokenizing (every label masked, a setting the trainer rejects) stops a run whose data
-    was made whole. A work folder, or a lock or cache folder without a finished entry, is a leftover."""
+    """Every file and folder under `directory`, with its size for files: what must not change. The data cache's
+    machinery is not a leftover: the cache folder, an entry's 0-byte lock (kept after a failed make: a process
+    waiting on it holds that file), and a finished entry (cache/FINGERPRINT/ with its meta.json), as a check after
+    tokenizing (every label masked, a setting the trainer rejects) stops a run whose data was made whole. A work
+    folder, or anything else in the cache, is a leftover."""
     finished = {meta.parent.name for meta in directory.glob("cache/*/meta.json")}
 
     def kept(path: Path) -> bool:
         parts = path.relative_to(directory).parts
-        return parts[0] != "cache" or not finished or (len(parts) > 1 and parts[1].removesuffix(".lock") not in finished)
+        if parts[0] != "cache":
+            return True
+        machinery = len(parts) == 1 or (len(parts) == 2 and parts[1].endswith(".lock") and path.is_file()
+                                        and not path.stat().st_size)
+        return not machinery and parts[1] not in finished
 
     return sorted(f"{p.relative_to(directory)}{'/' if p.is_dir() else ' ' + str(p.lstat().st_size)}"
                   for p in directory.rglob("*") if kept(p))
@@ -357,11 +362,12 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row, tiny_model_dir, fi
 
 
 def test_bad_data_leaves_no_work_folder_in_the_data_cache(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """A stop at bad data after rows were read leaves neither the work folder, nor the lock, nor the cache folder."""
+    """A stop at bad data after rows were read leaves no work folder and no entry: only the entry's 0-byte lock."""
     places = {"d": tmp_path, "model": tiny_model_dir}
     write_files(tmp_path, {**base_files(tiny_model_dir), "train.jsonl": lines(GOOD, "not json")}, places)
     assert run_in_process([fill(arg, places) for arg in train()], tmp_path, (), monkeypatch, capsys).code == 2
-    assert not (tmp_path / "cache").exists()
+    left = [(p.name, p.is_file() and p.stat().st_size) for p in (tmp_path / "cache").iterdir()]
+    assert len(left) == 1 and left[0][0].endswith(".lock") and left[0][1] == 0, left
 
 
 def test_version_and_help_exit_0():

@@ -88,15 +88,15 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     cache = cache_root(cfg)
     created = [folder for folder in (cache, *cache.parents) if not folder.exists()]  # deepest first
     cache.mkdir(parents=True, exist_ok=True)
-    fingerprint = data_fingerprint(cfg, tokenizer, template)
-    final, lock = cache / fingerprint, cache / f"{fingerprint}.lock"
     try:
+        fingerprint = data_fingerprint(cfg, tokenizer, template)
+        final, lock = cache / fingerprint, cache / f"{fingerprint}.lock"
         with FileLock(str(lock)):
             reused = (final / "meta.json").is_file()
             if not reused:
                 _make_entry(cfg, tokenizer, template, cache / f"{fingerprint}.tmp-{os.getpid()}", final)
     except BaseException:
-        _forget_failed_entry(lock, final, created)
+        _forget_new_folders(created)
         raise
     return _load(final, cfg, fingerprint, reused)
 
@@ -113,16 +113,14 @@ def _make_entry(cfg: DataConfig, tokenizer, template: str, work: Path, final: Pa
         raise
 
 
-def _forget_failed_entry(lock: Path, final: Path, created: list[Path]) -> None:
-    """After a failed make: the lock file, unless an entry for it exists, and the cache folders this call created,
-    when empty, so a stop at bad data leaves nothing behind. (A process that waited on this lock at that moment
-    holds the removed file's lock: one starting just then makes the same entry beside it, in its own work folder.)"""
-    if not final.exists():
-        lock.unlink(missing_ok=True)
+def _forget_new_folders(created: list[Path]) -> None:
+    """After a failed make: the cache folders this call created, when empty. The entry's lock file stays (0 bytes):
+    a process waiting on it holds that file, and removing it would let one starting now lock a new file and make
+    the same entry at the same time."""
     for folder in created:
         try:
             folder.rmdir()
-        except OSError:  # not empty: another run's entry or lock is in it
+        except OSError:  # not empty: the lock, or another run's entry
             break
 
 
