@@ -43,6 +43,19 @@ def test_merged_model_matches_adapter_and_loads_with_plain_transformers(trained_
     assert (_logits(base, tokenizer, text) - expected).abs().max() > 1e-2  # the adapter did change something
 
 
+def test_merge_into_the_empty_current_directory(trained_run, tmp_path, monkeypatch):  # noqa: F811
+    """`--output .` names no folder (Path(".").name is empty): the merge must still write beside it and rename."""
+    from phitune.cli import app
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(app, ["merge", str(trained_run), "--output", "."])
+    assert result.exit_code == 0, result.output
+    assert list(here.glob("*.safetensors")) and (here / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no work folder left beside it
+
+
 def test_merge_refuses_a_non_empty_output(trained_run, tmp_path):  # noqa: F811
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(PhituneError, match="not empty"):

@@ -54,7 +54,7 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
 
     if adapter is None:
         raise PhituneError("nothing to merge: the run holds a full model, not an adapter")
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # `.` or `..` name no folder: the work folder is named after this one
     check_empty_output(output_dir)
     plain_cfg = replace(model_cfg, quantization=None, torch_dtype=merge_dtype(model_cfg, dtype))
     tokenizer = load_tokenizer(plain_cfg)
