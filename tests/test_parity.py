@@ -9,6 +9,7 @@ difference and why it is right).
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,27 +77,56 @@ def test_each_served_prompt_is_the_trained_prefix_and_the_answer_follows_it(toke
         assert tokenizer.decode(reply[:end + 1]) == answer["content"].lstrip() + "<|end|>"
 
 
-def test_transformers_loads_the_model_folder_as_sentencepiece_does_and_does_not_warn(tokenizer, caplog):
-    from phitune.data.prepare import warn_if_not_sentencepiece
+def test_transformers_loads_the_model_folder_as_sentencepiece_does_and_does_not_warn(phi3_model, caplog):
+    from phitune.config import ModelConfig
+    from phitune.modeling import load_tokenizer
 
+    with caplog.at_level(logging.WARNING, logger="phitune"):
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(phi3_model)))
     assert type(tokenizer).__name__ == "TokenizersBackend"
-    with caplog.at_level(logging.WARNING, logger="phitune.data.prepare"):
-        warn_if_not_sentencepiece(tokenizer)
-    assert caplog.records == []
+    assert [r for r in caplog.records if "SentencePiece" in r.getMessage()] == []
 
 
-def test_a_tokenizer_that_differs_from_its_sentencepiece_model_is_warned_about_once(caplog):
-    """The tokenizer files alone (no config.json): transformers builds the Metaspace LlamaTokenizer."""
-    from transformers import AutoTokenizer
-
-    from phitune.data.prepare import warn_if_not_sentencepiece
+def test_a_tokenizer_that_differs_from_its_sentencepiece_model_is_warned_about_once(tmp_path, caplog):
+    """The tokenizer files alone (no config.json): transformers builds the Metaspace LlamaTokenizer. Every command
+    loads its tokenizer with load_tokenizer (train, DPO/ORPO, data, eval, chat, generate, merge, export)."""
+    from phitune.config import ModelConfig
+    from phitune.modeling import load_tokenizer
     from phitune.tiny import PHI3_TOKENIZER
 
-    tokenizer = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
-    with caplog.at_level(logging.WARNING, logger="phitune.data.prepare"):
-        warn_if_not_sentencepiece(tokenizer)
-        warn_if_not_sentencepiece(tokenizer)
-    assert len(caplog.records) == 1 and "[29871, 15043, 3186]" in caplog.records[0].getMessage()
+    folder = shutil.copytree(PHI3_TOKENIZER, tmp_path / "tokenizer-only")  # a path no other test has checked
+    with caplog.at_level(logging.WARNING, logger="phitune"):
+        for padding_side in ("right", "left"):  # as train, then generate, in one process
+            load_tokenizer(ModelConfig(name_or_path=str(folder)), padding_side=padding_side)
+    said = [r.getMessage() for r in caplog.records if "SentencePiece" in r.getMessage()]
+    assert len(said) == 1 and "[29871, 15043, 3186]" in said[0], said
+
+
+def test_a_hub_model_is_checked_with_the_tokenizer_model_from_the_hub_cache(tmp_path):
+    """A hub id, offline, from the hub cache (the layout huggingface_hub writes): its tokenizer.model is found
+    there, not next to a folder named like the id. A process of its own, as the hub cache is read from the
+    environment at import."""
+    import os
+    import subprocess
+    import sys
+
+    from phitune.tiny import PHI3_TOKENIZER
+
+    repo = tmp_path / "hub" / "models--someone--phi3-tokenizer-only"
+    shutil.copytree(PHI3_TOKENIZER, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / ".no_exist" / "0123abcd").mkdir(parents=True)
+    (repo / ".no_exist" / "0123abcd" / "config.json").touch()  # the hub said: no config.json (LlamaTokenizer)
+    code = ("import logging; logging.basicConfig(); from phitune.config import ModelConfig; "
+            "from phitune.modeling import load_tokenizer; "
+            "load_tokenizer(ModelConfig(name_or_path='someone/phi3-tokenizer-only'))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "SentencePiece" in line]
+    assert len(said) == 1 and "[29871, 15043, 3186]" in said[0], done.stderr
 
 
 # ---- GGUF tokenizer metadata against llama.cpp's own file -------------------------------------------------------

@@ -55,7 +55,58 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
 
         tokenizer.chat_template = phi3_chat_template
     tokenizer.padding_side = padding_side
+    warn_if_not_sentencepiece(tokenizer, cfg)
     return tokenizer
+
+
+SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
+_checked: set[str] = set()  # SentencePiece model files already compared in this process
+
+
+def warn_if_not_sentencepiece(tokenizer, cfg: ModelConfig) -> None:
+    """Warn, once per process and model, when transformers tokenizes plain text otherwise than the model's own
+    SentencePiece model (`tokenizer.model`), which is also how llama.cpp and Ollama tokenize it.
+
+    transformers 5 builds a Phi-3 tokenizer from its files alone as a Metaspace `LlamaTokenizer` (docs/export.md,
+    "Train/serve parity"): the model would be fine-tuned on ids a GGUF runtime never feeds it. Without the file
+    (a model that has none, a hub model offline) or without the `sentencepiece` package there is nothing to compare
+    with, and nothing is said: this check never stops a command."""
+    model_file = _sentencepiece_file(cfg)
+    if model_file is None or model_file in _checked:
+        return
+    _checked.add(model_file)
+    try:
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=model_file)
+    except Exception:  # noqa: BLE001 - an optional dependency (phitune[export]), or a file it cannot read
+        return
+    for text in SENTENCEPIECE_PROBES:
+        ours, theirs = tokenizer(text, add_special_tokens=False).input_ids, sp.encode(text)
+        if ours != theirs:
+            log.warning("this tokenizer (%s) tokenizes %r as %s, its SentencePiece model as %s: llama.cpp and "
+                        "Ollama would feed the fine-tuned model other ids than it is trained on; load it from the "
+                        "model's folder (with config.json), see docs/export.md", type(tokenizer).__name__, text,
+                        ours, theirs)
+            return
+
+
+def _sentencepiece_file(cfg: ModelConfig) -> str | None:
+    """The model's `tokenizer.model`: in its folder, or for a hub id in the hub cache, else downloaded like the
+    tokenizer's other files (offline, or on any error: None)."""
+    local = Path(cfg.name_or_path).expanduser() / "tokenizer.model"
+    if local.is_file():
+        return str(local)
+    if Path(cfg.name_or_path).expanduser().is_dir():
+        return None
+    try:
+        from transformers.utils import cached_file
+
+        return cached_file(cfg.name_or_path, "tokenizer.model", revision=cfg.revision,
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except Exception:  # noqa: BLE001 - a hub problem must not stop a command over a warning
+        return None
 
 
 def resolve_dtype(name: str, log_choice: bool = False):

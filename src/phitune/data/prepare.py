@@ -84,7 +84,6 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     from filelock import FileLock
 
     template = training_chat_template(tokenizer, cfg.train_on)
-    warn_if_not_sentencepiece(tokenizer)
     cache = cache_root(cfg)
     created = [folder for folder in (cache, *cache.parents) if not folder.exists()]  # deepest first
     cache.mkdir(parents=True, exist_ok=True)
@@ -122,35 +121,6 @@ def _forget_new_folders(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty: the lock, or another run's entry
             break
-
-
-SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
-_warned: set[str] = set()
-
-
-def warn_if_not_sentencepiece(tokenizer) -> None:
-    """Warn, once per tokenizer, when transformers tokenizes plain text otherwise than the model's own SentencePiece
-    model (`tokenizer.model` in its folder), which is also how llama.cpp and Ollama tokenize it.
-
-    transformers 5 builds a Phi-3 tokenizer from its files alone as a Metaspace `LlamaTokenizer` (docs/export.md,
-    "Train/serve parity"): the model would be fine-tuned on ids a GGUF runtime never feeds it."""
-    model_file = Path(str(tokenizer.name_or_path)) / "tokenizer.model"
-    if str(model_file) in _warned or not model_file.is_file():
-        return
-    _warned.add(str(model_file))
-    try:
-        from sentencepiece import SentencePieceProcessor
-    except ImportError:  # an optional dependency (phitune[export]); without it there is nothing to compare with
-        return
-    sp = SentencePieceProcessor(model_file=str(model_file))
-    for text in SENTENCEPIECE_PROBES:
-        ours, theirs = tokenizer(text, add_special_tokens=False).input_ids, sp.encode(text)
-        if ours != theirs:
-            log.warning("this tokenizer (%s) tokenizes %r as %s, its SentencePiece model as %s: llama.cpp and "
-                        "Ollama would feed the fine-tuned model other ids than it is trained on; load it from the "
-                        "model's folder (with config.json), see docs/export.md", type(tokenizer).__name__, text,
-                        ours, theirs)
-            return
 
 
 def cache_root(cfg: DataConfig) -> Path:
