@@ -203,6 +203,32 @@ def test_phi3_family_trains_content_and_end_not_the_newline_after_it_or_the_fina
                                        tokenizer.encode("Rome, since 1871.<|end|>", add_special_tokens=False)]
 
 
+OLD_PHI3_TEMPLATE = (  # Phi-3-mini's first hub revision: bos first, no system turn
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\\n' + "
+    "message['content'] + '<|end|>' + '\\n' + '<|assistant|>' + '\\n'}}{% elif (message['role'] == 'assistant') %}"
+    "{{message['content'] + '<|end|>' + '\\n'}}{% endif %}{% endfor %}")
+
+
+def test_an_older_phi3_template_falls_back_to_trls_mask_and_says_what_it_trains(monkeypatch, caplog):
+    """No silent fallback: TRL's variant trains the "\\n" after <|end|> and the final eos, and the one warning (per
+    process) says so."""
+    import logging
+
+    from phitune.data import encode
+
+    monkeypatch.setattr(encode, "_said", set())
+    tokenizer = family_tokenizer("phi-3")
+    tokenizer.chat_template = OLD_PHI3_TEMPLATE
+    with caplog.at_level(logging.WARNING, logger="phitune.data.encode"):
+        template = training_chat_template(tokenizer)
+        assert training_chat_template(tokenizer) == template
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "older Phi-3" in said[0] and "final eos" in said[0], said
+    ids, mask = render_with_mask(tokenizer, CHAT[1:3], template)
+    assert trained_runs(ids, mask) == [tokenizer.encode("Paris.<|end|>\n", add_special_tokens=False)
+                                       + [tokenizer.eos_token_id]]
+
+
 def test_a_phi4_looking_template_that_renders_otherwise_is_refused():
     tokenizer = family_tokenizer("phi-4")
     tokenizer.chat_template = PHI4_CHAT_TEMPLATE.replace("<|im_sep|>", "<|im_sep|>\n")

@@ -7,11 +7,15 @@ the ids and labels a model is trained on are the ones it is evaluated on, and th
 
 from __future__ import annotations
 
+import logging
 from itertools import chain
 
 import numpy as np
 
 from phitune.errors import PhituneError
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # one-time warnings already given in this process
 
 IGNORE_INDEX = -100  # label value that the loss ignores
 END_OF_TURN = "<|end|>"  # Phi-3's end of a turn: trained on, so the model learns to stop
@@ -91,6 +95,19 @@ def render_with_mask(tokenizer, messages, template: str) -> tuple[list[int], lis
     return ids.tolist(), mask.astype(int).tolist()
 
 
+def _say_if_trl_phi3(template: str, train_on: str) -> str:
+    """`template`; once per process, a warning when it is TRL's Phi-3 training variant (an older Phi-3 template
+    revision: bos first, no system turn), whose assistant mask differs from phitune's own Phi-3 variant."""
+    from trl.chat_template_utils import phi3_training_chat_template
+
+    if template == phi3_training_chat_template and train_on == "assistant" and "trl-phi3" not in _said:
+        _said.add("trl-phi3")
+        log.warning("the tokenizer's chat template is an older Phi-3 revision phitune has no training variant of: "
+                    "TRL's is used, which also trains the \"\\n\" after each <|end|> and the final eos token (the "
+                    "model never writes them); for phitune's mask use the current Phi-3 template")
+    return template
+
+
 def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
     """The tokenizer's chat template with {% generation %} markers: phitune's for the Phi family, else TRL's.
 
@@ -107,7 +124,7 @@ def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
     if has_generation_markers(template):
         return template
     try:
-        family_template = training_template_for(tokenizer)  # Phi-4, Phi-4-mini (phitune.data.templates)
+        family_template = training_template_for(tokenizer)  # Phi-3, Phi-4, Phi-4-mini (phitune.data.templates)
     except ValueError as exc:
         if train_on == "all":
             return template
@@ -115,12 +132,12 @@ def training_chat_template(tokenizer, train_on: str = "assistant") -> str:
     if family_template is not None:
         return family_template
     try:
-        return get_training_chat_template(tokenizer) or template
+        return _say_if_trl_phi3(get_training_chat_template(tokenizer) or template, train_on)
     except Exception:  # TRL raises for templates it has no training variant of
         if all(tag in template for tag in ("<|user|>", "<|assistant|>", "<|end|>")):
             from trl.chat_template_utils import phi3_training_chat_template
 
-            return phi3_training_chat_template  # a Phi-3 template revision TRL does not know verbatim
+            return _say_if_trl_phi3(phi3_training_chat_template, train_on)  # a revision TRL does not know verbatim
         if train_on == "all":
             return template
         raise PhituneError(
