@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,8 +131,11 @@ def test_the_histogram_goes_to_the_data_cache_not_the_working_or_run_directory(t
                             "data": {"train": str(DEMO_DATA / "eval.jsonl"), "cache_dir": str(tmp_path / "cache")},
                             "training_config": {"output_dir": str(run)}})
     report = inspect_data(cfg)
-    assert report.histogram == tmp_path / "cache" / "data_lengths.png" and report.histogram.is_file()
+    assert report.histogram.parent.parent == tmp_path / "cache" and report.histogram.is_file()
+    assert (report.histogram.parent / "meta.json").is_file()  # beside its own cache entry
     assert list(work.iterdir()) == [] and [p.name for p in run.iterdir()] == ["phitune_complete"]
+    other = inspect_data(replace(cfg, data=replace(cfg.data, max_seq_length=48)))  # another config, same cache
+    assert other.histogram != report.histogram and report.histogram.is_file() and other.histogram.is_file()
 
 
 KANNADA = [{"role": "system", "content": "Answer in Kannada."},

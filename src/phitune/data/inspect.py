@@ -78,16 +78,18 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     )
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
-    report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
     return report
 
 
-def report_dir(cfg: RunConfig, output_dir: Path | None) -> Path:
-    """--output, else the data cache (data.cache_dir): `phitune data` only looks, so it writes nothing where a person
-    works, nor into a run's directory (a finished run is never changed, an empty one must stay empty for training)."""
+def report_dir(cfg: RunConfig, output_dir: Path | None, entry: str) -> Path:
+    """--output, else the folder `entry` of the data cache (data.cache_dir): `phitune data` only looks, so it writes
+    nothing where a person works, nor into a run's directory (a finished run is never changed, an empty one must
+    stay empty for training). `entry` is the data's own (its cache entry), so one config's histogram never
+    overwrites another's."""
     from phitune.data.prepare import cache_root
 
-    folder = Path(output_dir) if output_dir is not None else cache_root(cfg.data)
+    folder = Path(output_dir) if output_dir is not None else cache_root(cfg.data) / entry
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

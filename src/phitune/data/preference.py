@@ -17,7 +17,9 @@ the answer's tokens are those after the two agree, so the scores phitune reports
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 
 from phitune.config import DataConfig
 from phitune.data import load_splits
@@ -265,8 +267,14 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     )
     report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
-    report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir) / HISTOGRAM_PNG)
+    report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir, _report_key(cfg)) / HISTOGRAM_PNG)
     return report
+
+
+def _report_key(cfg) -> str:
+    """A data cache folder of these pairs' own (DPO/ORPO pairs are not cached): the data settings and the model."""
+    settings = json.dumps([asdict(cfg.data), cfg.model.name_or_path, cfg.model.revision], sort_keys=True, default=str)
+    return "pairs-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad_row: str) -> list[str]:
