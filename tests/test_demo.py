@@ -44,19 +44,38 @@ def test_demo_reruns_over_its_own_output_but_not_over_a_user_run(demo_run, make_
         run_demo(cfg.output_dir, [])
 
 
+def interrupt_like_a_kill(output_dir: Path) -> None:
+    """Leave what a demo killed after its last checkpoint leaves: the checkpoints, none of what run.finish writes at
+    the top (phitune_config.yaml, the adapter, metrics, the completion marker)."""
+    import shutil
+
+    for child in output_dir.iterdir():
+        if not child.name.startswith("checkpoint-"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def test_demo_starts_again_over_its_own_interrupted_run(tmp_path, caplog):
     """`phitune demo` has no --resume or --overwrite: over an interrupted demo run it trains from scratch, says so,
-    and the interrupted checkpoint is gone (a fresh run keeps no step of it)."""
-    import yaml
-
-    from phitune.tiny import tiny_base_path
+    and the interrupted checkpoint is gone (a fresh run keeps no step of it). An interrupted run has no saved config:
+    the demo knows its own by the base model its checkpoint's adapter names."""
     from phitune.train_support import finished_run
 
     output_dir = tmp_path / "demo"
-    (output_dir / "checkpoint-90").mkdir(parents=True)  # the layout run_dir.run_state calls interrupted
-    (output_dir / "phitune_config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_base_path())}}))
-    overrides = ["training_config.max_steps=2", "training_config.eval_strategy=no", "data.max_train_examples=32"]
+    quick = ["training_config.eval_strategy=no", "data.max_train_examples=32"]
+    run_demo(output_dir, ["training_config.max_steps=3", *quick])
+    interrupt_like_a_kill(output_dir)
+    assert [p.name for p in output_dir.iterdir()] == ["checkpoint-3"]
     with caplog.at_level("WARNING", logger="phitune"):
-        run_demo(output_dir, overrides)
+        run_demo(output_dir, ["training_config.max_steps=2", *quick])
     assert "interrupted demo run; the demo starts again from scratch" in caplog.text
-    assert finished_run(output_dir) and not (output_dir / "checkpoint-90").exists()
+    assert finished_run(output_dir) and not (output_dir / "checkpoint-3").exists()
+
+
+def test_demo_refuses_an_interrupted_run_of_another_model(tmp_path):
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoint-40").mkdir(parents=True)
+    config = {"base_model_name_or_path": "microsoft/Phi-3-mini-4k-instruct", "peft_type": "LORA"}
+    (output_dir / "checkpoint-40" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PhituneError, match="not a demo run"):
+        run_demo(output_dir, [])
+    assert (output_dir / "checkpoint-40" / "adapter_config.json").is_file()

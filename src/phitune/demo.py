@@ -6,6 +6,7 @@ held-out question with the base model and with the adapter, so the effect of fin
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from phitune.config import load_config
 from phitune.errors import PhituneError
 from phitune.run_dir import run_state
 from phitune.tiny import ASSETS, DEMO_DATA, tiny_base_path
+from phitune.train_support import checkpoint_dirs
 
 log = logging.getLogger("phitune")
 DEMO_CONFIG = ASSETS / "demo.yaml"
@@ -31,12 +33,26 @@ def demo_overrides(output_dir: Path) -> list[str]:
 
 
 def is_demo_run(output_dir: Path) -> bool:
-    """True when `output_dir` holds an earlier demo run, which the demo may replace."""
+    """True when `output_dir` holds an earlier demo run, which the demo may replace: the base model its saved config
+    names, or (an interrupted run has no saved config: only run.finish writes it) the base its newest checkpoint's
+    adapter names, is the bundled tiny one."""
     path = output_dir / "phitune_config.yaml"
-    if not path.is_file():
-        return False
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return saved.get("model", {}).get("name_or_path") == str(tiny_base_path())
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return saved.get("model", {}).get("name_or_path") == str(tiny_base_path())
+    return checkpoint_base_model(output_dir) == str(tiny_base_path())
+
+
+def checkpoint_base_model(output_dir: Path) -> str | None:
+    """`base_model_name_or_path` of the newest checkpoint's adapter (PEFT writes adapter_config.json first, so an
+    older checkpoint answers when a kill cut the newest one short); None when no checkpoint holds an adapter."""
+    for checkpoint in checkpoint_dirs(output_dir):
+        try:
+            adapter = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+            return adapter["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):  # absent or half-written: look at the one before
+            continue
+    return None
 
 
 def replaces_earlier_demo(output_dir: Path) -> bool:
@@ -66,8 +82,6 @@ def run_demo(output_dir: Path, overrides: list[str]):
 
 def answer_before_after(cfg, output_dir: Path, index: int = 0):
     """One held-out question answered by the base model and by base + adapter (greedy)."""
-    import json
-
     from phitune.generate import SamplingSettings, attach_adapter, generate_replies, load_for_inference
 
     line = (DEMO_DATA / "eval.jsonl").read_text(encoding="utf-8").splitlines()[index]

@@ -25,7 +25,7 @@ from phitune.trainer_hooks import LoralibCheckpointing, check_private_hooks
 log = logging.getLogger("phitune")
 
 CHECKPOINT_COMPLETE = "phitune_complete"  # marker file: this directory was written to the end
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folders; only folders count
 
 
 class NonFiniteLoss(Exception):
@@ -38,17 +38,19 @@ class Interrupted(PhituneError):
     exit_code = 130
 
 
-def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` that holds the completion marker; half-written ones are ignored."""
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, newest (highest N) first, complete or not."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
-        return None
-    complete = []
-    for child in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and (child / CHECKPOINT_COMPLETE).is_file():
-            complete.append((int(match.group(1)), child))
-    return max(complete)[1] if complete else None
+        return []
+    found = [(int(match.group(1)), child) for child in output_dir.iterdir()
+             if (match := CHECKPOINT_DIR.match(child.name)) and child.is_dir()]
+    return [child for _, child in sorted(found, reverse=True)]
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` that holds the completion marker; half-written ones are ignored."""
+    return next((child for child in checkpoint_dirs(output_dir) if (child / CHECKPOINT_COMPLETE).is_file()), None)
 
 
 def finished_run(output_dir: Path) -> bool:
