@@ -13,31 +13,53 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 import shutil
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.train_support import CHECKPOINT_COMPLETE, finished_run, latest_complete_checkpoint
+from phitune.train_support import (
+    CHECKPOINT_COMPLETE,
+    CHECKPOINT_DIR,
+    checkpoint_dirs,
+    finished_run,
+    latest_complete_checkpoint,
+)
 
 log = logging.getLogger("phitune")
 
-CHECKPOINT = re.compile(r"^checkpoint-\d+$")
-# What phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
+# Files phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
 RUN_FILES = (
-    "checkpoint-*", CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png",  # the run
+    CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png",  # the run
     "eval.json", "report.md", "eval.png", "data_lengths.png",  # phitune eval, phitune data (older releases)
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lora_state_dict.safetensors",
-    "README.md", "training_args.bin", "runs", "ref",  # PEFT's model card, Trainer arguments, TensorBoard, DPO's ref
+    "README.md", "training_args.bin",  # PEFT's model card, Trainer arguments
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "pytorch_model.bin.index.json", "configuration_*.py", "modeling_*.py",  # full fine-tune
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.*",
-    "tokenization_*.py",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.*", "tokenization_*.py",
 )
+# The folders a run writes, each known by what it holds, so a user's own folder of the same name is never taken for
+# one: checkpoint-N/ (the Trainer's), runs/ (TensorBoard: runs/DATE_HOST/events.out.tfevents.*, report_to:
+# tensorboard) and ref/ (DPO's frozen reference adapter, a PEFT adapter named "ref").
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
+REFERENCE_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
 
-def is_run_file(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
+def is_run_file(path: Path) -> bool:
+    """True for a file or folder that a phitune run wrote at the top of its output directory."""
+    if path.is_symlink() or not path.is_dir():
+        return path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in RUN_FILES)
+    if CHECKPOINT_DIR.match(path.name):
+        return True
+    if path.name == "runs":
+        return _holds_only(path, lambda name: fnmatch.fnmatchcase(name, TENSORBOARD_EVENTS))
+    return path.name == "ref" and _holds_only(path, lambda name: name in REFERENCE_ADAPTER_FILES)
+
+
+def _holds_only(folder: Path, belongs) -> bool:
+    """`folder` holds at least one file, and every file in it or its subfolders is one `belongs` accepts."""
+    files = [path for path in folder.rglob("*") if not path.is_dir() or path.is_symlink()]
+    return bool(files) and all(path.is_file() and not path.is_symlink() and belongs(path.name) for path in files)
 
 
 def run_state(output_dir: Path) -> str:
@@ -46,13 +68,14 @@ def run_state(output_dir: Path) -> str:
         if output_dir.exists():
             raise PhituneError(f"training_config.output_dir {output_dir} is a file, not a directory")
         return "empty"
-    names = [child.name for child in output_dir.iterdir()]
-    if not names:
+    children = _children(output_dir)
+    if not children:
         return "empty"
     if finished_run(output_dir):
         return "finished"
-    if any(name in ("phitune_config.yaml", "runs") or CHECKPOINT.match(name) for name in names):
-        return "interrupted"  # runs/: the TensorBoard logs of a run stopped before its first checkpoint
+    started = ("phitune_config.yaml", "runs")  # runs/: the TensorBoard logs of a run stopped before its checkpoint
+    if any(is_run_file(child) and (child.name in started or CHECKPOINT_DIR.match(child.name)) for child in children):
+        return "interrupted"
     return "foreign"
 
 
@@ -73,7 +96,7 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
         instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
         raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
     if overwrite:
-        others = sorted(name for name in _names(output_dir) if not is_run_file(name))
+        others = sorted(child.name for child in _children(output_dir) if not is_run_file(child))
         if others:
             raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
                                f"{', '.join(others[:3])}; move those out or choose another output_dir")
@@ -85,7 +108,7 @@ def clear_old_run(output_dir: Path, overwrite: bool) -> None:
     new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked."""
     if not overwrite:
         return
-    removed = [child for child in _children(output_dir) if is_run_file(child.name)]
+    removed = [child for child in _children(output_dir) if is_run_file(child)]
     for child in removed:  # every process of a multi-process run may get here: a file gone already is fine
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
@@ -99,10 +122,6 @@ def _children(output_dir: Path) -> list[Path]:
     return list(output_dir.iterdir()) if output_dir.is_dir() else []
 
 
-def _names(output_dir: Path) -> list[str]:
-    return [child.name for child in _children(output_dir)]
-
-
 def _checkpoints(output_dir: Path) -> str:
-    found = sorted((name for name in _names(output_dir) if CHECKPOINT.match(name)), key=lambda n: int(n[11:]))
-    return ", ".join(found[-2:]) if found else "no checkpoint yet"
+    found = [child.name for child in checkpoint_dirs(output_dir)][:2]
+    return ", ".join(reversed(found)) if found else "no checkpoint yet"
