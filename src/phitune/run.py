@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,12 +170,15 @@ def fit(trainer, checkpoint: Path | None) -> dict:
     return metrics
 
 
-def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None) -> None:
-    """Write the adapter, tokenizer, resolved config, metrics and loss curve; only the main process writes."""
+def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None,
+           tidy: Callable[[Path], None]) -> None:
+    """Write the adapter, tokenizer, resolved config, metrics and loss curve; only the main process writes. `tidy`
+    (the recipe's tidy_output) removes what the run must not leave, before the run is marked finished and pushed."""
     output_dir = cfg.output_dir
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return
+    tidy(output_dir)
     tokenizer.save_pretrained(output_dir)
     save_config(cfg, output_dir / "phitune_config.yaml")
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

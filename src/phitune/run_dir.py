@@ -20,6 +20,7 @@ from phitune.errors import PhituneError
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
     CHECKPOINT_DIR,
+    barrier,
     checkpoint_dirs,
     finished_run,
     latest_complete_checkpoint,
@@ -103,19 +104,23 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
     return output_dir
 
 
-def clear_old_run(output_dir: Path, overwrite: bool) -> None:
+def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) -> None:
     """With --overwrite, delete the old run's files (checkpoints, adapter, eval results, ...) so none mixes into the
-    new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked."""
+    new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked.
+    Under torchrun every process calls it: the one that writes the run (`main_process`, TrainingArguments.should_save)
+    deletes, and the others wait for it, so none starts writing into a directory still being emptied."""
     if not overwrite:
         return
-    removed = [child for child in _children(output_dir) if is_run_file(child)]
-    for child in removed:  # every process of a multi-process run may get here: a file gone already is fine
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-    if removed:
-        log.warning("--overwrite: removed the previous run in %s (%d files and folders)", output_dir, len(removed))
+    if main_process:
+        removed = [child for child in _children(output_dir) if is_run_file(child)]
+        for child in removed:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if removed:
+            log.warning("--overwrite: removed the previous run in %s (%d files and folders)", output_dir, len(removed))
+    barrier()
 
 
 def _children(output_dir: Path) -> list[Path]:

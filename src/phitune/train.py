@@ -6,7 +6,7 @@ run_training takes the lifecycle steps of phitune.run once, in order, and asks t
 
     output directory -> checkpoint -> plan -> tokenizer -> recipe = RECIPES[cfg.method] -> its data, trainer config
     and model -> clear an old run (--overwrite) -> its trainer -> its evaluation before -> fit -> its evaluation
-    after -> its counts -> finish
+    after -> its counts -> finish (with its tidy-up, before the run is marked finished)
 
 The CLI and phitune.api call the same three functions here, so both give the same results.
 """
@@ -40,14 +40,14 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if checkpoint is not None:
         check_resume_layout(checkpoint, args)
     model, peft_config = recipe.load_model(cfg, plan)
-    clear_old_run(output_dir, overwrite)  # only now: a bad config or bad data must not cost the old run
+    # only now: a bad config or bad data must not cost the old run
+    clear_old_run(output_dir, overwrite, main_process=args.should_save)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
     metrics = fit(trainer, checkpoint)
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
     metrics.update(recipe.data_metrics(cfg, data))
-    finish(cfg, trainer, tokenizer, metrics, push_to_hub)
-    recipe.tidy_output(output_dir)
+    finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)
     return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 
 

@@ -133,16 +133,16 @@ class CompleteCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import rotate_checkpoints
 
-        _barrier()
+        barrier()
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(batch_layout(args)) + "\n", encoding="utf-8")
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=False)
-        _barrier()  # nobody resumes work (or reads the directory) while rank 0 is still deleting
+        barrier()  # nobody resumes work (or reads the directory) while rank 0 is still deleting
         return control
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -10,7 +10,8 @@ lifecycle steps of phitune.run:
     evaluate_before(cfg, trainer, tokenizer, data, checkpoint) -> what evaluate_after compares with
     evaluate_after(cfg, trainer, tokenizer, data, before)    -> metrics
     data_metrics(cfg, data)                                  -> counts for metrics.json
-    tidy_output(output_dir)                                  -> after finish: drop what the run must not leave
+    tidy_output(output_dir)                                  -> in finish, main process only, before the run is
+                                                                marked finished: drop what the run must not leave
     evaluate_run(model_cfg, adapter, data_cfg, output_dir, *, use_eval_split, batch_size, num_generate, settings)
                                                              -> EvalResult (`phitune eval` on a run of this method)
     inspect_data(cfg, output, example_index)                 -> DataReport (`phitune data`)
