@@ -44,8 +44,8 @@ def is_demo_run(output_dir: Path) -> bool:
 
 
 def checkpoint_base_model(output_dir: Path) -> str | None:
-    """`base_model_name_or_path` of the newest checkpoint's adapter (PEFT writes adapter_config.json first, so an
-    older checkpoint answers when a kill cut the newest one short); None when no checkpoint holds an adapter."""
+    """`base_model_name_or_path` of the newest checkpoint's adapter (a kill while the newest was being written can
+    leave it without adapter_config.json: the one before answers); None when no checkpoint holds an adapter."""
     for checkpoint in checkpoint_dirs(output_dir):
         try:
             adapter = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
