@@ -1,5 +1,6 @@
 """Beyond one process: `phitune train` under torchrun with two CPU workers (gloo) equals one worker with the same
-global batch, with the default held-out eval set, across a kill -9 and a resume; every rank stops together.
+global batch, with the default held-out eval set; every rank stops together. (Kill -9 and resume under torchrun:
+tests/test_distributed_resume.py; what both share: tests/_distributed.py.)
 
 `accelerate launch --cpu --num_processes 2` starts a single process on a 2-core machine, so the tests use torchrun,
 which starts both. 2 workers x batch 2 sees the same 4 rows per step as 1 worker x batch 4 (the sampler shards one
@@ -9,11 +10,8 @@ shuffled order), so the adapters differ only by the order of float reductions in
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,66 +19,41 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from _distributed import (
+    DPO_TOLERANCE,
+    EVAL_LINE,
+    SUMMARY_END,
+    TRAIN_LINE,
+    assert_same_adapter,
+    launch,
+    launcher,
+    relative_difference,
+    torchrun_command,
+    uninterrupted_dpo_runs,
+    uninterrupted_sft_runs,
+    wait,
+    write_config,
+)
 
-from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoint
-
-TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
-EVAL_LINE = re.compile(r"^step +\d+/\d+  eval loss ", re.M)
-SUMMARY_END = "adapter, tokenizer, metrics.json and loss.png are in"  # phitune.report's run summary, last line
-
-DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
-TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: max |difference| 1.1e-7 on weights of size ~0.13
-
-
-def write_config(directory: Path, model_dir: Path, batch_size: int, max_steps: int = 12, **data) -> Path:
-    """The demo data with the default held-out eval set (data.eval_split 0.05), evaluated every 4 steps."""
-    config = {
-        "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
-        "data": {"train": str(DEMO_DATA / "train.jsonl"), "max_seq_length": 128, "max_train_examples": 64, **data},
-        "training_config": {"output_dir": str(directory / "out"), "max_steps": max_steps, "learning_rate": 5e-3,
-                            "per_device_train_batch_size": batch_size, "save_steps": 4, "save_total_limit": 10,
-                            "eval_steps": 4, "logging_steps": 1, "seed": 0, "disable_tqdm": True},
-        "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    return directory / "run.yaml"
+from phitune.train_support import CHECKPOINT_COMPLETE
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="module")
+def one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """The same 12 SFT steps with the default eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
+    return uninterrupted_sft_runs(tiny_model_dir, tmp_path_factory)
 
 
-def launch(command: list[str], directory: Path, log: str = "") -> subprocess.Popen:
-    """Start `command` in its own process group (so a test can kill torchrun and its workers together)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(directory / f"stdout{log}", "w") as out, open(directory / f"stderr{log}", "w") as err:
-        return subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=directory, start_new_session=True)
+@pytest.fixture(scope="module")
+def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """8 DPO steps with an eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
+    return uninterrupted_dpo_runs(tiny_model_dir, tmp_path_factory)
 
 
 def listing(out: Path) -> dict[str, list[str]]:
     """File names in the output directory and in each checkpoint."""
     return {str(p.relative_to(out)): sorted(c.name for c in p.iterdir()) for p in [out, *out.glob("checkpoint-*")]}
 
-
-def torchrun_command() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-
-
-def wait(proc: subprocess.Popen, directory: Path, log: str = "", code: int = 0, timeout: int = 300) -> None:
-    assert proc.wait(timeout=timeout) == code, (directory / f"stderr{log}").read_text()[-3000:]
-
-
-def assert_same_adapter(got_dir: Path, expected_dir: Path, **tolerance) -> None:
-    expected = load_file(expected_dir / "adapter_model.safetensors")
-    got = load_file(got_dir / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, **(tolerance or TOLERANCE), msg=name)
 
 
 def eval_losses(out: Path) -> dict[int, float]:
@@ -89,97 +62,6 @@ def eval_losses(out: Path) -> dict[int, float]:
     history = json.loads((last / "trainer_state.json").read_text())["log_history"]
     return {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
 
-
-LAUNCHER = """
-import os, sys
-sys.path.insert(0, {tests!r})
-import pytest, torch
-from phitune.train_support import PhituneTrainer
-
-rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
-patch = pytest.MonkeyPatch()
-if {gradients!r}:  # each optimizer step's raw gradients (after the all-reduce), saved by rank 0
-    from _equivalence import GradientRecorder
-
-    recorder, init = GradientRecorder(), PhituneTrainer.__init__
-
-    def recording_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.add_callback(recorder)
-
-    patch.setattr(PhituneTrainer, "__init__", recording_init)
-if {scale_by_world!r}:  # the deliberate break: the loss's gradient times the process count, its value unchanged
-    compute_loss = PhituneTrainer.compute_loss
-
-    def scaled(self, *args, **kwargs):
-        loss = compute_loss(self, *args, **kwargs)
-        return world * loss - (world - 1) * loss.detach()
-
-    patch.setattr(PhituneTrainer, "compute_loss", scaled)
-if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last
-    import time
-
-    from transformers import Trainer
-
-    training_step = Trainer.training_step  # every method's trainer (SFT, DPO) runs it
-
-    def held(self, *args, **kwargs):
-        if self.state.global_step >= {hold_at!r}:
-            time.sleep(3600)
-        return training_step(self, *args, **kwargs)
-
-    patch.setattr(Trainer, "training_step", held)
-if {watch!r}:  # the steps this run trains and the optimizer state it starts from (tests/_resume.py)
-    from _resume import watch_training
-
-    runs = watch_training(patch)
-sys.argv[0] = "phitune"
-from phitune.cli import main
-
-try:
-    main()
-finally:
-    if {gradients!r} and rank == "0":
-        torch.save(recorder.steps, "gradients.pt")
-    if {watch!r}:
-        torch.save(runs[-1] if runs else None, f"resume_watch_rank{{rank}}.pt")
-"""
-
-
-def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = False, watch: bool = False,
-             hold_at: int = 0) -> Path:
-    """A `phitune` entry point for the test's own processes, instrumented as asked (the breaks live here, in the
-    test, never in phitune). `hold_at`: the run waits before training that step, so that a kill -9 lands after
-    checkpoint-`hold_at` and before the next one however busy the machine (the tiny run's 12 steps take about a
-    second: a polling test on a loaded machine saw checkpoint-12, not 4)."""
-    path = directory / f"phitune_launcher{'_held' if hold_at else ''}.py"
-    path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients,
-                                    scale_by_world=scale_by_world, watch=watch, hold_at=hold_at), encoding="utf-8")
-    return path
-
-
-def assert_resumed_under(directory: Path, checkpoint: Path, max_steps: int) -> None:
-    """Every worker of the resumed run (launched with watch=True) trained only the steps after `checkpoint`, from
-    the optimizer state it saved."""
-    from _resume import assert_resumed
-
-    watched = sorted(directory.glob("resume_watch_rank*.pt"))
-    assert watched, "the resumed run left no record"
-    for path in watched:
-        assert_resumed(torch.load(path, weights_only=False), checkpoint, max_steps)
-
-
-@pytest.fixture(scope="module")
-def one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    """The same 12 steps with the default eval set, once as 1 worker x batch 4 and once as 2 workers x batch 2."""
-    tmp_path = tmp_path_factory.mktemp("distributed")
-    single_config = write_config(tmp_path / "single", tiny_model_dir, batch_size=4)
-    multi_config = write_config(tmp_path / "multi", tiny_model_dir, batch_size=2)
-    single = launch([sys.executable, "-m", "phitune.cli", "train", str(single_config)], tmp_path / "single")
-    multi = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(multi_config)], tmp_path / "multi")
-    wait(multi, tmp_path / "multi")
-    wait(single, tmp_path / "single")
-    return tmp_path
 
 
 def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
@@ -266,70 +148,6 @@ def test_the_n_versus_1_check_sees_a_gradient_scaled_by_the_process_count(gradie
     runs = gradients_one_and_two_workers
     mismatched = gradient_step_mismatches(runs["scaled"], runs["single"])
     assert len(mismatched) == 2 * 4 + 2 * 4 * 2, mismatched  # step 1: every B; step 2: every A and B
-
-
-def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
-    """kill -9 of torchrun and both workers after the first complete checkpoint, then --resume under torchrun: the
-    resumed workers train only the remaining steps, from the checkpoint's optimizer state (a restart, deterministic,
-    would end at the same adapter: see test_train's break test), and end at the one-worker adapter."""
-    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
-    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
-    deadline = time.monotonic() + 240
-    while not marker.is_file():
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # it really died mid-run
-
-    checkpoint = latest_complete_checkpoint(tmp_path / "out")
-    assert checkpoint.name == "checkpoint-4"
-    resumed = launch([*torchrun_command(), str(launcher(tmp_path, watch=True)), "train", str(config), "--resume"],
-                     tmp_path, ".2")
-    wait(resumed, tmp_path, ".2")
-    assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 12 - 4  # logged once, by rank 0
-    assert " ".join((tmp_path / "stdout.2").read_text().split()).count(SUMMARY_END) == 1  # summed up once too
-    assert_resumed_under(tmp_path, checkpoint, max_steps=12)  # each worker: steps 5..12, from its optimizer state
-    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
-
-
-def test_a_two_worker_checkpoint_resumes_in_one_process_with_the_same_global_batch(one_and_two_workers, tmp_path):
-    """2 workers x batch 2 stopped at step 4, resumed by 1 process x batch 4: the same rows per step, so the same
-    adapter as the uninterrupted run (LoRA dropout 0, so no random stream is involved)."""
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(one_and_two_workers / "multi" / "out" / "checkpoint-4", out / "checkpoint-4")
-    config = yaml.safe_load((one_and_two_workers / "single" / "run.yaml").read_text())
-    config["training_config"]["output_dir"] = str(out)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    proc = launch([sys.executable, str(launcher(tmp_path, watch=True)), "train", str(tmp_path / "run.yaml"),
-                   "--resume"], tmp_path)
-    wait(proc, tmp_path)
-    said = " ".join((tmp_path / "stderr").read_text().split()) + " ".join((tmp_path / "stdout").read_text().split())
-    assert "resuming a 2-process checkpoint with 1 processes" in said
-    assert len(TRAIN_LINE.findall((tmp_path / "stdout").read_text())) == 12 - 4
-    assert_resumed_under(tmp_path, out / "checkpoint-4", max_steps=12)
-    assert_same_adapter(out, one_and_two_workers / "single" / "out")
-
-
-def test_resuming_with_another_global_batch_is_refused(one_and_two_workers, tmp_path):
-    """A 2 x 2 checkpoint resumed by 1 process with batch 2 would silently halve the batch: one line instead."""
-    import shutil
-
-    out = tmp_path / "out"
-    shutil.copytree(one_and_two_workers / "multi" / "out" / "checkpoint-4", out / "checkpoint-4")
-    config = yaml.safe_load((one_and_two_workers / "multi" / "run.yaml").read_text())
-    config["training_config"]["output_dir"] = str(out)
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    proc = launch([sys.executable, "-m", "phitune.cli", "train", str(tmp_path / "run.yaml"), "--resume"], tmp_path)
-    wait(proc, tmp_path, code=2)
-    message = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
-    assert message == ("error: checkpoint-4 was written with a global batch of 4 (2 processes x 2 per device x 1 "
-                       "accumulation steps); this run's is 2 (1 processes x 2 per device x 1 accumulation steps). "
-                       "Resume with the same global batch (processes x per_device_train_batch_size x "
-                       "gradient_accumulation_steps)")
 
 
 def test_shipped_accelerate_configs_load():
@@ -478,56 +296,6 @@ def test_qlora_under_fsdp_on_two_gpus_trains(tiny_model_dir, tmp_path):
 # Preference tuning under torchrun: the same guarantees as SFT (issue: "2 processes equal 1", kill -9 and --resume).
 
 
-def write_dpo_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
-    """DPO with a held-out eval set evaluated every 4 steps (so the first evaluation comes before any training step),
-    8 steps, a checkpoint every 4; the reference model is the policy with the adapter disabled."""
-    from conftest import write_jsonl
-    from test_preference import make_pairs
-
-    directory.mkdir(parents=True, exist_ok=True)
-    train = write_jsonl(directory / "train.jsonl", make_pairs(0, 64))
-    evals = write_jsonl(directory / "eval.jsonl", make_pairs(1, 16))
-    config = {
-        "method": "dpo",
-        "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
-        "data": {"train": str(train), "eval": str(evals), "max_seq_length": 64},
-        "training_config": {"output_dir": str(directory / "out"), "max_steps": 8, "learning_rate": 1e-2,
-                            "per_device_train_batch_size": batch_size, "per_device_eval_batch_size": batch_size,
-                            "save_steps": 4, "eval_strategy": "steps", "eval_steps": 4, "logging_steps": 1, "seed": 0,
-                            "disable_tqdm": True},
-        "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
-    }
-    (directory / "run.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    return directory / "run.yaml"
-
-
-def relative_difference(got_dir: Path, expected_dir: Path) -> float:
-    """Relative Frobenius norm of the difference of two adapters (all tensors together)."""
-    expected = load_file(expected_dir / "adapter_model.safetensors")
-    got = load_file(got_dir / "adapter_model.safetensors")
-    assert expected.keys() == got.keys()
-    difference = sum(float(((got[k] - expected[k]) ** 2).sum()) for k in expected) ** 0.5
-    return difference / sum(float((expected[k] ** 2).sum()) for k in expected) ** 0.5
-
-
-# Measured: 7.5e-6 between 2 workers x 2 and 1 worker x 4 (DPO's sigmoid of log-ratio differences at learning rate
-# 1e-2 amplifies the reduction-order differences more than SFT does). With a `trainer.evaluate()` put back before
-# training (the SFT bug), the workers trained without gradient sync and ended 39% apart.
-DPO_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("distributed_dpo")
-    single = launch([sys.executable, "-m", "phitune.cli", "train",
-                     str(write_dpo_config(tmp_path / "single", tiny_model_dir, batch_size=4))], tmp_path / "single")
-    multi = launch([*torchrun_command(), "-m", "phitune.cli", "train",
-                    str(write_dpo_config(tmp_path / "multi", tiny_model_dir, batch_size=2))], tmp_path / "multi")
-    wait(multi, tmp_path / "multi")
-    wait(single, tmp_path / "single")
-    return tmp_path
-
-
 def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):
     single_out, multi_out = (dpo_one_and_two_workers / name / "out" for name in ("single", "multi"))
     assert relative_difference(multi_out, single_out) < DPO_TOLERANCE
@@ -544,26 +312,3 @@ def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1
     for checkpoint in multi_out.glob("checkpoint-*"):
         assert json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())["global_batch"] == 4
-
-
-def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_one_and_two_workers, tiny_model_dir,
-                                                                          tmp_path):
-    config = write_dpo_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
-    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
-    deadline = time.monotonic() + 240
-    while not marker.is_file():
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
-
-    checkpoint = latest_complete_checkpoint(tmp_path / "out")
-    assert checkpoint.name == "checkpoint-4"
-    resumed = launch([*torchrun_command(), str(launcher(tmp_path, watch=True)), "train", str(config), "--resume"],
-                     tmp_path, ".2")
-    wait(resumed, tmp_path, ".2")
-    assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 8 - 4
-    assert_resumed_under(tmp_path, checkpoint, max_steps=8)
-    assert relative_difference(tmp_path / "out", dpo_one_and_two_workers / "single" / "out") < DPO_TOLERANCE
