@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
@@ -44,7 +46,8 @@ def test_merged_model_matches_adapter_and_loads_with_plain_transformers(trained_
 
 
 def test_merge_into_the_empty_current_directory(trained_run, tmp_path, monkeypatch):  # noqa: F811
-    """`--output .` names no folder (Path(".").name is empty): the merge must still write beside it and rename."""
+    """`--output .` names no folder (Path(".").name is empty): the merge must still work beside it, and fill the
+    folder in place, so the working directory (a user's shell's) is not left a deleted folder."""
     from phitune.cli import app
 
     here = tmp_path / "here"
@@ -54,6 +57,7 @@ def test_merge_into_the_empty_current_directory(trained_run, tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     assert list(here.glob("*.safetensors")) and (here / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no work folder left beside it
+    assert sorted(p.name for p in Path.cwd().iterdir()) == sorted(p.name for p in here.iterdir())
 
 
 def test_merge_refuses_a_non_empty_output(trained_run, tmp_path):  # noqa: F811

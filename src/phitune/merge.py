@@ -77,7 +77,7 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
 
 
 def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> None:
-    """Save model, tokenizer and the base's tokenizer files into a hidden sibling folder, then rename it to
+    """Save model, tokenizer and the base's tokenizer files into a hidden sibling folder, then move them to
     `output_dir` (absent or empty): an interrupt or a full disk leaves no half-written model, and the folders this
     call made are removed again. A folder the user made is never deleted."""
     created = [folder for folder in output_dir.parents if not folder.exists()]  # deepest first
@@ -87,10 +87,7 @@ def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> 
         merged.save_pretrained(work, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(work)
         copy_tokenizer_files(model_cfg, work)
-        try:
-            work.rename(output_dir)  # replaces an empty folder, never one with files in it
-        except OSError:
-            raise PhituneError(f"{output_dir} was filled while merging; choose a new --output directory") from None
+        move_into_place(work, output_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         for folder in created:
@@ -99,6 +96,30 @@ def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> 
             except OSError:  # not empty: something else was put there meanwhile
                 break
         raise
+
+
+def move_into_place(work: Path, output_dir: Path) -> None:
+    """Rename `work` to a new `output_dir`. An existing empty one is kept and filled instead (renaming over it would
+    leave a shell or process working in it inside a deleted folder, e.g. after `--output .`): config.json goes last,
+    so the folder holds no loadable model until every file is there, and an interrupt takes the moved files back."""
+    if not output_dir.exists():
+        try:
+            work.rename(output_dir)
+        except OSError:
+            raise PhituneError(f"{output_dir} was filled while merging; choose a new --output directory") from None
+        return
+    check_empty_output(output_dir)
+    files = sorted(work.iterdir(), key=lambda path: path.name == "config.json")
+    moved = []
+    try:
+        for path in files:
+            os.replace(path, output_dir / path.name)
+            moved.append(output_dir / path.name)
+    except BaseException:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
+    work.rmdir()
 
 
 def adapter_target_modules(adapter: Path):
