@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from phitune.train_support import CHECKPOINT_COMPLETE
 
 _CACHE: dict[str, Path] = {}
 
@@ -139,6 +143,19 @@ def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = Fa
     path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients,
                                     scale_by_world=scale_by_world, watch=watch, hold_at=hold_at), encoding="utf-8")
     return path
+
+
+def kill_after_checkpoint_4(config: Path, directory: Path) -> None:
+    """Start `phitune train config` under torchrun, held after step 4 (see `launcher`), and kill -9 torchrun and both
+    workers once checkpoint-4 is complete: an interrupted run whose last complete checkpoint is checkpoint-4."""
+    first = launch([*torchrun_command(), str(launcher(directory, hold_at=4)), "train", str(config)], directory)
+    marker = directory / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.is_file():
+        assert first.poll() is None and time.monotonic() < deadline, (directory / "stderr").read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
 
 
 def assert_resumed_under(directory: Path, checkpoint: Path, max_steps: int) -> None:

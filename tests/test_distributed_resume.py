@@ -6,10 +6,7 @@ The uninterrupted runs it compares with are tests/_distributed.py's, shared with
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import time
 
 import pytest
 import yaml
@@ -19,6 +16,7 @@ from _distributed import (
     TRAIN_LINE,
     assert_resumed_under,
     assert_same_adapter,
+    kill_after_checkpoint_4,
     launch,
     launcher,
     relative_difference,
@@ -30,7 +28,7 @@ from _distributed import (
     write_dpo_config,
 )
 
-from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.train_support import latest_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +48,7 @@ def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_tw
     resumed workers train only the remaining steps, from the checkpoint's optimizer state (a restart, deterministic,
     would end at the same adapter: see test_train's break test), and end at the one-worker adapter."""
     config = write_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
-    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
-    deadline = time.monotonic() + 240
-    while not marker.is_file():
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    kill_after_checkpoint_4(config, tmp_path)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # it really died mid-run
 
     checkpoint = latest_complete_checkpoint(tmp_path / "out")
@@ -113,14 +104,7 @@ def test_resuming_with_another_global_batch_is_refused(one_and_two_workers, tmp_
 def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_one_and_two_workers, tiny_model_dir,
                                                                           tmp_path):
     config = write_dpo_config(tmp_path, tiny_model_dir, batch_size=2)
-    first = launch([*torchrun_command(), str(launcher(tmp_path, hold_at=4)), "train", str(config)], tmp_path)
-    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
-    deadline = time.monotonic() + 240
-    while not marker.is_file():
-        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
-        time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    kill_after_checkpoint_4(config, tmp_path)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
     checkpoint = latest_complete_checkpoint(tmp_path / "out")
