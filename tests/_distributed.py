@@ -154,8 +154,43 @@ def kill_after_checkpoint_4(config: Path, directory: Path) -> None:
     while not marker.is_file():
         assert first.poll() is None and time.monotonic() < deadline, (directory / "stderr").read_text()[-3000:]
         time.sleep(0.02)
+    workers = descendants(first.pid)  # torchrun starts each worker in a session of its own: killpg misses them
     os.killpg(first.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     first.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while [pid for pid in workers if _state(pid) != "Z"]:  # a held worker would otherwise sleep on for an hour
+        assert time.monotonic() < deadline, "a torchrun worker survived kill -9"
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below `pid`, read from Linux's /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _state(pid: int) -> str:
+    """A process's state letter from /proc ("Z" also for one that is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def assert_resumed_under(directory: Path, checkpoint: Path, max_steps: int) -> None:
