@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import warnings
 
-METHODS = ("sft", "dpo", "orpo")  # the top-level `method` key: what the trainer optimises
+METHODS = ("sft", "dpo", "orpo", "vision")  # the top-level `method` key: what the trainer optimises
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads DPO / ORPO pairs
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
 
 
 def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
     """Config rules of dpo / orpo, appended to `problems` with the others."""
-    if model.adapter and method == "sft":
+    if model.adapter and method in ("sft", "vision"):
         problems.append("model.adapter (start from a trained adapter) needs method: dpo or orpo")
         return
-    if method == "sft":
+    if method in ("sft", "vision"):  # vision: SFT on multimodal rows (recipes/vision.py)
         return
     if peft_cfg is None and not model.adapter:
         problems.append(f"method {method} trains a LoRA adapter: add a peft_config, or set model.adapter to the run "

@@ -12,6 +12,8 @@ from itertools import chain
 
 import numpy as np
 
+from phitune.data.templates import template_family
+from phitune.data.tools import render_for_template
 from phitune.errors import PhituneError
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ def rendered_with_offsets(tokenizer, conversations: list, template: str):
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    conversations = render_for_template(conversations, template_family(template))  # tool calls, Phi-4-mini's way
     texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     encoded = tokenizer(texts, add_special_tokens=False)

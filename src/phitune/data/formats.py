@@ -3,7 +3,7 @@
 | format            | a row looks like                                                   |
 | ----------------- | ------------------------------------------------------------------ |
 | messages          | {"messages": [{"role": "system"|"user"|"assistant", "content": ..}]} |
-|                   | (also "tool" turns after an assistant turn, and "tools" on a system turn) |
+|                   | (tool calls: "tools", "tool_calls" and "tool" turns, see phitune.data.tools) |
 | sharegpt          | {"conversations": [{"from": "human"|"gpt"|"system", "value": ..}]}   |
 | alpaca            | {"instruction": .., "input": .. (optional), "output": ..}           |
 | prompt_completion | {"prompt": .., "completion": ..}                                     |
@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-import json
-
 from phitune.data.readers import BadRow
+from phitune.data.tools import BadToolField, definitions_text, normalise_calls
 from phitune.errors import PhituneError
 
 Messages = list[dict[str, str]]
@@ -44,19 +43,33 @@ def to_messages(row: dict, fmt: str, where: str) -> Messages:
         messages = CONVERTERS[fmt](row)
     except (KeyError, TypeError, AttributeError) as exc:
         raise BadRow(where, f"row does not match the {fmt} format (missing or wrong field {exc})") from None
+    except BadToolField as exc:
+        raise BadRow(where, str(exc)) from None
     check_conversation(messages, where)
     return messages
 
 
 def _from_messages(row: dict) -> Messages:
-    return [_message(m) for m in row["messages"]]
+    messages = [_message(m) for m in row["messages"]]
+    if row.get("tools") is not None:  # OpenAI style: the definitions beside the messages go on the system turn
+        if messages and messages[0]["role"] == "system":
+            if "tools" in messages[0]:
+                raise BadToolField("tools are given twice, on the row and on its system turn")
+            messages[0]["tools"] = definitions_text(row["tools"])
+        else:
+            messages.insert(0, {"role": "system", "content": "", "tools": definitions_text(row["tools"])})
+    return messages
 
 
 def _message(m: dict) -> dict:
-    """role and content; a system turn's tool definitions (`tools`, Phi-4-mini's template) kept as JSON text."""
+    """role and content; a system turn's tool definitions kept as JSON text, an assistant's `tool_calls` as
+    [{"name", "arguments"}] (phitune.data.tools renders both in the template family's format)."""
     message = {"role": str(m["role"]), "content": m["content"]}
     if m.get("tools") is not None:
-        message["tools"] = m["tools"] if isinstance(m["tools"], str) else json.dumps(m["tools"])
+        message["tools"] = definitions_text(m["tools"])
+    if m.get("tool_calls"):
+        message["tool_calls"] = normalise_calls(m["tool_calls"])
+        message["content"] = m.get("content") or ""  # a call alone has no text (OpenAI sends null)
     return message
 
 
@@ -80,7 +93,7 @@ def _from_prompt_completion(row: dict) -> Messages:
     prompt, completion = row["prompt"], row["completion"]
     # TRL's conversational prompt/completion: lists of messages.
     if isinstance(prompt, list) and isinstance(completion, list):
-        return _from_messages({"messages": prompt + completion})
+        return _from_messages({"messages": prompt + completion, "tools": row.get("tools")})
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
@@ -112,7 +125,8 @@ def check_conversation(messages: Messages, where: str) -> None:
         raise BadRow(where, "empty conversation")
     for index, message in enumerate(messages):
         content = message["content"]
-        if not isinstance(content, str) or not content.strip():
+        may_be_empty = "tool_calls" in message or "tools" in message  # a call alone; definitions alone
+        if not isinstance(content, str) or not (content.strip() or may_be_empty):
             raise BadRow(where, f"turn {index + 1} ({message['role']}) has empty content")
     roles = [m["role"] for m in messages]
     body = _fold_tool_turns(roles[1:] if roles[0] == "system" else roles)
