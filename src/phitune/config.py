@@ -72,8 +72,9 @@ class DataConfig:
     eval_split: float = field(default=0.05, metadata={"help": "fraction of train held out when eval is not given"})
     split: str = field(default="train", metadata={"help": "split name for hub datasets"})
     eval_hub_split: str | None = field(default=None, metadata={"help": "split name of the hub eval set"})
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = field(
-        default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | prompt_completion"}
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = field(
+        default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | prompt_completion | text (raw "
+                                          "documents: .txt files or a `text` column, packed, every token trained)"}
     )
     max_seq_length: int = field(default=2048, metadata={"help": "tokens per example; longer ones are truncated"})
     train_on: Literal["assistant", "all"] = field(

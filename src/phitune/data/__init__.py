@@ -37,6 +37,9 @@ class Conversations:
 
 def load_conversations(cfg: DataConfig) -> Conversations:
     """Read train (and eval) data, normalise every row to messages, and split off eval if no eval file is given."""
+    if cfg.format == "text":  # raw documents are packed into blocks by phitune.data.prepare, never conversations
+        raise PhituneError("data.format: text has no conversations to score or prompt with; a text run's held-out "
+                           "loss is eval_loss_after in its metrics.json")
     train, evals, fmt, skipped = load_splits(cfg, _read_source)
     return Conversations(train=train, eval=evals, format=fmt, skipped=skipped)
 

@@ -26,6 +26,7 @@ from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 
 HISTOGRAM_PNG = "data_lengths.png"
+EXAMPLE_TOKENS = 512  # of a text block shown by `phitune data`: a 4k-token block would fill the terminal
 
 
 @dataclass
@@ -61,6 +62,8 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
 
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)
+    if prepared.format == "text":
+        return text_report(cfg, tokenizer, prepared, output_dir, example_index)
     sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
     limit = cfg.data.max_seq_length
     sample = prepared.samples[min(example_index, len(prepared.samples) - 1)]
@@ -79,6 +82,29 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
+    return report
+
+
+def text_report(cfg: RunConfig, tokenizer, prepared, output_dir: Path | None, example_index: int) -> DataReport:
+    """`phitune data` on raw text (data.format: text): documents, tokens and blocks per split, one block shown as
+    trained (every token is), and the warnings that apply to blocks (pad token, skipped documents, duplicates)."""
+    sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
+    documents = prepared.stats["documents"]
+    counts = {"documents (data.train)": documents["train"],
+              **({"documents (data.eval)": documents["eval"]} if "eval" in documents else {}),
+              **{f"blocks ({name})": len(blocks) for name, blocks in sets.items()},
+              "tokens (eval)": sets["eval"].num_tokens if "eval" in sets else 0,
+              "skipped documents": len(prepared.skipped)}
+    lengths = prepared.train.column("length")
+    block = prepared.train.rows[min(example_index, len(prepared.train) - 1)]["input_ids"]
+    shown = tokenizer.decode(block[:EXAMPLE_TOKENS])  # decoded whole, never token by token (see the module doc)
+    more = f" ... ({len(block) - EXAMPLE_TOKENS} more tokens)" if len(block) > EXAMPLE_TOKENS else ""
+    report = DataReport(source=str(cfg.data.train), format="text", counts=counts, lengths=lengths,
+                        max_seq_length=cfg.data.max_seq_length, truncated={},
+                        example=[(shown, True)] + ([(more, False)] if more else []))
+    report.warnings = pad_token_warnings(cfg, tokenizer) + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row)
+    report.histogram = plot_lengths(lengths, cfg.data.max_seq_length,
+                                    report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
     return report
 
 

@@ -77,13 +77,15 @@ class PreparedData:
     samples: list[list[dict]]
     fingerprint: str
     reused: bool  # loaded from the cache, not made by this process
+    stats: dict = field(default_factory=dict)  # data.format: text: {"documents": {"train": n, "eval": m}}
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     """Prepared train and eval sets of `cfg`, from the cache when another run or process already made them."""
     from filelock import FileLock
 
-    template = training_chat_template(tokenizer, cfg.train_on)
+    # raw text (phitune.data.text) has no turns to render: a base model without a chat template can read it
+    template = "" if cfg.format == "text" else training_chat_template(tokenizer, cfg.train_on)
     cache = cache_root(cfg)
     created = [folder for folder in (cache, *cache.parents) if not folder.exists()]  # deepest first
     cache.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,8 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: str) -> str:
     template, the data settings, the code. Not of num_proc or cache_dir (no effect on the result), nor on_bad_row:
     an entry keeps every good row and the list of bad ones, and _load applies on_bad_row."""
     code = b"".join((Path(__file__).parent / name).read_bytes()
-                    for name in ("prepare.py", "encode.py", "formats.py", "readers.py", "__init__.py"))
+                    for name in ("prepare.py", "encode.py", "formats.py", "readers.py", "__init__.py", "text.py",
+                                 "tools.py"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = {
         "sources": [_source_identity(s, cfg) for s in (cfg.train, cfg.eval) if s],
@@ -168,12 +171,20 @@ def _source_identity(source: str, cfg: DataConfig) -> list:
     if path.is_file():
         stat = path.stat()
         return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    if path.is_dir():  # a folder of .txt documents (data.format: text): each file's identity
+        return [_source_identity(str(f), cfg) for f in sorted(path.iterdir()) if f.is_file()]
     return [source, cfg.split, cfg.eval_hub_split]
 
 
 def _make(cfg: DataConfig, tokenizer, template: str, work: Path) -> None:
     """Read, check, split and tokenize into `work`; meta.json last, so a directory with it is complete."""
     work.mkdir(parents=True)
+    if cfg.format == "text":
+        from phitune.data.text import make_text_entry
+
+        meta = make_text_entry(cfg, tokenizer, work)
+        (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        return
     train_raw, fmt = _raw_rows(cfg.train, cfg.split, cfg, work / "train-raw")
     train_good, skipped, error = _check(train_raw, fmt, cfg, cfg.train, work / "train-check")
     eval_fmt = fmt
@@ -213,7 +224,8 @@ def _load(final: Path, cfg: DataConfig, fingerprint: str, reused: bool) -> Prepa
                                                             for f in files]), cfg.max_seq_length)
             for name, files in meta["files"].items()}
     return PreparedData(train=sets["train"], eval=sets.get("eval"), format=meta["format"], skipped=meta["skipped"],
-                        samples=meta["samples"], fingerprint=fingerprint, reused=reused)
+                        samples=meta["samples"], fingerprint=fingerprint, reused=reused,
+                        stats=meta.get("stats", {}))
 
 
 def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path):

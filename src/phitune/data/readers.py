@@ -66,7 +66,9 @@ def _is_local(path: Path) -> bool:
             raise PhituneError(f"{path}: the file is empty (0 bytes); it needs rows of chat data")
         return True
     if path.exists():
-        raise PhituneError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+        raw_text = path.suffix.lower() == ".txt" or path.is_dir()
+        hint = " (raw text for continued pre-training: set data.format: text)" if raw_text else ""
+        raise PhituneError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}{hint}")
     return False
 
 

@@ -1,0 +1,175 @@
+"""data.format: text: raw documents packed into max_seq_length blocks with bos/eos between them, every token trained,
+through the same cache, lifecycle and `phitune data` as chat data; on the real Phi-3 tokenizer and the tiny model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from _resume import assert_resumed, watch_training
+from conftest import write_jsonl
+from phitune.config import DataConfig, ModelConfig
+from phitune.data.prepare import prepare_data
+from phitune.errors import PhituneError
+from phitune.tiny import CORPUS
+
+DOCS = ["Rivers run to the sea.\n\nThe sea does not fill; a second paragraph of the same document.",
+        "A document that writes <|end|> and <|endoftext|> as plain text.",
+        "Bengaluru is the capital of Karnataka: ಬೆಂಗಳೂರು."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(phi3_tokenizer_dir):
+    from phitune.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(phi3_tokenizer_dir)))
+
+
+def text_folder(folder, documents):
+    folder.mkdir()
+    for index, text in enumerate(documents):
+        (folder / f"doc{index:02d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_blocks_are_the_documents_between_bos_and_eos_cut_to_max_seq_length(tmp_path, tokenizer):
+    folder = text_folder(tmp_path / "docs", DOCS)
+    data = prepare_data(DataConfig(train=str(folder), format="text", eval_split=0, max_seq_length=16,
+                                   cache_dir=str(tmp_path / "cache")), tokenizer)
+    rows = data.train.rows
+    blocks = [np.asarray(ids) for ids in rows["input_ids"]]
+    expected = []
+    for text in DOCS:  # a .txt file is one document: its blank line stays inside it, no eos between paragraphs
+        expected += [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False,
+                                                         split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    assert np.concatenate(blocks).tolist() == expected
+    assert [len(b) for b in blocks[:-1]] == [16] * (len(blocks) - 1) and 2 <= len(blocks[-1]) <= 16
+    assert all(labels == ids for labels, ids in zip(rows["labels"], rows["input_ids"]))  # every token trained
+    assert expected.count(tokenizer.eos_token_id) == len(DOCS) and expected.count(tokenizer.bos_token_id) == len(DOCS)
+    assert tokenizer.convert_tokens_to_ids("<|end|>") not in expected  # written text, not the end-of-turn token
+    assert data.format == "text" and data.stats == {"documents": {"train": 3}}
+    assert rows["stop"] == [bool(tokenizer.eos_token_id in ids) for ids in rows["input_ids"]]
+
+
+def test_a_text_column_gives_the_same_blocks_as_txt_files_and_the_cache_is_reused(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    settings = dict(format="text", eval_split=0, max_seq_length=16, cache_dir=str(tmp_path / "cache"))
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", [{"text": t, "source": "x"} for t in DOCS])
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "docs.parquet")
+    from_txt = prepare_data(DataConfig(train=str(text_folder(tmp_path / "docs", DOCS)), **settings), tokenizer)
+    for source in (jsonl, tmp_path / "docs.parquet"):
+        data = prepare_data(DataConfig(train=str(source), **settings), tokenizer)
+        assert data.train.rows["input_ids"] == from_txt.train.rows["input_ids"]
+        assert not data.reused and prepare_data(DataConfig(train=str(source), **settings), tokenizer).reused
+
+
+def test_eval_split_holds_out_whole_blocks_of_a_single_file(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    data = prepare_data(DataConfig(train=str(corpus), format="text", eval_split=0.1, max_seq_length=64,
+                                   cache_dir=str(tmp_path / "cache")), tokenizer)
+    train, held = data.train.column("key"), data.eval.column("key")
+    assert len(held) == round((len(train) + len(held)) * 0.1) and not np.isin(held, train).any()
+    assert data.stats["documents"] == {"train": 1}
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_text_column", "docs.jsonl: no `text` column (columns: body); data.format: text reads a `text` column"),
+    ("empty_file", "empty.txt: the file is empty (no text); it needs the document's text (set data.on_bad_row"),
+    ("no_txt_in_folder", "folder: the folder holds no .txt files"),
+    ("blank_row", "docs.jsonl:2: empty or missing `text` (set data.on_bad_row: skip"),
+])
+def test_bad_text_sources_are_one_line_errors(tmp_path, tokenizer, case, expected):
+    sources = {
+        "no_text_column": lambda: write_jsonl(tmp_path / "docs.jsonl", [{"body": "x"}]),
+        "empty_file": lambda: (tmp_path / "empty.txt").write_text("\n \n") and tmp_path / "empty.txt",
+        "no_txt_in_folder": lambda: (tmp_path / "folder").mkdir() or tmp_path / "folder",
+        "blank_row": lambda: write_jsonl(tmp_path / "docs.jsonl", [{"text": "a"}, {"text": " "}]),
+    }
+    source = sources[case]()
+    with pytest.raises(PhituneError) as error:
+        prepare_data(DataConfig(train=str(source), format="text", eval_split=0, cache_dir=str(tmp_path / "c")),
+                     tokenizer)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "c").exists() or not any(p.suffix == ".arrow" for p in (tmp_path / "c").rglob("*"))
+
+
+def test_blank_rows_are_skipped_and_counted_with_on_bad_row_skip(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": "one"}, {"text": ""}, {"text": "two"}, {"text": None}])
+    data = prepare_data(DataConfig(train=str(source), format="text", eval_split=0, on_bad_row="skip",
+                                   cache_dir=str(tmp_path / "c")), tokenizer)
+    assert data.stats["documents"]["train"] == 2
+    assert data.skipped == [f"{source}:2: empty or missing `text`", f"{source}:4: empty or missing `text`"]
+
+
+def test_a_txt_file_without_format_text_says_how_to_read_it(tmp_path, tokenizer):
+    (tmp_path / "notes.txt").write_text("Some text.")
+    with pytest.raises(PhituneError, match="set data.format: text"):
+        prepare_data(DataConfig(train=str(tmp_path / "notes.txt"), cache_dir=str(tmp_path / "c")), tokenizer)
+
+
+def weather_log(seed: int, count: int) -> list[str]:
+    """Paragraphs of a made-up domain the tiny base never saw (it was pretrained on the bundled corpus): one frame,
+    random stations, amounts and months, so held-out paragraphs share the frame and none of the sentences."""
+    import random
+
+    rng = random.Random(seed)
+    months = ["January", "March", "May", "July", "September", "November"]
+    return [" ".join(f"Station {rng.choice('KLMNPRSTV')}{rng.randint(1, 9)} logged {rng.randint(2, 99)} millimetres "
+                     f"of rain in {rng.choice(months)}." for _ in range(6)) for _ in range(count)]
+
+
+def corpus_split(tmp_path):
+    """Train: 48 paragraphs as 4 .txt documents; held-out eval: 16 other paragraphs as rows of a JSONL."""
+    paragraphs = weather_log(0, 64)
+    folder = text_folder(tmp_path / "docs", ["\n\n".join(paragraphs[i:i + 12]) for i in range(0, 48, 12)])
+    return folder, write_jsonl(tmp_path / "eval.jsonl", [{"text": p} for p in paragraphs[48:64]])
+
+
+def test_training_on_text_lowers_the_held_out_text_loss(make_config, tmp_path):
+    from phitune.api import inspect_data
+    from phitune.train import run_training
+
+    from phitune.tiny import tiny_base_path
+
+    train, held_out = corpus_split(tmp_path)
+    cfg = make_config(model={"name_or_path": str(tiny_base_path())},
+                      data={"train": str(train), "eval": str(held_out), "format": "text", "max_seq_length": 64,
+                            "cache_dir": str(tmp_path / "cache")},
+                      training_config={"max_steps": 12, "eval_steps": 12, "save_steps": 12})
+    metrics = run_training(cfg).metrics
+    saved = json.loads((cfg.output_dir / "metrics.json").read_text())
+    assert saved["data_format"] == "text" and saved["train_examples"] == 64  # blocks, capped by max_train_examples
+    assert (cfg.output_dir / "checkpoint-12").is_dir()
+    # measured: 12.10 -> 4.35 in 12 steps at the fixture's learning rate 2e-2
+    assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"], metrics
+    report = inspect_data(cfg)
+    assert report.counts["documents (data.train)"] == 4 and report.counts["documents (data.eval)"] == 16
+    assert report.counts["blocks (train)"] == 64 and report.summary()["tokens (train)"] == 64 * 64
+    assert report.example[0][1] and report.example[0][0].startswith("<s>")  # a block: bos, every token trained
+
+
+def test_a_text_run_resumes_from_its_checkpoint(make_config, tmp_path, monkeypatch):
+    from phitune.train import run_training
+
+    train, held_out = corpus_split(tmp_path)
+    data = {"train": str(train), "eval": str(held_out), "format": "text", "max_seq_length": 64,
+            "max_train_examples": 16, "cache_dir": str(tmp_path / "cache")}
+    settings = {"lr_scheduler_type": "constant", "eval_strategy": "no", "save_steps": 2}
+    runs = watch_training(monkeypatch)
+    run_training(make_config(data=data, training_config={**settings, "max_steps": 2}))
+    resumed = run_training(make_config(data=data, training_config={**settings, "max_steps": 4}), resume=True)
+    assert_resumed(runs[-1], resumed.output_dir / "checkpoint-2", max_steps=4)
+    assert resumed.metrics["global_step"] == 4
+
+
+def test_phitune_eval_on_text_data_is_a_one_line_error():
+    from phitune.data import load_conversations
+
+    with pytest.raises(PhituneError, match="data.format: text has no conversations"):
+        load_conversations(replace(DataConfig(train="x.txt"), format="text"))
