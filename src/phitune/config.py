@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-from phitune.config_methods import METHODS, check_preference_config, training_config_class
+from phitune.config_methods import METHODS, check_preference_config, check_rewards, training_config_class
 from phitune.config_types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
-SECTIONS = ("model", "data", "training_config", "peft_config", "speed")
+SECTIONS = ("model", "data", "training_config", "peft_config", "speed", "rewards")
 
 # SFTConfig keys that phitune sets itself from another section; naming them in training_config is a mistake.
 MANAGED_TRAINING_KEYS = {
@@ -32,6 +32,7 @@ MANAGED_TRAINING_KEYS = {
     "dataset_text_field": "data (phitune renders the chat template itself)",
     "padding_free": "speed.padding_free",
     "use_liger_kernel": "speed.liger",
+    "reward_weights": "rewards[].weight",
 }
 
 # Keys of older transformers releases that recipes still use, mapped to today's name. transformers 5 folded
@@ -59,7 +60,7 @@ class ModelConfig:
         default=None, metadata={"help": "bitsandbytes 4-bit settings for QLoRA, e.g. {load_in_4bit: true}"}
     )
     adapter: str | None = field(
-        default=None, metadata={"help": "dpo/orpo: a phitune run directory or PEFT adapter to start from (trained on)"}
+        default=None, metadata={"help": "dpo/orpo/grpo: a phitune run directory or PEFT adapter to start from (trained on)"}
     )
 
 
@@ -130,6 +131,7 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     method: str = "sft"
     source: str | None = None
+    rewards: list[dict] | None = None  # method grpo: the reward functions (config_methods.check_rewards)
 
     @property
     def output_dir(self) -> Path:
@@ -151,6 +153,8 @@ class RunConfig:
             "speed": dataclasses.asdict(self.speed),
             "method": self.method,
         }
+        if self.rewards is not None:
+            out["rewards"] = [dict(entry) for entry in self.rewards]
         return _strip_secrets(out)
 
 
@@ -233,10 +237,11 @@ def config_from_dict(raw: dict) -> RunConfig:
     _check_values(data, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
+    rewards = check_rewards(method, raw.get("rewards"), problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))
     return RunConfig(model=model, data=data, training_config=training, peft_config=peft_cfg, speed=speed,
-                     method=method)
+                     method=method, rewards=rewards)
 
 
 def _suggest(key: str, valid) -> str:
@@ -402,7 +407,16 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                 adapter=absolute(cfg.model.adapter))
     training = dict(cfg.training_config, output_dir=os.path.abspath(cfg.output_dir))
-    return dataclasses.replace(cfg, data=data, model=model, training_config=training)
+    rewards = [_absolute_reward_file(entry) for entry in cfg.rewards] if cfg.rewards is not None else None
+    return dataclasses.replace(cfg, data=data, model=model, training_config=training, rewards=rewards)
+
+
+def _absolute_reward_file(entry: dict) -> dict:
+    """A reward `function: path/to/file.py:name` with the file's path made absolute (a module name is kept)."""
+    path, sep, name = str(entry.get("function", "")).rpartition(":")
+    if not sep or not path.endswith(".py") or not Path(path).is_file():
+        return dict(entry)
+    return dict(entry, function=f"{os.path.abspath(path)}:{name}")
 
 
 def load_run_config(output_dir: str | Path) -> RunConfig:

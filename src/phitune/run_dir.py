@@ -32,6 +32,7 @@ log = logging.getLogger("phitune")
 RUN_FILES = (
     CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png",  # the run
     "eval.json", "report.md", "eval.png", "data_lengths.png",  # phitune eval, phitune data (older releases)
+    "completions.jsonl",  # GRPO: held-out completions before and after
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lora_state_dict.safetensors",
     "README.md", "training_args.bin",  # PEFT's model card, Trainer arguments
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from phitune.config import RunConfig
 from phitune.plan import plan_run
-from phitune.recipes import preference, sft, vision
+from phitune.recipes import grpo, preference, sft, vision
 from phitune.run import RunResult, finish, fit
 from phitune.run_dir import clear_old_run, prepare_output_dir
 from phitune.train_support import check_resume_layout, latest_complete_checkpoint
 
-RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "vision": vision}  # config_methods.METHODS names the same keys
+RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "grpo": grpo, "vision": vision}  # config_methods.METHODS names the same keys
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
