@@ -287,7 +287,21 @@ def load_model_config(cfg: ModelConfig):
         return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                           revision=cfg.revision)
     except (OSError, ValueError) as exc:
+        if not cfg.trust_remote_code and _raw_model_type(cfg.name_or_path) == "phi3_v":
+            raise PhituneError(f"{cfg.name_or_path} is Phi-3.5-vision, which exists only as remote code (phi3_v, never "
+                               "merged into transformers); set model.trust_remote_code: true to run the model's own "
+                               "code") from None
         raise PhituneError(f"cannot read the config of model {cfg.name_or_path}: {first_line(exc)}") from None
+
+
+def _raw_model_type(name_or_path: str) -> str | None:
+    """model_type in a local model folder's config.json, read as plain JSON (without transformers)."""
+    import json
+
+    try:
+        return json.loads((Path(name_or_path).expanduser() / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def linear_layer_names(model) -> list[str]:

@@ -46,6 +46,7 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
     if ollama and (output.parent / "Modelfile").exists():
         raise PhituneError(f"{output.parent / 'Modelfile'} exists; export to another directory or remove it")
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    refuse_vision_models(model_cfg)
     if fmt == "gguf-lora":
         from phitune.export.gguf_lora import write_gguf_lora
 
@@ -54,6 +55,22 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
         write_gguf_lora(adapter_dir, output)
         return ExportResult(path=output, format=fmt)
     return _export_gguf(model_cfg, adapter_dir, output, check_quant(quant), ollama)
+
+
+VISION_MODEL_TYPES = ("phi4_multimodal", "phi3_v")  # Phi-4-multimodal, Phi-3.5-vision
+
+
+def refuse_vision_models(model_cfg) -> None:
+    """A vision model is refused before anything is merged: its GGUF would need the vision tower (and audio encoder)
+    as a separate llama.cpp projector file, which phitune does not write, and the language model alone would answer
+    without ever seeing a picture."""
+    from phitune.modeling import load_model_config
+
+    model_type = getattr(load_model_config(model_cfg), "model_type", "")
+    if model_type in VISION_MODEL_TYPES:
+        raise PhituneError(f"{model_cfg.name_or_path} is a vision model ({model_type}): phitune's GGUF export writes a "
+                           "text model only, without the image encoder llama.cpp would need beside it; serve the "
+                           "merged model (phitune merge) with transformers or vLLM instead")
 
 
 def check_export_extras(fmt: str, quant: str) -> None:

@@ -44,10 +44,11 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     """Read, check and encode the train and eval rows; log truncated and skipped rows."""
     from phitune.data import load_splits, training_chat_template
     from phitune.data.multimodal import read_media_rows
-    from phitune.data.multimodal_batch import MediaProcessor, encode_media_rows
+    from phitune.data.multimodal_batch import MediaProcessor, check_multimodal_model, encode_media_rows
 
+    check_multimodal_model(plan.model_config, cfg.model.trust_remote_code)
+    train, evals, _, skipped = load_splits(cfg.data, read_media_rows)  # a bad picture fails before torchvision is used
     processor = MediaProcessor(cfg.model.name_or_path, plan.model_config, tokenizer, cfg.model.trust_remote_code)
-    train, evals, _, skipped = load_splits(cfg.data, read_media_rows)
     template = training_chat_template(tokenizer, cfg.data.train_on)
     kwargs = dict(train_on=cfg.data.train_on, max_seq_length=cfg.data.max_seq_length, on_bad_row=cfg.data.on_bad_row)
     train_set = encode_media_rows(train, tokenizer, processor, template, **kwargs)

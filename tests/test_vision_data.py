@@ -1,0 +1,143 @@
+"""Multimodal rows and the vision method's one-line errors: what runs without torchvision (the main test venv).
+
+The training proof is tests/test_vision.py (marked vision: transformers' image processor needs torchvision).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from phitune.config import DataConfig
+from phitune.data.multimodal import IMAGE_PLACEHOLDER, parse_row, read_media_rows
+from phitune.errors import PhituneError
+from phitune.tiny_vision import build_tiny_multimodal_model, shape_picture
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "phitune.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def user_turn(*parts) -> dict:
+    return {"messages": [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "red"}]}
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_multimodal(tmp_path_factory) -> Path:
+    return build_tiny_multimodal_model(tmp_path_factory.mktemp("tiny-mm"), ["What colour is it? red green"])
+
+
+def test_parts_resolve_relative_paths_data_urls_and_openai_image_url(tmp_path):
+    (tmp_path / "img").mkdir()
+    picture = shape_picture(tmp_path / "img" / "a.png", "red")
+    inline = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    row = user_turn({"type": "image", "path": "img/a.png"}, {"type": "text", "text": "Which?"},
+                    {"type": "image_url", "image_url": {"url": inline}},
+                    {"type": "image", "url": f"file://{picture}"})
+    parsed = parse_row(row, tmp_path, "train.jsonl:1")
+    assert parsed.messages[0]["content"] == f"{IMAGE_PLACEHOLDER}Which?{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}"
+    assert [m.name for m in parsed.media] == ["a.png", "inline image", "a.png"]
+    assert parsed.media[0].path == str(tmp_path / "img" / "a.png") and parsed.media[1].size == (28, 28)
+    assert parsed.media[1].open().getpixel((14, 14)) == (220, 30, 30)
+
+
+def test_a_missing_or_unreadable_image_is_one_line_with_file_and_line(tmp_path):
+    shape_picture(tmp_path / "good.png", "red")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = write_rows(tmp_path / "train.jsonl", [user_turn({"type": "image", "path": "good.png"}),
+                                                 user_turn({"type": "image", "path": "missing.png"}),
+                                                 user_turn({"type": "image", "path": "broken.png"}),
+                                                 user_turn({"type": "image", "url": "https://example.com/a.png"})])
+    with pytest.raises(PhituneError) as missing:
+        read_media_rows(str(data), "train", DataConfig(train=str(data)))
+    assert str(missing.value).startswith(f"{data}:2: image not found: {tmp_path / 'missing.png'}")
+    assert "\n" not in str(missing.value)
+    rows, _, skipped = read_media_rows(str(data), "train", DataConfig(train=str(data), on_bad_row="skip"))
+    assert len(rows) == 1 and rows[0].where == f"{data}:1"
+    assert skipped[0].startswith(f"{data}:2: image not found")
+    assert skipped[1].startswith(f"{data}:3: image broken.png: cannot read it")
+    assert skipped[2] == f"{data}:4: image https://example.com/a.png: phitune reads local files and data: URLs; " \
+                         "download it first"
+
+
+def test_phitune_train_names_the_bad_image_in_one_line_and_leaves_nothing(tiny_multimodal, tmp_path):
+    data = write_rows(tmp_path / "train.jsonl", [user_turn({"type": "image", "path": "nowhere.png"})])
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"method": "vision", "model": {"name_or_path": str(tiny_multimodal)},
+                                  "data": {"train": str(data), "eval_split": 0},
+                                  "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+                                  "peft_config": {"r": 4}}), encoding="utf-8")
+    result = run_cli(["train", str(config)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{data}:1: image not found" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("error") <= 1 and not (tmp_path / "run").exists()
+
+
+def test_lora_targets_the_language_model_never_the_encoders_whose_names_repeat_it(tiny_multimodal):
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from phitune.recipes.vision import language_model_targets
+
+    names = [name for name, _ in AutoModelForCausalLM.from_pretrained(tiny_multimodal).named_modules()]
+    assert any(n.endswith("audio_embed.encoder.encoders.0.feed_forward_in.gate_up_proj") for n in names)
+    chosen = [n for n in names if re.fullmatch(language_model_targets("all-linear"), n)]
+    assert len(chosen) == 8 and all(n.startswith("model.layers.") for n in chosen)  # 2 layers x 4 projections
+    extra = language_model_targets(["qkv_proj", "image_embed.img_projection_up"])
+    chosen = [n for n in names if re.fullmatch(extra, n)]
+    assert chosen == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj",
+                      "model.embed_tokens_extend.image_embed.img_projection_up"]
+
+
+def test_without_torchvision_the_image_processor_is_one_line_naming_the_extra(tiny_multimodal):
+    pytest.importorskip("PIL")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.fail("this test checks the main venv, which has no torchvision (tests/test_vision.py has it)")
+    from phitune.data.multimodal_batch import image_processor
+
+    with pytest.raises(PhituneError, match=r"needs torchvision: pip install 'phitune\[vision\]'"):
+        image_processor(str(tiny_multimodal))
+
+
+def test_gguf_export_refuses_a_vision_model_in_one_line(tiny_multimodal, tmp_path):
+    result = run_cli(["export", "--model", str(tiny_multimodal), "--output", str(tmp_path / "m.gguf")], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is a vision model (phi4_multimodal)" in result.stderr and "phitune merge" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_phi35_vision_needs_the_explicit_remote_code_opt_in(tmp_path):
+    from phitune.config import ModelConfig
+    from phitune.modeling import load_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]}))
+    with pytest.raises(PhituneError, match="Phi-3.5-vision, which exists only as remote code .* set "
+                                           "model.trust_remote_code: true"):
+        load_model_config(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_method_vision_refuses_a_text_model_in_one_line(tiny_model_dir):
+    from phitune.data.multimodal_batch import check_multimodal_model
+    from phitune.modeling import load_model_config
+    from phitune.config import ModelConfig
+
+    with pytest.raises(PhituneError, match="method vision trains Phi-4-multimodal .* this model is phi3: for text "
+                                           "models use method: sft"):
+        check_multimodal_model(load_model_config(ModelConfig(name_or_path=str(tiny_model_dir))), False)
