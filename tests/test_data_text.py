@@ -173,3 +173,22 @@ def test_phitune_eval_on_text_data_is_a_one_line_error():
 
     with pytest.raises(PhituneError, match="data.format: text has no conversations"):
         load_conversations(replace(DataConfig(train="x.txt"), format="text"))
+
+
+def test_phitune_data_on_the_shipped_text_example_prints_documents_tokens_and_blocks(tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from phitune.cli import app
+
+    root = Path(__file__).parents[1]
+    example = root / "examples" / "tiny-phi3-text.yaml"
+    overrides = [f"model.name_or_path={root / 'src/phitune/assets/tiny-phi3'}",
+                 f"data.train={root / 'src/phitune/assets/corpus.txt'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    result = CliRunner().invoke(app, ["data", str(example), *[a for o in overrides for a in ("--set", o)],
+                                      "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    for row in ("text", "documents (data.train)", "blocks (train)", "blocks (eval)", "tokens (train)"):
+        assert row in result.output, row
+    assert "<s>The word river" in result.output and "no warnings" in result.output
