@@ -107,6 +107,30 @@ def test_blank_rows_are_skipped_and_counted_with_on_bad_row_skip(tmp_path, token
     assert data.skipped == [f"{source}:2: empty or missing `text`", f"{source}:4: empty or missing `text`"]
 
 
+def test_malformed_json_lines_are_skipped_and_listed_with_on_bad_row_skip(tmp_path, tokenizer):
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "one"}\n{"text": \n{"text": "two"}\n', encoding="utf-8")
+    data = prepare_data(DataConfig(train=str(source), format="text", eval_split=0, on_bad_row="skip",
+                                   cache_dir=str(tmp_path / "c")), tokenizer)
+    assert data.stats["documents"]["train"] == 2 and len(data.skipped) == 1
+    assert data.skipped[0].startswith(f"{source}:2: malformed JSON line")
+
+
+def test_a_tokenizer_whose_bos_is_its_eos_puts_only_the_eos_between_documents(tmp_path):
+    """Phi-4-mini's bos and eos are both <|endoftext|>: one separator, not two."""
+    from test_families import family_tokenizer
+
+    tokenizer = family_tokenizer("phi-4-mini")
+    assert tokenizer.bos_token_id == tokenizer.eos_token_id
+    data = prepare_data(DataConfig(train=str(text_folder(tmp_path / "docs", DOCS[:2])), format="text", eval_split=0,
+                                   max_seq_length=4096, cache_dir=str(tmp_path / "c")), tokenizer)
+    [block] = data.train.rows["input_ids"]
+    expected = [i for text in DOCS[:2] for i in tokenizer(text, add_special_tokens=False,
+                                                          split_special_tokens=True)["input_ids"]
+                + [tokenizer.eos_token_id]]
+    assert block == expected
+
+
 def test_a_txt_file_without_format_text_says_how_to_read_it(tmp_path, tokenizer):
     (tmp_path / "notes.txt").write_text("Some text.")
     with pytest.raises(PhituneError, match="set data.format: text"):

@@ -50,7 +50,7 @@ def read_documents(source: str, split: str, on_bad_row: str) -> Iterator[tuple[l
     """(documents, problems) a batch at a time: an empty .txt file or a row without text is a problem, an error
     with on_bad_row: error."""
     files = text_files(source)
-    batches = _file_batches(files) if files is not None else _row_batches(source, split)
+    batches = _file_batches(files) if files is not None else _row_batches(source, split, on_bad_row)
     for documents, problems in batches:
         if problems and on_bad_row == "error":
             raise PhituneError(problems[0] + " (set data.on_bad_row: skip to skip such documents)")
@@ -64,9 +64,10 @@ def _file_batches(files: list[Path]):
                [f"{f}: the file is empty (no text); it needs the document's text" for f, t in texts if not t.strip()])
 
 
-def _row_batches(source: str, split: str):
-    if Path(source).suffix.lower() in (".jsonl", ".json"):
-        rows, bad = read_rows(source, split=split, on_bad_row="error")
+def _row_batches(source: str, split: str, on_bad_row: str):
+    if Path(source).suffix.lower() in (".jsonl", ".json"):  # malformed lines: an error, or listed here to skip
+        rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row)
+        yield [], [str(problem) for problem in bad]
         batches = [rows[i:i + DOCS_PER_BATCH] for i in range(0, len(rows), DOCS_PER_BATCH)]
     else:
         batches = read_row_batches(source, split, DOCS_PER_BATCH)
