@@ -8,8 +8,11 @@ lines carry the same numbers (step / total, loss, eval loss, learning rate, toke
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+from pathlib import Path
 
 from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -150,6 +153,45 @@ class TrainingConsole(TrainerCallback):
         return "  ".join([*(f"{label} {value}" for label, value in self.stats.items()), *speed])
 
 
+PROGRESS_LOG = "phitune_progress.jsonl"  # in the run's output directory; phitune.ui reads it (phitune.ui.runs)
+
+
+class ProgressLog(TrainerCallback):
+    """The console's numbers as lines of JSON in output_dir/phitune_progress.jsonl, so a page (phitune ui) or a
+    script can follow a run it did not start: a "begin" line (pid, step, max_steps, tokens seen, time), one
+    "log" line per training or evaluation log, a "step" line at most every `every_s` seconds, an "end" line.
+    Appended, never rewritten: a resumed run adds a begin line, from which a reader drops the steps it retrains."""
+
+    def __init__(self, every_s: float = 2.0):
+        self.every_s = every_s
+        self.last = 0.0
+
+    def _write(self, args, state, event: str, **extra) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.last = time.time()
+        line = {"event": event, "time": round(self.last, 3), "step": state.global_step,
+                "max_steps": state.max_steps, "tokens": state.num_input_tokens_seen or 0, **extra}
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.output_dir) / PROGRESS_LOG, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._write(args, state, "begin", pid=os.getpid())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() - self.last >= self.every_s:
+            self._write(args, state, "step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if numbers:
+            self._write(args, state, "log", logs=numbers)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args, state, "end")
+
+
 def use_console(trainer) -> None:
     """Swap transformers' progress bar and dict printer for TrainingConsole (a public Trainer hook)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -159,6 +201,7 @@ def use_console(trainer) -> None:
     # On a pipe or a file a live bar draws nothing useful; the log lines carry its numbers there. (disable_tqdm is
     # no guide: transformers turns it on by itself when its log level is above warning, as phitune sets it.)
     trainer.add_callback(TrainingConsole(show_bar=console.is_terminal))
+    trainer.add_callback(ProgressLog())
 
 
 def close_console(trainer) -> None:

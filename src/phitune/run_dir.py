@@ -16,6 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from phitune.console import PROGRESS_LOG
 from phitune.errors import PhituneError
 from phitune.train_support import (
     CHECKPOINT_COMPLETE,
@@ -30,7 +31,7 @@ log = logging.getLogger("phitune")
 
 # Files phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
 RUN_FILES = (
-    CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png",  # the run
+    CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png", PROGRESS_LOG,  # the run
     "eval.json", "report.md", "eval.png", "data_lengths.png",  # phitune eval, phitune data (older releases)
     "completions.jsonl",  # GRPO: held-out completions before and after
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lora_state_dict.safetensors",
@@ -75,7 +76,8 @@ def run_state(output_dir: Path) -> str:
         return "empty"
     if finished_run(output_dir):
         return "finished"
-    started = ("phitune_config.yaml", "runs")  # runs/: the TensorBoard logs of a run stopped before its checkpoint
+    # runs/ (TensorBoard) and the progress log: what a run stopped before its first checkpoint leaves
+    started = ("phitune_config.yaml", "runs", PROGRESS_LOG)
     if any(is_run_file(child) and (child.name in started or CHECKPOINT_DIR.match(child.name)) for child in children):
         return "interrupted"
     return "foreign"

@@ -1,0 +1,168 @@
+"""The folders `phitune ui` was started with, and the config work the page does in them.
+
+Every path the page takes from a person (a config file, data files, an output directory, a local model) must lie
+under one of these folders, or be one of phitune's own shipped files (the demo's tiny model and data, read only);
+relative paths mean relative to the first folder, which is where training runs. Configs are checked by the same
+code as `phitune train` (phitune.config), and a hub token never reaches the page or a file: tokens in a YAML file
+are dropped on reading (phitune reads them from HF_TOKEN), and any text shown is passed through `redact`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from phitune.config import SECRET_KEYS, RunConfig, config_from_dict
+from phitune.demo import DEMO_CONFIG, demo_overrides
+from phitune.errors import PhituneError, first_line
+from phitune.tiny import ASSETS
+
+DEMO = "demo: tiny Phi-3, bundled chat data (CPU, about a minute)"
+CONFIG_FOLDER = "phitune-ui"  # under the first folder: the configs the page starts runs with, and their logs
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+
+
+def redact(text: str) -> str:
+    """`text` with hub tokens (hf_..., and the values of HF_TOKEN / HUGGING_FACE_HUB_TOKEN) replaced by ***."""
+    text = _TOKEN.sub("***", text)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return text
+
+
+def shipped_examples() -> Path | None:
+    """examples/ of a source checkout (a wheel ships only the demo)."""
+    folder = Path(__file__).resolve().parents[3] / "examples"
+    return folder if folder.is_dir() else None
+
+
+class Workspace:
+    """The folders the page may read and write, and the config checker working in them."""
+
+    def __init__(self, folders: list[str | Path]):
+        self.roots = [Path(folder).resolve() for folder in folders or [Path.cwd()]]
+        missing = [str(root) for root in self.roots if not root.is_dir()]
+        if missing:
+            raise PhituneError(f"not a folder: {', '.join(missing)}; start phitune ui with existing folders")
+
+    @property
+    def home(self) -> Path:
+        return self.roots[0]
+
+    def path(self, value: str | Path, shipped_ok: bool = False) -> Path:
+        """`value` resolved (relative to the first folder); refused unless under one of the folders (or, with
+        `shipped_ok`, among phitune's shipped files)."""
+        path = (self.home / Path(value).expanduser()).resolve()
+        allowed = [*self.roots, *([ASSETS.resolve()] if shipped_ok else [])]
+        if not any(path == root or root in path.parents for root in allowed):
+            folders = ", ".join(str(root) for root in self.roots)
+            raise PhituneError(f"{value} is outside the folders this page was started with ({folders}); "
+                               "start phitune ui with its folder too")
+        return path
+
+    def example_names(self) -> list[str]:
+        examples = shipped_examples()
+        return [DEMO, *(sorted(p.name for p in examples.glob("*.yaml")) if examples else [])]
+
+    def example_yaml(self, name: str) -> str:
+        """A shipped config's text; the demo's with this installation's model and data paths, and its output
+        directory under the first folder."""
+        if name == DEMO:
+            raw = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+            from phitune.config import apply_overrides
+
+            apply_overrides(raw, demo_overrides(self.home / "outputs" / "demo"))
+            return yaml.safe_dump(raw, sort_keys=False)
+        examples = shipped_examples()
+        if examples is None or name not in self.example_names():
+            raise PhituneError(f"no shipped example named {name!r}")
+        return (examples / name).read_text(encoding="utf-8")
+
+    def read_yaml_file(self, value: str) -> str:
+        """A YAML file under the folders, with any hub token left out."""
+        path = self.path(value)
+        if not path.is_file():
+            raise PhituneError(f"config file not found: {value}")
+        text = path.read_text(encoding="utf-8")
+        raw = parse_yaml(text)
+        if _has_secret(raw):
+            return yaml.safe_dump(_drop_secrets(raw), sort_keys=False)
+        return text
+
+    def check(self, text: str) -> tuple[RunConfig | None, list[str]]:
+        """The config checker's problems with `text` (every one, with its did-you-mean), as a list; and the
+        RunConfig when there are none. Paths outside the folders are problems too."""
+        try:
+            cfg = config_from_dict(parse_yaml(text))
+        except PhituneError as exc:
+            return None, split_problems(str(exc))
+        problems = []
+        for value, shipped_ok in self._paths_of(cfg):
+            try:
+                self.path(value, shipped_ok=shipped_ok)
+            except PhituneError as exc:
+                problems.append(str(exc))
+        return (None if problems else cfg), problems
+
+    def _paths_of(self, cfg: RunConfig) -> list[tuple[str, bool]]:
+        """(path, may be a shipped file) for every local path of `cfg`: data, output directory, a local model."""
+        paths = [(cfg.data.train, True), (cfg.data.eval, True), (str(cfg.output_dir), False)]
+        for model_path in (cfg.model.name_or_path, cfg.model.adapter):
+            if model_path and (model_path.startswith((".", "/", "~")) or (self.home / model_path).exists()):
+                paths.append((model_path, True))
+        return [(value, ok) for value, ok in paths if value and not _hub_dataset(value)]
+
+    def save_run_config(self, text: str, cfg: RunConfig) -> Path:
+        """Write the config a run starts with to phitune-ui/RUN_NAME.yaml under the first folder (it is what
+        --resume starts the run again with); tokens left out."""
+        folder = self.path(CONFIG_FOLDER)
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{self.path(cfg.output_dir).name}.yaml"
+        path.write_text(yaml.safe_dump(_drop_secrets(parse_yaml(text)), sort_keys=False), encoding="utf-8")
+        return path
+
+    def config_of_run(self, output_dir: Path) -> Path:
+        """The config to resume `output_dir` with: the one the page started it with, else the run's own."""
+        for path in (self.path(CONFIG_FOLDER) / f"{output_dir.name}.yaml", output_dir / "phitune_config.yaml"):
+            if path.is_file():
+                return path
+        raise PhituneError(f"no config to resume {output_dir} with; start it from the Configure tab with --resume")
+
+
+def parse_yaml(text: str) -> dict:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise PhituneError(f"not valid YAML ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise PhituneError("the top level must be a mapping with sections model, data, training_config, peft_config")
+    return raw
+
+
+def split_problems(message: str) -> list[str]:
+    """`invalid config: a; b; c` (config_from_dict's one error) as [a, b, c]."""
+    body = message.removeprefix("invalid config: ")
+    return [part.strip() for part in body.split("; ") if part.strip()]
+
+
+def _hub_dataset(value: str) -> bool:
+    """A hub dataset id (user/name, no file suffix, not a local path) is not a file of the folders."""
+    return (not value.startswith((".", "/", "~")) and value.count("/") == 1 and not Path(value).suffix
+            and not Path(value).exists())
+
+
+def _has_secret(value) -> bool:
+    if isinstance(value, dict):
+        return any(k in SECRET_KEYS or _has_secret(v) for k, v in value.items())
+    return False
+
+
+def _drop_secrets(value):
+    if isinstance(value, dict):
+        return {k: _drop_secrets(v) for k, v in value.items() if k not in SECRET_KEYS}
+    return value
