@@ -168,6 +168,17 @@ def test_bad_prompt_rows_and_a_failing_reward_stop_with_one_line(tiny_model_dir,
     assert [row.columns for row in data.train] == [{"answer": "1"}, {"answer": "3"}]
     assert [s.split(": ", 1)[0] for s in data.skipped] == [f"{path}:2", f"{path}:3"]
 
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "2 + 2?", "answer": "4 #### 4"}, {"q": "x"}])
+    templated = replace(cfg, train=str(gsm8k), prompt_template="{question}\nEnd with: The answer is N.",
+                        on_bad_row="skip")
+    data = load_prompt_data(templated)
+    assert data.format == "prompt_template" and len(data.train) == 1
+    assert data.train[0].prompt == [{"role": "user", "content": "2 + 2?\nEnd with: The answer is N."}]
+    assert data.train[0].columns == {"question": "2 + 2?", "answer": "4 #### 4"}
+    assert "names the column 'question', which this row lacks (it has q)" in data.skipped[0]
+    with pytest.raises(PhituneError, match="data.prompt_template applies to method: grpo, not sft"):
+        config_from_dict({"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl", "prompt_template": "{q}"}})
+
     broken = tmp_path / "broken.py"
     broken.write_text("def r(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n")
     bad = grpo_config(tiny_model_dir, prompt_files, tmp_path / "bad", rewards=[{"function": f"{broken}:r"}],

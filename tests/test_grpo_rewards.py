@@ -174,3 +174,27 @@ def test_a_relative_reward_file_is_saved_absolute(tmp_path, monkeypatch):
     saved = load_run_config(tmp_path / "run").rewards
     assert saved == [{"function": f"{tmp_path / 'r.py'}:brevity", "weight": 2}, {"function": "my_mod:f"}]
     assert json.dumps(saved)
+
+
+def test_the_gsm8k_example_loads_and_quotes_the_memory_phitune_memory_computes():
+    import math
+    import re
+    from pathlib import Path
+
+    from phitune.config import load_config
+    from phitune.memory import SHAPES, estimate_run
+
+    path = Path(__file__).parents[1] / "examples" / "phi4-mini-grpo-gsm8k.yaml"
+    cfg = load_config(path)
+    assert cfg.method == "grpo" and [r.get("name") for r in cfg.rewards] == ["answer", "format"]
+    quoted = re.search(r"LoRA (\d+) GB, QLoRA (\d+) GB", path.read_text())
+    assert [int(quoted[1]), int(quoted[2])] == [math.ceil(estimate_run(cfg, q).total) for q in (False, True)]
+    shape = SHAPES[cfg.model.name_or_path]  # the KV cache of one step's completions, generated at once
+    per_token = shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * 2 * 2
+    completions = cfg.training_config["per_device_train_batch_size"] * cfg.training_config["gradient_accumulation_steps"]
+    assert f"{completions} x {cfg.data.max_seq_length} tokens x {per_token / 1e3:.0f} kB = " \
+           f"{completions * cfg.data.max_seq_length * per_token / 1e9:.1f} GB" in path.read_text()
+    reward = build_rewards(cfg.rewards)
+    row = {"prompts": ["p"], "completions": ["48 + 24 = 72 clips.\nThe answer is 72."],
+           "answer": ["Natalia sold 48/2 = 24 clips in May.\n#### 72"]}
+    assert [r.func(**row) for r in reward] == [[1.0], [1.0]]

@@ -93,6 +93,10 @@ class DataConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "where prepared data is cached (default: ~/.cache/phitune/data)"}
     )
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
+                                        "(default: the row's prompt or messages)"}
+    )
 
 
 @dataclass
@@ -237,6 +241,8 @@ def config_from_dict(raw: dict) -> RunConfig:
     _check_values(data, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
+    if data.prompt_template is not None and method != "grpo":
+        problems.append(f"data.prompt_template applies to method: grpo, not {method}")
     rewards = check_rewards(method, raw.get("rewards"), problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))

@@ -6,6 +6,9 @@
 | prompt (messages) | {"prompt": [{"role": "system", ...}, {"role": "user", ...}], "answer": ..} |
 | messages          | {"messages": [..., {"role": "user", "content": "..."}], "answer": ...}     |
 
+Other data (GSM8K's {"question": ..., "answer": ...}) becomes a string prompt through data.prompt_template, e.g.
+`"{question}\nEnd with the line: The answer is N."`; the row's columns, all of them, still reach the rewards.
+
 Every row becomes a `PromptRow`: the prompt as messages ending with a user turn (a string is one user turn, so
 completions are generated in the chat format, as SFT trained it), and its other columns, which TRL hands to every
 reward function (`answer=[...]`). The budget of a prompt is data.max_seq_length minus the completion's
@@ -61,30 +64,35 @@ def _read_prompts(source: str, split: str, cfg: DataConfig) -> tuple[list[Prompt
     if not rows:
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]
-    if not any(key in first for key in PROMPT_KEYS):
+    if not any(key in first for key in PROMPT_KEYS) and cfg.prompt_template is None:
         raise PhituneError(f"{row_location(source, rows[0][0])}: GRPO needs a prompt column (a string or messages) "
                            f"or messages ending with a user turn; this row has {', '.join(sorted(first)) or 'nothing'}")
     prompts = []
     for number, row in rows:
         try:
-            prompts.append(to_prompt(row, row_location(source, number)))
+            prompts.append(to_prompt(row, row_location(source, number), cfg.prompt_template))
         except BadRow as problem:
             if cfg.on_bad_row == "error":
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
             bad.append(problem)
     if not prompts:
         raise PhituneError(f"{source}: no usable prompts after skipping {len(bad)} bad rows")
-    return prompts, row_shape(first), [str(b) for b in bad]
+    return prompts, row_shape(first, cfg.prompt_template), [str(b) for b in bad]
 
 
-def row_shape(row: dict) -> str:
+def row_shape(row: dict, template: str | None = None) -> str:
+    if template is not None:
+        return "prompt_template"
     if "prompt" in row:
         return "prompt (messages)" if isinstance(row["prompt"], list) else "prompt (string)"
     return "messages"
 
 
-def to_prompt(row: dict, where: str) -> PromptRow:
-    """One row (any shape in the table above) as a PromptRow, or BadRow saying what is wrong."""
+def to_prompt(row: dict, where: str, template: str | None = None) -> PromptRow:
+    """One row (any shape in the table above, or any columns with data.prompt_template) as a PromptRow, or BadRow
+    saying what is wrong."""
+    if template is not None:
+        row = dict(row, prompt=fill_template(template, row, where))
     key = "prompt" if "prompt" in row else "messages"
     value = row.get(key)
     columns = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
@@ -103,6 +111,18 @@ def to_prompt(row: dict, where: str) -> PromptRow:
         raise BadRow(where, f"{key}: the last message must be a user turn (the one to complete), "
                             f"not {value[-1]['role']}")
     return PromptRow([{"role": m["role"], "content": m["content"]} for m in value], columns, where)
+
+
+def fill_template(template: str, row: dict, where: str) -> str:
+    """data.prompt_template with the row's columns filled in ('{question}' -> the row's question)."""
+    try:
+        return template.format(**row)
+    except KeyError as exc:
+        raise BadRow(where, f"data.prompt_template names the column {exc.args[0]!r}, which this row lacks "
+                            f"(it has {', '.join(sorted(row))})") from None
+    except (IndexError, ValueError) as exc:
+        raise BadRow(where, f"data.prompt_template is not a valid template ({exc}); name columns as {{column}} "
+                            "and write a literal brace as {{ or }}") from None
 
 
 def prompt_length(tokenizer, row: PromptRow) -> int:
