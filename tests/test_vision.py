@@ -137,8 +137,9 @@ def test_the_adapter_reloads_in_plain_peft_on_the_language_model_only(vision_run
     root, model_dir, _ = vision_run
     config = json.loads((root / "run" / "adapter_config.json").read_text())
     assert config["target_modules"].startswith("(?:model\\.layers")  # never the vision tower or audio encoder
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                      root / "run").eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = PeftModel.from_pretrained(base, model_dir / "vision-lora").merge_and_unload()  # the built-in adapter
+    plain = PeftModel.from_pretrained(base, root / "run").eval()
     ours, tokenizer = load_for_inference(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"),
                                          adapter=root / "run")
     lora = [n for n, _ in plain.named_parameters() if "lora_A" in n]
@@ -154,3 +155,101 @@ def test_the_adapter_reloads_in_plain_peft_on_the_language_model_only(vision_run
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, ours(**batch).logits)
+
+
+def colour_pictures(root: Path, colours: list[str]) -> list[Path]:
+    (root / "pics").mkdir(exist_ok=True)
+    return [shape_picture(root / "pics" / f"{colour}.png", colour) for colour in colours]
+
+
+def test_chat_answers_about_the_picture_given_with_image(vision_run, tmp_path):
+    root, _, _ = vision_run
+    for picture in colour_pictures(tmp_path, ["green", "yellow"]):
+        result = CliRunner().invoke(app, ["chat", str(root / "run"), "--image", str(picture), "--max-new-tokens", "3"],
+                                    input=f"{QUESTION}\n/exit\n")
+        assert result.exit_code == 0, result.output
+        assert f"assistant> {picture.stem}\n" in result.output
+
+
+def test_generate_answers_rows_with_image_parts_relative_to_the_input_file(vision_run, tmp_path):
+    root, _, _ = vision_run
+    pictures = colour_pictures(tmp_path, ["red", "blue", "yellow"])
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"pics/{p.name}"}},
+                                                        {"type": "text", "text": QUESTION}]}]} for p in pictures]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = CliRunner().invoke(app, ["generate", str(root / "run"), "--input", str(prompts), "--output",
+                                      str(tmp_path / "answers.jsonl"), "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert answers == ["red", "blue", "yellow"]
+
+
+def test_eval_scores_base_and_tuned_on_multimodal_rows(vision_run, tmp_path):
+    root, _, _ = vision_run
+    result = CliRunner().invoke(app, ["eval", str(root / "run"), "--num-generate", "8", "--max-new-tokens", "3",
+                                      "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    base, tuned = metrics["base"], metrics["fine-tuned"]
+    assert tuned["loss"] < base["loss"] and tuned["token_accuracy"] == 1.0
+    assert tuned["exact_match"] >= 0.9 > base["exact_match"] and tuned["rougeL_f1"] > base["rougeL_f1"]
+
+
+def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import ModelConfig
+    from phitune.data import training_chat_template
+    from phitune.data.multimodal import parse_row
+    from phitune.data.multimodal_batch import MediaCollator, encode_media_row
+    from phitune.generate import load_for_inference
+    from phitune.vision_eval import media_processor
+
+    root, model_dir, _ = vision_run
+    result = CliRunner().invoke(app, ["merge", str(root / "run"), "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    assert (merged / "preprocessor_config.json").is_file() and not (merged / "vision-lora").exists()
+    standalone = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()  # plain transformers
+    tuned, tokenizer = load_for_inference(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"),
+                                          adapter=root / "run")
+    processor = media_processor(tuned, tokenizer, str(model_dir))
+    rows = [json.loads(line) for line in (root / "eval.jsonl").read_text().splitlines()[:4]]
+    examples = [encode_media_row(parse_row(r, root, "eval"), tokenizer, processor, training_chat_template(tokenizer),
+                                 "assistant", 64)[0] for r in rows]
+    batch = MediaCollator(processor, tokenizer.pad_token_id)(examples)
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(standalone(**batch).logits, tuned(**batch).logits, atol=1e-4, rtol=1e-4)
+    result = CliRunner().invoke(app, ["chat", "--model", str(merged), "--image",
+                                      str(colour_pictures(tmp_path, ["blue"])[0]), "--max-new-tokens", "3"],
+                                input=f"{QUESTION}\n/exit\n")
+    assert "assistant> blue\n" in result.output, result.output
+
+
+def test_the_built_in_vision_lora_stays_active_under_the_users_adapter(vision_run):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import ModelConfig
+    from phitune.modeling import load_base_model
+
+    _, model_dir, _ = vision_run
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ours = load_base_model(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"), training=False)
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                              model_dir / "vision-lora").eval()
+        bare = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        torch.testing.assert_close(ours.eval()(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert (ours(input_ids=ids).logits - bare(input_ids=ids).logits).abs().max() > 0.05
+
+
+def test_phitune_data_names_and_sizes_the_pictures_and_counts_their_tokens(vision_run, tmp_path):
+    root, _, _ = vision_run
+    result = CliRunner().invoke(app, ["data", str(root / "run.yaml"), "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "[image train0.png 28x28: 5 tokens]" in result.output
+    assert (tmp_path / "data_lengths.png").is_file()

@@ -158,6 +158,7 @@ def chat(
     top_p: float = TOP_P_OPT,
     top_k: int = TOP_K_OPT,
     seed: int = SEED_OPT,
+    image: list[Path] = typer.Option([], "--image", help="a picture (or .wav clip) for the first turn; repeatable (Phi-4-multimodal)"),
 ):
     """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
     from phitune.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
@@ -165,7 +166,12 @@ def chat(
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
-    session = ChatSession(loaded, tokenizer, settings, system=system)
+    if image:
+        from phitune.vision_eval import MediaChatSession
+
+        session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, image)
+    else:
+        session = ChatSession(loaded, tokenizer, settings, system=system)
     interactive = sys.stdin.isatty()
     print("chat with the model; /help lists the commands, /exit ends", file=sys.stderr)
     while True:
@@ -214,6 +220,14 @@ def generate(
     rows = read_prompts(input_)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
+    from phitune.data.multimodal import is_multimodal_row
+
+    if any(is_multimodal_row(row) or isinstance(row.get("prompt"), list) for row in rows):  # image / audio parts
+        from phitune.vision_eval import generate_media_file
+
+        count = generate_media_file(loaded, tokenizer, model_cfg.name_or_path, rows, input_, output, settings)
+        print(f"wrote {count} answers to {output}")
+        return
     with Progress(transient=False) as progress:
         task = progress.add_task("generating", total=len(rows))
         count = generate_file(loaded, tokenizer, rows, output, settings, batch_size=batch_size,

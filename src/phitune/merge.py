@@ -25,6 +25,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the base checkpoint
 TOKENIZER_FILES = (  # every file a Hugging Face tokenizer may be made of; the base's are all carried over
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "vocab.json", "merges.txt",
+    "preprocessor_config.json", "processor_config.json",  # a multimodal model's image / audio processor settings
 )
 
 

@@ -51,9 +51,13 @@ def build_tiny_multimodal_tokenizer(texts: list[str], vocab_size: int = 512):
     return tokenizer
 
 
-def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: int = 0, **shape) -> Path:
+def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: int = 0, vision_lora: bool = True,
+                                **shape) -> Path:
     """Write a randomly initialised tiny Phi4MultimodalForCausalLM, its tokenizer and its image processor config
-    (preprocessor_config.json, read by phitune.data.multimodal) to `output_dir`; return the directory."""
+    (preprocessor_config.json, read by phitune.data.multimodal_batch) to `output_dir`; return the directory.
+
+    vision_lora: also a random built-in `vision-lora/` adapter of the language model, laid out as in a converted
+    Phi-4-multimodal checkpoint (its B matrices non-zero, so whether it is applied shows in the logits)."""
     import torch
     from transformers import Phi4MultimodalForCausalLM
 
@@ -71,7 +75,22 @@ def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: 
     processor = {"image_processor_type": "Phi4MultimodalImageProcessor", "size": {"height": CROP, "width": CROP},
                  "patch_size": 14, "dynamic_hd": 4, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+    if vision_lora:
+        write_vision_lora(model, output_dir / "vision-lora")
     return output_dir
+
+
+def write_vision_lora(model, folder: Path) -> None:
+    """A random PEFT LoRA on the language model's four projections (Phi-4-multimodal's vision-lora: r 256)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = r"model\.layers\.\d+\.(?:self_attn|mlp)\.(?:qkv_proj|o_proj|gate_up_proj|down_proj)"
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    adapted.save_pretrained(folder)
 
 
 def shape_picture(path: Path, colour: str | None, size: int = CROP) -> Path:

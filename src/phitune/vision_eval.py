@@ -170,3 +170,62 @@ def example_media_runs(tokenizer, processor, example: dict) -> list[tuple[str, b
         runs.append((tokenizer.decode(ids[i:j]), labels[i] != -100))
         i = j
     return runs
+
+
+def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], source: Path, output: Path,
+                        settings: SamplingSettings) -> int:
+    """`phitune generate` on rows with image / audio parts (paths relative to the input file): each row with an
+    added "answer" written to `output`; every row is checked before the first is answered."""
+    from phitune.data.multimodal import parse_row
+    from phitune.data.readers import BadRow
+
+    processor = media_processor(model, tokenizer, name_or_path)
+    try:
+        prompts = [parse_row(row, source.parent, f"{source}:{n}", ends_with="user") for n, row in enumerate(rows, 1)]
+    except BadRow as problem:
+        raise PhituneError(str(problem)) from None
+    answers = [answer_media_row(model, tokenizer, processor, row, settings) for row in prompts]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as out:
+        for row, answer in zip(rows, answers):
+            out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+    return len(answers)
+
+
+class MediaChatSession:
+    """`phitune chat --image PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
+    the command line attached to the first user turn. Replies come whole (one piece): the model generates in one
+    call, as evaluation does."""
+
+    def __init__(self, model, tokenizer, name_or_path: str, settings: SamplingSettings | None = None,
+                 system: str | None = None, media_paths: list[Path] = ()):
+        from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, load_audio, load_image
+        from phitune.data.readers import BadRow
+
+        self.model, self.tokenizer, self.settings, self.system = model, tokenizer, settings, system
+        self.processor = media_processor(model, tokenizer, name_or_path)
+        self.media, self.prefix = [], ""
+        for path in media_paths:
+            audio = Path(path).suffix.lower() == ".wav"
+            load = load_audio if audio else load_image
+            try:
+                self.media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))
+            except BadRow as problem:
+                raise PhituneError(str(problem)) from None
+            self.prefix += AUDIO_PLACEHOLDER if audio else IMAGE_PLACEHOLDER
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and the pictures stay; they go with the next first turn)."""
+        self.history: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+
+    def stream_reply(self, user_text: str):
+        """Yield the reply to `user_text`; both turns join the history."""
+        from phitune.data.multimodal import MediaRow
+
+        first = not any(m["role"] == "user" for m in self.history)
+        self.history.append({"role": "user", "content": (self.prefix if first else "") + user_text})
+        reply = answer_media_row(self.model, self.tokenizer, self.processor,
+                                 MediaRow(messages=self.history, media=self.media), self.settings)
+        self.history.append({"role": "assistant", "content": reply})
+        yield reply

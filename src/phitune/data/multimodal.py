@@ -87,9 +87,12 @@ def read_media_rows(source: str, split: str, cfg) -> tuple[list[MediaRow], str, 
     return parsed, "messages", [str(b) for b in bad]
 
 
-def parse_row(row: dict, base: Path, where: str) -> MediaRow:
-    """A MediaRow from one `{"messages": [...]}` row; raise BadRow naming what is wrong."""
+def parse_row(row: dict, base: Path, where: str, ends_with: str = "assistant") -> MediaRow:
+    """A MediaRow from one `{"messages": [...]}` row (or a prompt row, `{"prompt": ...}`, ending with a user turn);
+    raise BadRow naming what is wrong. `ends_with`: assistant for training rows, user for prompts to answer."""
     messages = row.get("messages")
+    if messages is None and isinstance(row.get("prompt"), (str, list)):
+        messages = [{"role": "user", "content": row["prompt"]}]
     if not isinstance(messages, list) or not messages:
         raise BadRow(where, 'expected {"messages": [{"role": ..., "content": ...}, ...]}')
     out = MediaRow(messages=[], where=where)
@@ -102,8 +105,9 @@ def parse_row(row: dict, base: Path, where: str) -> MediaRow:
         elif not isinstance(content, str):
             raise BadRow(where, "a message's content is a string or a list of parts")
         out.messages.append({"role": message["role"], "content": content})
-    if out.messages[-1]["role"] != "assistant":
-        raise BadRow(where, "the conversation must end with an assistant turn (the answer to learn)")
+    if out.messages[-1]["role"] != ends_with:
+        raise BadRow(where, "the conversation must end with an assistant turn (the answer to learn)"
+                     if ends_with == "assistant" else "the last message must be a user turn (the one to answer)")
     return out
 
 

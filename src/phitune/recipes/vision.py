@@ -5,8 +5,9 @@ expands each picture's placeholder to its tokens, masks every label but the assi
 pictures through the model's own image processor. Model: the native `Phi4MultimodalForCausalLM`; the LoRA goes on
 the language model's layers (`all-linear` means those, never the vision tower or the audio encoder, whose layer
 names repeat the language model's), and on a vision or audio part only when named by its path (see
-`language_model_targets`). A checkpoint's built-in `vision-lora` / `speech-lora` adapters are merged into the base
-before the user's LoRA is added, so they stay active under it and a merged model keeps them. Training, checkpoints,
+`language_model_targets`). A converted checkpoint's built-in `vision-lora` adapter is merged into the base as it
+loads (phitune.modeling.merge_built_in_vision_lora), so it stays active under the user's LoRA, in training and at
+inference alike, and a merged model keeps it. Training, checkpoints,
 resume, the NaN guard and evaluation at step 0 and at the end are the SFT trainer's (phitune.train_support).
 """
 
@@ -27,7 +28,6 @@ log = logging.getLogger("phitune")
 
 LANGUAGE_LAYERS = r"model\.layers\.\d+\.(?:self_attn|mlp)\."  # the language model's decoder layers, by full name
 LANGUAGE_LINEAR = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-4-multimodal's fused projections
-BUILT_IN_ADAPTERS = {"image": "vision-lora", "audio": "speech-lora"}  # subfolders of a converted checkpoint
 
 
 @dataclass
@@ -84,15 +84,13 @@ def build_config(cfg: RunConfig, data: VisionData, plan: RunPlan):
 
 
 def load_model(cfg: RunConfig, plan: RunPlan):
-    """(model, PEFT LoraConfig): the base with its built-in adapters merged, the LoRA aimed at the language model."""
+    """(model, PEFT LoraConfig): the base (its built-in vision LoRA merged), the LoRA aimed at the language model."""
     if cfg.peft_config is not None and cfg.backend == "peft":
         targets = language_model_targets(cfg.peft_config.get("target_modules"))
         cfg = replace(cfg, peft_config={**cfg.peft_config, "target_modules": targets})
     elif cfg.backend == "loralib":
         raise PhituneError("method vision trains with peft_config.backend: peft (loralib wraps Phi-3's layers only)")
-    model, peft_config = load_model_for_training(cfg, plan)
-    merge_built_in_adapters(model, cfg.model.name_or_path, ("image", "audio"))
-    return model, peft_config
+    return load_model_for_training(cfg, plan)  # modeling.load_base_model merges the built-in vision LoRA
 
 
 def language_model_targets(targets) -> str:
@@ -107,24 +105,6 @@ def language_model_targets(targets) -> str:
     dotted = [re.escape(n) for n in names if "." in n]
     parts = ([f"{LANGUAGE_LAYERS}(?:{'|'.join(plain)})"] if plain else []) + [f"(?:.*\\.)?{d}" for d in dotted]
     return "|".join(f"(?:{p})" for p in parts)
-
-
-def merge_built_in_adapters(model, name_or_path: str, kinds) -> list[str]:
-    """Merge a converted checkpoint's `vision-lora` / `speech-lora` (PEFT adapters of the language model) into the
-    base weights, so they stay active under the user's LoRA and are in what merge writes; the names merged."""
-    merged = []
-    for kind in kinds:
-        folder = Path(name_or_path) / BUILT_IN_ADAPTERS[kind]
-        if not (folder / "adapter_config.json").is_file():
-            continue
-        from peft import PeftModel
-
-        wrapped = PeftModel.from_pretrained(model, folder, adapter_name=BUILT_IN_ADAPTERS[kind])
-        wrapped.merge_and_unload()  # the LoRA layers are replaced in place: `model` holds the merged weights
-        merged.append(BUILT_IN_ADAPTERS[kind])
-    if merged:
-        log.info("built-in adapters merged into the base: %s", ", ".join(merged))
-    return merged
 
 
 def make_trainer(cfg: RunConfig, model, tokenizer, data: VisionData, peft_config, args):
