@@ -141,3 +141,49 @@ def test_method_vision_refuses_a_text_model_in_one_line(tiny_model_dir):
     with pytest.raises(PhituneError, match="method vision trains Phi-4-multimodal .* this model is phi3: for text "
                                            "models use method: sft"):
         check_multimodal_model(load_model_config(ModelConfig(name_or_path=str(tiny_model_dir))), False)
+
+
+def write_tone(path: Path, hz: float, seconds: float = 0.5, rate: int = 16000) -> Path:
+    import wave
+
+    import numpy as np
+
+    pcm = (0.5 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, tmp_path):
+    """Audio parts need no torchvision: read as WAV, features from transformers' Phi4MultimodalFeatureExtractor,
+    one placeholder expanded to the clip's audio_embed_sizes, masked; a short run trains. (That the tiny model
+    learns from the sound is not shown: see docs/vision.md.)"""
+    from phitune.api import train
+    from phitune.data import training_chat_template
+    from phitune.data.multimodal_batch import MediaProcessor, encode_media_row
+    from phitune.modeling import load_model_config, load_tokenizer
+    from phitune.config import ModelConfig
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "audio", "path": write_tone(tmp_path / f"{i}.wav",
+                                                                                             220 + 660 * (i % 2)).name},
+                                                       {"type": "text", "text": "Which tone?"}]},
+                          {"role": "assistant", "content": "high" if i % 2 else "low"}]} for i in range(8)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    model_cfg = ModelConfig(name_or_path=str(tiny_multimodal))
+    tokenizer, config = load_tokenizer(model_cfg), load_model_config(model_cfg)
+    processor = MediaProcessor(str(tiny_multimodal), config, tokenizer)
+    row = read_media_rows(str(data), "train", DataConfig(train=str(data)))[0][0]
+    assert row.media[0].size == (8000, 16000)
+    example, _ = encode_media_row(row, tokenizer, processor, training_chat_template(tokenizer), "all", 256)
+    audio = [i for i, token in enumerate(example["input_ids"]) if token == config.audio_config.audio_token_id]
+    assert len(audio) == example["media_tokens"][0] > 1 and all(example["labels"][i] == -100 for i in audio)
+    result = train({"method": "vision", "model": {"name_or_path": str(tiny_multimodal), "torch_dtype": "float32"},
+                    "data": {"train": str(data), "eval_split": 0, "max_seq_length": 256},
+                    "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-3,
+                                        "per_device_train_batch_size": 4, "save_steps": 100, "disable_tqdm": True},
+                    "peft_config": {"r": 4, "lora_alpha": 8}})
+    assert result.metrics["train_audio"] == 8 and result.metrics["global_step"] == 2
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

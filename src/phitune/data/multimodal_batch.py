@@ -47,8 +47,14 @@ class MediaProcessor:
         self.token_ids = {"image": vision.image_token_id, "audio": audio.audio_token_id}
         self.token_text = {kind: tokenizer.convert_ids_to_tokens(i) for kind, i in self.token_ids.items()}
         self.crop, self.pooled = vision.crop_size, -(-(vision.image_size // vision.patch_size) // 2)
-        self.images = image_processor(model_path)
-        self.audio = audio_feature_extractor(model_path)
+        self.model_path, self._images, self.audio = model_path, None, audio_feature_extractor(model_path)
+
+    @property
+    def images(self):
+        """transformers' image processor, made when the first picture comes (audio alone needs no torchvision)."""
+        if self._images is None:
+            self._images = image_processor(self.model_path)
+        return self._images
 
     def render(self, text: str) -> str:
         """Message text with phitune's placeholders swapped for the model's own image / audio tokens."""
