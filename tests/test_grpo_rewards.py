@@ -198,3 +198,17 @@ def test_the_gsm8k_example_loads_and_quotes_the_memory_phitune_memory_computes()
     row = {"prompts": ["p"], "completions": ["48 + 24 = 72 clips.\nThe answer is 72."],
            "answer": ["Natalia sold 48/2 = 24 clips in May.\n#### 72"]}
     assert [r.func(**row) for r in reward] == [[1.0], [1.0]]
+
+
+def test_vllm_generation_is_chosen_only_where_asked_or_on_cuda_with_vllm():
+    import importlib.util
+
+    import torch
+
+    from phitune.recipes.grpo import use_vllm
+
+    assert use_vllm("true") and not use_vllm("false")
+    assert use_vllm("auto") == (torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None)
+    assert grpo_config(speed={"vllm": "false"}).speed.vllm == "false"  # YAML's false is the choice "false"
+    with pytest.raises(PhituneError, match=r"speed.vllm must be one of"):
+        grpo_config(speed={"vllm": "maybe"})

@@ -117,6 +117,10 @@ class SpeedConfig:
             "recomputed; PEFT LoRA, dropout 0) | none: activation memory strategy"
         },
     )
+    vllm: Literal["auto", "true", "false"] = field(
+        default="auto", metadata={"help": "grpo: generate with vLLM, colocated (auto: on CUDA when vllm is installed; "
+                                          "training_config.use_vllm wins)"}
+    )
 
 
 # Choices that no dataclass annotation carries: `backend` is phitune's own key inside peft_config. The sections'

@@ -9,7 +9,7 @@ What differs:
 - rewards: the `rewards:` section (phitune.rewards): built-in `answer`, `format`, `json`, `length` and a user's own
   functions, weighted (GRPOConfig.reward_weights); TRL logs each one's mean as `rewards/NAME/mean`;
 - generation: transformers' generate, sampled with training_config's temperature / top_p / top_k, stopped at eos or
-  Phi-3's end-of-turn `<|end|>`; `use_vllm` (off by default) hands it to vLLM on CUDA;
+  Phi-3's end-of-turn `<|end|>`; vLLM instead on CUDA when it is installed (speed.vllm: auto; use_vllm wins);
 - the starting point: a fresh LoRA adapter (peft_config) or the adapter of an earlier run (model.adapter, usually
   SFT), trained further. beta defaults to 0 in TRL: no reference model;
 - evaluation: before and after training, greedy completions of the held-out prompts, scored with every reward:
@@ -57,12 +57,28 @@ def build_config(cfg: RunConfig, data, plan: RunPlan):
     checkpointing = {k: v for k, v in plan.speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
     settings.update(checkpointing, remove_unused_columns=False, reward_weights=[r.weight for r in data[1]])
     settings.setdefault("max_completion_length", DEFAULT_COMPLETION_LENGTH)
+    if "use_vllm" not in cfg.training_config and use_vllm(cfg.speed.vllm):
+        settings.update(use_vllm=True, vllm_mode=settings.get("vllm_mode", "colocate"))
     if "include_num_input_tokens_seen" not in cfg.training_config:
         settings["include_num_input_tokens_seen"] = "no"  # GRPO's batches are generated: no input_ids to count
     try:
         return training_config_class("grpo")(**settings)
     except (TypeError, ValueError) as exc:
         raise PhituneError(f"training_config: {first_line(exc)}") from None
+
+
+def use_vllm(switch: str) -> bool:
+    """speed.vllm: "true", or "auto" on a CUDA machine where vllm imports (untested by phitune: docs/grpo.md)."""
+    import importlib.util
+
+    import torch
+
+    if switch == "auto":
+        on = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+        if on:
+            log.info("speed.vllm auto: CUDA and vllm found, GRPO generates with vLLM (colocate)")
+        return on
+    return switch == "true"
 
 
 def load_model(cfg: RunConfig, plan: RunPlan):
