@@ -291,6 +291,26 @@ def data(
     print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
 
 
+@app.command()
+def ui(
+    folders: list[Path] = typer.Argument(None, help="folders the page may read and write (default: the current one); "
+                                         "relative paths in configs start at the first"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to serve on (127.0.0.1: this machine only)"),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="port to serve on"),
+):
+    """A local web page for the whole loop: configure, check the data, train, compare runs, chat (needs the ui
+    extra: pip install -e ".[ui]")."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page's server
+    try:
+        from phitune.ui.app import launch
+    except ImportError as exc:
+        if exc.name != "gradio":
+            raise
+        raise PhituneError('phitune ui needs the ui extra: pip install -e ".[ui]" (gradio)') from None
+
+    launch([str(folder) for folder in folders or [Path.cwd()]], host=host, port=port)
+
+
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
     """`name` from click and from typer's vendored copy of click (typer 0.26+), whichever are installed: typer 0.16
     (the lowest pyproject.toml allows) raises click's own, newer typers their copy's."""

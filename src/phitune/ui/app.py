@@ -1,0 +1,276 @@
+"""The page: five tabs (Configure, Data, Train, Runs, Chat) in Gradio Blocks, each handler a thin call to the
+functions the CLI calls (phitune.config, phitune.train.inspect_run_data, `phitune train` itself as a process,
+phitune.generate.ChatSession). A PhituneError becomes the same one line the CLI prints, shown on the page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from phitune.errors import PhituneError
+from phitune.ui import views
+from phitune.ui.chat import ChatModels
+from phitune.ui.runs import find_runs, read_progress, run_row, start_training, stop_training
+from phitune.ui.workspace import DEMO, Workspace, redact
+
+REFRESH_S = 2.0  # how often the Train and Runs tabs re-read the run directories
+
+
+def build_app(workspace: Workspace) -> gr.Blocks:
+    """The whole page for `workspace`; handlers close over it (one page serves one person's folders)."""
+    chat_models = ChatModels()
+    with gr.Blocks(title="phitune", analytics_enabled=False) as app:
+        gr.Markdown(f"# phitune\nfolders: {', '.join(f'`{root}`' for root in workspace.roots)}")
+        with gr.Tabs():
+            with gr.Tab("Configure", id="configure"):
+                yaml_box = _configure_tab(workspace)
+            with gr.Tab("Data", id="data"):
+                _data_tab(workspace, yaml_box)
+            with gr.Tab("Train", id="train"):
+                _train_tab(workspace, yaml_box, app)
+            with gr.Tab("Runs", id="runs") as tab:
+                _runs_tab(workspace, app, tab)
+            with gr.Tab("Chat", id="chat") as tab:
+                _chat_tab(workspace, chat_models, app, tab)
+    return app
+
+
+def _configure_tab(workspace: Workspace):
+    with gr.Row():
+        example = gr.Dropdown(workspace.example_names(), value=None, label="start from a shipped example",
+                              elem_id="example")
+        path = gr.Textbox(label="or open a YAML file (under the folders)", elem_id="config-path")
+        open_button = gr.Button("Open", elem_id="open-config")
+    yaml_box = gr.Code(language="yaml", label="config (YAML)", elem_id="yaml", interactive=True)
+    problems = gr.HTML(elem_id="problems")
+
+    def pick(name):
+        return workspace.example_yaml(name) if name else gr.skip()
+
+    def open_file(value):
+        try:
+            return workspace.read_yaml_file(value), ""
+        except PhituneError as exc:
+            return gr.skip(), views.message_html([str(exc)])
+
+    def check(text):
+        if not (text or "").strip():
+            return ""
+        try:
+            return views.message_html(workspace.check(text)[1])
+        except PhituneError as exc:
+            return views.message_html([str(exc)])
+
+    example.change(pick, example, yaml_box)
+    open_button.click(open_file, path, [yaml_box, problems])
+    yaml_box.change(check, yaml_box, problems)
+    return yaml_box
+
+
+def _checked(workspace: Workspace, text: str):
+    """The RunConfig of `text`, or a PhituneError with every problem, as the CLI says them."""
+    from phitune.ui.workspace import parse_yaml
+
+    parse_yaml(text or "")
+    cfg, problems = workspace.check(text or "")
+    if cfg is None:
+        raise PhituneError("invalid config: " + "; ".join(problems))
+    return cfg
+
+
+def _data_tab(workspace: Workspace, yaml_box):
+    gr.Markdown("The data as training sees it: the data doctor (`phitune data`) on the config of the Configure tab.")
+    button = gr.Button("Check the data", elem_id="check-data", variant="primary")
+    message = gr.HTML(elem_id="data-message")
+    table = gr.Dataframe(headers=["what", "value"], label="summary", elem_id="data-table", interactive=False)
+    warnings = gr.HTML(elem_id="data-warnings")
+    example = gr.HTML(elem_id="data-example")
+    histogram = gr.HTML(elem_id="data-histogram")
+
+    def inspect(text):
+        from phitune.train import inspect_run_data
+
+        try:
+            cfg = _checked(workspace, text)
+            report = inspect_run_data(cfg, workspace.path("phitune-ui/data"), example_index=0)
+        except PhituneError as exc:
+            return views.message_html([str(exc)]), None, "", "", ""
+        rows = [[key, str(value)] for key, value in report.summary().items()]
+        notes = views.message_html(report.warnings, "warning") or "<p>no warnings</p>"
+        return ("", rows, notes, views.example_html(report.example),
+                views.image_html(report.histogram, "token-length histogram"))
+
+    button.click(inspect, yaml_box, [message, table, warnings, example, histogram])
+
+
+def _run_choices(workspace: Workspace, state: str | None = None) -> list[tuple[str, str]]:
+    """(name, path) of every run under the folders (in `state` only, when given), newest first; the name is the
+    path relative to its folder."""
+    choices = []
+    for path in find_runs(workspace.roots):
+        if state is None or read_progress(path).state == state:
+            root = next(root for root in workspace.roots if root == path or root in path.parents)
+            choices.append((str(path.relative_to(root)) if path != root else str(path), str(path)))
+    return choices
+
+
+def _default_run(workspace: Workspace) -> str | None:
+    """The run a fresh page follows: one training now, else the newest."""
+    running, runs = _run_choices(workspace, "running"), _run_choices(workspace)
+    return (running or runs or [(None, None)])[0][1]
+
+
+def _train_tab(workspace: Workspace, yaml_box, app):
+    gr.Markdown("Training runs as `phitune train CONFIG` in its own process: it goes on when this page is closed, "
+                "and a run started from a terminal shows up here too.")
+    with gr.Row():
+        overwrite = gr.Checkbox(label="--overwrite (replace a run in the output directory)", elem_id="overwrite")
+        start = gr.Button("Start training", elem_id="start", variant="primary")
+    run = gr.Dropdown(label="run", elem_id="train-run", allow_custom_value=True)
+    with gr.Row():
+        stop = gr.Button("Stop (checkpoint, then exit)", elem_id="stop")
+        resume = gr.Button("Resume", elem_id="resume")
+    message = gr.HTML(elem_id="train-message")
+    status = gr.HTML(elem_id="train-status")
+    chart = gr.HTML(elem_id="loss-chart")
+    log_tail = gr.Textbox(label="training output", lines=8, max_lines=8, elem_id="train-log", interactive=False)
+    processes = []  # the page's own children, reaped when they end
+
+    def launch(text, replace):
+        try:
+            cfg = _checked(workspace, text)
+            config_path = workspace.save_run_config(text, cfg)
+            output_dir = workspace.path(cfg.output_dir)
+            processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))
+        except PhituneError as exc:
+            return views.message_html([str(exc)]), gr.skip()
+        note = f"started: phitune train {config_path}{' --overwrite' if replace else ''}"
+        choices = _run_choices(workspace)
+        if str(output_dir) not in [path for _, path in choices]:  # nothing written there yet
+            choices.insert(0, (str(output_dir), str(output_dir)))
+        return views.message_html([note], "note"), gr.update(choices=choices, value=str(output_dir))
+
+    def follow_up(chosen, action):
+        try:
+            output_dir = workspace.path(chosen or "")
+            if action == "stop":
+                return views.message_html([stop_training(output_dir)], "note")
+            config_path = workspace.config_of_run(output_dir)
+            processes.append(start_training(config_path, output_dir, workspace.home, resume=True))
+            return views.message_html([f"resumed: phitune train {config_path} --resume"], "note")
+        except PhituneError as exc:
+            return views.message_html([str(exc)])
+
+    def refresh(chosen):
+        for process in list(processes):
+            if process.poll() is not None:
+                processes.remove(process)
+        if not chosen:
+            return "", views.line_chart({}), ""
+        progress = read_progress(workspace.path(chosen))
+        return views.progress_html(progress), views.loss_chart(progress), _log_tail(workspace, Path(chosen))
+
+    start.click(launch, [yaml_box, overwrite], [message, run])
+    stop.click(lambda chosen: follow_up(chosen, "stop"), run, message)
+    resume.click(lambda chosen: follow_up(chosen, "resume"), run, message)
+    run.change(refresh, run, [status, chart, log_tail])
+    gr.Timer(REFRESH_S).tick(refresh, run, [status, chart, log_tail])
+    app.load(lambda: gr.update(choices=_run_choices(workspace), value=_default_run(workspace)), None, run)
+
+
+def _log_tail(workspace: Workspace, output_dir: Path, lines: int = 8) -> str:
+    """The last lines of the output of a run the page started (tokens redacted)."""
+    from phitune.ui.workspace import CONFIG_FOLDER
+
+    path = workspace.path(CONFIG_FOLDER) / f"{output_dir.name}.log"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return redact("\n".join(text.replace("\r", "\n").splitlines()[-lines:]))
+
+
+def _runs_tab(workspace: Workspace, app, tab):
+    refresh_button = gr.Button("Refresh", elem_id="runs-refresh")
+    table = gr.Dataframe(label="runs", elem_id="runs-table", interactive=False)
+    chosen = gr.Dropdown(label="open a run", elem_id="runs-open", allow_custom_value=True)
+    chart = gr.HTML(elem_id="runs-chart")
+    loss_png = gr.HTML(elem_id="runs-loss-png")
+    report = gr.Markdown(elem_id="runs-report")
+
+    def listing():
+        runs = _run_choices(workspace)
+        rows = [dict(run_row(Path(path)), run=name) for name, path in runs]
+        columns = list(rows[0]) if rows else ["run"]
+        return gr.update(value=[[row[c] for c in columns] for row in rows], headers=columns), gr.update(choices=runs)
+
+    def open_run(run):
+        if not run:
+            return "", "", ""
+        output_dir = workspace.path(run)
+        report_md = output_dir / "report.md"
+        text = report_md.read_text(encoding="utf-8") if report_md.is_file() else (
+            f"no eval report yet: `phitune eval {output_dir} --num-generate 5` writes one")
+        return (views.loss_chart(read_progress(output_dir)), views.image_html(output_dir / "loss.png", "loss"),
+                redact(text))
+
+    refresh_button.click(listing, None, [table, chosen])
+    tab.select(listing, None, [table, chosen])
+    app.load(listing, None, [table, chosen])
+    chosen.change(open_run, chosen, [chart, loss_png, report])
+
+
+def _chat_tab(workspace: Workspace, chat_models: ChatModels, app, tab):
+    with gr.Row():
+        run = gr.Dropdown(label="run", elem_id="chat-run", allow_custom_value=True)
+        system = gr.Textbox(label="system prompt", elem_id="chat-system")
+        max_new = gr.Slider(8, 512, value=64, step=8, label="max new tokens", elem_id="chat-max-new")
+    with gr.Row():
+        base_box = gr.Chatbot(label="base model", elem_id="chat-base", height=320)
+        tuned_box = gr.Chatbot(label="fine-tuned", elem_id="chat-tuned", height=320)
+    text = gr.Textbox(label="message", elem_id="chat-input", placeholder="What noise does a cow make?")
+    with gr.Row():
+        send = gr.Button("Send", elem_id="chat-send", variant="primary")
+        clear = gr.Button("New conversation", elem_id="chat-clear")
+    message = gr.HTML(elem_id="chat-message")
+
+    def respond(chosen, system_text, limit, said, base_history, tuned_history):
+        if not (said or "").strip():
+            yield gr.skip(), gr.skip(), gr.skip(), ""
+            return
+        histories = {"base": list(base_history or []), "tuned": list(tuned_history or [])}
+        try:
+            output_dir = workspace.path(chosen or "")
+            for name, prior in list(histories.items()):  # the base answers first, then the fine-tuned model
+                histories[name] = prior + [{"role": "user", "content": said}, {"role": "assistant", "content": ""}]
+                for reply in chat_models.stream(output_dir, prior, said, system_text, name == "tuned", int(limit)):
+                    histories[name][-1] = {"role": "assistant", "content": reply}
+                    yield histories["base"], histories["tuned"], "", ""
+        except PhituneError as exc:
+            yield gr.skip(), gr.skip(), gr.skip(), views.message_html([str(exc)])
+
+    def runs_with_models(chosen=None):
+        runs = _run_choices(workspace, "finished")
+        keep = chosen if chosen in [path for _, path in runs] else None
+        return gr.update(choices=runs, value=keep or (runs[0][1] if runs else None))
+
+    send.click(respond, [run, system, max_new, text, base_box, tuned_box], [base_box, tuned_box, text, message])
+    text.submit(respond, [run, system, max_new, text, base_box, tuned_box], [base_box, tuned_box, text, message])
+    clear.click(lambda: ([], []), None, [base_box, tuned_box])
+    tab.select(runs_with_models, run, run)  # a run that finished since the page opened is offered at once
+    app.load(runs_with_models, None, run)
+
+
+def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve the page for `folders` on host:port (localhost unless told otherwise); relative paths in configs mean
+    relative to the first folder, which becomes the working directory, as it is for `phitune train` typed there."""
+    workspace = Workspace(folders)
+    os.chdir(workspace.home)
+    app = build_app(workspace)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
+               theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
+               css=views.CSS, footer_links=[])
+    return app

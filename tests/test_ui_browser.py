@@ -1,0 +1,167 @@
+"""`phitune ui` in a real headless Chromium (Debian's, driven by Playwright): the whole loop a person clicks through.
+
+Run by its own CI step (`-m browser`; it needs the ui extra, playwright and `apt-get install chromium`). The page is
+started the way a person starts it (`phitune ui FOLDER --port P`, a separate process), trains the demo config as a
+`phitune train` process of its own, and is reloaded during training. A screenshot of each step goes to
+$PHITUNE_UI_SCREENSHOTS (default: the test's tmp folder) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("PHITUNE_CHROMIUM", "/usr/bin/chromium")
+# The network is closed in CI: without the background-networking switches Chromium floods refused connections.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRAIN_MINUTES = 30  # upper bound for the demo run (270 steps: 2.5 min on 2 idle cores, 25 at a load of 6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def page_url(tmp_path):
+    """`phitune ui tmp_path` serving on a free port; stopped (and any run it started with it) afterwards."""
+    port = _free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    log = open(tmp_path / "ui.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, (tmp_path / "ui.log").read_text()
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("PHITUNE_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _set_yaml(page, text: str) -> None:
+    """Replace the editor's text as a person pasting would (the code editor takes input events)."""
+    editor = page.locator("#yaml .cm-content")
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.insert_text(text)
+
+
+def _points(page) -> int:
+    return int(page.locator("#loss-chart .phitune-chart").get_attribute("data-points"))
+
+
+def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
+    shots = _shots(tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    outside = []
+    page.on("request", lambda request: outside.append(request.url) if not request.url.startswith(
+        (page_url, "data:", "blob:")) else None)
+    page.goto(page_url)
+    page.get_by_text("phitune", exact=True).first.wait_for()
+    page.screenshot(path=shots / "01-open.png", full_page=True)
+
+    # Configure: pick the demo; a typo is reported inline with the checker's did-you-mean; the fix clears it
+    page.locator("#example input").click()
+    page.get_by_role("option", name=re.compile("^demo")).click()
+    page.wait_for_selector("#problems [data-problems='0']")
+    demo_text = page.locator("#yaml .cm-content").inner_text()
+    assert "tiny-phi3" in demo_text and str(tmp_path) in demo_text
+    _set_yaml(page, demo_text.replace("learning_rate:", "learning_rat:"))
+    error = page.locator("#problems .phitune-error")
+    error.wait_for()
+    assert "unknown key training_config.learning_rat (did you mean 'learning_rate'?)" in error.inner_text()
+    page.screenshot(path=shots / "02-config-error.png", full_page=True)
+    _set_yaml(page, demo_text)
+    page.wait_for_selector("#problems [data-problems='0']")
+
+    # Data: the data doctor's table, the example with trained spans marked, the histogram
+    page.get_by_role("tab", name="Data").click()
+    page.locator("#check-data").click()
+    page.wait_for_selector("#data-example mark.trained", timeout=120_000)
+    table = page.locator("#data-table").inner_text()
+    assert "train examples" in table and "720" in table
+    assert page.locator("#data-histogram img").count() == 1
+    page.screenshot(path=shots / "03-data.png", full_page=True)
+
+    # Train: start; the run is running and its loss chart grows
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#start").click()
+    page.wait_for_selector("#train-status [data-state='running']", timeout=60_000)
+    page.wait_for_function("document.querySelector('#loss-chart .phitune-chart')"
+                           "?.getAttribute('data-points') >= 1", timeout=300_000)
+    first = _points(page)
+    page.wait_for_function(f"document.querySelector('#loss-chart .phitune-chart')"
+                           f".getAttribute('data-points') > {first}", timeout=300_000)
+    assert _points(page) > first
+    page.screenshot(path=shots / "04-training.png", full_page=True)
+
+    # Reload during training, and a second tab: the run is still there, still running
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-status [data-state='running']", timeout=30_000)
+    assert _points(page) >= first
+    second = browser.new_page()
+    second.goto(page_url)
+    second.get_by_role("tab", name="Train").click()
+    second.wait_for_selector("#train-status [data-state='running']", timeout=30_000)
+    second.close()
+    page.screenshot(path=shots / "05-reloaded-still-running.png", full_page=True)
+
+    # The run finishes; the Runs tab lists it with its metrics
+    page.wait_for_selector("#train-status [data-state='finished']", timeout=TRAIN_MINUTES * 60_000)
+    assert "step 270/270" in page.locator("#train-status").inner_text()
+    page.screenshot(path=shots / "06-finished.png", full_page=True)
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-refresh").click()
+    page.wait_for_function("document.querySelector('#runs-table')?.innerText.includes('finished')")
+    assert "outputs/demo" in page.locator("#runs-table").inner_text()
+    page.locator("#runs-open input").click()
+    page.get_by_role("option", name="outputs/demo").click()
+    page.wait_for_selector("#runs-chart .phitune-chart:not([data-points='0'])")
+    page.wait_for_selector("#runs-loss-png img")
+    page.screenshot(path=shots / "07-runs.png", full_page=True)
+
+    # Chat: the fine-tuned model answers as the data taught it; the base model does not
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-input textarea").fill("What noise does a cow make?")
+    page.locator("#chat-send").click()
+    page.wait_for_function("document.querySelector('#chat-tuned')?.innerText.includes('A cow says moo.')",
+                           timeout=120_000)
+    assert "A cow says moo." not in page.locator("#chat-base").inner_text()
+    page.screenshot(path=shots / "08-chat.png", full_page=True)
+    assert outside == [], f"the page asked the network for {outside[:3]}"
