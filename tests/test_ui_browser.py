@@ -154,6 +154,9 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
     page.get_by_role("option", name="outputs/demo").click()
     page.wait_for_selector("#runs-chart .phitune-chart:not([data-points='0'])")
     page.wait_for_selector("#runs-loss-png img")
+    page.locator("#runs-eval").click()  # phitune eval as a process; its report.md shows when it is done
+    page.wait_for_function("document.querySelector('#runs-report')?.innerText.includes('ROUGE-L')", timeout=300_000)
+    assert "fine-tuned" in page.locator("#runs-report").inner_text()
     page.screenshot(path=shots / "07-runs.png", full_page=True)
 
     # Chat: the fine-tuned model answers as the data taught it; the base model does not

@@ -5,15 +5,17 @@ phitune.generate.ChatSession). A PhituneError becomes the same one line the CLI 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import gradio as gr
 
 from phitune.errors import PhituneError
+from phitune.run_dir import prepare_output_dir
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
-from phitune.ui.runs import find_runs, read_progress, run_row, start_training, stop_training
-from phitune.ui.workspace import DEMO, Workspace, redact
+from phitune.ui.runs import evaluate_run, find_runs, read_progress, run_row, start_training, stop_training
+from phitune.ui.workspace import CONFIG_FOLDER, DEMO, Workspace, redact
 
 REFRESH_S = 2.0  # how often the Train and Runs tabs re-read the run directories
 
@@ -39,12 +41,13 @@ def build_app(workspace: Workspace) -> gr.Blocks:
 
 def _configure_tab(workspace: Workspace):
     with gr.Row():
-        example = gr.Dropdown(workspace.example_names(), value=None, label="start from a shipped example",
+        example = gr.Dropdown(workspace.example_names(), value=DEMO, label="start from a shipped example",
                               elem_id="example")
         path = gr.Textbox(label="or open a YAML file (under the folders)", elem_id="config-path")
         open_button = gr.Button("Open", elem_id="open-config")
-    yaml_box = gr.Code(language="yaml", label="config (YAML)", elem_id="yaml", interactive=True)
-    problems = gr.HTML(elem_id="problems")
+    first = workspace.example_yaml(DEMO)  # the page opens on the demo: Start trains it at once
+    yaml_box = gr.Code(first, language="yaml", label="config (YAML)", elem_id="yaml", interactive=True)
+    problems = gr.HTML(views.message_html(workspace.check(first)[1]), elem_id="problems")
 
     def pick(name):
         return workspace.example_yaml(name) if name else gr.skip()
@@ -141,6 +144,7 @@ def _train_tab(workspace: Workspace, yaml_box, app):
     def launch(text, replace):
         try:
             cfg = _checked(workspace, text)
+            prepare_output_dir(cfg, resume=False, overwrite=replace)  # phitune train's own refusal, said at once
             config_path = workspace.save_run_config(text, cfg)
             output_dir = workspace.path(cfg.output_dir)
             processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))
@@ -182,8 +186,6 @@ def _train_tab(workspace: Workspace, yaml_box, app):
 
 def _log_tail(workspace: Workspace, output_dir: Path, lines: int = 8) -> str:
     """The last lines of the output of a run the page started (tokens redacted)."""
-    from phitune.ui.workspace import CONFIG_FOLDER
-
     path = workspace.path(CONFIG_FOLDER) / f"{output_dir.name}.log"
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -198,6 +200,7 @@ def _runs_tab(workspace: Workspace, app, tab):
     chosen = gr.Dropdown(label="open a run", elem_id="runs-open", allow_custom_value=True)
     chart = gr.HTML(elem_id="runs-chart")
     loss_png = gr.HTML(elem_id="runs-loss-png")
+    evaluate = gr.Button("Evaluate (phitune eval RUN --num-generate 5 --max-new-tokens 32)", elem_id="runs-eval")
     report = gr.Markdown(elem_id="runs-report")
 
     def listing():
@@ -213,10 +216,20 @@ def _runs_tab(workspace: Workspace, app, tab):
         report_md = output_dir / "report.md"
         text = report_md.read_text(encoding="utf-8") if report_md.is_file() else (
             f"no eval report yet: `phitune eval {output_dir} --num-generate 5` writes one")
-        return (views.loss_chart(read_progress(output_dir)), views.image_html(output_dir / "loss.png", "loss"),
-                redact(text))
+        images = views.image_html(output_dir / "loss.png", "loss") + views.image_html(output_dir / "eval.png", "eval")
+        text = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", text)  # report.md's chart: shown beside it, inlined
+        return views.loss_chart(read_progress(output_dir)), images, redact(text)
+
+    def run_eval(run):
+        try:
+            output_dir = workspace.path(run or "")
+            evaluate_run(output_dir, workspace.path(CONFIG_FOLDER) / f"{output_dir.name}.eval.log", workspace.home)
+        except PhituneError as exc:
+            return gr.skip(), gr.skip(), views.message_html([str(exc)])
+        return open_run(run)
 
     refresh_button.click(listing, None, [table, chosen])
+    evaluate.click(run_eval, chosen, [chart, loss_png, report])
     tab.select(listing, None, [table, chosen])
     app.load(listing, None, [table, chosen])
     chosen.change(open_run, chosen, [chart, loss_png, report])

@@ -216,3 +216,18 @@ def stop_training(output_dir: Path) -> str:
         raise PhituneError(f"{output_dir} is not training ({progress.state})")
     os.kill(progress.pid, signal.SIGINT)
     return f"asked the run in {output_dir} to stop: it saves a checkpoint at the end of this step, then exits"
+
+
+def evaluate_run(output_dir: Path, log_path: Path, cwd: Path) -> None:
+    """`phitune eval RUN --num-generate 5 --max-new-tokens 32` as a process (a minute on a CPU for the demo, where
+    the defaults take much longer); waits for it. Its report.md lands in the run; its one-line error is raised."""
+    if read_progress(output_dir).state != "finished":
+        raise PhituneError(f"{output_dir} holds no finished run to evaluate")
+    log_path.parent.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "phitune.cli", "eval", str(output_dir), "--num-generate", "5",
+               "--max-new-tokens", "32"]
+    with open(log_path, "w", encoding="utf-8") as log:
+        code = subprocess.run(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if code != 0:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        raise PhituneError(lines[-1].removeprefix("error: ") if lines else f"phitune eval exited with code {code}")

@@ -19,7 +19,7 @@ def line_chart(series: dict[str, list[tuple[int, float]]], width: int = 640, hei
     points = [p for values in series.values() for p in values]
     count = len(points)
     if not points:
-        return f'<div class="phitune-chart" data-points="0"><p>no loss logged yet</p></div>'
+        return '<div class="phitune-chart" data-points="0"><p>no loss logged yet</p></div>'
     pad = 40
     x_max = max(x for x, _ in points) or 1
     y_min, y_max = min(y for _, y in points), max(y for _, y in points)
