@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from phitune.config import DataConfig
 from phitune.data.multimodal import IMAGE_PLACEHOLDER, parse_row, read_media_rows
 from phitune.errors import PhituneError
@@ -187,3 +188,40 @@ def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, t
                     "peft_config": {"r": 4, "lora_alpha": 8}})
     assert result.metrics["train_audio"] == 8 and result.metrics["global_step"] == 2
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multimodal, tmp_path, monkeypatch):
+    """The lifecycle is SFT's: 3 steps (checkpoint-3), then --resume to 6, ends at the uninterrupted run's adapter
+    (audio rows: the same recipe, collator and checkpoints as pictures, without torchvision)."""
+    from safetensors.torch import load_file
+
+    from phitune.api import train
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "audio", "path": write_tone(tmp_path / f"{i}.wav",
+                                                                                             220 * (1 + i % 3)).name},
+                                                       {"type": "text", "text": "Which tone?"}]},
+                          {"role": "assistant", "content": ["low", "mid", "high"][i % 3]}]} for i in range(12)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+
+    def run(name: str, steps: int, resume: bool = False):
+        return train({"method": "vision", "model": {"name_or_path": str(tiny_multimodal), "torch_dtype": "float32"},
+                      "data": {"train": str(data), "eval_split": 0, "max_seq_length": 256},
+                      "training_config": {"output_dir": str(tmp_path / name), "max_steps": steps, "save_steps": 3,
+                                          "learning_rate": 1e-2, "lr_scheduler_type": "constant",
+                                          "per_device_train_batch_size": 4, "seed": 0,
+                                          "disable_tqdm": True},
+                      "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}}, resume=resume)
+
+    from transformers import Trainer
+
+    straight = run("straight", 6)
+    run("resumed", 3)
+    steps, step = [], Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    resumed = run("resumed", 6, resume=True)
+    assert len(steps) == 3 and resumed.metrics["global_step"] == 6  # steps 4..6 only: a restart would train 6
+    a = load_file(straight.output_dir / "adapter_model.safetensors")
+    b = load_file(resumed.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
