@@ -185,9 +185,17 @@ def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, t
                     "data": {"train": str(data), "eval_split": 0, "max_seq_length": 256},
                     "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-3,
                                         "per_device_train_batch_size": 4, "save_steps": 100, "disable_tqdm": True},
-                    "peft_config": {"r": 4, "lora_alpha": 8}})
+                    "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj",
+                                                                               "audio_embed.up_proj_for_speech"]}})
     assert result.metrics["train_audio"] == 8 and result.metrics["global_step"] == 2
-    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    trained = {k: t for k, t in load_file(tmp_path / "run" / "adapter_model.safetensors").items() if "lora_B" in k}
+    # the language model's qkv_proj in each layer, and the speech projector named by its path: both trained
+    assert sorted(k.split(".lora_B")[0].removeprefix("base_model.model.") for k in trained) == [
+        "model.embed_tokens_extend.audio_embed.up_proj_for_speech", "model.layers.0.self_attn.qkv_proj",
+        "model.layers.1.self_attn.qkv_proj"]
+    assert all(t.abs().sum() > 0 for t in trained.values())
 
 
 def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multimodal, tmp_path, monkeypatch):

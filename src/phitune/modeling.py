@@ -405,6 +405,9 @@ def resolve_target_modules(model, target_modules, allow_fused_slices: bool = Fal
         return target_modules
     existing = linear_layer_names(model)
     all_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    # a dotted entry names a path's end, as PEFT matches it (`image_embed.img_projection_up` in Phi-4-multimodal)
+    all_names |= {t for t in target_modules if "." in t and any(name == t or name.endswith("." + t)
+                                                                   for name, _ in model.named_modules())}
     if isinstance(target_modules, str):  # PEFT treats a string as a regex over full module names
         if not any(re.fullmatch(target_modules, name) for name, _ in model.named_modules()):
             raise PhituneError(f"target_modules regex {target_modules!r} matches no module; "
