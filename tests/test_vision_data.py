@@ -233,3 +233,29 @@ def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multi
     assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_qlora_trains_on_a_4bit_multimodal_base(tiny_multimodal, tmp_path):
+    """QLoRA on the CPU (bitsandbytes): every linear layer of the base in NF4, encoders included, the built-in
+    vision-lora merged into it as it loads (requantised), the LoRA trained in fp32."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from phitune.api import train
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "audio", "path": write_tone(tmp_path / f"{i}.wav",
+                                                                                             330).name}]},
+                          {"role": "assistant", "content": "a tone"}]} for i in range(4)]
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    result = train({"method": "vision",
+                    "model": {"name_or_path": str(tiny_multimodal), "torch_dtype": "float32",
+                              "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                               "bnb_4bit_compute_dtype": "float32"}},
+                    "data": {"train": str(data), "eval_split": 0, "max_seq_length": 256},
+                    "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-2,
+                                        "per_device_train_batch_size": 4, "save_steps": 100, "disable_tqdm": True},
+                    "peft_config": {"r": 4, "lora_alpha": 8}})
+    quantized = [n for n, m in result.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any("layers.0.self_attn.qkv_proj" in n for n in quantized) and any("img_processor" in n for n in quantized)
+    lora_b = [t for k, t in load_file(tmp_path / "run" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b)
