@@ -16,6 +16,7 @@ import pytest
 import torch
 from phitune.config import DataConfig
 from phitune.data.multimodal import IMAGE_PLACEHOLDER, parse_row, read_media_rows
+from phitune.data.readers import BadRow
 from phitune.errors import PhituneError
 from phitune.tiny_vision import build_tiny_multimodal_model, shape_picture
 
@@ -178,6 +179,9 @@ def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, t
     processor = MediaProcessor(str(tiny_multimodal), config, tokenizer)
     row = read_media_rows(str(data), "train", DataConfig(train=str(data)))[0][0]
     assert row.media[0].size == (8000, 16000)
+    write_tone(tmp_path / "cd.wav", 220, rate=44100)
+    with pytest.raises(BadRow, match="cd.wav: 44100 Hz; Phi-4-multimodal takes 16000 Hz, resample it"):
+        parse_row(user_turn({"type": "audio", "path": "cd.wav"}), tmp_path, "train.jsonl:9")
     example, _ = encode_media_row(row, tokenizer, processor, training_chat_template(tokenizer), "all", 256)
     audio = [i for i, token in enumerate(example["input_ids"]) if token == config.audio_config.audio_token_id]
     assert len(audio) == example["media_tokens"][0] > 1 and all(example["labels"][i] == -100 for i in audio)

@@ -23,6 +23,7 @@ from phitune.errors import PhituneError, first_line
 
 IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER = "<|image|>", "<|audio|>"  # in rendered text; swapped for the model's tokens
 ROLES = ("system", "user", "assistant")
+AUDIO_RATE = 16000  # samples per second Phi-4-multimodal's audio feature extractor takes
 
 
 @dataclass
@@ -154,6 +155,8 @@ def load_audio(part: dict, base: Path, where: str) -> Media:
         samples, rate = media.open()
     except (OSError, EOFError, ValueError) as exc:
         raise BadRow(where, f"audio {media.name}: cannot read it as WAV ({first_line(exc)})") from None
+    if rate != AUDIO_RATE:  # transformers' feature extractor raises mid-training on any other rate
+        raise BadRow(where, f"audio {media.name}: {rate} Hz; Phi-4-multimodal takes {AUDIO_RATE} Hz, resample it")
     media.size = (len(samples), rate)
     return media
 

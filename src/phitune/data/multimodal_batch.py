@@ -14,7 +14,7 @@ inputs, not words the model could predict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class MediaProcessor:
         self.token_ids = {"image": vision.image_token_id, "audio": audio.audio_token_id}
         self.token_text = {kind: tokenizer.convert_ids_to_tokens(i) for kind, i in self.token_ids.items()}
         self.crop, self.pooled = vision.crop_size, -(-(vision.image_size // vision.patch_size) // 2)
-        self.model_path, self._images, self.audio = model_path, None, audio_feature_extractor(model_path)
+        self.model_path, self._images, self.audio = model_path, None, audio_feature_extractor()
 
     @property
     def images(self):
@@ -79,12 +79,9 @@ class MediaProcessor:
         return useful_h * (useful_w + 1) + 1 + self.pooled * (self.pooled + 1)
 
     def audio_inputs(self, clips: list) -> tuple[dict, list[int]]:
-        """(model inputs, tokens per clip) for (samples, sampling rate) pairs, in order."""
-        rates = {rate for _, rate in clips}
-        if len(rates) > 1:
-            raise PhituneError(f"audio clips of one batch have different sampling rates {sorted(rates)}; resample "
-                               "them to one rate (16000 Hz is the model's)")
-        out = self.audio([samples for samples, _ in clips], sampling_rate=rates.pop(), return_tensors="pt")
+        """(model inputs, tokens per clip) for (samples, sampling rate) pairs, in order (16 kHz: the rows' reader
+        refused any other rate)."""
+        out = self.audio([samples for samples, _ in clips], sampling_rate=clips[0][1], return_tensors="pt")
         inputs = {key: out[key] for key in ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
                   if key in out}
         return inputs, [int(n) for n in out["audio_embed_sizes"]]
@@ -116,8 +113,9 @@ def image_processor(model_path: str):
         return Phi4MultimodalImageProcessor()
 
 
-def audio_feature_extractor(model_path: str):
-    """transformers' Phi4MultimodalFeatureExtractor (log-mel features), with Phi-4-multimodal's settings."""
+def audio_feature_extractor():
+    """transformers' Phi4MultimodalFeatureExtractor (log-mel features) with its defaults (16 kHz, 80 mel bins, 8x
+    compression); a checkpoint's own audio settings are not read (not tried on real weights: docs/vision.md)."""
     from transformers import Phi4MultimodalFeatureExtractor
 
     return Phi4MultimodalFeatureExtractor()
@@ -129,9 +127,8 @@ class MediaSet:
 
     examples: list[dict]
     truncated: int = 0
-    skipped: list[str] = None
-    format: str = "messages"
-    skipped_rows: int = 0
+    skipped: list[str] = field(default_factory=list)  # "file:line: why" of each row left out
+    skipped_rows: int = 0  # every bad row of the run (reading and encoding), for metrics.json
 
     def __len__(self) -> int:
         return len(self.examples)
