@@ -16,7 +16,7 @@ from phitune.console import PROGRESS_LOG
 from phitune.errors import PhituneError
 from phitune.ui import views
 from phitune.ui.runs import find_runs, read_progress, run_row, start_training, stop_training
-from phitune.ui.workspace import DEMO, Workspace, redact
+from phitune.ui.workspace import DEMO, FORM_FIELDS, Workspace, apply_form, form_values, redact
 
 
 def test_paths_outside_the_folders_are_refused(tmp_path):
@@ -54,6 +54,23 @@ def test_the_checker_lists_every_problem_with_its_suggestion(tmp_path):
         "its folder too"]
     html = views.message_html(["unknown key x"])
     assert 'data-problems="1"' in html and "error: unknown key x" in html
+
+
+def test_the_form_edits_the_yaml_through_set(tmp_path):
+    """The form's fields are `--set` keys: typed values land in the YAML as the CLI would parse them, an emptied
+    field falls back to the default, and a bad value is the checker's problem like any other."""
+    workspace = Workspace([tmp_path])
+    text = workspace.example_yaml(DEMO)
+    values = dict(zip(FORM_FIELDS, form_values(text)))
+    assert values["training_config.learning_rate"] == "0.003" and values["peft_config.r"] == "16"
+    values.update({"training_config.learning_rate": "2e-4", "training_config.max_steps": "50", "peft_config.r": ""})
+    edited = apply_form(text, list(values.values()))
+    cfg, problems = workspace.check(edited)
+    assert problems == [] and cfg.training_config["learning_rate"] == 2e-4 and cfg.training_config["max_steps"] == 50
+    assert "r" not in cfg.peft_config and cfg.peft_config["lora_alpha"] == 32
+    values["training_config.num_train_epochs"] = "six"
+    assert any("num_train_epochs" in p for p in workspace.check(apply_form(text, list(values.values())))[1])
+    assert form_values("model: [unclosed") == [""] * len(FORM_FIELDS)
 
 
 def test_tokens_never_reach_the_page(tmp_path, monkeypatch):

@@ -108,6 +108,20 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
     page.screenshot(path=shots / "02-config-error.png", full_page=True)
     _set_yaml(page, demo_text)
     page.wait_for_selector("#problems [data-problems='0']")
+    # the form edits the same YAML: a value typed there appears in the editor; emptied, it is gone again
+    page.locator("#form").get_by_text("or edit the usual settings in a form").click()
+    field = page.locator("#form-training_config-max_steps textarea")
+    field.click()
+    page.keyboard.type("12")
+    page.keyboard.press("Tab")  # leaving the field applies it
+    page.wait_for_function("document.querySelector('#yaml .cm-content').innerText.includes('max_steps: 12')")
+    field.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.press("Backspace")
+    page.keyboard.press("Tab")
+    page.wait_for_function("!document.querySelector('#yaml .cm-content').innerText.includes('max_steps')")
+    assert "max_steps" not in page.locator("#yaml .cm-content").inner_text()
+    page.wait_for_selector("#problems [data-problems='0']")
 
     # Data: the data doctor's table, the example with trained spans marked, the histogram
     page.get_by_role("tab", name="Data").click()

@@ -15,7 +15,7 @@ from phitune.run_dir import prepare_output_dir
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
 from phitune.ui.runs import evaluate_run, find_runs, read_progress, run_row, start_training, stop_training
-from phitune.ui.workspace import CONFIG_FOLDER, DEMO, Workspace, redact
+from phitune.ui.workspace import CONFIG_FOLDER, DEMO, FORM_FIELDS, Workspace, apply_form, form_values, redact
 
 REFRESH_S = 2.0  # how often the Train and Runs tabs re-read the run directories
 
@@ -48,6 +48,16 @@ def _configure_tab(workspace: Workspace):
     first = workspace.example_yaml(DEMO)  # the page opens on the demo: Start trains it at once
     yaml_box = gr.Code(first, language="yaml", label="config (YAML)", elem_id="yaml", interactive=True)
     problems = gr.HTML(views.message_html(workspace.check(first)[1]), elem_id="problems")
+    with gr.Accordion("or edit the usual settings in a form", open=False, elem_id="form"):
+        with gr.Row():
+            fields = [gr.Textbox(value, label=key, elem_id=f"form-{key.replace('.', '-')}", min_width=200)
+                      for key, value in zip(FORM_FIELDS, form_values(first))]
+
+    def from_form(text, *values):
+        try:
+            return apply_form(text, list(values))
+        except PhituneError:  # the YAML does not parse: the problems line says so already
+            return gr.skip()
 
     def pick(name):
         return workspace.example_yaml(name) if name else gr.skip()
@@ -69,6 +79,10 @@ def _configure_tab(workspace: Workspace):
     example.change(pick, example, yaml_box)
     open_button.click(open_file, path, [yaml_box, problems])
     yaml_box.change(check, yaml_box, problems)
+    yaml_box.change(form_values, yaml_box, fields)
+    for field in fields:  # a field a person leaves (Tab, a click elsewhere) or submits: the YAML follows
+        field.blur(from_form, [yaml_box, *fields], yaml_box)
+        field.submit(from_form, [yaml_box, *fields], yaml_box)
     return yaml_box
 
 

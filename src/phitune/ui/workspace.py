@@ -134,6 +134,41 @@ class Workspace:
         raise PhituneError(f"no config to resume {output_dir} with; start it from the Configure tab with --resume")
 
 
+# The form beside the YAML editor: the settings people change most, each a `--set` key (section.key)
+FORM_FIELDS = ["data.train", "data.eval", "data.max_seq_length", "training_config.output_dir",
+               "training_config.learning_rate", "training_config.num_train_epochs", "training_config.max_steps",
+               "training_config.per_device_train_batch_size", "peft_config.r", "peft_config.lora_alpha"]
+
+
+def form_values(text: str) -> list[str]:
+    """The form's fields as the YAML text sets them ("" where it does not, or where the YAML does not parse)."""
+    try:
+        raw = parse_yaml(text or "")
+    except PhituneError:
+        return [""] * len(FORM_FIELDS)
+    values = []
+    for key in FORM_FIELDS:
+        section, name = key.split(".")
+        value = (raw.get(section) or {}).get(name) if isinstance(raw.get(section) or {}, dict) else None
+        values.append("" if value is None else str(value))
+    return values
+
+
+def apply_form(text: str, values: list[str]) -> str:
+    """The YAML text with the form's fields set, through the same `--set` code as the CLI (an emptied field
+    removes its key, so the default applies); comments of the text are not kept."""
+    raw = parse_yaml(text or "")
+    from phitune.config import apply_overrides
+
+    for key, value in zip(FORM_FIELDS, values):
+        section, name = key.split(".")
+        if str(value).strip():
+            apply_overrides(raw, [f"{key}={value}"])
+        elif isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def parse_yaml(text: str) -> dict:
     try:
         raw = yaml.safe_load(text) or {}
