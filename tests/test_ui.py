@@ -150,3 +150,24 @@ def test_a_dead_process_reads_as_interrupted(tmp_path):
     line["pid"] = os.getpid()
     (output_dir / PROGRESS_LOG).write_text(json.dumps(line) + "\n")
     assert read_progress(output_dir).state == "running"
+
+
+def test_a_run_that_left_only_its_progress_log_starts_again_there(tmp_path):
+    """A run that failed before its first checkpoint leaves only the progress log: the directory counts as empty
+    (no --overwrite needed), and the new run's begin line at step 0 drops the old run's points."""
+    from phitune.run_dir import run_state
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    old = [{"event": "begin", "time": 0.0, "step": 0, "max_steps": 10, "tokens": 0, "pid": 2**22 + 1},
+           {"event": "log", "time": 1.0, "step": 0, "max_steps": 10, "tokens": 0, "logs": {"eval_loss": 9.0}},
+           {"event": "log", "time": 2.0, "step": 2, "max_steps": 10, "tokens": 50, "logs": {"loss": 8.0}}]
+    (output_dir / PROGRESS_LOG).write_text("".join(json.dumps(line) + "\n" for line in old))
+    assert run_state(output_dir) == "empty"
+    new = [dict(old[0], time=10.0), dict(old[1], time=11.0, logs={"eval_loss": 3.0})]
+    with open(output_dir / PROGRESS_LOG, "a") as log:
+        log.write("".join(json.dumps(line) + "\n" for line in new))
+    progress = read_progress(output_dir)
+    assert progress.eval_loss == [(0, 3.0)] and progress.loss == []
+    (output_dir / "notes.txt").write_text("mine")
+    assert run_state(output_dir) == "foreign"

@@ -72,12 +72,13 @@ def run_state(output_dir: Path) -> str:
             raise PhituneError(f"training_config.output_dir {output_dir} is a file, not a directory")
         return "empty"
     children = _children(output_dir)
-    if not children:
+    # The progress log alone: a run that failed before writing anything worth keeping. A new run starts there and
+    # appends to the log (its begin line at step 0 makes readers drop the old steps), as in an empty directory.
+    if all(child.name == PROGRESS_LOG and child.is_file() for child in children):
         return "empty"
     if finished_run(output_dir):
         return "finished"
-    # runs/ (TensorBoard) and the progress log: what a run stopped before its first checkpoint leaves
-    started = ("phitune_config.yaml", "runs", PROGRESS_LOG)
+    started = ("phitune_config.yaml", "runs")  # runs/: the TensorBoard logs of a run stopped before its checkpoint
     if any(is_run_file(child) and (child.name in started or CHECKPOINT_DIR.match(child.name)) for child in children):
         return "interrupted"
     return "foreign"

@@ -90,11 +90,11 @@ def read_progress(output_dir: Path) -> RunProgress:
         return _from_trainer_state(progress)
     begin = None
     for line in lines:
-        if line["event"] == "begin":
+        if line["event"] == "begin":  # resumed at step N: keep what led to N; a new run at step 0: keep nothing
             begin = line
             progress.pid = line.get("pid")
-            progress.loss = [p for p in progress.loss if p[0] <= line["step"]]
-            progress.eval_loss = [p for p in progress.eval_loss if p[0] <= line["step"]]
+            progress.loss = [p for p in progress.loss if p[0] <= line["step"] and line["step"]]
+            progress.eval_loss = [p for p in progress.eval_loss if p[0] <= line["step"] and line["step"]]
         for key, series in (("loss", progress.loss), ("eval_loss", progress.eval_loss)):
             if key in line.get("logs", {}):
                 series.append((line["step"], float(line["logs"][key])))
