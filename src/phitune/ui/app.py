@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 from phitune.run_dir import prepare_output_dir
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
@@ -297,7 +297,10 @@ def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860, block:
     os.chdir(workspace.home)
     app = build_app(workspace)
     app.queue(default_concurrency_limit=4)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
-               theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
-               css=views.CSS, footer_links=[])
+    try:
+        app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
+                   theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
+                   css=views.CSS, footer_links=[])
+    except OSError as exc:  # gradio: "Cannot find empty port in range: 7860-7860"
+        raise PhituneError(f"cannot serve on {host}:{port} ({first_line(exc).split('. ')[0]}); pass another --port") from None
     return app
