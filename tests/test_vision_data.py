@@ -263,3 +263,13 @@ def test_qlora_trains_on_a_4bit_multimodal_base(tiny_multimodal, tmp_path):
     assert any("layers.0.self_attn.qkv_proj" in n for n in quantized) and any("img_processor" in n for n in quantized)
     lora_b = [t for k, t in load_file(tmp_path / "run" / "adapter_model.safetensors").items() if "lora_B" in k]
     assert len(lora_b) == 8 and all(t.abs().sum() > 0 for t in lora_b)
+
+
+def test_text_sft_on_rows_with_images_points_to_method_vision(tmp_path):
+    from phitune.data import load_conversations
+
+    shape_picture(tmp_path / "a.png", "red")
+    data = write_rows(tmp_path / "train.jsonl", [user_turn({"type": "image", "path": "a.png"})])
+    with pytest.raises(PhituneError, match=r"train.jsonl:1: turn 1 \(user\) is a list of content parts \(images, "
+                                           r"audio\): train Phi-4-multimodal on it with method: vision"):
+        load_conversations(DataConfig(train=str(data), eval_split=0))
