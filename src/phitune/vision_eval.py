@@ -8,6 +8,7 @@ need left-padded image tokens, which the model's image embedding does not take).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import replace
@@ -120,11 +121,12 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
 
 def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
     """`phitune data` for method vision: counts, token lengths with the image tokens, an example whose pictures
-    are named and sized, and the length histogram (in `output`, default the run's output_dir)."""
+    are named and sized, and the length histogram (in `output`, else in the data cache, as for text data: never in
+    the run's directory)."""
     import numpy as np
 
     from phitune.data import load_splits, training_chat_template
-    from phitune.data.inspect import DataReport, plot_lengths
+    from phitune.data.inspect import DataReport, plot_lengths, report_dir
     from phitune.data.multimodal import read_media_rows
     from phitune.data.multimodal_batch import MediaProcessor, encode_media_rows
     from phitune.modeling import load_model_config, load_tokenizer
@@ -140,7 +142,8 @@ def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int =
         raise PhituneError(f"{cfg.data.train}: no usable rows")
     lengths = np.asarray([len(e["input_ids"]) for e in encoded.examples])
     example = encoded.examples[min(example_index, len(encoded) - 1)]
-    histogram = plot_lengths(lengths, cfg.data.max_seq_length, Path(output or cfg.output_dir) / "data_lengths.png")
+    entry = "vision-" + hashlib.sha256(f"{cfg.model.name_or_path}|{cfg.data.train}".encode()).hexdigest()[:16]
+    histogram = plot_lengths(lengths, cfg.data.max_seq_length, report_dir(cfg, output, entry) / "data_lengths.png")
     images = sum(len(e["media"]) for e in encoded.examples)
     return DataReport(source=cfg.data.train, format="messages (multimodal)",
                       counts={"train examples": len(encoded), "eval examples": len(evals), "images and audio": images},
