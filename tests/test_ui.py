@@ -171,3 +171,31 @@ def test_a_run_that_left_only_its_progress_log_starts_again_there(tmp_path):
     assert progress.eval_loss == [(0, 3.0)] and progress.loss == []
     (output_dir / "notes.txt").write_text("mine")
     assert run_state(output_dir) == "foreign"
+
+
+def test_side_by_side_chat_is_the_base_and_the_tuned_model(make_config, tmp_path):
+    """The page's chat holds one copy of the weights: with the adapter switched off it answers as the base model
+    alone, with it on as `phitune chat` on the run; a second turn sees the first (multi-turn) and the system prompt."""
+    from phitune import api
+    from phitune.generate import SamplingSettings, generate_replies, load_for_inference
+    from phitune.train import run_training
+    from phitune.ui.chat import ChatModels
+
+    cfg = make_config(training_config={"max_steps": 4, "learning_rate": 5e-2})
+    run_training(cfg)
+    models, system, first = ChatModels(), "Answer in one short sentence.", "What noise does a cow make?"
+
+    def replies(tuned: bool) -> tuple[str, str]:
+        one = list(models.stream(cfg.output_dir, [], first, system, tuned, 12))[-1]
+        history = [{"role": "user", "content": first}, {"role": "assistant", "content": one}]
+        return one, list(models.stream(cfg.output_dir, history, "And a dog?", system, tuned, 12))[-1]
+
+    base_model, tokenizer = load_for_inference(cfg.model)
+    conversation = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+    base_one, _ = replies(tuned=False)
+    assert base_one.strip() == generate_replies(base_model, tokenizer, [conversation], SamplingSettings(12))[0]
+    session = api.chat(cfg.output_dir, system=system, max_new_tokens=12)
+    tuned_one, tuned_two = replies(tuned=True)
+    assert tuned_one.strip() == api.chat_turn(session, first)
+    assert tuned_two.strip() == api.chat_turn(session, "And a dog?")
+    assert tuned_one != base_one  # the adapter is on for one and off for the other
