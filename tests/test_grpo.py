@@ -121,6 +121,7 @@ def test_phitune_eval_on_a_grpo_run_scores_base_and_adapter(grpo_run, tmp_path):
     shown = CliRunner().invoke(app, ["eval", str(result.output_dir), "--output", str(tmp_path),
                                      "--max-new-tokens", "8"])
     assert shown.exit_code == 0, shown.output
+    assert "6 held-out prompts (greedy)" in shown.output and "pass_rate" in shown.output
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["metrics"]) == {"base", "fine-tuned"} and report["info"]["eval_examples"] == 6
     assert report["metrics"]["fine-tuned"]["reward"] == pytest.approx(result.metrics["reward_after"], abs=1e-6)
@@ -148,6 +149,38 @@ def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path):
+    """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps (not
+    4), ending at the adapter of an uninterrupted run (test_reliability's launcher, GRPO config)."""
+    from phitune.config import save_config
+    from phitune.train_support import latest_complete_checkpoint
+    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+
+    def config(name):
+        cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / name / "out", data={"eval": None, "eval_split": 0},
+                          training_config={"lr_scheduler_type": "constant", "save_total_limit": 10})
+        (tmp_path / name).mkdir()
+        save_config(cfg, tmp_path / name / "run.yaml")
+        return tmp_path / name / "run.yaml"
+
+    reference = start_train(config("reference"))
+    killed = config("killed")
+    out = tmp_path / "killed" / "out"
+    proc = start_train(killed, hold_at=2)
+    wait_for(lambda: latest_complete_checkpoint(out) is not None, proc, timeout=240)
+    proc.kill()
+    proc.wait()
+    assert latest_complete_checkpoint(out).name == "checkpoint-2" and not (out / "checkpoint-4").exists()
+    code, stderr = finish(start_train(killed, "--resume"))
+    assert code == 0, stderr[-3000:]
+    assert len(TRAIN_LINE.findall((tmp_path / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
+    assert finish(reference)[0] == 0
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "reference" / "out" / "adapter_model.safetensors"))
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_prompt_rows_and_a_failing_reward_stop_with_one_line(tiny_model_dir, prompt_files, tmp_path):
@@ -203,6 +236,7 @@ def test_phitune_data_shows_a_prompt_its_columns_and_warnings(tiny_model_dir, pr
     assert summary["format"] == "prompt (string)" and summary["train prompts"] == 6
     assert summary["skipped rows"] == 1 and summary["columns for the rewards"] == "answer, topic"
     assert "prompt tokens min / median / max" in summary and report.histogram.is_file()
+    assert summary["prompt budget (max_seq_length - max_completion_length)"] == 32
     text = "".join(piece for piece, _ in report.example)
     assert "<|user|>" in text and "Name colour number 0." in text and '"answer": "red"' in text
     warnings = " | ".join(report.warnings)

@@ -145,7 +145,8 @@ def test_the_rewards_section_and_grpo_keys_are_checked_at_load_with_did_you_mean
     assert "\n" not in message
     for part in ["rewards[0].name must be one of answer, format, json, length, got 'answr' (did you mean 'answer'?)",
                  "rewards[1]: the format reward needs a pattern",
-                 "rewards[2].extract must be one of last_number, boxed, regex, text, got 'boxd' (did you mean 'boxed'?)",
+                 "rewards[2].extract must be one of last_number, boxed, regex, text, got 'boxd' "
+                 "(did you mean 'boxed'?)",
                  "rewards[3].max_tokens must be a positive number of tokens, got 0",
                  "rewards[4].function must be module:function or path/to/file.py:function, got 'just_a_name'",
                  "unknown key rewards[5].colum (did you mean 'column'?)", "rewards[5].weight must be a number",
@@ -191,7 +192,8 @@ def test_the_gsm8k_example_loads_and_quotes_the_memory_phitune_memory_computes()
     assert [int(quoted[1]), int(quoted[2])] == [math.ceil(estimate_run(cfg, q).total) for q in (False, True)]
     shape = SHAPES[cfg.model.name_or_path]  # the KV cache of one step's completions, generated at once
     per_token = shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * 2 * 2
-    completions = cfg.training_config["per_device_train_batch_size"] * cfg.training_config["gradient_accumulation_steps"]
+    training = cfg.training_config
+    completions = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
     assert f"{completions} x {cfg.data.max_seq_length} tokens x {per_token / 1e3:.0f} kB = " \
            f"{completions * cfg.data.max_seq_length * per_token / 1e9:.1f} GB" in path.read_text()
     reward = build_rewards(cfg.rewards)

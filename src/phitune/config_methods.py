@@ -104,7 +104,8 @@ def _check_reward(entry: dict, where: str, problems: list[str]) -> None:
         return
     name = entry["name"]
     if name not in BUILTIN_REWARDS:
-        problems.append(f"{where}.name must be one of {', '.join(BUILTIN_REWARDS)}, got {name!r}{_suggest(name, BUILTIN_REWARDS)}")
+        problems.append(f"{where}.name must be one of {', '.join(BUILTIN_REWARDS)}, got {name!r}"
+                        f"{_suggest(name, BUILTIN_REWARDS)}")
         return
     _unknown_keys(entry, ("name", "weight", *BUILTIN_REWARDS[name]), where, problems)
     _check_builtin(name, entry, where, problems)

@@ -93,7 +93,7 @@ EVAL_ROWS = [  # (metric key, label, higher is better)
 def print_eval_table(result) -> None:
     """Base and fine-tuned metrics side by side; the better value of each row in bold."""
     names = list(result.metrics)
-    if "preference_accuracy" in result.metrics[names[0]]:  # a DPO / ORPO run's eval (recipes.preference)
+    if {"preference_accuracy", "reward"} & set(result.metrics[names[0]]):  # DPO / ORPO or GRPO (recipes/)
         print_preference_eval(result)
         return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
@@ -110,9 +110,11 @@ def print_eval_table(result) -> None:
 
 
 def print_preference_eval(result) -> None:
-    """The models side by side, one row per preference metric (accuracy, margin, summed log-probabilities)."""
+    """The models side by side, one row per metric: preference accuracy, margin and summed log-probabilities (DPO /
+    ORPO), or each reward's mean and the pass rate of greedy completions (GRPO, whose info names its `unit`)."""
     names = list(result.metrics)
-    table = Table(title=f"phitune eval: {result.info['eval_examples']} held-out preference pairs")
+    unit = result.info.get("unit", "held-out preference pairs")
+    table = Table(title=f"phitune eval: {result.info['eval_examples']} {unit}")
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")

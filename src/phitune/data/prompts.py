@@ -164,6 +164,7 @@ class PromptDataReport:
     counts: dict
     lengths: dict[str, list[int]]  # "prompt": token lengths of the train prompts
     max_seq_length: int
+    budget: int  # tokens a prompt may take: max_seq_length minus max_completion_length
     columns: list[str]
     example: list[tuple[str, bool]]  # (text, trained?): the rendered prompt, then its columns
     histogram: object = None
@@ -174,6 +175,7 @@ class PromptDataReport:
         ordered = sorted(self.lengths["prompt"])
         rows["prompt tokens min / median / max"] = f"{ordered[0]} / {ordered[len(ordered) // 2]} / {ordered[-1]}"
         rows["max_seq_length"] = self.max_seq_length
+        rows["prompt budget (max_seq_length - max_completion_length)"] = self.budget
         return rows
 
 
@@ -198,7 +200,8 @@ def inspect_prompt_data(cfg, output_dir=None, example_index: int = 0, budget: in
     report = PromptDataReport(
         source=str(cfg.data.train), format=data.format,
         counts={"train prompts": len(data.train), "eval prompts": len(data.eval), "skipped rows": len(data.skipped)},
-        lengths={"prompt": lengths}, max_seq_length=cfg.data.max_seq_length, columns=columns, example=example)
+        lengths={"prompt": lengths}, max_seq_length=cfg.data.max_seq_length, budget=budget, columns=columns,
+        example=example)
     report.warnings = prompt_warnings(data, lengths, budget, needed_columns, cfg.data.on_bad_row)
     report.histogram = plot_lengths(lengths, budget, report_dir(cfg, output_dir, _report_key(cfg)) / HISTOGRAM_PNG)
     return report

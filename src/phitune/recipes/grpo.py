@@ -208,21 +208,13 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
     from dataclasses import replace
 
     from phitune.config import load_run_config
-    from phitune.data.prompts import load_prompt_data
     from phitune.evaluate import EVAL_JSON, EvalResult
     from phitune.generate import attach_adapter, load_for_inference
     from phitune.rewards import build_rewards, score_completions
 
     run = load_run_config(adapter) if adapter is not None else None
     rewards = build_rewards(run.rewards if run is not None and run.rewards else [{"name": "answer"}])
-    if use_eval_split:
-        rows = load_prompt_data(data_cfg).eval
-    else:
-        every_row = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
-        rows = load_prompt_data(every_row).train  # --data FILE: the whole file is the eval set
-    if not rows:
-        raise PhituneError("the run has no held-out prompts (data.eval_split is 0 and no data.eval); pass --data FILE")
-    rows = rows[:num_generate] if num_generate else rows
+    rows = eval_prompts(data_cfg, use_eval_split, num_generate)
     model, tokenizer = load_for_inference(replace(model_cfg, adapter=None))
 
     def score(current):
@@ -239,12 +231,29 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
             model = attach_adapter(model, adapter)
         metrics["fine-tuned"] = score(model)
     info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(rows),
+                unit="held-out prompts (greedy)",
                 metric="mean reward per function of greedy completions (reward: weighted total); pass_rate: share "
                        "of prompts whose completion earns the full answer reward")
     result = EvalResult(metrics=metrics, info=info, output_dir=Path(output_dir))
     result.output_dir.mkdir(parents=True, exist_ok=True)
     (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def eval_prompts(data_cfg, use_eval_split: bool, limit: int | None):
+    """The run's held-out prompts, or (--data FILE) every prompt of the file; the first `limit` of them."""
+    from dataclasses import replace
+
+    from phitune.data.prompts import load_prompt_data
+
+    if use_eval_split:
+        rows = load_prompt_data(data_cfg).eval
+    else:
+        every_row = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
+        rows = load_prompt_data(every_row).train  # --data FILE: the whole file is the eval set
+    if not rows:
+        raise PhituneError("the run has no held-out prompts (data.eval_split is 0 and no data.eval); pass --data FILE")
+    return rows[:limit] if limit else rows
 
 
 def inspect_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
