@@ -182,3 +182,33 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
     assert "A cow says moo." not in page.locator("#chat-base").inner_text()
     page.screenshot(path=shots / "08-chat.png", full_page=True)
     assert outside == [], f"the page asked the network for {outside[:3]}"
+
+
+def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
+    """Stop is phitune's graceful stop (a checkpoint, then exit): the run reads as interrupted; Resume continues it
+    from that checkpoint to the end. A short demo (60 steps, a checkpoint every 10) in its own output directory."""
+    import yaml
+
+    shots = _shots(tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(page_url)
+    page.wait_for_selector("#problems [data-problems='0']")
+    raw = yaml.safe_load(page.locator("#yaml .cm-content").inner_text())
+    raw["training_config"].update(max_steps=60, save_steps=10, eval_steps=30, logging_steps=5,
+                                  output_dir=str(tmp_path / "outputs" / "stop-resume"))
+    raw["data"]["max_eval_examples"] = 16
+    _set_yaml(page, yaml.safe_dump(raw, sort_keys=False))
+    page.wait_for_selector("#problems [data-problems='0']")
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#start").click()
+    page.wait_for_function("Number(document.querySelector('#train-status .phitune-progress')"
+                           "?.getAttribute('data-step')) >= 3", timeout=300_000)
+    page.locator("#stop").click()
+    page.wait_for_selector("#train-status [data-state='interrupted']", timeout=120_000)
+    stopped = int(page.locator("#train-status .phitune-progress").get_attribute("data-step"))
+    assert 3 <= stopped < 60 and (tmp_path / "outputs" / "stop-resume" / f"checkpoint-{stopped}").is_dir()
+    page.screenshot(path=shots / "09-stopped.png", full_page=True)
+    page.locator("#resume").click()
+    page.wait_for_selector("#train-status [data-state='finished']", timeout=600_000)
+    assert "step 60/60" in page.locator("#train-status").inner_text()
+    page.screenshot(path=shots / "10-resumed-finished.png", full_page=True)
