@@ -6,7 +6,7 @@ depend on the one it imports, it only hides it until the function runs. Layers, 
     base      errors, the package root, lora/, metrics, console, report, hub, tiny, config_types, config_methods
     config    config
     library   data/, modeling, speed/, plan, memory, lora_backend, generate, evaluate, merge, export/, rewards,
-              tiny_vision, vision_eval
+              tiny_vision, vision_eval, benchmarks, serve
     lifecycle run, run_dir, train_support, trainer_hooks
     recipes   recipes/ (one module per method; no recipe imports another)
     driver    train
@@ -29,7 +29,7 @@ LAYERS = [
     ("base", ("errors", "", "lora", "metrics", "console", "report", "hub", "tiny", "config_types", "config_methods")),
     ("config", ("config",)),
     ("library", ("data", "modeling", "speed", "plan", "memory", "lora_backend", "generate", "evaluate", "merge",
-                 "export", "rewards", "tiny_vision", "vision_eval")),
+                 "export", "rewards", "tiny_vision", "vision_eval", "benchmarks", "serve")),
     ("lifecycle", ("run", "run_dir", "train_support", "trainer_hooks")),
     ("recipes", ("recipes",)),
     ("driver", ("train",)),

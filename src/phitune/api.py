@@ -54,15 +54,25 @@ def train(config: dict | str | Path | RunConfig, overrides: list[str] | None = N
 
 def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapter: str | Path | None = None,
              data: str | None = None, num_generate: int = 50, max_new_tokens: int = 64, batch_size: int = 8,
-             output: str | Path | None = None):
+             output: str | Path | None = None, benchmarks: list[str] | None = None, limit: int | None = None):
     """Base and fine-tuned model side by side (`phitune eval`); returns an EvalResult whose `metrics` maps
     "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO
     run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp.
 
+    `benchmarks` (`phitune eval --benchmarks`): lm-evaluation-harness task names or task YAML files instead, at
+    most `limit` examples each; the scores are in the result's `benchmarks` (docs/benchmarks.md).
     Writes eval.json (and for SFT report.md and eval.png) into `output` (default: the run directory).
     """
     from phitune.train import evaluate_run
 
+    if limit is not None and benchmarks is None:
+        raise PhituneError("limit goes with benchmarks")
+    if benchmarks is not None:
+        from phitune.benchmarks import parse_benchmark_names, run_benchmarks
+
+        return run_benchmarks(Path(run_dir) if run_dir else None, model, Path(adapter) if adapter else None,
+                              parse_benchmark_names(",".join(benchmarks)), limit=limit, batch_size=batch_size,
+                              output=Path(output) if output else None)
     return evaluate_run(Path(run_dir) if run_dir else None, model, Path(adapter) if adapter else None, data,
                         num_generate=num_generate, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         output=Path(output) if output else None)

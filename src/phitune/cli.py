@@ -62,6 +62,7 @@ def setup_logging(verbose: bool = False) -> None:
         # transformers' weight-loading bars read this too; phitune's own console shows training progress
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # `eval --benchmarks`: its set-up notes, per model
         # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
@@ -136,12 +137,25 @@ def eval_(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="most tokens per generated answer"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="conversations per forward pass"),
     output: Optional[Path] = typer.Option(None, "--output", help="where eval.json and report.md go (default: the run)"),
+    benchmarks: Optional[str] = typer.Option(
+        None, "--benchmarks", help="NAME[,NAME...]: lm-evaluation-harness tasks (or task YAML files) instead, e.g. "
+        "gsm8k,ifeval; needs the [bench] extra"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="with --benchmarks: at most N examples per task"),
 ):
     """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
-    dpo / orpo run: preference accuracy and margin on held-out pairs)."""
+    dpo / orpo run: preference accuracy and margin on held-out pairs); with --benchmarks, lm-eval's tasks."""
     from phitune.report import print_eval_table
     from phitune.train import evaluate_run
 
+    if benchmarks is not None or limit is not None:
+        from phitune.benchmarks import parse_benchmark_names, run_benchmarks
+
+        if benchmarks is None or data is not None:
+            raise PhituneError("--limit goes with --benchmarks" if benchmarks is None else
+                               "--data does not apply to --benchmarks (lm-eval reads each task's own data)")
+        print_eval_table(run_benchmarks(run_dir, model, adapter, parse_benchmark_names(benchmarks), limit=limit,
+                                        batch_size=batch_size, output=output))
+        return
     print_eval_table(evaluate_run(run_dir, model, adapter, data, num_generate=num_generate,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, output=output))
 
@@ -274,6 +288,29 @@ def export(
         print(f"kept f16 (shape does not fit {result.quant}): {len(result.kept_f16)} tensors, e.g. {result.kept_f16[0]}")
     if result.modelfile:
         print(f"wrote {result.modelfile}; run: cd {result.modelfile.parent} && ollama create NAME -f Modelfile")
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="a finished run's output directory"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp | vllm (default: vllm on CUDA when "
+                                         "installed, else llama.cpp)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; 0.0.0.0 serves other machines (no key)"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="llama.cpp: the run's GGUF export (default: the one "
+                                        ".gguf file in the run directory)"),
+):
+    """An OpenAI-compatible server for the run (/v1/chat/completions): llama.cpp on its GGUF export, or vLLM with
+    the adapter as a LoRA module. Stops with Ctrl-C."""
+    from phitune.serve import plan_serve, run_server, warn_if_public
+
+    plan = plan_serve(run_dir, engine, host, port, gguf)
+    warn_if_public(host)
+    print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
+    print("$ " + " ".join(plan.command), flush=True)
+    code = run_server(plan)
+    if code != 0:
+        raise PhituneError(f"the {plan.engine} server exited with code {code} (its own message is above)")
 
 
 @app.command()

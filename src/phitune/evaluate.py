@@ -32,15 +32,18 @@ log = logging.getLogger("phitune")
 
 @dataclass
 class EvalResult:
-    """Metrics per model ("base", "fine-tuned", or "model" alone), sample generations, and where files went."""
+    """Metrics per model ("base", "fine-tuned", or "model" alone), sample generations, and where files went;
+    `benchmarks`: lm-eval tasks' scores per model with their versions and example counts (phitune.benchmarks)."""
 
     metrics: dict[str, dict[str, float]]
     samples: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     output_dir: Path | None = None
+    benchmarks: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"metrics": self.metrics, "info": self.info, "samples": self.samples}
+        found = {"metrics": self.metrics, "info": self.info, "samples": self.samples}
+        return {**found, "benchmarks": self.benchmarks} if self.benchmarks else found
 
 
 def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataConfig, output_dir: Path,

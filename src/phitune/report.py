@@ -92,6 +92,9 @@ EVAL_ROWS = [  # (metric key, label, higher is better)
 
 def print_eval_table(result) -> None:
     """Base and fine-tuned metrics side by side; the better value of each row in bold."""
+    if getattr(result, "benchmarks", None):  # phitune eval --benchmarks (phitune.benchmarks)
+        print_benchmark_table(result)
+        return
     names = list(result.metrics)
     if {"preference_accuracy", "reward"} & set(result.metrics[names[0]]):  # DPO / ORPO or GRPO (recipes/)
         print_preference_eval(result)
@@ -105,6 +108,35 @@ def print_eval_table(result) -> None:
         values = [result.metrics[n].get(key) for n in names]
         best = _best(values, higher) if len(names) > 1 else None
         table.add_row(label, *[f"[bold]{_fmt(v)}[/bold]" if i == best else _fmt(v) for i, v in enumerate(values)])
+    console.print(table)
+    console.print(f"eval.json, report.md and the chart are in [bold]{result.output_dir}[/bold]")
+
+
+def benchmark_rows(benchmarks: dict) -> tuple[list[str], list[tuple]]:
+    """(model names, rows): one row per benchmark with its main metric, version, example count and chat template."""
+    names = list(dict.fromkeys(n for bench in benchmarks.values() for n in bench["scores"]))
+    rows = []
+    for task, bench in benchmarks.items():
+        metric = bench["metric"] or "-"
+        values = [bench["scores"].get(n, {}).get(bench["metric"]) for n in names]
+        version = bench.get("version")
+        rows.append((task, metric.replace(",none", ""), "-" if version is None else str(version), bench.get("examples"),
+                     "yes" if bench.get("chat_template") else "no", values, bench.get("higher_is_better", True)))
+    return names, rows
+
+
+def print_benchmark_table(result) -> None:
+    """lm-eval benchmarks, the models side by side; the better score of each row in bold."""
+    names, rows = benchmark_rows(result.benchmarks)
+    table = Table(title="phitune eval: lm-evaluation-harness benchmarks")
+    for column in ("benchmark", "metric", "version", "examples", "chat template"):
+        table.add_column(column)
+    for name in names:
+        table.add_column(name, justify="right")
+    for task, metric, version, examples, chat, values, higher in rows:
+        best = _best(values, higher) if len(names) > 1 else None
+        table.add_row(task, metric, version, _fmt(examples), chat,
+                      *[f"[bold]{_fmt(v)}[/bold]" if i == best else _fmt(v) for i, v in enumerate(values)])
     console.print(table)
     console.print(f"eval.json, report.md and the chart are in [bold]{result.output_dir}[/bold]")
 
@@ -131,21 +163,28 @@ def _best(values: list, higher: bool) -> int | None:
     return (max(known) if higher else min(known))[1]
 
 
-def plot_eval_chart(metrics: dict[str, dict[str, float]], path) -> None:
-    """Grouped bars per metric, one bar per model (perplexity left out: its scale dwarfs the rest)."""
+def plot_eval_chart(metrics: dict[str, dict[str, float]], path, benchmarks: dict | None = None) -> None:
+    """Grouped bars per metric, one bar per model (perplexity left out: its scale dwarfs the rest); each lm-eval
+    benchmark adds a group of its main score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [(k, label) for k, label, _ in EVAL_ROWS if k != "perplexity" and any(k in m for m in metrics.values())]
-    width = 0.8 / max(1, len(metrics))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for offset, (name, values) in enumerate(metrics.items()):
-        xs = [i + offset * width for i in range(len(keys))]
-        ax.bar(xs, [values.get(k, 0.0) for k, _ in keys], width, label=name)
-    ax.set_xticks([i + width * (len(metrics) - 1) / 2 for i in range(len(keys))])
-    ax.set_xticklabels([label.split(" (")[0] for _, label in keys])
+    keys = [(k, label.split(" (")[0]) for k, label, _ in EVAL_ROWS
+            if k != "perplexity" and any(k in m for m in metrics.values())]
+    bars = {name: [values.get(k, 0.0) for k, _ in keys] for name, values in metrics.items()}
+    names, rows = benchmark_rows(benchmarks or {})
+    for name in list(bars) + [n for n in names if n not in bars]:
+        scores = [values[names.index(name)] if name in names else None for *_, values, _ in rows]
+        bars[name] = bars.get(name, [0.0] * len(keys)) + [score or 0.0 for score in scores]
+    labels = [label for _, label in keys] + [f"{task}\n{metric}" for task, metric, *_ in rows]
+    width = 0.8 / max(1, len(bars))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(labels)), 3.5))
+    for offset, (name, values) in enumerate(bars.items()):
+        ax.bar([i + offset * width for i in range(len(labels))], values, width, label=name)
+    ax.set_xticks([i + width * (len(bars) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -154,20 +193,40 @@ def plot_eval_chart(metrics: dict[str, dict[str, float]], path) -> None:
 
 
 def write_eval_markdown(result, path, chart_name: str, max_samples: int = 5) -> None:
-    """report.md: what was evaluated, the metrics table, the chart, and a few generated answers."""
+    """report.md: what was evaluated, the metrics table, the lm-eval benchmarks, the chart, a few answers."""
     names = list(result.metrics)
-    lines = [f"# phitune eval: {result.info.get('adapter') or result.info.get('model')}", "",
-             f"Base model `{result.info.get('model')}`; {result.info.get('eval_examples')} eval conversations "
-             f"(teacher-forced), {result.info.get('generated')} generated answers (greedy, at most "
-             f"{result.info.get('max_new_tokens')} new tokens).", "",
-             "| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    for key, label, _ in EVAL_ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(result.metrics[n].get(key)) for n in names) + " |")
-    lines += ["", f"![metrics]({chart_name})", "", "## Sample answers", ""]
+    lines = [f"# phitune eval: {result.info.get('adapter') or result.info.get('model')}", ""]
+    if names:
+        lines += [f"Base model `{result.info.get('model')}`; {result.info.get('eval_examples')} eval conversations "
+                  f"(teacher-forced), {result.info.get('generated')} generated answers (greedy, at most "
+                  f"{result.info.get('max_new_tokens')} new tokens).", "",
+                  "| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        for key, label, _ in EVAL_ROWS:
+            lines.append(f"| {label} | " + " | ".join(_fmt(result.metrics[n].get(key)) for n in names) + " |")
+    lines += benchmark_markdown(getattr(result, "benchmarks", None) or {})
+    lines += ["", f"![metrics]({chart_name})"] + (["", "## Sample answers", ""] if result.samples else [])
     for sample in result.samples[:max_samples]:
         lines.append(f"- **prompt:** {sample['prompt']}  \n  **reference:** {sample['reference']}")
         lines += [f"  \n  **{n}:** {sample[n]}" for n in names]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def benchmark_markdown(benchmarks: dict) -> list[str]:
+    """report.md's lm-eval section: a row per benchmark (main metric, version, examples, chat template)."""
+    if not benchmarks:
+        return []
+    names, rows = benchmark_rows(benchmarks)
+    first = next(iter(benchmarks.values()))
+    limit = f"; at most {first['limit']} examples per task (--limit)" if first.get("limit") else ""
+    lines = ["", "## Benchmarks (lm-evaluation-harness)", "",
+             f"lm-eval {first.get('harness', '?')}, {first.get('backend', 'hf')} backend{limit}; a chat task's "
+             "prompts go through the model's chat template.", "",
+             "| benchmark | metric | version | examples | chat template | " + " | ".join(names) + " |",
+             "| --- | --- | --- | ---: | --- |" + " ---: |" * len(names)]
+    for task, metric, version, examples, chat, values, _ in rows:
+        lines.append(f"| {task} | {metric} | {version} | {_fmt(examples)} | {chat} | "
+                     + " | ".join(_fmt(v) for v in values) + " |")
+    return lines
 
 
 def print_merge_summary(result) -> None:
