@@ -72,6 +72,16 @@ def test_vllm_command_serves_the_adapter_as_a_lora_module_with_the_runs_template
     assert command[command.index("--host") + 1] == "127.0.0.1"
 
 
+def test_only_a_public_address_is_warned_about(caplog):
+    from phitune.serve import warn_if_public
+
+    with caplog.at_level("WARNING", logger="phitune"):
+        for host in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+            warn_if_public(host)
+    assert [r.getMessage() for r in caplog.records] == [
+        "serving on 0.0.0.0: anyone who can reach this machine can use the model (no API key)"]
+
+
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(PhituneError, match="not a finished phitune run"):
         plan_serve(tmp_path, "llama.cpp")
