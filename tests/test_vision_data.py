@@ -78,7 +78,7 @@ def test_phitune_train_names_the_bad_image_in_one_line_and_leaves_nothing(tiny_m
     data = write_rows(tmp_path / "train.jsonl", [user_turn({"type": "image", "path": "nowhere.png"})])
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({"method": "vision", "model": {"name_or_path": str(tiny_multimodal)},
-                                  "data": {"train": str(data), "eval_split": 0},
+                                  "data": {"train": str(data), "eval_split": 0, "max_seq_length": 128},
                                   "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
                                   "peft_config": {"r": 4}}), encoding="utf-8")
     result = run_cli(["train", str(config)], cwd=tmp_path)

@@ -330,7 +330,8 @@ def _raw_model_type(name_or_path: str) -> str | None:
     import json
 
     try:
-        return json.loads((Path(name_or_path).expanduser() / "config.json").read_text(encoding="utf-8")).get("model_type")
+        config = json.loads((Path(name_or_path).expanduser() / "config.json").read_text(encoding="utf-8"))
+        return config.get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 

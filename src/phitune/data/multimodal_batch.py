@@ -165,8 +165,8 @@ def encode_media_rows(rows: list[MediaRow], tokenizer, processor: MediaProcessor
 
 def encode_media_row(row: MediaRow, tokenizer, processor: MediaProcessor, template: str, train_on: str,
                      max_seq_length: int) -> tuple[dict, bool]:
-    """({"input_ids", "labels", "media", "media_tokens"}, whether it was truncated): placeholders expanded to each item's tokens,
-    labels only on the assistant's text."""
+    """({"input_ids", "labels", "media", "media_tokens"}, whether it was truncated): placeholders expanded to each
+    item's tokens, labels only on the assistant's text."""
     messages = [{"role": m["role"], "content": processor.render(m["content"])} for m in row.messages]
     _, ids, _, mask = next(rendered_with_offsets(tokenizer, [messages], template))
     _, counts = processor.inputs(row.media) if row.media else ({}, [])

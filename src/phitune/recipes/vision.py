@@ -7,8 +7,8 @@ the language model's layers (`all-linear` means those, never the vision tower or
 names repeat the language model's), and on a vision or audio part only when named by its path (see
 `language_model_targets`). A converted checkpoint's built-in `vision-lora` adapter is merged into the base as it
 loads (phitune.modeling.merge_built_in_vision_lora), so it stays active under the user's LoRA, in training and at
-inference alike, and a merged model keeps it. Training, checkpoints,
-resume, the NaN guard and evaluation at step 0 and at the end are the SFT trainer's (phitune.train_support).
+inference alike, and a merged model keeps it. Training, checkpoints, resume, the NaN guard and evaluation at step 0
+and at the end are the SFT trainer's (phitune.train_support). docs/vision.md says what was run and what was not.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ class VisionData:
     train: object
     eval: object
     processor: object
-    kinds: tuple[str, ...] = ()  # the media kinds the rows hold: "image", "audio"
 
 
 def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
@@ -47,6 +46,9 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     from phitune.data.multimodal_batch import MediaProcessor, check_multimodal_model, encode_media_rows
 
     check_multimodal_model(plan.model_config, cfg.model.trust_remote_code)
+    if plan.context and cfg.data.max_seq_length > plan.context:
+        raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of "
+                           f"{plan.context}")
     train, evals, _, skipped = load_splits(cfg.data, read_media_rows)  # a bad picture fails before torchvision is used
     processor = MediaProcessor(cfg.model.name_or_path, plan.model_config, tokenizer, cfg.model.trust_remote_code)
     template = training_chat_template(tokenizer, cfg.data.train_on)
@@ -62,8 +64,7 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     if not len(train_set):
         raise PhituneError(f"{cfg.data.train}: no usable rows")
     train_set.skipped_rows = len(skipped)
-    kinds = tuple(sorted({m.kind for row in train + evals for m in row.media}))
-    return VisionData(train_set, eval_set, processor, kinds)
+    return VisionData(train_set, eval_set, processor)
 
 
 def build_config(cfg: RunConfig, data: VisionData, plan: RunPlan):
