@@ -135,14 +135,11 @@ def test_phi35_vision_needs_the_explicit_remote_code_opt_in(tmp_path):
         load_model_config(ModelConfig(name_or_path=str(tmp_path)))
 
 
-def test_method_vision_refuses_a_text_model_in_one_line(tiny_model_dir):
-    from phitune.data.multimodal_batch import check_multimodal_model
-    from phitune.modeling import load_model_config
-    from phitune.config import ModelConfig
-
-    with pytest.raises(PhituneError, match="method vision trains Phi-4-multimodal .* this model is phi3: for text "
-                                           "models use method: sft"):
-        check_multimodal_model(load_model_config(ModelConfig(name_or_path=str(tiny_model_dir))), False)
+def test_pictures_for_a_text_model_are_refused_in_one_line(tiny_model_dir, tmp_path):
+    picture = shape_picture(tmp_path / "a.png", "red")
+    result = run_cli(["chat", "--model", str(tiny_model_dir), "--image", str(picture)], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "pictures and audio need Phi-4-multimodal (model_type phi4_multimodal); this model is phi3" in result.stderr
 
 
 def write_tone(path: Path, hz: float, seconds: float = 0.5, rate: int = 16000) -> Path:

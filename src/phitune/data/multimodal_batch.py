@@ -25,7 +25,7 @@ from phitune.errors import PhituneError
 
 
 def check_multimodal_model(model_config, trust_remote_code: bool) -> None:
-    """Refuse, in one line, a model this recipe cannot train."""
+    """Refuse, in one line, a model phitune cannot give pictures or audio to (training, chat, generate, eval)."""
     model_type = getattr(model_config, "model_type", "")
     if model_type == "phi3_v":
         raise PhituneError("Phi-3.5-vision (phi3_v) runs only as its own remote code, whose processor and inputs "
@@ -34,8 +34,8 @@ def check_multimodal_model(model_config, trust_remote_code: bool) -> None:
                            "Phi-3.5-vision is remote code only (phi3_v, never merged into transformers); set "
                            "model.trust_remote_code: true to run the model's own code")
     if model_type != "phi4_multimodal":
-        raise PhituneError(f"method vision trains Phi-4-multimodal (model_type phi4_multimodal); this model is "
-                           f"{model_type or 'unknown'}: for text models use method: sft")
+        raise PhituneError(f"pictures and audio need Phi-4-multimodal (model_type phi4_multimodal); this model is "
+                           f"{model_type or 'unknown'}: train a text model with method: sft, chat without --image")
 
 
 class MediaProcessor:
