@@ -16,12 +16,13 @@ from _resume import assert_resumed, watch_training
 from conftest import write_jsonl
 
 WORDS = ["red", "blue", "green", "black", "white", "brown"]
-# A reward a user writes in their own file: 1 for a completion that names a colour word, else 0.
-REWARD_FILE = f'''
-COLOURS = {WORDS!r}
-
-def names_a_colour(prompts, completions, **columns):
-    return [float(any(w in c[-1]["content"].lower() for w in COLOURS)) for c in completions]
+# A reward a user writes in their own file: the share of vowels among the completion's letters. Unlike the others on
+# a random model (never the answer, always too long) it differs between the completions of a group, so the advantages,
+# and the gradient, are not zero.
+REWARD_FILE = '''
+def vowel_share(prompts, completions, **columns):
+    letters = [[ch for ch in c[-1]["content"].lower() if ch.isalpha()] for c in completions]
+    return [sum(ch in "aeiou" for ch in chars) / max(len(chars), 1) for chars in letters]
 '''
 
 
@@ -45,7 +46,7 @@ def grpo_config(model_dir, prompt_files, output_dir, **sections):
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
         "data": {"train": str(train), "eval": str(evals), "max_seq_length": 64},
         "rewards": [{"name": "answer", "extract": "text"}, {"name": "length", "max_tokens": 4, "weight": 0.5},
-                    {"function": f"{folder / 'my_rewards.py'}:names_a_colour", "weight": 0.25}],
+                    {"function": f"{folder / 'my_rewards.py'}:vowel_share", "weight": 0.25}],
         "training_config": {"output_dir": str(output_dir), "max_steps": 4, "learning_rate": 1e-2,
                             "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
                             "logging_steps": 1, "save_steps": 2, "seed": 0, "disable_tqdm": True},
@@ -76,11 +77,13 @@ def test_a_grpo_run_logs_each_reward_scores_held_out_prompts_and_reloads_in_plai
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "grpo" and metrics["global_step"] == 4 and metrics["data_format"] == "prompt (string)"
     for when in ("before", "after"):
-        for key in ("reward_answer", "reward_length", "reward_names_a_colour", "reward", "pass_rate"):
+        for key in ("reward_answer", "reward_length", "reward_vowel_share", "reward", "pass_rate"):
             assert 0 <= abs(metrics[f"{key}_{when}"]) <= 1 + 0.5 + 0.25, key
     logged = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-    assert all(f"rewards/{name}/mean" in logged[0] for name in ("answer", "length", "names_a_colour"))
-    assert (out / "adapter_model.safetensors").is_file() and (out / "phitune_config.yaml").is_file()
+    assert all(f"rewards/{name}/mean" in logged[0] for name in ("answer", "length", "vowel_share"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it trained
+    assert (out / "phitune_config.yaml").is_file()
 
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len(completions) == 6 and set(completions[0]) == {"prompt", "answer", "topic", "before", "after"}
@@ -125,8 +128,8 @@ def test_phitune_eval_on_a_grpo_run_scores_base_and_adapter(grpo_run, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["metrics"]) == {"base", "fine-tuned"} and report["info"]["eval_examples"] == 6
     assert report["metrics"]["fine-tuned"]["reward"] == pytest.approx(result.metrics["reward_after"], abs=1e-6)
-    assert report["metrics"]["base"]["reward_names_a_colour"] == pytest.approx(
-        result.metrics["reward_names_a_colour_before"], abs=1e-6)
+    assert report["metrics"]["base"]["reward_vowel_share"] == pytest.approx(
+        result.metrics["reward_vowel_share_before"], abs=1e-6)
 
 
 def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path,
@@ -146,7 +149,7 @@ def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir
     resumed = run("resumed", 4, resume=True)
     assert_resumed(runs[-1], resumed / "checkpoint-2", max_steps=4)
     a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
@@ -181,6 +184,19 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
     uninterrupted = load_file(str(tmp_path / "reference" / "out" / "adapter_model.safetensors"))
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_qlora_grpo_trains_a_lora_adapter_over_a_4_bit_base(tiny_model_dir, prompt_files, tmp_path):
+    """The same quantization lines as SFT's QLoRA: the base loads in 4 bits, the adapter trains and is saved."""
+    from phitune.train import run_training
+
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "qlora", model={"quantization": quant},
+                      data={"eval": None, "eval_split": 0}, training_config={"max_steps": 2, "save_steps": 2})
+    result = run_training(cfg)
+    assert type(result.model.base_model.model.model.layers[0].self_attn.qkv_proj.base_layer).__name__ == "Linear4bit"
+    adapter = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it moved
 
 
 def test_bad_prompt_rows_and_a_failing_reward_stop_with_one_line(tiny_model_dir, prompt_files, tmp_path):
