@@ -53,7 +53,7 @@ def test_eval_time_estimate_comes_with_advice_and_is_the_right_size(tiny_model_d
     assert 0 < small < large
     assert "--num-generate 5 --max-new-tokens 32 would take about" in caplog.text
     assert "2 models x (16 conversations scored, 16 answers of up to 64 new tokens)" in caplog.text
-    prompts, _ = split_prompts(conversations[:4])
+    prompts, _ = split_prompts(conversations[:4], tokenizer)
 
     def evaluate() -> float:
         start = time.perf_counter()

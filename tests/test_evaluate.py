@@ -48,8 +48,11 @@ def test_generation_metrics_rouge_and_exact_match():
     assert metrics["rougeL_f1"] == pytest.approx((1.0 + 0.0) / 2)
 
 
-def test_split_prompts_uses_the_last_assistant_turn():
+def test_split_prompts_uses_the_last_assistant_turn(phi3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(phi3_tokenizer_dir)
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    prompts, references = split_prompts([messages])
+    prompts, references = split_prompts([messages], tokenizer)
     assert prompts == [messages[:3]] and references == ["d"]

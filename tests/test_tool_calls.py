@@ -149,6 +149,21 @@ def test_families_without_a_tool_format_say_so_in_one_line(phi3_tokenizer, tmp_p
                             cache_dir=str(tmp_path / "cache")), tokenizer)  # the same model without tools trains
 
 
+def test_eval_prompts_keep_earlier_calls_and_a_call_is_its_own_reference(mini_tokenizer):
+    """phitune eval's generated answers are compared with the calls the model was trained to write: the hub template
+    drops `tool_calls`, so without rendering them first the prompt lost the earlier call and a call's reference was
+    empty (every answer scored 0)."""
+    from phitune.evaluate import split_prompts
+
+    conversations = [to_messages(row, "messages", "eval.jsonl") for row in (ROW, {**ROW, "messages": ROW["messages"][:3]})]
+    prompts, references = split_prompts(conversations, mini_tokenizer)
+    assert references[0] == "Paris is sunny; Rome has rain."
+    assert references[1] == CALL.removeprefix("<|tool_call|>").removesuffix("<|/tool_call|>")  # decoded as answers are
+    prompt_text = mini_tokenizer.apply_chat_template(prompts[0], tokenize=False, add_generation_prompt=True)
+    assert CALL in prompt_text and "<|tool|>sunny, 21 C<|end|>" in prompt_text
+    assert len(prompts[1]) == 2 and prompts[1][-1]["role"] == "user"
+
+
 def test_a_tool_call_run_trains_on_the_phi4_mini_model_and_phitune_data_shows_the_masks(tmp_path):
     from test_families import build_model
 

@@ -57,7 +57,7 @@ def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataC
     conversations = eval_conversations(data_cfg, use_eval_split)
     model, tokenizer = load_for_inference(model_cfg)
     tokenized = tokenize_eval_set(conversations, tokenizer, data_cfg)
-    prompts, references = split_prompts(conversations[:num_generate])
+    prompts, references = split_prompts(conversations[:num_generate], tokenizer)
     metrics, answers = {}, {}
     names = ("base", "fine-tuned") if adapter is not None else ("model",)
     estimate = None
@@ -197,13 +197,25 @@ def tokenize_eval_set(conversations: list, tokenizer, data_cfg: DataConfig) -> t
     return tokenized.input_ids, tokenized.labels
 
 
-def split_prompts(conversations: list) -> tuple[list, list[str]]:
-    """Each conversation up to its last assistant turn (the prompt), and that turn's text (the reference)."""
+def split_prompts(conversations: list, tokenizer) -> tuple[list, list[str]]:
+    """Each conversation up to its last assistant turn (the prompt), and that turn's text (the reference).
+
+    Tool calls are written into the assistant's content first, as training renders them (Phi-4-mini's hub template
+    drops a `tool_calls` field: earlier calls would vanish from the prompt and a reference that is a call would be
+    empty); a call's reference is then decoded as the answers are, without special tokens."""
+    from phitune.data.templates import template_family
+    from phitune.data.tools import render_for_template
+
+    rendered = render_for_template(conversations, template_family(tokenizer.chat_template or ""))
     prompts, references = [], []
-    for messages in conversations:
+    for original, messages in zip(conversations, rendered):
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompts.append(messages[:last])
-        references.append(messages[last]["content"])
+        reference = messages[last]["content"]
+        if "tool_calls" in original[last]:
+            ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+            reference = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        references.append(reference)
     return prompts, references
 
 
