@@ -199,6 +199,23 @@ def test_qlora_grpo_trains_a_lora_adapter_over_a_4_bit_base(tiny_model_dir, prom
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it moved
 
 
+def test_a_nan_stops_grpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, prompt_files, tmp_path):
+    """learning_rate 1e30 blows the adapter up after one step; the next generation samples from non-finite
+    probabilities or the loss is NaN: either way the run stops with one line and keeps checkpoint-1."""
+    from phitune.train import run_training
+    from phitune.train_support import latest_complete_checkpoint
+
+    cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
+                      training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})
+    with pytest.raises(PhituneError, match=r"^the loss became NaN or infinite at step \d(: sampling met non-finite "
+                                           r"next-token probabilities)?; training stopped and the last good checkpoint "
+                                           r"is"):
+        run_training(cfg)
+    good = latest_complete_checkpoint(tmp_path / "nan")
+    assert good is not None
+    assert all(torch.isfinite(t).all() for t in load_file(str(good / "adapter_model.safetensors")).values())
+
+
 def test_bad_prompt_rows_and_a_failing_reward_stop_with_one_line(tiny_model_dir, prompt_files, tmp_path):
     from phitune.data.prompts import load_prompt_data
     from phitune.train import run_training

@@ -121,10 +121,21 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
 def grpo_trainer_class():
     from trl import GRPOTrainer
 
-    from phitune.train_support import GuardedTraining
+    from phitune.train_support import GuardedTraining, NonFiniteLoss
 
     class PhituneGRPOTrainer(GuardedTraining, GRPOTrainer):
-        """GRPOTrainer with phitune's NaN guard and complete-marked checkpoints."""
+        """GRPOTrainer with phitune's NaN guard and complete-marked checkpoints. Weights gone non-finite show first
+        in sampling (torch.multinomial refuses NaN probabilities), before any loss: that stops the run as a NaN loss
+        does, keeping the last good checkpoint."""
+
+        def _generate(self, prompts: list):
+            try:
+                return super()._generate(prompts)
+            except RuntimeError as exc:
+                if "probability tensor contains" not in str(exc):
+                    raise
+                raise NonFiniteLoss(f"the loss became NaN or infinite at step {self.state.global_step + 1}: "
+                                    "sampling met non-finite next-token probabilities") from None
 
     return PhituneGRPOTrainer
 
