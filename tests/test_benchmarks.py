@@ -82,6 +82,7 @@ def test_local_tasks_score_base_and_fine_tuned_with_versions_counts_and_the_chat
     generated, choices = saved["benchmarks"]["phitune_facts"], saved["benchmarks"]["phitune_choices"]
     assert (generated["version"], generated["examples"], generated["chat_template"]) == (1.0, 12, True)
     assert (choices["version"], choices["examples"], choices["chat_template"]) == (2.0, 6, False)
+    assert generated["tasks"]["phitune_facts"]["scores"] == generated["scores"]  # a lone task: its own row
     answers = phitune_answers(demo_run, [row["question"] for row in facts])
     for name in ("base", "fine-tuned"):
         right = [a.lower() == row["answer"].lower() for a, row in zip(answers[name], facts)]

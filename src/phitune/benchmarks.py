@@ -63,7 +63,8 @@ def check_benchmark_names(names: list[str], manager) -> None:
 
 
 def load_benchmarks(names: list[str], manager) -> list[dict]:
-    """Build each NAME's tasks once (their datasets are read here): [{name, objects, leaves, chat}] in order."""
+    """Build each NAME's tasks once (their datasets are read here): [{name, objects, leaves, chat}] in order, one
+    entry per task or group the NAME stands for (a tag: each of its tasks)."""
     loaded = []
     for spec in names:
         try:
@@ -72,9 +73,11 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             raise PhituneError(f"benchmark {spec}: {str(exc).splitlines()[0]}") from None
         tasks, groups = built["tasks"], built["groups"]
         children = {child for members in built["group_map"].values() for child in members}
-        tops = [g for g in groups if g not in children] or list(tasks)
-        loaded.append(dict(name=tops[0] if len(tops) == 1 else spec, objects=[groups.get(t) or tasks[t] for t in tops],
-                           leaves=tasks, chat=any(t.config.output_type in CHAT_OUTPUT_TYPES for t in tasks.values())))
+        for top in [g for g in groups if g not in children] or list(tasks):
+            item = groups.get(top) or tasks[top]
+            leaves = {t.task_name: t for t in item.get_all_tasks()} if top in groups else {top: item}
+            loaded.append(dict(name=top, objects=[item], leaves=leaves,
+                               chat=any(t.config.output_type in CHAT_OUTPUT_TYPES for t in leaves.values())))
     return loaded
 
 
@@ -181,13 +184,15 @@ def _evaluate(lm, benchmark: dict, limit: int | None, batch_size: int, manager) 
 
 def collect_scores(raw: dict, benchmarks: list[dict], models: tuple, backend: str, limit: int | None) -> dict:
     """{benchmark: {version, examples, chat_template, metric, higher_is_better, scores: {model: {metric: value}},
-    tasks: {leaf: {version, examples}}}} from lm-eval's results of each model."""
+    tasks: {leaf: {version, examples, scores}}}} from lm-eval's results of each model. A group's scores are its own
+    aggregate (none for a group that does not aggregate: its tasks' scores are under `tasks`)."""
     table = {}
     for bench in benchmarks:
         name, first = bench["name"], raw[models[0]][bench["name"]]
-        scores = {m: _metrics(raw[m][name]["results"].get(name) or _single_leaf(raw[m][name])) for m in models}
+        scores = {m: _metrics(raw[m][name]["results"].get(name, {})) for m in models}
         metric = next(iter(scores[models[0]]), None)
-        leaves = {leaf: dict(version=first["versions"].get(leaf), examples=first["n-samples"][leaf]["effective"])
+        leaves = {leaf: dict(version=first["versions"].get(leaf), examples=first["n-samples"][leaf]["effective"],
+                             scores={m: _metrics(raw[m][name]["results"].get(leaf, {})) for m in models})
                   for leaf in bench["leaves"] if leaf in first["n-samples"]}
         higher = first.get("higher_is_better", {}).get(name) or {}
         table[name] = dict(version=first["versions"].get(name), examples=sum(v["examples"] for v in leaves.values()),
@@ -196,10 +201,6 @@ def collect_scores(raw: dict, benchmarks: list[dict], models: tuple, backend: st
                            higher_is_better=higher.get(metric.split(",")[0], True) if metric else True,
                            scores=scores, tasks=leaves)
     return table
-
-
-def _single_leaf(result: dict) -> dict:
-    return next(iter(result["results"].values()))
 
 
 def _metrics(entry: dict) -> dict:
