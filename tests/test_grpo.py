@@ -271,10 +271,17 @@ def test_bad_prompt_rows_and_a_failing_reward_stop_with_one_line(tiny_model_dir,
                       data={"eval": None, "eval_split": 0})
     with pytest.raises(PhituneError, match=r"^reward r raised ZeroDivisionError: division by zero$"):
         run_training(bad)
+    # one value whatever the count: the startup check passes it two completions, so this fails before the model loads
+    (tmp_path / "short.py").write_text("def short(prompts, completions, **kw):\n    return [1.0]\n")
+    short = grpo_config(tiny_model_dir, prompt_files, tmp_path / "short",
+                        rewards=[{"function": f"{tmp_path / 'short.py'}:short"}], data={"eval": None, "eval_split": 0})
+    with pytest.raises(PhituneError, match=r"^reward short returned 1 value for 2 completions; it must return one"):
+        run_training(short)
     long_prompt = grpo_config(tiny_model_dir, prompt_files, tmp_path / "long", data={"max_seq_length": 12})
     with pytest.raises(PhituneError, match=r"train: .*train.jsonl:1: the prompt has \d+ tokens, over the budget of 4"):
         run_training(long_prompt)
-    assert not (tmp_path / "bad").exists() and not (tmp_path / "long").exists()  # both fail before training
+    for name in ("bad", "short", "long"):  # all fail before training
+        assert not (tmp_path / name).exists(), name
 
 
 def test_phitune_data_shows_a_prompt_its_columns_and_warnings(tiny_model_dir, prompt_files, tmp_path):

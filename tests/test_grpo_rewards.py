@@ -115,7 +115,7 @@ def test_a_users_reward_loads_from_a_file_or_a_module_with_one_line_errors(tmp_p
     fails(f"{path}:brevty", r"has no function brevty \(it has: brevity, broken, sees_columns, too_few, words\)")
     fails("no_such_module_xyz:f", "cannot import module no_such_module_xyz")
     fails(f"{path}:broken", r"^reward broken raised KeyError: 'topic'$")
-    fails(f"{path}:too_few", r"^reward too_few returned 1 values for 2 completions")
+    fails(f"{path}:too_few", r"^reward too_few returned 1 value for 2 completions; it must return one number")
     fails(f"{path}:words", r"^reward words returned a value that is not a number: 'high'")
 
 

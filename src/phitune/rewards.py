@@ -212,11 +212,13 @@ def build_rewards(entries: list[dict]) -> list[Reward]:
 
 
 def try_rewards(rewards: list[Reward], row) -> None:
-    """Call every reward once on `row` (a PromptRow) with an empty completion, before any weight loads: a reward
-    that raises, returns the wrong count or needs a column the data lacks fails now, with its one line."""
+    """Call every reward once on `row` (a PromptRow) with two empty completions, before any weight loads: a reward
+    that raises, returns the wrong count or needs a column the data lacks fails now, with its one line. Two, not
+    one: a reward that always returns one value would pass a check with a single completion."""
+    copies = 2
     for reward in rewards:
-        reward.func(prompts=[row.prompt], completions=[[{"role": "assistant", "content": ""}]], completion_ids=[[]],
-                    **{key: [value] for key, value in row.columns.items()})
+        reward.func(prompts=[row.prompt] * copies, completions=[[{"role": "assistant", "content": ""}]] * copies,
+                    completion_ids=[[]] * copies, **{key: [value] * copies for key, value in row.columns.items()})
 
 
 def load_function(spec: str, where: str) -> Callable:
@@ -265,15 +267,19 @@ def checked(func: Callable, name: str) -> Callable:
             raise PhituneError(f"reward {name} raised {type(exc).__name__}: {first_line(exc)}") from None
         values = list(values) if isinstance(values, (list, tuple)) else values
         if not isinstance(values, list) or len(values) != len(completions):
-            got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
-            raise PhituneError(f"reward {name} returned {got} for {len(completions)} completions; it must return one "
-                               "number (or None) per completion")
+            got = _count(len(values), "value") if isinstance(values, list) else type(values).__name__
+            raise PhituneError(f"reward {name} returned {got} for {_count(len(completions), 'completion')}; it must "
+                               "return one number (or None) per completion")
         bad = [v for v in values if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool))]
         if bad:
             raise PhituneError(f"reward {name} returned a value that is not a number: {bad[0]!r}")
         return [None if v is None else float(v) for v in values]
     reward.__name__ = name
     return reward
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def score_completions(model, tokenizer, rows, rewards: list[Reward], max_new_tokens: int,
