@@ -212,3 +212,31 @@ def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
     page.wait_for_selector("#train-status [data-state='finished']", timeout=600_000)
     assert "step 60/60" in page.locator("#train-status").inner_text()
     page.screenshot(path=shots / "10-resumed-finished.png", full_page=True)
+
+
+def test_the_page_says_its_address_into_a_file_and_ctrl_c_stops_it_quietly(tmp_path):
+    """Output to a file (not a terminal): one flushed line with the address, read before anything else is known
+    about the server; Ctrl-C then ends it with one `stopped` line, exit code 0, no error and no gradio banner."""
+    import signal
+
+    log_path = tmp_path / "ui.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("PYTHONUNBUFFERED", None)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port",
+                                   str(_free_port())], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 120
+            while not re.search(r"open (http://\S+)", log_path.read_text()) and time.time() < deadline:
+                assert server.poll() is None, log_path.read_text()
+                time.sleep(0.5)
+            url = re.search(r"phitune ui: open (http://127\.0\.0\.1:\d+/) ", log_path.read_text()).group(1)
+            assert urllib.request.urlopen(url, timeout=10).status == 200
+            server.send_signal(signal.SIGINT)
+            assert server.wait(timeout=60) == 0, log_path.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()
+    lines = log_path.read_text().strip().splitlines()
+    assert lines[-1] == "stopped", lines
+    assert not any("error" in line.lower() or "Keyboard interruption" in line for line in lines), lines

@@ -339,13 +339,17 @@ def ui(
     extra: pip install -e ".[ui]")."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page's server
     try:
-        from phitune.ui.app import launch
+        from phitune.ui.app import launch, serve_until_stopped
     except ImportError as exc:
         if exc.name != "gradio":
             raise
         raise PhituneError('phitune ui needs the ui extra: pip install -e ".[ui]" (gradio)') from None
 
-    launch([str(folder) for folder in folders or [Path.cwd()]], host=host, port=port)
+    page = launch([str(folder) for folder in folders or [Path.cwd()]], host=host, port=port)
+    # our own line, flushed: gradio's banner is quiet here, and buffered output to a file would hide the address
+    print(f"phitune ui: open {page.local_url} (Ctrl-C stops it)", flush=True)
+    serve_until_stopped(page)  # Ctrl-C is how the page is meant to stop: not an error, and exit code 0
+    print("stopped", flush=True)
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -290,17 +291,31 @@ def _chat_tab(workspace: Workspace, chat_models: ChatModels, app, tab):
     app.load(runs_with_models, None, run)
 
 
-def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve the page for `folders` on host:port (localhost unless told otherwise); relative paths in configs mean
-    relative to the first folder, which becomes the working directory, as it is for `phitune train` typed there."""
+def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860):
+    """Serve the page for `folders` on host:port (localhost unless told otherwise) in the background and return the
+    app (its `local_url` is the page's address; see serve_until_stopped); relative paths in configs mean relative to
+    the first folder, which becomes the working directory, as it is for `phitune train` typed there."""
     workspace = Workspace(folders)
     os.chdir(workspace.home)
     app = build_app(workspace)
     app.queue(default_concurrency_limit=4)
     try:
-        app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
+        app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, show_error=False,
                    theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
                    css=views.CSS, footer_links=[])
     except OSError as exc:  # gradio: "Cannot find empty port in range: 7860-7860"
         raise PhituneError(f"cannot serve on {host}:{port} ({first_line(exc).split('. ')[0]}); pass another --port") from None
     return app
+
+
+def serve_until_stopped(app) -> None:
+    """Wait while the page serves; Ctrl-C (or SIGTERM, which phitune's CLI turns into the same KeyboardInterrupt)
+    closes it and returns. phitune waits itself rather than in gradio's block_thread, which prints its own
+    "Keyboard interruption" line: stopping the page is the normal way to end `phitune ui`, not an error."""
+    try:
+        while app.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close(verbose=False)
