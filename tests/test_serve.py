@@ -5,6 +5,7 @@ end of the turn. The vLLM test runs only where vLLM installs (marker `vllm`: CUD
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,50 @@ def test_only_a_public_address_is_warned_about(caplog):
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(PhituneError, match="not a finished phitune run"):
         plan_serve(tmp_path, "llama.cpp")
+
+
+def test_a_file_that_is_not_gguf_is_one_line(trained_run, tmp_path, capsys):  # noqa: F811
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("junk\n")
+    assert refused(capsys, "serve", str(trained_run), "--engine", "llama.cpp", "--gguf", str(fake)) == (
+        f"error: {fake} is not a GGUF file (it does not start with GGUF's magic bytes); make one with phitune "
+        "export RUN --output FILE.gguf")
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(trained_run, capsys):  # noqa: F811
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = refused(capsys, "serve", str(trained_run), "--engine", "llama.cpp", "--port", str(port))
+    assert err.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and err.endswith("; pass another --port")
+
+
+def header_only_gguf(path: Path) -> Path:
+    """A GGUF file with a context length and no tensors: enough for phitune serve to start the engine."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_ctrl_c_stops_the_server_with_a_plain_stopped_line(trained_run, tmp_path):  # noqa: F811
+    pytest.importorskip("llama_cpp.server")
+    gguf = header_only_gguf(tmp_path / "header.gguf")
+    server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "serve", str(trained_run), "--engine",
+                               "llama.cpp", "--gguf", str(gguf), "--port", str(free_port())],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [server.stdout.readline(), server.stdout.readline()]  # "serving ...", "$ command": the engine started
+    assert lines[1].startswith("$ "), lines
+    server.send_signal(signal.SIGINT)
+    out, err = server.communicate(timeout=60)
+    assert server.returncode == 0 and out.strip().splitlines()[-1] == "stopped", (out, err)
+    assert "error" not in err and "Traceback" not in err, err
 
 
 # ---- slow: the real server and the official client -------------------------------------------------------------

@@ -308,7 +308,11 @@ def serve(
     warn_if_public(host)
     print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
     print("$ " + " ".join(plan.command), flush=True)
-    code = run_server(plan)
+    try:
+        code = run_server(plan)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop: not an error, and exit code 0
+        print("stopped", flush=True)
+        return
     if code != 0:
         raise PhituneError(f"the {plan.engine} server exited with code {code} (its own message is above)")
 

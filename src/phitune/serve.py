@@ -22,6 +22,7 @@ import importlib.util
 import ipaddress
 import json
 import logging
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ def plan_serve(run_dir: Path, engine: str | None = None, host: str = "127.0.0.1"
         raise PhituneError(f"--engine {engine} is not one of: {', '.join(ENGINES)}")
     if not 0 < port < 65536:
         raise PhituneError(f"--port {port} is not a TCP port (1-65535)")
+    check_port_free(host, port)
     engine = engine or default_engine()
     name = run_dir.resolve().name
     gguf = run_gguf(run_dir, gguf) if engine == "llama.cpp" else None  # the run's side first, then the engine
@@ -94,14 +96,36 @@ def run_gguf(run_dir: Path, gguf: Path | None) -> Path:
     if gguf is not None:
         if not Path(gguf).is_file():
             raise PhituneError(f"--gguf {gguf}: no such file")
-        return Path(gguf)
+        return _checked_gguf(Path(gguf))
     found = sorted(run_dir.glob("*.gguf"))
     if len(found) == 1:
-        return found[0]
+        return _checked_gguf(found[0])
     if found:
         raise PhituneError(f"{run_dir} holds {len(found)} GGUF files; choose one with --gguf FILE")
     raise PhituneError(f"the llama.cpp engine serves a GGUF export of the run: phitune export {run_dir} "
                        f"--output {run_dir / 'model-f16.gguf'} (or --quant q4_k_m), then serve again")
+
+
+def _checked_gguf(path: Path) -> Path:
+    """`path` if it starts with GGUF's magic bytes; else one line (gguf's reader would raise a bare ValueError)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise PhituneError(f"{path} is not a GGUF file (it does not start with GGUF's magic bytes); "
+                           f"make one with phitune export RUN --output FILE.gguf")
+    return path
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind host:port for a moment, before any model loads: a port in use is one line, not the engine's failure
+    after it has loaded the weights."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PhituneError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port") from None
 
 
 def llama_cpp_command(gguf: Path, name: str, host: str, port: int) -> list[str]:
@@ -115,7 +139,10 @@ def _context_length(gguf: Path) -> int:
     """The model's trained context (the GGUF's `*.context_length`), at most 4096 to keep the KV cache modest."""
     import gguf as gguf_lib
 
-    fields = gguf_lib.GGUFReader(gguf).fields
+    try:
+        fields = gguf_lib.GGUFReader(gguf).fields
+    except (ValueError, OSError) as exc:  # a truncated or damaged file past its magic bytes
+        raise PhituneError(f"{gguf} is not a readable GGUF file ({str(exc).splitlines()[0]})") from None
     found = [f.contents() for key, f in fields.items() if key.endswith(".context_length")]
     return min(int(found[0]), 4096) if found else 2048
 
