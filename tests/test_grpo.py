@@ -132,6 +132,22 @@ def test_phitune_eval_on_a_grpo_run_scores_base_and_adapter(grpo_run, tmp_path):
         result.metrics["reward_vowel_share_before"], abs=1e-6)
 
 
+def test_resume_on_a_finished_grpo_run_says_it_is_complete_and_rewrites_nothing(grpo_run):
+    """A finished run has checkpoints too: --resume must not restore the last one, re-score the held-out prompts and
+    rewrite the adapter, metrics.json and completions.jsonl (it did, without a word)."""
+    from phitune.train import run_training
+
+    cfg, result = grpo_run
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in result.output_dir.iterdir()
+              if path.is_file()}
+    assert {"metrics.json", "completions.jsonl", "adapter_model.safetensors"} <= before.keys()
+    with pytest.raises(PhituneError, match=r"^--resume: the run in .* is already complete, nothing to resume; pass "
+                                           r"--overwrite"):
+        run_training(cfg, resume=True)
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in result.output_dir.iterdir()
+            if path.is_file()} == before
+
+
 def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path,
                                                                   monkeypatch):
     """Steps 3..4 only, from checkpoint-2's optimizer state, ending at the uninterrupted run's adapter (GRPO samples,

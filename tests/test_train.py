@@ -80,6 +80,11 @@ def test_a_finished_run_is_not_overwritten(make_config):
     run_training(cfg)
     with pytest.raises(PhituneError, match="already holds a finished run; pass --overwrite"):
         run_training(cfg)
+    # --resume on it: the run is complete (its last checkpoint has no step left), so nothing is trained or rewritten
+    written = {path: path.stat().st_mtime_ns for path in cfg.output_dir.rglob("*")}
+    with pytest.raises(PhituneError, match="^--resume: the run in .* is already complete, nothing to resume"):
+        run_training(cfg, resume=True)
+    assert {path: path.stat().st_mtime_ns for path in cfg.output_dir.rglob("*")} == written
     run_training(cfg, overwrite=True)
 
 

@@ -2,8 +2,9 @@
 
 A directory is one of: absent or empty (a fresh run starts there), a finished run (the completion marker at its
 top), an interrupted run (checkpoints or a saved config, no marker), or foreign (anything else that is not empty).
-A fresh start is refused on a finished or interrupted run unless `--resume` continues it or `--overwrite` replaces
-it, and always refused on a foreign directory. `--overwrite` deletes only what a phitune run writes there, and only
+A fresh start is refused on a finished or interrupted run unless `--resume` continues it (an interrupted one only: a
+finished run is complete, and `--resume` on it is refused too) or `--overwrite` replaces it, and always refused on a
+foreign directory. `--overwrite` deletes only what a phitune run writes there, and only
 once the new run's inputs have been checked (`clear_old_run`), so a typo in the config never costs the old run; a
 directory that also holds other files is refused rather than emptied. The directory itself is made by the trainer
 when it first writes, so a run that stops at a bad config or bad data leaves nothing behind.
@@ -93,10 +94,16 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
     if state == "foreign":
         raise PhituneError(f"{output_dir} is not empty and holds no phitune run; set training_config.output_dir to "
                            "a new or empty directory (phitune never deletes files it did not write)")
-    if state in ("finished", "interrupted") and not (resume or overwrite):
-        what = "a finished run" if state == "finished" else f"an interrupted run ({_checkpoints(output_dir)})"
-        raise PhituneError(f"{output_dir} already holds {what}; pass --overwrite to replace it, --resume to "
-                           "continue it, or set training_config.output_dir to a new directory")
+    if state == "finished" and resume:  # every method: nothing retrained, scored or rewritten
+        raise PhituneError(f"--resume: the run in {output_dir} is already complete, nothing to resume; pass "
+                           "--overwrite to train it again, or set training_config.output_dir to a new directory")
+    if state == "finished" and not overwrite:
+        raise PhituneError(f"{output_dir} already holds a finished run; pass --overwrite to replace it, or set "
+                           "training_config.output_dir to a new directory")
+    if state == "interrupted" and not (resume or overwrite):
+        raise PhituneError(f"{output_dir} already holds an interrupted run ({_checkpoints(output_dir)}); pass "
+                           "--overwrite to replace it, --resume to continue it, or set training_config.output_dir "
+                           "to a new directory")
     if resume and latest_complete_checkpoint(output_dir) is None:
         instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
         raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
