@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger("phitune")
 
 CHECKPOINT_COMPLETE = "phitune_complete"  # marker file: this directory was written to the end
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint folders; only folders count
+REPEAT_WINDOW_S = 1.0  # a second signal this soon after the first is the same stop, not "stop now"
 
 
 class NonFiniteLoss(Exception):
@@ -163,6 +165,7 @@ class GracefulStop:
     def __init__(self, trainer):
         self.trainer = trainer
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -185,6 +188,8 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal_name and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            return  # the same stop delivered twice (`timeout -s INT` signals the process and then its group)
         if self.signal_name:  # a second signal means: stop now, as the handler before ours would (the CLI's says so)
             last = latest_complete_checkpoint(Path(self.trainer.args.output_dir))
             log.warning("second %s: stopping now without saving; %s", signal.Signals(signum).name,
@@ -193,7 +198,7 @@ class GracefulStop:
             if callable(previous):
                 previous(signum, frame)
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name, self._first_at = signal.Signals(signum).name, time.monotonic()
         log.warning("%s received: saving a checkpoint after this step, then stopping", self.signal_name)
 
     def __exit__(self, *exc):
