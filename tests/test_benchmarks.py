@@ -4,9 +4,13 @@ file each over a small JSONL), on the base and the fine-tuned tiny model side by
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from _fixtures_eval import trained_run  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval", reason="the [bench] extra (lm-eval) is part of the test extras")
@@ -44,7 +48,7 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def in_tasks_folder(monkeypatch):
-    monkeypatch.chdir(TASKS)  # lm-eval reads a task's data_files relative to the current directory
+    monkeypatch.chdir(TASKS)  # the tasks named as a user in this folder names them
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,39 @@ def test_limit_without_benchmarks_and_data_with_them_are_refused(tmp_path, capsy
     assert refused(capsys, str(tmp_path), "--limit", "3") == "error: --limit goes with --benchmarks"
     assert refused(capsys, str(tmp_path), "--benchmarks", "gsm8k", "--data", "x.jsonl") == (
         "error: --data does not apply to --benchmarks (lm-eval reads each task's own data)")
+
+
+def test_a_task_yaml_reads_its_data_beside_it_from_any_folder_and_only_the_table_is_printed(
+        trained_run, tmp_path):  # noqa: F811
+    """As docs/benchmarks.md runs it, from the repository root: the YAML's relative data_files are found next to
+    it; no progress bars or git messages around the table, which keeps whole names at 80 columns."""
+    root = Path(__file__).parent.parent
+    done = subprocess.run([sys.executable, "-m", "phitune.cli", "eval", str(trained_run), "--benchmarks",
+                           "tests/data/benchmarks/phitune_choices.yaml", "--limit", "2", "--output", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "80", "TERM": "dumb"})
+    assert done.returncode == 0, done.stderr
+    for noise in ("Running loglikelihood", "Generating test split", "fatal:", "%|"):
+        assert noise not in done.stderr + done.stdout, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.strip()]
+    assert all(len(line) <= 80 for line in table) and "…" not in done.stdout, done.stdout
+    assert "phitune_choice" in done.stdout
+    assert json.loads((tmp_path / "eval.json").read_text())["benchmarks"]["phitune_choices"]["examples"] == 2
+
+
+def test_the_table_keeps_whole_names_at_80_columns(monkeypatch):
+    from rich.console import Console
+
+    from phitune import report
+
+    scores = {"base": {"acc,none": 0.25}, "fine-tuned": {"acc,none": 0.5}}
+    names = ("phitune_facts", "mmlu_high_school_european_history")
+    benchmarks = {name: dict(version=1.0, examples=12, chat_template=False, metric="acc,none", scores=scores)
+                  for name in names}
+    console = Console(width=80, record=True)
+    monkeypatch.setattr(report, "console", console)  # the width a user's terminal gives
+    report.print_benchmark_table(type("Result", (), dict(benchmarks=benchmarks, output_dir=Path("out"))))
+    text = console.export_text()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    cells = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│"))
+    assert all(name in cells for name in names), text

@@ -8,15 +8,19 @@ base first and then the same weights with the run's adapter attached, so both co
 task whose answers are generated (lm-eval's `generate_until`: gsm8k, ifeval) is a chat task and gets the chat
 template, as an instruct model is used; multiple-choice tasks (mmlu, arc) score the plain prompt, as lm-eval
 publishes them. On CUDA with vLLM installed, lm-eval's vllm backend runs both columns instead (the adapter as a
-LoRA request). A NAME is an lm-eval task, group or tag, or the path of a task YAML file (lm-eval reads a local
-`dataset_path: json` with `data_files`, relative to the current directory).
+LoRA request). A NAME is an lm-eval task, group or tag, or the path of a task YAML file; a local task's relative
+`data_files` are read from the YAML's own folder (lm-eval alone reads them from the current directory), so the file
+works from wherever it is named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import os
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -68,7 +72,7 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
     loaded = []
     for spec in names:
         try:
-            built = manager.load([spec])
+            built = _build(spec, manager)
         except (FileNotFoundError, ValueError, KeyError) as exc:  # a missing data file, a malformed YAML
             raise PhituneError(f"benchmark {spec}: {str(exc).splitlines()[0]}") from None
         tasks, groups = built["tasks"], built["groups"]
@@ -79,6 +83,47 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             loaded.append(dict(name=top, objects=[item], leaves=leaves,
                                chat=any(t.config.output_type in CHAT_OUTPUT_TYPES for t in leaves.values())))
     return loaded
+
+
+def _build(spec: str, manager) -> dict:
+    """lm-eval's tasks for `spec`, their data read now. A task YAML runs in its own folder, so that its relative
+    `data_files` mean what its author saw next to it; one whose files are relative to the current directory
+    (lm-eval's own reading) still loads from there."""
+    if not _is_yaml(spec):
+        with quiet_unless_debug():
+            return manager.load([spec])
+    here, path = Path.cwd(), Path(spec).resolve()
+    try:
+        os.chdir(path.parent)
+        with quiet_unless_debug():
+            return manager.load([str(path)])
+    except FileNotFoundError:
+        os.chdir(here)
+        with quiet_unless_debug():
+            return manager.load([str(path)])
+    finally:
+        os.chdir(here)
+
+
+@contextlib.contextmanager
+def quiet_unless_debug():
+    """Silence stderr (file descriptor 2) around lm-eval's work: the progress bars of datasets and lm-eval (about
+    ten per run) and the message of the git it calls (`fatal: not a git repository`) would bury phitune's table.
+    Silenced only where lm-eval's own logger is told to say no more than errors, as the CLI does unless --debug;
+    errors still arrive as exceptions."""
+    if logging.getLogger("lm_eval").isEnabledFor(logging.WARNING):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def stop_at_end_of_turn(benchmarks: list[dict], stops: list[str]) -> None:
@@ -177,9 +222,10 @@ def _vllm_rank(rank: int) -> int:
 def _evaluate(lm, benchmark: dict, limit: int | None, batch_size: int, manager) -> dict:
     import lm_eval
 
-    return lm_eval.simple_evaluate(model=lm, tasks=benchmark["objects"], task_manager=manager, limit=limit,
-                                   batch_size=batch_size, apply_chat_template=benchmark["chat"],
-                                   fewshot_as_multiturn=benchmark["chat"], bootstrap_iters=0, log_samples=False)
+    with quiet_unless_debug():
+        return lm_eval.simple_evaluate(model=lm, tasks=benchmark["objects"], task_manager=manager, limit=limit,
+                                       batch_size=batch_size, apply_chat_template=benchmark["chat"],
+                                       fewshot_as_multiturn=benchmark["chat"], bootstrap_iters=0, log_samples=False)
 
 
 def collect_scores(raw: dict, benchmarks: list[dict], models: tuple, backend: str, limit: int | None) -> dict:

@@ -129,10 +129,13 @@ def print_benchmark_table(result) -> None:
     """lm-eval benchmarks, the models side by side; the better score of each row in bold."""
     names, rows = benchmark_rows(result.benchmarks)
     table = Table(title="phitune eval: lm-evaluation-harness benchmarks")
-    for column in ("benchmark", "metric", "version", "examples", "chat template"):
-        table.add_column(column)
+    # names and metrics wrap, never cut (80 columns: "phitune_f…"); short headers leave them the room
+    table.add_column("benchmark", overflow="fold")
+    table.add_column("metric", overflow="fold")
+    for column in ("version", "n", "chat"):
+        table.add_column(column, no_wrap=True)
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True)
     for task, metric, version, examples, chat, values, higher in rows:
         best = _best(values, higher) if len(names) > 1 else None
         table.add_row(task, metric, version, _fmt(examples), chat,
