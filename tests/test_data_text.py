@@ -216,3 +216,57 @@ def test_phitune_data_on_the_shipped_text_example_prints_documents_tokens_and_bl
     for row in ("text", "documents (data.train)", "blocks (train)", "blocks (eval)", "tokens (train)"):
         assert row in result.output, row
     assert "<s>The word river" in result.output and "no warnings" in result.output
+
+
+def test_phitune_data_then_train_stop_at_a_malformed_text_line_in_either_order(tmp_path):
+    """`phitune data` prepares with on_bad_row: skip; the `phitune train` after it (default: error) reuses that
+    entry and must stop at the malformed line as a fresh preparation does: exit 2 before it, and after it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    source = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"Document {n} about rivers and the sea."}) for n in range(45)]
+    source.write_text("\n".join(lines[:40] + ['{"text": broken'] + lines[40:]) + "\n", encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(Path(__file__).parents[1] / "src/phitune/assets/tiny-phi3")},
+        "data": {"train": str(source), "format": "text", "max_seq_length": 32, "cache_dir": str(tmp_path / "cache")},
+        "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1}}))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    results = [subprocess.run([sys.executable, "-m", "phitune.cli", command, str(config), *extra], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+               for command, extra in (("train", []), ("data", ["--output", str(tmp_path / "plots")]), ("train", []))]
+    assert [r.returncode for r in results] == [2, 0, 2], results[-1].stderr[-2000:]
+    assert f"1 other malformed row; first: {source}:41: malformed JSON line" in results[1].stdout + results[1].stderr
+    errors = [r.stderr.strip().splitlines()[-1] for r in (results[0], results[2])]
+    assert errors[0] == errors[1] and errors[0].startswith(f"error: {source}:41: malformed JSON line"), errors
+    assert "Traceback" not in results[0].stderr + results[2].stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("on_bad_row", ["skip", "error"])
+def test_a_malformed_line_is_named_before_what_skipping_it_leaves(tmp_path, tokenizer, on_bad_row):
+    """One good row and one malformed line: eval_split then leaves no training rows, but the line is the cause, so
+    `phitune data` (which prepares with skip) names it first, as `phitune train` does."""
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text":"ok"}\n{"text": broken\n', encoding="utf-8")
+    with pytest.raises(PhituneError) as error:
+        prepare_data(DataConfig(train=str(source), format="text", on_bad_row=on_bad_row,
+                                cache_dir=str(tmp_path / "c")), tokenizer)
+    assert str(error.value).startswith(f"{source}:2: malformed JSON line (")
+    assert ("leaves no training rows" in str(error.value)) == (on_bad_row == "skip")
+
+
+def test_an_empty_file_says_what_its_method_or_format_needs(tmp_path, tokenizer):
+    from phitune.data.prompts import load_prompt_data
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(PhituneError, match=r"empty.jsonl: the file is empty \(0 bytes\); it needs rows with a "
+                                           r"`text` field \(or use .txt documents\)$"):
+        prepare_data(DataConfig(train=str(empty), format="text", cache_dir=str(tmp_path / "c")), tokenizer)
+    with pytest.raises(PhituneError, match=r"empty.jsonl: the file is empty \(0 bytes\); it needs prompt rows"):
+        load_prompt_data(DataConfig(train=str(empty)))

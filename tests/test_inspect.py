@@ -73,9 +73,9 @@ def test_flags_duplicates_leaks_empty_answers_truncation_and_missing_end(tmp_pat
     evals = write_jsonl(tmp_path / "eval.jsonl", [_chat("What colour is grass?", "Grass is green.")])
     report = inspect_data(_config(tiny_base_path(), train, evals, max_seq_length=64), tmp_path)
     text = " | ".join(report.warnings)
-    assert "1 rows have an empty assistant turn" in text and "train.jsonl:3" in text
-    assert "1 train examples are exact duplicates" in text
-    assert "1 eval examples also appear in train" in text
+    assert "1 row has an empty assistant turn" in text and "train.jsonl:3" in text
+    assert "1 train example is an exact duplicate of another" in text
+    assert "1 eval example also appears in train" in text
     assert "train: 1 examples have no end-of-turn token" in text  # the long answer is cut before <|end|>
     assert report.truncated == {"train": 1, "eval": 0}
     assert report.counts["skipped rows"] == 1

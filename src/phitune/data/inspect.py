@@ -183,18 +183,21 @@ def row_warnings(skipped: list[str], sets: dict, on_bad_row: str) -> list[str]:
     empty = [s for s in skipped if "(assistant) has empty content" in s]
     if empty:
         fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
-        warnings.append(f"{len(empty)} rows have an empty assistant turn ({fate}); first: {empty[0]}")
+        has = "row has" if len(empty) == 1 else "rows have"
+        warnings.append(f"{len(empty)} {has} an empty assistant turn ({fate}); first: {empty[0]}")
     others = len(skipped) - len(empty)
     if others:
         first = next(s for s in skipped if s not in empty)
-        warnings.append(f"{others} other malformed rows; first: {first}")
+        warnings.append(f"{others} other malformed row{'s' if others != 1 else ''}; first: {first}")
     train_keys = sets["train"].column("key")
     duplicates = len(train_keys) - len(np.unique(train_keys))
     if duplicates:
-        warnings.append(f"{duplicates} train examples are exact duplicates of another train example")
+        are = "train example is an exact duplicate" if duplicates == 1 else "train examples are exact duplicates"
+        warnings.append(f"{duplicates} {are} of another train example")
     leaked = int(np.isin(sets["eval"].column("key"), train_keys).sum()) if "eval" in sets else 0
     if leaked:
-        warnings.append(f"{leaked} eval examples also appear in train: eval loss will look better than it is")
+        appear = "eval example also appears" if leaked == 1 else "eval examples also appear"
+        warnings.append(f"{leaked} {appear} in train: eval loss will look better than it is")
     return warnings
 
 

@@ -60,7 +60,8 @@ def load_prompt_data(cfg: DataConfig) -> PromptData:
 
 
 def _read_prompts(source: str, split: str, cfg: DataConfig) -> tuple[list[PromptRow], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row,
+                          needs="prompt rows (a prompt column, or messages ending with a user turn)")
     if not rows:
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]

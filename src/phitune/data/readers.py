@@ -19,6 +19,9 @@ Row = tuple[int, dict]  # (1-based line or row number, the row)
 BATCH_ROWS = 10_000  # rows per batch when reading a large source a batch at a time
 
 
+CHAT_ROWS = "rows of chat data"  # what a data file needs, said when it is empty; callers of other data name theirs
+
+
 class BadRow(Exception):
     """A row that cannot be used; carries its location. Turned into PhituneError or skipped by the caller."""
 
@@ -32,22 +35,25 @@ def row_location(source: str, number: int) -> str:
     return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
-def read_rows(source: str, split: str = "train", on_bad_row: str = "error") -> tuple[list[Row], list[BadRow]]:
-    """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name."""
+def read_rows(source: str, split: str = "train", on_bad_row: str = "error",
+              needs: str = CHAT_ROWS) -> tuple[list[Row], list[BadRow]]:
+    """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name. `needs`:
+    what the caller reads, for the message of an empty file."""
     path = Path(source)
-    if _is_local(path):
+    if _is_local(path, needs):
         reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         return reader[path.suffix.lower()](path, on_bad_row)
     return [row for rows in _hub_batches(source, split, BATCH_ROWS) for row in rows], []
 
 
-def read_row_batches(source: str, split: str = "train", batch_rows: int | None = None) -> Iterator[list[Row]]:
+def read_row_batches(source: str, split: str = "train", batch_rows: int | None = None,
+                     needs: str = CHAT_ROWS) -> Iterator[list[Row]]:
     """The rows of a .parquet or .csv file or a hub dataset, `batch_rows` at a time, numbered as read_rows numbers them.
 
     What the Arrow preparation reads these sources with, so a dataset larger than memory never becomes a list.
     """
     path = Path(source)
-    if _is_local(path):
+    if _is_local(path, needs):
         batches = {".parquet": _parquet_batches, ".csv": _csv_batches}.get(path.suffix.lower())
         if batches is None:
             raise ValueError(f"{source}: read_row_batches reads .parquet and .csv files and hub datasets")
@@ -55,7 +61,7 @@ def read_row_batches(source: str, split: str = "train", batch_rows: int | None =
     return _hub_batches(source, split, batch_rows or BATCH_ROWS)
 
 
-def _is_local(path: Path) -> bool:
+def _is_local(path: Path, needs: str = CHAT_ROWS) -> bool:
     """A local data file by its suffix (checked to exist), or False for a hub name."""
     if path.suffix.lower() in LOCAL_SUFFIXES:
         if path.is_dir():
@@ -63,7 +69,7 @@ def _is_local(path: Path) -> bool:
         if not path.is_file():
             raise PhituneError(f"data file not found: {path}")
         if path.stat().st_size == 0:  # each reader would say it differently, one in a library's traceback
-            raise PhituneError(f"{path}: the file is empty (0 bytes); it needs rows of chat data")
+            raise PhituneError(f"{path}: the file is empty (0 bytes); it needs {needs}")
         return True
     if path.exists():
         raw_text = path.suffix.lower() == ".txt" or path.is_dir()

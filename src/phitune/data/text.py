@@ -46,31 +46,39 @@ def text_files(source: str) -> list[Path] | None:
     return None
 
 
-def read_documents(source: str, split: str, on_bad_row: str) -> Iterator[tuple[list[str], list[str]]]:
-    """(documents, problems) a batch at a time: an empty .txt file or a row without text is a problem, an error
-    with on_bad_row: error."""
+TEXT_ROWS = "rows with a `text` field (or use .txt documents)"
+
+
+def read_documents(source: str, split: str, on_bad_row: str) -> Iterator[tuple[list[str], list[str], str | None]]:
+    """(documents, problems, stop) a batch at a time: an empty .txt file, a malformed line or a row without text is a
+    problem; `stop` is what on_bad_row: error stops with for the batch's first one (raised here with error)."""
     files = text_files(source)
     batches = _file_batches(files) if files is not None else _row_batches(source, split, on_bad_row)
-    for documents, problems in batches:
-        if problems and on_bad_row == "error":
-            raise PhituneError(problems[0] + " (set data.on_bad_row: skip to skip such documents)")
-        yield documents, problems
+    for documents, problems, why in batches:
+        stop = problems[0] + why if problems else None
+        if stop and on_bad_row == "error":
+            raise PhituneError(stop)
+        yield documents, problems, stop
+
+
+SKIP_HINT = " (set data.on_bad_row: skip to skip such documents)"
 
 
 def _file_batches(files: list[Path]):
     for start in range(0, len(files), DOCS_PER_BATCH):
         texts = [(f, _read_text(f)) for f in files[start:start + DOCS_PER_BATCH]]
         yield ([t for _, t in texts if t.strip()],
-               [f"{f}: the file is empty (no text); it needs the document's text" for f, t in texts if not t.strip()])
+               [f"{f}: the file is empty (no text); it needs the document's text" for f, t in texts if not t.strip()],
+               SKIP_HINT)
 
 
 def _row_batches(source: str, split: str, on_bad_row: str):
     if Path(source).suffix.lower() in (".jsonl", ".json"):  # malformed lines: an error, or listed here to skip
-        rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row)
-        yield [], [str(problem) for problem in bad]
+        rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row, needs=TEXT_ROWS)
+        yield [], [str(problem) for problem in bad], ""  # said as read_rows raises it with on_bad_row: error
         batches = [rows[i:i + DOCS_PER_BATCH] for i in range(0, len(rows), DOCS_PER_BATCH)]
     else:
-        batches = read_row_batches(source, split, DOCS_PER_BATCH)
+        batches = read_row_batches(source, split, DOCS_PER_BATCH, needs=TEXT_ROWS)
     first = True
     for rows in batches:
         if first and rows and "text" not in rows[0][1]:
@@ -81,7 +89,7 @@ def _row_batches(source: str, split: str, on_bad_row: str):
         good = [r["text"] for _, r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
         problems = [str(BadRow(row_location(source, n), "empty or missing `text`")) for n, r in rows
                     if not (isinstance(r.get("text"), str) and r["text"].strip())]
-        yield good, problems
+        yield good, problems, SKIP_HINT
 
 
 def separators(tokenizer) -> tuple[list[int], list[int]]:
@@ -111,17 +119,30 @@ def pack_blocks(token_lists: Iterator[list[list[int]]], before: list[int], after
 
 def make_text_entry(cfg, tokenizer, work: Path) -> dict:
     """Pack cfg's train (and eval) documents into Arrow files under `work`; the meta.json content phitune.data.prepare
-    writes: file names relative to `work`, documents per split, the skipped documents."""
+    writes: file names relative to `work`, documents per split, the skipped documents, and `error`: what on_bad_row:
+    error stops with (an entry made with skip, by `phitune data`, is shared by both settings and applied on load)."""
+    found = {"skipped": [], "error": None}
+    try:
+        docs, files = _make_sets(cfg, tokenizer, work, found)
+    except PhituneError as exc:  # too little left once bad rows are skipped: the first bad row is the cause
+        if found["error"] is None:
+            raise
+        raise PhituneError(f"{found['error']}; without the bad rows: {exc}") from None
+    return {"format": "text", "skipped": found["skipped"], "error": found["error"], "files": files, "samples": [],
+            "stats": {"documents": docs}}
+
+
+def _make_sets(cfg, tokenizer, work: Path, found: dict) -> tuple[dict, dict]:
+    """(documents per split, Arrow file names per split) of the blocks written under `work`."""
     import datasets
 
     from phitune.data import split_eval
 
-    docs, skipped = {}, []
-    docs["train"] = _write_blocks(cfg.train, cfg.split, cfg, tokenizer, work / "train-blocks.arrow", skipped)
+    docs = {"train": _write_blocks(cfg.train, cfg.split, cfg, tokenizer, work / "train-blocks.arrow", found)}
     blocks = datasets.Dataset.from_file(str(work / "train-blocks.arrow"))
     if cfg.eval:
         docs["eval"] = _write_blocks(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer,
-                                     work / "eval-blocks.arrow", skipped)
+                                     work / "eval-blocks.arrow", found)
         eval_blocks = datasets.Dataset.from_file(str(work / "eval-blocks.arrow"))
         train_indices, eval_indices = list(range(len(blocks))), list(range(len(eval_blocks)))
     else:
@@ -136,13 +157,13 @@ def make_text_entry(cfg, tokenizer, work: Path) -> dict:
             files[name] = [f"{name}.arrow"]
     for name in ("train-blocks.arrow", "eval-blocks.arrow"):
         (work / name).unlink(missing_ok=True)
-    return {"format": "text", "skipped": skipped, "error": None, "files": files, "samples": [],
-            "stats": {"documents": docs}}
+    return docs, files
 
 
-def _write_blocks(source: str, split: str, cfg, tokenizer, target: Path, skipped: list[str]) -> int:
+def _write_blocks(source: str, split: str, cfg, tokenizer, target: Path, found: dict) -> int:
     """Read, tokenize and pack `source` into the Arrow file `target`, BATCH blocks at a time; the number of
-    documents. Documents skipped (with on_bad_row: skip) are appended to `skipped`."""
+    documents. Documents skipped (with on_bad_row: skip) go to found["skipped"], the first one's error to
+    found["error"]."""
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
@@ -150,8 +171,9 @@ def _write_blocks(source: str, split: str, cfg, tokenizer, target: Path, skipped
 
     def tokenized():
         nonlocal count
-        for documents, bad in read_documents(source, split, cfg.on_bad_row):
-            skipped.extend(bad)
+        for documents, bad, stop in read_documents(source, split, cfg.on_bad_row):
+            found["skipped"].extend(bad)
+            found["error"] = found["error"] or stop
             count += len(documents)
             if documents:
                 yield tokenizer(documents, add_special_tokens=False, split_special_tokens=True)["input_ids"]
