@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -85,6 +87,9 @@ def test_a_finished_run_is_not_overwritten(make_config):
     with pytest.raises(PhituneError, match="^--resume: the run in .* is already complete, nothing to resume"):
         run_training(cfg, resume=True)
     assert {path: path.stat().st_mtime_ns for path in cfg.output_dir.rglob("*")} == written
+    # asked for more steps, --resume continues the finished run from its last checkpoint (steps 3-4 only)
+    longer = replace(cfg, training_config={**cfg.training_config, "max_steps": 4})
+    assert run_training(longer, resume=True).metrics["global_step"] == 4
     run_training(cfg, overwrite=True)
 
 

@@ -3,7 +3,7 @@
 A directory is one of: absent or empty (a fresh run starts there), a finished run (the completion marker at its
 top), an interrupted run (checkpoints or a saved config, no marker), or foreign (anything else that is not empty).
 A fresh start is refused on a finished or interrupted run unless `--resume` continues it (an interrupted one only: a
-finished run is complete, and `--resume` on it is refused too) or `--overwrite` replaces it, and always refused on a
+finished run only when the config asks for more steps or epochs than it trained) or `--overwrite` replaces it, and always refused on a
 foreign directory. `--overwrite` deletes only what a phitune run writes there, and only
 once the new run's inputs have been checked (`clear_old_run`), so a typo in the config never costs the old run; a
 directory that also holds other files is refused rather than emptied. The directory itself is made by the trainer
@@ -13,6 +13,7 @@ when it first writes, so a run that stops at a bad config or bad data leaves not
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -94,10 +95,10 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
     if state == "foreign":
         raise PhituneError(f"{output_dir} is not empty and holds no phitune run; set training_config.output_dir to "
                            "a new or empty directory (phitune never deletes files it did not write)")
-    if state == "finished" and resume:  # every method: nothing retrained, scored or rewritten
+    if state == "finished" and resume and not _asks_for_more(cfg, output_dir):  # nothing retrained or rewritten
         raise PhituneError(f"--resume: the run in {output_dir} is already complete, nothing to resume; pass "
                            "--overwrite to train it again, or set training_config.output_dir to a new directory")
-    if state == "finished" and not overwrite:
+    if state == "finished" and not (overwrite or resume):
         raise PhituneError(f"{output_dir} already holds a finished run; pass --overwrite to replace it, or set "
                            "training_config.output_dir to a new directory")
     if state == "interrupted" and not (resume or overwrite):
@@ -113,6 +114,19 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
             raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
                                f"{', '.join(others[:3])}; move those out or choose another output_dir")
     return output_dir
+
+
+def _asks_for_more(cfg, output_dir: Path) -> bool:
+    """True when the config trains past where the finished run stopped (a larger max_steps, or more epochs when
+    max_steps is unset): `--resume` then continues it from its last checkpoint, as the Trainer allows."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None or not (checkpoint / "trainer_state.json").is_file():
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    max_steps = cfg.training_config.get("max_steps", -1)
+    if max_steps and max_steps > 0:
+        return max_steps > state.get("global_step", 0)
+    return cfg.training_config.get("num_train_epochs", 3.0) > state.get("epoch", 0)
 
 
 def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) -> None:
