@@ -257,6 +257,10 @@ def test_method_config_is_checked_against_the_methods_trl_config():
         config_from_dict({**base, "training_config": {"beta": 0.2}})  # sft has no beta
     with pytest.raises(PhituneError, match=r"method must be one of sft, dpo, orpo, .*got 'dop' \(did you mean 'dpo'"):
         config_from_dict({**base, "method": "dop"})
+    # a misspelt method is the only problem said: its keys checked against SFT's would each look wrong too
+    with pytest.raises(PhituneError) as err:
+        config_from_dict({**base, "method": "gpro", "training_config": {"num_generations": 4}})
+    assert str(err.value).count(";") == 0 and "did you mean 'grpo'" in str(err.value)
     with pytest.raises(PhituneError) as err:
         config_from_dict({**base, "method": "dpo", "peft_config": None, "model": {"name_or_path": "m"}})
     assert "method dpo trains a LoRA adapter" in str(err.value)

@@ -234,9 +234,9 @@ def config_from_dict(raw: dict) -> RunConfig:
     raw = coerce_numbers(raw)
     _check_keys(raw, (*SECTIONS, "method"), "config", problems)
     method = raw.get("method") or "sft"
-    if method not in METHODS:
-        problems.append(f"method must be one of {', '.join(METHODS)}, got {method!r}{_suggest(method, METHODS)}")
-        method = "sft"
+    if method not in METHODS:  # every later rule depends on the method: checked against a guess, they only mislead
+        raise PhituneError(f"invalid config: method must be one of {', '.join(METHODS)}, got {method!r}"
+                           f"{_suggest(method, METHODS)}")
     model = _build_section(ModelConfig, raw.get("model"), "model", problems)
     data = _build_section(DataConfig, raw.get("data"), "data", problems)
     speed = _build_section(SpeedConfig, raw.get("speed"), "speed", problems)

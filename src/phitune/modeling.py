@@ -29,7 +29,8 @@ def check_model_path(name_or_path: str) -> None:
     """A name that looks like a local path must exist; anything else is taken as a hub id."""
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().exists():
-        raise PhituneError(f"model path does not exist: {name_or_path}")
+        relative = "" if Path(name_or_path).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+        raise PhituneError(f"model path does not exist: {name_or_path}{relative}")
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
