@@ -10,7 +10,7 @@ depend on the one it imports, it only hides it until the function runs. Layers, 
     lifecycle run, run_dir, train_support, trainer_hooks
     recipes   recipes/ (one module per method; no recipe imports another)
     driver    train
-    front     api, cli, demo, ui (the web page; imports gradio, the ui extra, only in ui.app)
+    front     api, cli, __main__, demo, ui (the web page; imports gradio, the ui extra, only in ui.app)
 
 A module may import from its own layer or below; `lora/` imports nothing of phitune but `errors`.
 """
@@ -33,7 +33,7 @@ LAYERS = [
     ("lifecycle", ("run", "run_dir", "train_support", "trainer_hooks")),
     ("recipes", ("recipes",)),
     ("driver", ("train",)),
-    ("front", ("api", "cli", "demo", "ui")),
+    ("front", ("api", "cli", "demo", "ui", "__main__")),
 ]
 
 
