@@ -306,9 +306,9 @@ def serve(
 
     plan = plan_serve(run_dir, engine, host, port, gguf)
     warn_if_public(host)
-    print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
-    print("$ " + " ".join(plan.command), flush=True)
-    try:
+    try:  # from the first line on: a Ctrl-C right after it is the same stop
+        print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
+        print("$ " + " ".join(plan.command), flush=True)
         code = run_server(plan)
     except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop: not an error, and exit code 0
         print("stopped", flush=True)
