@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +97,11 @@ class DataConfig:
         default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
                                         "(default: the row's prompt or messages)"}
     )
+
+    def whole_file_as_eval(self) -> "DataConfig":
+        """`phitune eval RUN --data FILE`: every row of `train` (FILE) is read as the train split, nothing held out,
+        capped by max_eval_examples; each method's evaluation takes that split as its eval set."""
+        return replace(self, eval=None, eval_split=0.0, max_train_examples=self.max_eval_examples)
 
 
 @dataclass

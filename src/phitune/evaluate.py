@@ -180,7 +180,7 @@ def eval_conversations(data_cfg: DataConfig, use_eval_split: bool) -> list:
     from phitune.data import load_conversations
 
     if not use_eval_split:  # --data FILE: the whole file is the eval set
-        data_cfg = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
+        data_cfg = data_cfg.whole_file_as_eval()
         return load_conversations(data_cfg).train
     conversations = load_conversations(data_cfg).eval
     if not conversations:

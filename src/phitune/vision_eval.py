@@ -56,7 +56,7 @@ def media_rows(data_cfg: DataConfig, use_eval_split: bool) -> list:
     from phitune.data.multimodal import read_media_rows
 
     if not use_eval_split:
-        data_cfg = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
+        data_cfg = data_cfg.whole_file_as_eval()
         return load_splits(data_cfg, read_media_rows)[0]
     rows = load_splits(data_cfg, read_media_rows)[1]
     if not rows:

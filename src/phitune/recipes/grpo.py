@@ -253,15 +253,12 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
 
 def eval_prompts(data_cfg, use_eval_split: bool, limit: int | None):
     """The run's held-out prompts, or (--data FILE) every prompt of the file; the first `limit` of them."""
-    from dataclasses import replace
-
     from phitune.data.prompts import load_prompt_data
 
     if use_eval_split:
         rows = load_prompt_data(data_cfg).eval
     else:
-        every_row = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
-        rows = load_prompt_data(every_row).train  # --data FILE: the whole file is the eval set
+        rows = load_prompt_data(data_cfg.whole_file_as_eval()).train  # --data FILE: the whole file is the eval set
     if not rows:
         raise PhituneError("the run has no held-out prompts (data.eval_split is 0 and no data.eval); pass --data FILE")
     return rows[:limit] if limit else rows

@@ -255,8 +255,7 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
     if use_eval_split:
         pairs = load_preference_data(data_cfg).eval
     else:
-        every_row = replace(data_cfg, eval=None, eval_split=0.0, max_train_examples=data_cfg.max_eval_examples)
-        pairs = load_preference_data(every_row).train  # --data FILE: the whole file is the eval set
+        pairs = load_preference_data(data_cfg.whole_file_as_eval()).train  # --data FILE: the whole file is the eval set
     if not pairs:
         raise PhituneError("the run has no held-out pairs (data.eval_split is 0 and no data.eval); pass --data FILE")
     model, tokenizer = load_for_inference(replace(model_cfg, adapter=None))
