@@ -52,3 +52,13 @@ def assert_resumed(run: dict, checkpoint: Path, max_steps: int) -> None:
     for index, moments in saved.items():
         for name, value in moments.items():
             assert torch.equal(started[index][name], value), f"optimizer state {index}.{name} differs from the checkpoint"
+
+
+def assert_same_trained_adapter(straight: Path, resumed: Path, rtol: float, atol: float) -> None:
+    """The resumed run's adapter equals the uninterrupted run's, which trained (B starts at zero: it moved)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run / "adapter_model.safetensors")) for run in (straight, resumed))
+    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)

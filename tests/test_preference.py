@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from phitune.config import config_from_dict
 from phitune.errors import PhituneError
-from _resume import assert_resumed, watch_training
+from _resume import assert_resumed, assert_same_trained_adapter, watch_training
 from conftest import write_jsonl
 
 POSITIVE = ["yes", "good", "happy", "right", "hot", "big"]
@@ -172,10 +172,7 @@ def test_dpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, 
     run("resumed", 2)
     resumed = run("resumed", 4, resume=True)
     assert_resumed(runs[-1], resumed / "checkpoint-2", max_steps=4)
-    a, b = load_file(str(straight / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert_same_trained_adapter(straight, resumed, rtol=1e-5, atol=1e-7)
 
 
 def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_model_dir, pair_files, tmp_path):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from _resume import assert_same_trained_adapter
 from phitune.config import DataConfig
 from phitune.data.multimodal import IMAGE_PLACEHOLDER, parse_row, read_media_rows
 from phitune.data.readers import BadRow
@@ -202,8 +202,6 @@ def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, t
 def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multimodal, tmp_path, monkeypatch):
     """The lifecycle is SFT's: 3 steps (checkpoint-3), then --resume to 6, ends at the uninterrupted run's adapter
     (audio rows: the same recipe, collator and checkpoints as pictures, without torchvision)."""
-    from safetensors.torch import load_file
-
     from phitune.api import train
 
     rows = [{"messages": [{"role": "user", "content": [{"type": "audio", "path": write_tone(tmp_path / f"{i}.wav",
@@ -229,11 +227,7 @@ def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multi
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
     resumed = run("resumed", 6, resume=True)
     assert len(steps) == 3 and resumed.metrics["global_step"] == 6  # steps 4..6 only: a restart would train 6
-    a = load_file(straight.output_dir / "adapter_model.safetensors")
-    b = load_file(resumed.output_dir / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert_same_trained_adapter(straight.output_dir, resumed.output_dir, rtol=1e-5, atol=1e-7)
 
 
 def test_qlora_trains_on_a_4bit_multimodal_base(tiny_multimodal, tmp_path):
