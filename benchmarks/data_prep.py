@@ -45,7 +45,7 @@ def write_conversations(path: Path, n: int, seed: int = 0, pairs: int = PAIRS, s
 
     `pairs` user/assistant pairs per conversation, message lengths `scale` times the medians above.
     """
-    from phitune.tiny import CORPUS
+    from phitune.tiny.phi3 import CORPUS
 
     rng = np.random.default_rng(seed)
     words = CORPUS.read_text(encoding="utf-8").split()
@@ -68,11 +68,11 @@ def write_conversations(path: Path, n: int, seed: int = 0, pairs: int = PAIRS, s
 
 def prepare_phitune(data: Path, cache: Path, max_length: int, num_proc: int | None) -> dict:
     """phitune's preparation, as `phitune train` runs it; the counts of what it made."""
-    from phitune.config import config_from_dict
-    from phitune.modeling import load_tokenizer
-    from phitune.tiny import tiny_base_path
-    from phitune.plan import plan_run
+    from phitune.config.schema import config_from_dict
+    from phitune.models.loading import load_tokenizer
     from phitune.recipes.sft import tokenize_splits
+    from phitune.run.plan import plan_run
+    from phitune.tiny.phi3 import tiny_base_path
 
     settings = {"train": str(data), "eval_split": 0, "max_seq_length": max_length, "cache_dir": str(cache)}
     if num_proc:
@@ -90,7 +90,7 @@ def prepare_trl(data: Path, output: Path, max_length: int) -> dict:
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import phi3_training_chat_template
 
-    from phitune.tiny import tiny_base_path
+    from phitune.tiny.phi3 import tiny_base_path
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base_path())
     tokenizer.chat_template = phi3_training_chat_template

@@ -107,7 +107,7 @@ make_base() {  # a random model of $shape in bf16 with the bundled tokenizer, at
 import sys
 import torch
 from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
-from phitune.tiny import tiny_base_path, tiny_config
+from phitune.tiny.phi3 import tiny_base_path, tiny_config
 
 shape, out = sys.argv[1:]
 tokenizer = AutoTokenizer.from_pretrained(tiny_base_path())

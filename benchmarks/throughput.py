@@ -187,12 +187,12 @@ def phitune_trainer(shape: str, batches, device: str, activation: str = "auto", 
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
-    from phitune.config import config_from_dict
-    from phitune.modeling import resolve_attn_implementation
-    from phitune.plan import RunPlan
+    from phitune.config.schema import config_from_dict
+    from phitune.models.loading import resolve_attn_implementation
     from phitune.recipes.sft import build_sft_config
+    from phitune.run.trainer import PhituneTrainer
+    from phitune.run.plan import RunPlan
     from phitune.speed import apply_activation_strategy, resolve_speed
-    from phitune.train_support import PhituneTrainer
 
     dtype = str(compute_dtype(device)).removeprefix("torch.")
     cfg = config_from_dict({

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from phitune.tiny import CORPUS, TINY_BASE, build_tiny_model
+from phitune.tiny.phi3 import CORPUS, TINY_BASE, build_tiny_model
 
 
 def corpus_batches(tokenizer, seq_len: int, batch_size: int, seed: int):

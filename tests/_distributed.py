@@ -20,13 +20,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from phitune.train_support import CHECKPOINT_COMPLETE
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE
 
 _CACHE: dict[str, Path] = {}
 
-TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
+TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step
 EVAL_LINE = re.compile(r"^step +\d+/\d+  eval loss ", re.M)
-SUMMARY_END = "adapter, tokenizer, metrics.json and loss.png are in"  # phitune.report's run summary, last line
+SUMMARY_END = "adapter, tokenizer, metrics.json and loss.png are in"  # phitune.after.report's run summary, last line
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # measured: max |difference| 1.1e-7 on weights of size ~0.13
@@ -81,7 +81,7 @@ LAUNCHER = """
 import os, sys
 sys.path.insert(0, {tests!r})
 import pytest, torch
-from phitune.train_support import PhituneTrainer
+from phitune.run.trainer import PhituneTrainer
 
 rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
 patch = pytest.MonkeyPatch()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from phitune.tiny import DEMO_DATA, tiny_base_path
+from phitune.tiny.phi3 import DEMO_DATA, tiny_base_path
 
 _CACHE: dict[str, Path] = {}
 
@@ -35,7 +35,7 @@ def run_config(base: Path, output_dir: Path, **training) -> dict:
 def trained_run_dir(tmp_path_factory) -> Path:
     """A finished LoRA run on the bundled (pretrained) tiny Phi-3: adapter, tokenizer, config, metrics.json."""
     if "run" not in _CACHE:
-        from phitune.config import config_from_dict
+        from phitune.config.schema import config_from_dict
         from phitune.train import run_training
 
         output_dir = tmp_path_factory.mktemp("run")

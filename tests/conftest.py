@@ -19,7 +19,7 @@ DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_cha
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Phi-3 (hidden 64) with the real Phi-3 tokenizer and its 32,064 embedding rows,
     built once per test session: masks, evaluation, generation, merge, export and DPO see the real vocabulary."""
-    from phitune.tiny import build_tiny_model
+    from phitune.tiny.phi3 import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), seed=0, real_tokenizer=True, hidden=64, layers=2)
 
@@ -32,7 +32,7 @@ def phi3_tokenizer_dir(tmp_path_factory) -> Path:
 
     from transformers import Phi3Config
 
-    from phitune.tiny import PHI3_TOKENIZER, PHI3_VOCAB_SIZE
+    from phitune.tiny.phi3 import PHI3_TOKENIZER, PHI3_VOCAB_SIZE
 
     folder = tmp_path_factory.mktemp("phi3-tokenizer")
     shutil.copytree(PHI3_TOKENIZER, folder, dirs_exist_ok=True)
@@ -53,7 +53,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture
 def make_config(tiny_model_dir, tmp_path):
     """Build a RunConfig for a short CPU run on the tiny model; keyword sections update the defaults."""
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
 
     def make(**sections):
         raw = {

@@ -3,11 +3,15 @@
 Every `import` in every module counts, the ones inside functions too: a function-level import still makes the module
 depend on the one it imports, it only hides it until the function runs. Layers, bottom up:
 
-    base      errors, the package root, lora/, metrics, console, report, hub, tiny, config_types, config_methods
-    config    config
-    library   data/, modeling, speed/, plan, memory, lora_backend, generate, evaluate, merge, export/, rewards,
-              tiny_vision, vision_eval, benchmarks, serve
-    lifecycle run, run_dir, train_support, trainer_hooks
+    base      errors, terminal, the package root, lora/
+    config    config/
+    speed     speed/
+    models    models/
+    data      data/
+    library   tiny/ (the small models, on data's templates), after/ (evaluate, benchmarks, generate, rewards,
+              metrics, merge, export, serve, hub, report: what runs from an output directory, and the scoring the
+              recipes use)
+    lifecycle run/ (plan, output directory, lifecycle, checkpoints, signals, NaN guard, Trainer hooks, console)
     recipes   recipes/ (one module per method; no recipe imports another)
     driver    train
     front     api, cli, __main__, demo, ui (the web page; imports gradio, the ui extra, only in ui.app)
@@ -26,11 +30,13 @@ import phitune
 
 PACKAGE = Path(phitune.__file__).parent
 LAYERS = [
-    ("base", ("errors", "", "lora", "metrics", "console", "report", "hub", "tiny", "config_types", "config_methods")),
+    ("base", ("errors", "terminal", "", "lora")),
     ("config", ("config",)),
-    ("library", ("data", "modeling", "speed", "plan", "memory", "lora_backend", "generate", "evaluate", "merge",
-                 "export", "rewards", "tiny_vision", "vision_eval", "benchmarks", "serve")),
-    ("lifecycle", ("run", "run_dir", "train_support", "trainer_hooks")),
+    ("speed", ("speed",)),
+    ("models", ("models",)),
+    ("data", ("data",)),
+    ("library", ("tiny", "after")),
+    ("lifecycle", ("run",)),
     ("recipes", ("recipes",)),
     ("driver", ("train",)),
     ("front", ("api", "cli", "demo", "ui", "__main__")),
@@ -134,17 +140,18 @@ def test_no_recipe_imports_another(graph):
 
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     """The reader must not miss what the layer test exists for: an import hidden in a function, a relative one."""
-    modules = {"phitune.config": tmp_path / "config.py", "phitune.train": tmp_path / "train.py",
+    modules = {"phitune.config.schema": tmp_path / "config.py", "phitune.train": tmp_path / "train.py",
                "phitune.data": tmp_path / "data" / "__init__.py", "phitune.data.prepare": tmp_path / "prepare.py"}
     source = tmp_path / "config.py"
-    source.write_text("def check():\n    from phitune.train import run_training\n    from .data import prepare\n")
-    assert imported_modules("phitune.config", source, modules) == {"phitune.train", "phitune.data.prepare"}
+    source.write_text("def check():\n    from phitune.train import run_training\n    from ..data import prepare\n")
+    assert imported_modules("phitune.config.schema", source, modules) == {"phitune.train", "phitune.data.prepare"}
 
 
 def test_every_method_has_a_recipe():
     """config_methods.METHODS (what a config may name) and the driver's RECIPES (what runs it) list the same
     methods."""
-    from phitune.config_methods import METHODS
+    from phitune.config.methods import METHODS
     from phitune.train import RECIPES
 
     assert set(RECIPES) == set(METHODS)
+

@@ -38,7 +38,7 @@ def refused(capsys, *args: str) -> str:
 def demo_run(tmp_path_factory) -> Path:
     """The demo's run (`phitune demo`'s config and data, 270 steps, about a minute): it answers several of the
     facts exactly ("A cow says moo."), where the 30-step run of the other eval tests answers none."""
-    from phitune.config import load_config
+    from phitune.config.schema import load_config
     from phitune.demo import DEMO_CONFIG, demo_overrides
     from phitune.train import run_training
 
@@ -58,8 +58,8 @@ def facts() -> list[dict]:
 
 def phitune_answers(run_dir: Path, questions: list[str]) -> dict[str, list[str]]:
     """phitune's own greedy answers (generate_replies, as `phitune generate`) of the base and the tuned model."""
-    from phitune.generate import SamplingSettings, attach_adapter, generate_replies, load_for_inference
-    from phitune.generate import resolve_model_source
+    from phitune.after.generate import SamplingSettings, attach_adapter, generate_replies, load_for_inference
+    from phitune.after.generate import resolve_model_source
 
     model_cfg, adapter = resolve_model_source(run_dir)
     model, tokenizer = load_for_inference(model_cfg)
@@ -104,7 +104,7 @@ def test_local_tasks_score_base_and_fine_tuned_with_versions_counts_and_the_chat
 def test_chat_tasks_stop_at_the_end_of_turn_and_multiple_choice_tasks_are_left_alone(in_tasks_folder):
     """Hub tasks' stop strings are other models' (like the local task's "Question:"): the end of turn is added to
     a chat task's, once, and a multiple-choice task is not touched (it generates nothing)."""
-    from phitune.benchmarks import load_benchmarks, stop_at_end_of_turn, task_manager
+    from phitune.after.benchmarks import load_benchmarks, stop_at_end_of_turn, task_manager
 
     names = ["phitune_facts.yaml", "phitune_choices.yaml"]
     facts, choices = load_benchmarks(names, task_manager(names))
@@ -166,7 +166,7 @@ def test_a_task_yaml_reads_its_data_beside_it_from_any_folder_and_only_the_table
 def test_the_table_keeps_whole_names_at_80_columns(monkeypatch):
     from rich.console import Console
 
-    from phitune import report
+    from phitune.after import report
 
     scores = {"base": {"acc,none": 0.25}, "fine-tuned": {"acc,none": 0.5}}
     names = ("phitune_facts", "mmlu_high_school_european_history")

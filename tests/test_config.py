@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phitune.config import config_from_dict, load_config
+from phitune.config.schema import config_from_dict, load_config
 from phitune.errors import PhituneError
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
@@ -153,7 +153,7 @@ def test_secrets_never_reach_the_saved_config():
 def _checked_config_classes():
     from peft import LoraConfig
 
-    from phitune.config import DataConfig, ModelConfig, SpeedConfig, training_config_class
+    from phitune.config.schema import DataConfig, ModelConfig, SpeedConfig, training_config_class
 
     trl_classes = [training_config_class(method) for method in ("sft", "dpo", "orpo")]
     return [ModelConfig, DataConfig, SpeedConfig, LoraConfig, *trl_classes]
@@ -165,7 +165,7 @@ def test_every_field_type_of_every_checked_config_is_understood():
     import dataclasses
     import typing
 
-    from phitune.config_types import understood
+    from phitune.config.types import understood
 
     unknown = []
     for cls in _checked_config_classes():
@@ -180,7 +180,7 @@ def test_check_value_follows_the_resolved_type():
     import enum
     from typing import Any, Literal, Optional, Union
 
-    from phitune.config_types import check_value, understood, yaml_value
+    from phitune.config.types import check_value, understood, yaml_value
 
     class Strategy(enum.Enum):
         NO = "no"
@@ -218,7 +218,7 @@ def test_a_string_for_an_enum_field_is_one_of_its_values_as_the_library_itself_r
     """`lr_scheduler_type: SchedulerType | str`: a typo is caught when the YAML is read (with a suggestion), not by
     SFTConfig after the data has been prepared. That is only right while the library rejects the same strings, so every
     such field of every config class phitune checks is built here with a string that is not a member."""
-    from phitune.config_types import _string_names_enum, field_types
+    from phitune.config.types import _string_names_enum, field_types
 
     checked = []
     for cls in _checked_config_classes():

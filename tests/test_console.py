@@ -9,10 +9,10 @@ import re
 import pytest
 from rich.console import Console
 
-import phitune.console
-from phitune.console import format_duration, format_value
+import phitune.run.console
+from phitune.after.report import run_summary_rows
 from phitune.errors import PhituneError
-from phitune.report import run_summary_rows
+from phitune.terminal import format_duration, format_value
 from phitune.train import run_training
 
 LOSS = r"(?:\d\.\d{3,4}|\d\d\.\d\d)"  # 4 significant digits: 5.375, or 10.37 (a random model on Phi-3's 32,064 tokens)
@@ -25,7 +25,7 @@ RAW_DICT = re.compile(r"\{'\w+': ")  # what transformers prints per log: {'loss'
 def terminal(monkeypatch) -> io.StringIO:
     """phitune's console as a 150-column terminal writing into a buffer, so the live bar is drawn."""
     buffer = io.StringIO()
-    monkeypatch.setattr(phitune.console, "console", Console(file=buffer, force_terminal=True, width=150,
+    monkeypatch.setattr(phitune.run.console, "console", Console(file=buffer, force_terminal=True, width=150,
                                                             color_system=None))
     return buffer
 
@@ -88,8 +88,8 @@ def test_summary_table_has_units_and_before_after():
 def test_chat_help_lists_the_commands_and_is_not_sent_to_the_model(tiny_model_dir):
     from typer.testing import CliRunner
 
+    from phitune.after.generate import CHAT_COMMANDS
     from phitune.cli import app
-    from phitune.generate import CHAT_COMMANDS
 
     lines = "/help\n/rest\nhello\n/exit\n"
     result = CliRunner().invoke(app, ["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4"], input=lines)

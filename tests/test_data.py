@@ -5,11 +5,11 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
+from phitune.config.schema import ModelConfig
 from phitune.data import IGNORE_INDEX, load_conversations, split_eval, tokenize_conversations
 from phitune.errors import PhituneError
-from phitune.modeling import load_tokenizer
-from phitune.config import ModelConfig
+from phitune.models.loading import load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from conftest import write_jsonl
-from phitune.config import DataConfig, ModelConfig
+from phitune.config.schema import DataConfig, ModelConfig
 from phitune.data import load_conversations, tokenize_conversations
 from phitune.data import training_chat_template
 from phitune.data.encode import encode_with_masks
 from phitune.data.prepare import prepare_data, training_set
 from phitune.errors import PhituneError
-from phitune.modeling import load_tokenizer
+from phitune.models.loading import load_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 
@@ -277,7 +277,7 @@ def test_processes_of_one_machine_prepare_once(tmp_path, tiny_model_dir):
     """Two processes started together (as torchrun starts ranks): one prepares, the other waits and reuses it."""
     path = write_jsonl(tmp_path / "d.jsonl", ROWS["messages"] * 20)
     script = (
-        "import sys; from phitune.config import DataConfig, ModelConfig; from phitune.modeling import load_tokenizer;"
+        "import sys; from phitune.config.schema import DataConfig, ModelConfig; from phitune.models.loading import load_tokenizer;"
         "from phitune.data.prepare import prepare_data;"
         f"tok = load_tokenizer(ModelConfig(name_or_path={str(tiny_model_dir)!r}));"
         f"p = prepare_data(DataConfig(train={str(path)!r}, eval_split=0, cache_dir={str(tmp_path / 'c')!r}), tok);"

@@ -11,10 +11,10 @@ import pytest
 
 from _resume import assert_resumed, watch_training
 from conftest import write_jsonl
-from phitune.config import DataConfig, ModelConfig
+from phitune.config.schema import DataConfig, ModelConfig
 from phitune.data.prepare import prepare_data
 from phitune.errors import PhituneError
-from phitune.tiny import CORPUS
+from phitune.tiny.phi3 import CORPUS
 
 DOCS = ["Rivers run to the sea.\n\nThe sea does not fill; a second paragraph of the same document.",
         "A document that writes <|end|> and <|endoftext|> as plain text.",
@@ -23,7 +23,7 @@ DOCS = ["Rivers run to the sea.\n\nThe sea does not fill; a second paragraph of 
 
 @pytest.fixture(scope="module")
 def tokenizer(phi3_tokenizer_dir):
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(phi3_tokenizer_dir)))
 
@@ -159,7 +159,7 @@ def test_training_on_text_lowers_the_held_out_text_loss(make_config, tmp_path):
     from phitune.api import inspect_data
     from phitune.train import run_training
 
-    from phitune.tiny import tiny_base_path
+    from phitune.tiny.phi3 import tiny_base_path
 
     train, held_out = corpus_split(tmp_path)
     cfg = make_config(model={"name_or_path": str(tiny_base_path())},

@@ -58,7 +58,7 @@ def test_demo_starts_again_over_its_own_interrupted_run(tmp_path, caplog):
     """`phitune demo` has no --resume or --overwrite: over an interrupted demo run it trains from scratch, says so,
     and the interrupted checkpoint is gone (a fresh run keeps no step of it). An interrupted run has no saved config:
     the demo knows its own by the base model its checkpoint's adapter names."""
-    from phitune.train_support import finished_run
+    from phitune.run.checkpoints import finished_run
 
     output_dir = tmp_path / "demo"
     quick = ["training_config.eval_strategy=no", "data.max_train_examples=32"]

@@ -35,7 +35,7 @@ from _distributed import (
     write_config,
 )
 
-from phitune.train_support import CHECKPOINT_COMPLETE
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
 
 POISON_RANK_1 = """
 import os, sys
-from phitune.train_support import PhituneTrainer
+from phitune.run.trainer import PhituneTrainer
 
 original = PhituneTrainer.compute_loss
 
@@ -267,8 +267,8 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype():
     """FSDP shards floating-point tensors of one dtype: the packed 4-bit weights must be stored in the compute dtype
     (bnb_4bit_quant_storage), not bitsandbytes' default uint8; a storage the user chose is kept."""
     pytest.importorskip("bitsandbytes")
-    from phitune.config import ModelConfig
-    from phitune.modeling import quantization_config
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import quantization_config
 
     quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
     model = ModelConfig(name_or_path="unused", quantization=quantization)

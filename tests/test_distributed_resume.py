@@ -28,7 +28,7 @@ from _distributed import (
     write_dpo_config,
 )
 
-from phitune.train_support import latest_complete_checkpoint
+from phitune.run.checkpoints import latest_complete_checkpoint
 
 
 @pytest.fixture(scope="module")

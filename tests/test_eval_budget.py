@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from phitune.plan import plan_run
 from phitune.recipes.sft import build_sft_config
+from phitune.run.plan import plan_run
 
 TRIES = 3  # timings per side; the best of them is compared
 
@@ -25,9 +25,9 @@ def test_eval_steps_set_by_the_user_are_kept(make_config):
 
 
 def _eval_inputs(tiny_model_dir, demo_data):
-    from phitune.config import DataConfig, ModelConfig
-    from phitune.evaluate import eval_conversations, tokenize_eval_set
-    from phitune.generate import load_for_inference
+    from phitune.after.evaluate import eval_conversations, tokenize_eval_set
+    from phitune.after.generate import load_for_inference
+    from phitune.config.schema import DataConfig, ModelConfig
 
     model, tokenizer = load_for_inference(ModelConfig(name_or_path=str(tiny_model_dir), torch_dtype="float32"))
     data_cfg = DataConfig(train=str(demo_data / "train.jsonl"), eval=str(demo_data / "eval.jsonl"),
@@ -43,8 +43,8 @@ def test_eval_time_estimate_comes_with_advice_and_is_the_right_size(tiny_model_d
     Both sides are single-shot wall-clock timings of a few milliseconds, so a busy moment on a shared machine can
     inflate either one several times over: each is the best of TRIES (the time this machine takes when nothing else
     gets in the way), which is what the comparison is about; the two sides are timed in turns."""
-    from phitune.evaluate import announce_eval_time, split_prompts, teacher_forced_metrics
-    from phitune.generate import SamplingSettings, generate_replies
+    from phitune.after.evaluate import announce_eval_time, split_prompts, teacher_forced_metrics
+    from phitune.after.generate import SamplingSettings, generate_replies
 
     model, tokenizer, conversations, tokenized = _eval_inputs(tiny_model_dir, demo_data)
     with caplog.at_level(logging.INFO, logger="phitune"):

@@ -1,4 +1,4 @@
-"""phitune.evaluate: base vs fine-tuned metrics on the held-out demo set, and the files the report leaves."""
+"""phitune.after.evaluate: base vs fine-tuned metrics on the held-out demo set, and the files the report leaves."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
-from phitune.evaluate import evaluation_data, generation_metrics, run_evaluation, split_prompts
-from phitune.generate import SamplingSettings, resolve_model_source
+from phitune.after.evaluate import evaluation_data, generation_metrics, run_evaluation, split_prompts
+from phitune.after.generate import SamplingSettings, resolve_model_source
 
 
 def test_finetuned_beats_base_on_loss_and_rouge(trained_run, tmp_path):  # noqa: F811
@@ -26,7 +26,7 @@ def test_finetuned_beats_base_on_loss_and_rouge(trained_run, tmp_path):  # noqa:
     assert len(saved["samples"]) == 16
     assert (tmp_path / "eval.png").stat().st_size > 0
     assert "![metrics](eval.png)" in (tmp_path / "report.md").read_text()
-    # One definition (phitune.metrics), the same tokens and masks as training: our loss equals the trainer's eval
+    # One definition (phitune.after.metrics), the same tokens and masks as training: our loss equals the trainer's eval
     # loss on the same rows, though the trainer scored them in one batch of 40 and this in batches of 16.
     trainer_loss = json.loads((trained_run / "metrics.json").read_text())["eval_loss_after"]
     assert tuned["loss"] == pytest.approx(trainer_loss, rel=1e-5)

@@ -17,9 +17,9 @@ import torch
 from _fixtures_eval import run_config, trained_run  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
+from phitune.after.export import export_run
 from phitune.errors import PhituneError
-from phitune.export import export_run
-from phitune.tiny import TINY_BASE, tiny_config
+from phitune.tiny.phi3 import TINY_BASE, tiny_config
 
 gguf = pytest.importorskip("gguf")
 PROMPT = "<|user|>\nWhat noise does a cow make?<|end|>\n<|assistant|>\n"
@@ -50,8 +50,8 @@ def merged_model(run_dir: Path, tmp_path: Path):
     """The run merged with phitune merge and loaded with plain transformers (the reference for the export)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.generate import resolve_model_source
-    from phitune.merge import merge_adapter
+    from phitune.after.generate import resolve_model_source
+    from phitune.after.merge import merge_adapter
 
     out = tmp_path / "merged"
     merge_adapter(*resolve_model_source(run_dir), out)
@@ -104,7 +104,7 @@ def sentencepiece_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sentencepiece_run(sentencepiece_base, tmp_path_factory) -> Path:
     """A short LoRA run on the SentencePiece base: its merged directory lacks tokenizer.model, export copies it."""
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
     from phitune.train import run_training
 
     out = tmp_path_factory.mktemp("sp-run")
@@ -115,7 +115,7 @@ def sentencepiece_run(sentencepiece_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loralib_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A short run of the loralib backend on q, v (slices of the fused qkv_proj) and o: ranks differ per module."""
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
     from phitune.train import run_training
 
     out = tmp_path_factory.mktemp("loralib-run")
@@ -359,7 +359,7 @@ def test_llama_cpp_quantises_q4_k_m_and_the_file_answers(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_applies_the_gguf_lora_like_the_merged_model(trained_run, tmp_path):  # noqa: F811
-    from phitune.generate import resolve_model_source
+    from phitune.after.generate import resolve_model_source
 
     base = export_run(None, tmp_path / "base.gguf", model=resolve_model_source(trained_run)[0].name_or_path).path
     lora = export_run(trained_run, tmp_path / "lora.gguf", fmt="gguf-lora").path

@@ -24,7 +24,7 @@ from phitune.data import render_with_mask, training_chat_template
 from phitune.data.formats import to_messages
 from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
 from phitune.errors import PhituneError
-from phitune.tiny import DEMO_DATA, demo_texts
+from phitune.tiny.phi3 import DEMO_DATA, demo_texts
 
 PHI3_SPECIALS = ["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 TOKENIZERS = {  # family -> (special tokens, unk, bos, eos, chat template; None: TRL's Phi-3 template)
@@ -119,7 +119,7 @@ def run_config(base: Path, out: Path, **peft) -> dict:
 
 
 def train(base: Path, out: Path, **peft):
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
     from phitune.train import run_training
 
     return run_training(config_from_dict(run_config(base, out, **peft)), overwrite=True)
@@ -134,9 +134,9 @@ def merged_and_adapted(base: Path, run: Path, tmp_path: Path):
     """(merged model loaded with plain transformers, base + adapter through PEFT), both in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from phitune.config import ModelConfig
-    from phitune.generate import attach_adapter
-    from phitune.merge import merge_adapter
+    from phitune.after.generate import attach_adapter
+    from phitune.after.merge import merge_adapter
+    from phitune.config.schema import ModelConfig
 
     merge_adapter(ModelConfig(name_or_path=str(base), torch_dtype="float32"), run, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -242,7 +242,7 @@ def test_a_phi4_looking_template_that_renders_otherwise_is_refused():
 def test_phimoe_all_linear_targets_attention_and_experts_never_the_router(family_model):
     from transformers import AutoModelForCausalLM
 
-    from phitune.modeling import resolve_peft_targets
+    from phitune.models.loading import resolve_peft_targets
 
     model = AutoModelForCausalLM.from_pretrained(family_model("phi-3.5-moe"))
     targets = resolve_peft_targets(model, {"target_modules": "all-linear"})
@@ -318,9 +318,9 @@ NEVER_TRAINED = {  # family -> (tokens a run must never train on, the end-of-tur
 
 def trained_token_ids(base: Path, run: Path) -> list[int]:
     """The label ids the run trained on: its prepared data, read back from the run's cache."""
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
     from phitune.data.prepare import prepare_data
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     cfg = config_from_dict(run_config(base, run))
     data = prepare_data(cfg.data, load_tokenizer(cfg.model))
@@ -351,7 +351,7 @@ def test_phi4_mini_stays_tied_and_keeps_longrope_and_partial_rotary_through_merg
                                                                                           tmp_path):
     import gguf
 
-    from phitune.export.gguf_writer import write_gguf
+    from phitune.after.export.gguf_writer import write_gguf
 
     base = family_model("phi-4-mini")
     merged, _ = merged_and_adapted(base, trained("phi-4-mini")[0], tmp_path)
@@ -390,7 +390,7 @@ def test_phi4_exports_with_im_end_as_end_of_turn_and_a_chatml_modelfile(family_m
     import gguf
     from transformers import AutoTokenizer
 
-    from phitune.export import export_run
+    from phitune.after.export import export_run
 
     export_run(trained("phi-4")[0], tmp_path / "phi4.gguf", ollama=True)
     meta = {key: field.contents() for key, field in gguf.GGUFReader(tmp_path / "phi4.gguf").fields.items()}
@@ -455,8 +455,8 @@ def test_family_example_quotes_the_memory_phitune_memory_computes(name):
     import math
     import re
 
-    from phitune.config import load_config
-    from phitune.memory import SHAPES, estimate_run
+    from phitune.config.schema import load_config
+    from phitune.models.memory import SHAPES, estimate_run
 
     text = (EXAMPLES / name).read_text()
     cfg = load_config(EXAMPLES / name)
@@ -471,11 +471,11 @@ def test_family_example_quotes_the_memory_phitune_memory_computes(name):
                                    "microsoft/Phi-4-mini-instruct", "microsoft/phi-4",
                                    "microsoft/Phi-3.5-MoE-instruct"])
 def test_memory_shapes_count_the_parameters_transformers_builds(model):
-    """The shapes phitune.memory computes from give the parameter count of the real architecture (on the meta
+    """The shapes phitune.models.memory computes from give the parameter count of the real architecture (on the meta
     device: no weights), norms and biases aside."""
     import transformers
 
-    from phitune.memory import SHAPES, lora_parameters, parameters
+    from phitune.models.memory import SHAPES, lora_parameters, parameters
 
     shape = SHAPES[model]
     arch = "Phimoe" if shape.experts else "Phi3"
@@ -490,7 +490,7 @@ def test_memory_shapes_count_the_parameters_transformers_builds(model):
     assert sum(parameters(shape).values()) == matrices
     from peft import LoraConfig, get_peft_model
 
-    from phitune.modeling import resolve_peft_targets
+    from phitune.models.loading import resolve_peft_targets
 
     targets = resolve_peft_targets(built, {"target_modules": "all-linear"})
     adapted = get_peft_model(built, LoraConfig(r=16, **targets))

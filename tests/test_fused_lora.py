@@ -217,7 +217,7 @@ def test_refuses_lora_dropout(tiny_model_dir):
 def test_refuses_what_it_does_not_support(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from phitune.config import SpeedConfig
+    from phitune.config.schema import SpeedConfig
     from phitune.lora.layers import Linear as LoraLibLinear
     from phitune.speed import resolve_activation, resolve_speed
 

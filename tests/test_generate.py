@@ -9,7 +9,7 @@ from _fixtures_eval import trained_run, write_jsonl  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from phitune.errors import PhituneError
-from phitune.generate import (
+from phitune.after.generate import (
     ChatSession,
     SamplingSettings,
     generate_replies,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phitune.config import config_from_dict
+from phitune.config.schema import config_from_dict
 from phitune.errors import PhituneError
 from _resume import assert_resumed, assert_same_trained_adapter, watch_training
 from conftest import write_jsonl
@@ -68,9 +68,9 @@ def grpo_run(tiny_model_dir, prompt_files, tmp_path_factory):
 def test_a_grpo_run_logs_each_reward_scores_held_out_prompts_and_reloads_in_plain_peft(grpo_run):
     from peft import PeftModel
 
+    from phitune.after.rewards import build_rewards, score_completions
     from phitune.data.prompts import load_prompt_data
-    from phitune.modeling import load_base_model, load_tokenizer
-    from phitune.rewards import build_rewards, score_completions
+    from phitune.models.loading import load_base_model, load_tokenizer
 
     cfg, result = grpo_run
     out = result.output_dir
@@ -100,9 +100,9 @@ def test_a_grpo_run_logs_each_reward_scores_held_out_prompts_and_reloads_in_plai
 def test_grpo_completions_end_at_the_end_of_turn_token(grpo_run, tiny_model_dir, prompt_files, tmp_path):
     """The trainer stops a completion at Phi-3's <|end|> as well as at eos: with <|end|> the only way to stop
     early, a model that says it first ends there instead of running to max_completion_length."""
-    from phitune.modeling import load_tokenizer
-    from phitune.plan import plan_run
+    from phitune.models.loading import load_tokenizer
     from phitune.recipes import grpo
+    from phitune.run.plan import plan_run
 
     cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "run")
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
@@ -170,8 +170,8 @@ def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir
 def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path):
     """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps (not
     4), ending at the adapter of an uninterrupted run (test_reliability's launcher, GRPO config)."""
-    from phitune.config import save_config
-    from phitune.train_support import latest_complete_checkpoint
+    from phitune.config.schema import save_config
+    from phitune.run.checkpoints import latest_complete_checkpoint
     from test_reliability import TRAIN_LINE, finish, start_train, wait_for
 
     def config(name):
@@ -202,8 +202,8 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
 def test_sigterm_stops_a_grpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir, prompt_files, tmp_path):
     import signal
 
-    from phitune.config import save_config
-    from phitune.train_support import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+    from phitune.config.schema import save_config
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
     from test_reliability import TRAIN_LINE, finish, start_train, wait_for
 
     cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "out", data={"eval": None, "eval_split": 0},
@@ -235,8 +235,8 @@ def test_qlora_grpo_trains_a_lora_adapter_over_a_4_bit_base(tiny_model_dir, prom
 def test_a_nan_stops_grpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, prompt_files, tmp_path):
     """learning_rate 1e30 blows the adapter up after one step; the next generation samples from non-finite
     probabilities or the loss is NaN: either way the run stops with one line and keeps checkpoint-1."""
+    from phitune.run.checkpoints import latest_complete_checkpoint
     from phitune.train import run_training
-    from phitune.train_support import latest_complete_checkpoint
 
     cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
                       training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})

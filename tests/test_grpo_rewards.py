@@ -1,4 +1,4 @@
-"""GRPO's rewards (phitune.rewards) and its config section (config_methods.check_rewards): each built-in reward on the
+"""GRPO's rewards (phitune.after.rewards) and its config section (config_methods.check_rewards): each built-in reward on the
 cases that break naive versions, a user's own function loaded from a module or a file with one-line errors, and the
 `rewards:` section checked at load."""
 
@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from phitune.config import config_from_dict
+from phitune.config.schema import config_from_dict
 from phitune.errors import PhituneError
-from phitune.rewards import (
+from phitune.after.rewards import (
     answer_reward,
     build_rewards,
     extract_answer,
@@ -164,7 +164,7 @@ def test_the_rewards_section_and_grpo_keys_are_checked_at_load_with_did_you_mean
 
 def test_a_relative_reward_file_is_saved_absolute(tmp_path, monkeypatch):
     """phitune eval on the run from another directory still finds the function."""
-    from phitune.config import load_run_config, save_config
+    from phitune.config.schema import load_run_config, save_config
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.py").write_text(REWARD_FILE, encoding="utf-8")
@@ -182,8 +182,8 @@ def test_the_gsm8k_example_loads_and_quotes_the_memory_phitune_memory_computes()
     import re
     from pathlib import Path
 
-    from phitune.config import load_config
-    from phitune.memory import SHAPES, estimate_run
+    from phitune.config.schema import load_config
+    from phitune.models.memory import SHAPES, estimate_run
 
     path = Path(__file__).parents[1] / "examples" / "phi4-mini-grpo-gsm8k.yaml"
     cfg = load_config(path)

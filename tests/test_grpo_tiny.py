@@ -18,7 +18,7 @@ GRPO_STEPS = 40  # the example's 120, shortened
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory) -> Path:
     """The SFT demo run (bundled tiny base and chat data), SFT_EPOCHS epochs."""
-    from phitune.config import load_config
+    from phitune.config.schema import load_config
     from phitune.demo import DEMO_CONFIG, demo_overrides
     from phitune.train import run_training
 
@@ -29,8 +29,8 @@ def sft_adapter(tmp_path_factory) -> Path:
 
 
 def example_config(sft_dir: Path, output_dir: Path, *overrides: str):
-    from phitune.config import load_config
-    from phitune.tiny import ASSETS, tiny_base_path
+    from phitune.config.schema import load_config
+    from phitune.tiny.phi3 import ASSETS, tiny_base_path
 
     return load_config(EXAMPLE, [f"model.name_or_path={tiny_base_path()}", f"model.adapter={sft_dir}",
                                  f"data.train={ASSETS / 'demo_grpo' / 'train.jsonl'}",
@@ -41,9 +41,9 @@ def example_config(sft_dir: Path, output_dir: Path, *overrides: str):
 def test_grpo_from_the_sft_demo_adapter_raises_the_held_out_pass_rate(sft_adapter, tmp_path):
     from peft import PeftModel
 
+    from phitune.after.rewards import build_rewards, score_completions
     from phitune.data.prompts import load_prompt_data
-    from phitune.modeling import load_base_model, load_tokenizer
-    from phitune.rewards import build_rewards, score_completions
+    from phitune.models.loading import load_base_model, load_tokenizer
     from phitune.train import run_training
 
     cfg = example_config(sft_adapter, tmp_path / "grpo", f"training_config.max_steps={GRPO_STEPS}",

@@ -9,10 +9,10 @@ from _fixtures_eval import trained_run  # noqa: F401  (fixture)
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
+from phitune.after.generate import resolve_model_source
+from phitune.after.hub import push_folder
+from phitune.after.merge import merge_adapter
 from phitune.errors import PhituneError
-from phitune.generate import resolve_model_source
-from phitune.hub import push_folder
-from phitune.merge import merge_adapter
 
 TOKEN = "hf_phitune_test_secret_token"
 

@@ -10,9 +10,9 @@ import pytest
 from _fixtures_eval import write_jsonl
 from typer.testing import CliRunner
 
-from phitune.config import config_from_dict
+from phitune.config.schema import config_from_dict
 from phitune.data.inspect import inspect_data
-from phitune.tiny import DEMO_DATA, tiny_base_path
+from phitune.tiny.phi3 import DEMO_DATA, tiny_base_path
 
 
 def _tokenizer_dir(tmp_path: Path, pad: str, keep_unk: bool) -> Path:
@@ -105,7 +105,7 @@ def test_statistics_are_read_from_the_prepared_columns_and_one_example_is_render
     import phitune.data.inspect as inspect_module
     from phitune.data import load_conversations, render_with_mask, training_chat_template
     from phitune.data.encode import rendered_with_offsets
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     cfg = _config(tiny_base_path(), DEMO_DATA / "train.jsonl", max_seq_length=64, cache_dir=str(tmp_path / "c"))
     tokenizer = load_tokenizer(cfg.model)

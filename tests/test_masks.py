@@ -129,7 +129,7 @@ def test_trls_phi3_variant_would_train_the_newline_and_the_final_eos(family_toke
 
 def test_prepared_labels_follow_the_mask_for_every_format(family_tokenizer, tmp_path):
     """Through prepare_data (Arrow, batched) as training runs it: labels are the ids exactly where the mask is."""
-    from phitune.config import DataConfig
+    from phitune.config.schema import DataConfig
     from phitune.data.encode import IGNORE_INDEX
     from phitune.data.prepare import prepare_data
 

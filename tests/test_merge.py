@@ -9,9 +9,9 @@ import torch
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
+from phitune.after.generate import load_for_inference, resolve_model_source
+from phitune.after.merge import merge_adapter
 from phitune.errors import PhituneError
-from phitune.generate import load_for_inference, resolve_model_source
-from phitune.merge import merge_adapter
 
 # float32: W0 x + (alpha/r) B A x and (W0 + (alpha/r) B A) x differ only by rounding, which four layers carry to
 # logits of size ~10 as differences of ~1e-5; an unmerged or wrongly scaled adapter differs by > 1e-2.
@@ -77,7 +77,7 @@ def bf16_base_with_sentencepiece(tmp_path_factory):
     import sentencepiece
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.tiny import demo_texts, tiny_base_path
+    from phitune.tiny.phi3 import demo_texts, tiny_base_path
 
     out = tmp_path_factory.mktemp("bf16-base")
     AutoModelForCausalLM.from_pretrained(tiny_base_path(), dtype=torch.bfloat16).save_pretrained(out)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from phitune.modeling import cpu_bf16_flags, load_base_model, resolve_dtype
+from phitune.models.loading import cpu_bf16_flags, load_base_model, resolve_dtype
 
 
 def _cpuinfo_words() -> set[str]:

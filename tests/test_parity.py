@@ -30,22 +30,22 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def phi3_model(tmp_path_factory) -> Path:
     """A tiny random Phi-3 with the real tokenizer and Phi-3-mini's 32,064 embedding rows."""
-    from phitune.tiny import build_tiny_model
+    from phitune.tiny.phi3 import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("phi3-real"), real_tokenizer=True, hidden=64, layers=2)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(phi3_model):
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_tokenizer
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(phi3_model)))
 
 
 @pytest.fixture(scope="module")
 def exported(phi3_model, tmp_path_factory) -> Path:
-    from phitune.export import export_run
+    from phitune.after.export import export_run
 
     return export_run(None, tmp_path_factory.mktemp("gguf") / "phi3.gguf", model=str(phi3_model)).path
 
@@ -78,8 +78,8 @@ def test_each_served_prompt_is_the_trained_prefix_and_the_answer_follows_it(toke
 
 
 def test_transformers_loads_the_model_folder_as_sentencepiece_does_and_does_not_warn(phi3_model, caplog):
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_tokenizer
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
 
     with caplog.at_level(logging.WARNING, logger="phitune"):
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(phi3_model)))
@@ -90,9 +90,9 @@ def test_transformers_loads_the_model_folder_as_sentencepiece_does_and_does_not_
 def test_a_tokenizer_that_differs_from_its_sentencepiece_model_is_warned_about_once(tmp_path, caplog):
     """The tokenizer files alone (no config.json): transformers builds the Metaspace LlamaTokenizer. Every command
     loads its tokenizer with load_tokenizer (train, DPO/ORPO, data, eval, chat, generate, merge, export)."""
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_tokenizer
-    from phitune.tiny import PHI3_TOKENIZER
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
+    from phitune.tiny.phi3 import PHI3_TOKENIZER
 
     folder = shutil.copytree(PHI3_TOKENIZER, tmp_path / "tokenizer-only")  # a path no other test has checked
     with caplog.at_level(logging.WARNING, logger="phitune"):
@@ -110,7 +110,7 @@ def test_a_hub_model_is_checked_with_the_tokenizer_model_from_the_hub_cache(tmp_
     import subprocess
     import sys
 
-    from phitune.tiny import PHI3_TOKENIZER
+    from phitune.tiny.phi3 import PHI3_TOKENIZER
 
     repo = tmp_path / "hub" / "models--someone--phi3-tokenizer-only"
     shutil.copytree(PHI3_TOKENIZER, repo / "snapshots" / "0123abcd")
@@ -118,8 +118,8 @@ def test_a_hub_model_is_checked_with_the_tokenizer_model_from_the_hub_cache(tmp_
     (repo / "refs" / "main").write_text("0123abcd")
     (repo / ".no_exist" / "0123abcd").mkdir(parents=True)
     (repo / ".no_exist" / "0123abcd" / "config.json").touch()  # the hub said: no config.json (LlamaTokenizer)
-    code = ("import logging; logging.basicConfig(); from phitune.config import ModelConfig; "
-            "from phitune.modeling import load_tokenizer; "
+    code = ("import logging; logging.basicConfig(); from phitune.config.schema import ModelConfig; "
+            "from phitune.models.loading import load_tokenizer; "
             "load_tokenizer(ModelConfig(name_or_path='someone/phi3-tokenizer-only'))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -150,8 +150,8 @@ def test_gguf_tokens_scores_types_and_special_ids_equal_llama_cpps_but_the_docum
 
 
 def test_gguf_name_says_phi3_exactly_when_the_tokenizer_strips_after_end(tokenizer):
-    from phitune.export.gguf_vocab import gguf_name
-    from phitune.tiny import build_tokenizer
+    from phitune.after.export.gguf_vocab import gguf_name
+    from phitune.tiny.phi3 import build_tokenizer
 
     assert gguf_name("merged", tokenizer) == "merged (phi3)"
     assert gguf_name("Phi-3-mini-ft", tokenizer) == "Phi-3-mini-ft"

@@ -1,4 +1,4 @@
-"""phitune.plan: a run resolves the model's config.json and the speed switches once (SFT and DPO alike), and the
+"""phitune.run.plan: a run resolves the model's config.json and the speed switches once (SFT and DPO alike), and the
 RunPlan it builds is what the model and the trainer actually got."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-import phitune.modeling
-import phitune.plan
-import phitune.speed
+import phitune.models.loading
 import phitune.recipes.sft
+import phitune.run.plan
+import phitune.speed
 import phitune.train
-from phitune.config import config_from_dict
+from phitune.config.schema import config_from_dict
 from phitune.errors import PhituneError
 from phitune.speed import CHECKPOINTED
 from conftest import write_jsonl
@@ -32,9 +32,9 @@ def counted(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    counting("load_model_config", phitune.modeling)
+    counting("load_model_config", phitune.models.loading)
     counting("resolve_speed", phitune.speed)
-    real_plan, real_trainer = phitune.plan.plan_run, phitune.recipes.sft.build_trainer
+    real_plan, real_trainer = phitune.run.plan.plan_run, phitune.recipes.sft.build_trainer
 
     def plan_run(cfg):
         seen["plans"].append(real_plan(cfg))
@@ -44,7 +44,7 @@ def counted(monkeypatch):
         seen["trainers"].append(real_trainer(*args, **kwargs))
         return seen["trainers"][-1]
 
-    monkeypatch.setattr(phitune.plan, "plan_run", plan_run)
+    monkeypatch.setattr(phitune.run.plan, "plan_run", plan_run)
     monkeypatch.setattr(phitune.train, "plan_run", plan_run)
     monkeypatch.setattr(phitune.recipes.sft, "build_trainer", build_trainer)
     return seen
@@ -97,9 +97,9 @@ def test_plan_refuses_a_target_that_matches_nothing_before_any_weight_is_read(ma
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(phitune.modeling, "load_base_model", no_weights)
+    monkeypatch.setattr(phitune.models.loading, "load_base_model", no_weights)
     with pytest.raises(PhituneError, match="'q_proj' matches nothing"):
-        phitune.plan.plan_run(make_config(peft_config={"target_modules": ["q_proj"]}))
+        phitune.run.plan.plan_run(make_config(peft_config={"target_modules": ["q_proj"]}))
 
 
 def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, monkeypatch, tmp_path):
@@ -116,11 +116,11 @@ def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, m
                         real_find_spec(name, *a))
     speed = {"padding_free": "true", "liger": "false", "activation": "full"}
     sft = make_config(model={"attn_implementation": "auto"}, speed=speed)
-    assert phitune.plan.plan_run(sft).attn_implementation == "flex_attention"
+    assert phitune.run.plan.plan_run(sft).attn_implementation == "flex_attention"
     for method in ("dpo", "orpo"):
         fresh = dict(model={"attn_implementation": "auto"})
         from_sft = dict(model={"attn_implementation": "auto", "adapter": str(tmp_path)}, peft_config=None)
         for model in (fresh, from_sft):
             preference = make_config(method=method, speed=speed, **model,
                                      data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
-            assert phitune.plan.plan_run(preference).attn_implementation == "sdpa", (method, model)
+            assert phitune.run.plan.plan_run(preference).attn_implementation == "sdpa", (method, model)

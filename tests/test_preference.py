@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phitune.config import config_from_dict
+from phitune.config.schema import config_from_dict
 from phitune.errors import PhituneError
 from _resume import assert_resumed, assert_same_trained_adapter, watch_training
 from conftest import write_jsonl
@@ -66,7 +66,7 @@ def test_dpo_makes_held_out_pairs_preferred_and_the_adapter_loads_in_plain_peft(
     from peft import PeftModel
 
     from phitune.data.preference import load_preference_data
-    from phitune.modeling import load_base_model, load_tokenizer
+    from phitune.models.loading import load_base_model, load_tokenizer
     from phitune.recipes.preference import score_pairs
 
     cfg, result = dpo_run
@@ -90,7 +90,7 @@ def test_dpo_scores_are_the_log_probabilities_trl_trains_on(dpo_run):
     """After training, phitune's mean answer log-probabilities equal those TRL's own evaluation logs for the same
     pairs; before, they equal the bare base's (a fresh adapter starts, and DPO's reference sits, at the base)."""
     from phitune.data.preference import load_preference_data
-    from phitune.modeling import load_base_model, load_tokenizer
+    from phitune.models.loading import load_base_model, load_tokenizer
     from phitune.recipes.preference import score_pairs
 
     cfg, result = dpo_run
@@ -105,8 +105,8 @@ def test_dpo_scores_are_the_log_probabilities_trl_trains_on(dpo_run):
 
 
 def test_phitune_eval_on_a_dpo_run_reports_preference_accuracy(dpo_run, tmp_path):
-    from phitune.evaluate import evaluation_data
-    from phitune.generate import resolve_model_source
+    from phitune.after.evaluate import evaluation_data
+    from phitune.after.generate import resolve_model_source
     from phitune.recipes.preference import run_preference_evaluation
 
     _, result = dpo_run
@@ -134,7 +134,7 @@ def test_the_api_and_the_cli_train_and_evaluate_a_dpo_run_alike(tiny_model_dir, 
 
     from phitune import api
     from phitune.cli import app
-    from phitune.config import save_config
+    from phitune.config.schema import save_config
 
     cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "api", training_config={"max_steps": 4})
     save_config(cfg, tmp_path / "dpo.yaml")
@@ -181,7 +181,7 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
     from peft import PeftModel
 
     from phitune.data.preference import load_preference_data
-    from phitune.modeling import load_base_model, load_tokenizer
+    from phitune.models.loading import load_base_model, load_tokenizer
     from phitune.recipes.preference import score_pairs
     from phitune.train import run_training
 
@@ -216,8 +216,8 @@ def test_qlora_dpo_starts_from_the_sft_adapter_and_keeps_it_as_reference(tiny_mo
     assert after["reward_margin"] == pytest.approx(result.metrics["reward_margin_after"], abs=1e-2)
 
     # phitune eval on the run: the base, the SFT adapter it started from, and the trained adapter.
-    from phitune.evaluate import evaluation_data
-    from phitune.generate import resolve_model_source
+    from phitune.after.evaluate import evaluation_data
+    from phitune.after.generate import resolve_model_source
     from phitune.recipes.preference import run_preference_evaluation
 
     model_cfg, adapter = resolve_model_source(result.output_dir)
@@ -283,7 +283,7 @@ def test_every_preference_shape_becomes_the_same_pair():
 
 
 def test_bad_preference_rows_are_reported_with_file_and_line_or_skipped(tmp_path):
-    from phitune.config import DataConfig
+    from phitune.config.schema import DataConfig
     from phitune.data.preference import load_preference_data
 
     user = [{"role": "user", "content": "Hi?"}]
@@ -337,8 +337,8 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
 
 def test_a_nan_loss_stops_dpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, pair_files, tmp_path):
     """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops DPO as it stops SFT."""
+    from phitune.run.checkpoints import latest_complete_checkpoint
     from phitune.train import run_training
-    from phitune.train_support import latest_complete_checkpoint
 
     cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
                             training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})

@@ -306,7 +306,7 @@ def run_in_process(argv: list[str], cwd: Path, hide: tuple, monkeypatch, capsys)
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished two-step LoRA run of the tiny model, with an eval file: what eval, chat, merge and export read."""
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
     from phitune.train import run_training
 
     output_dir = tmp_path_factory.mktemp("promises") / "run"
@@ -404,16 +404,16 @@ def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, 
 # process reaches that stage (the model loaded, the work begun), says so, and sleeps in it until the signal comes.
 # Training's own interrupts (a checkpoint first; a second signal) are in test_reliability.py.
 STAGES = [
-    ("eval_scoring", ["eval", "{run}", "--output", "{d}/eval"], "phitune.evaluate:teacher_forced_metrics", "SIGINT"),
+    ("eval_scoring", ["eval", "{run}", "--output", "{d}/eval"], "phitune.after.evaluate:teacher_forced_metrics", "SIGINT"),
     ("generate_answering", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
-     "phitune.generate:generate_file", "SIGTERM"),
-    ("merge_before_saving", ["merge", "{run}", "--output", "{d}/merged"], "phitune.merge:set_generation_stops",
+     "phitune.after.generate:generate_file", "SIGTERM"),
+    ("merge_before_saving", ["merge", "{run}", "--output", "{d}/merged"], "phitune.after.merge:set_generation_stops",
      "SIGINT"),
-    ("merge_saving", ["merge", "{run}", "--output", "{d}/new/merged"], "phitune.merge:copy_tokenizer_files",
+    ("merge_saving", ["merge", "{run}", "--output", "{d}/new/merged"], "phitune.after.merge:copy_tokenizer_files",
      "SIGTERM"),  # model and tokenizer written, the base's tokenizer files not yet
     ("data_inspecting", ["data", "{d}/run.yaml", "--output", "{d}/report"], "phitune.data.inspect:inspect_data",
      "SIGTERM"),
-    ("export_writing", ["export", "{run}", "--output", "{d}/m.gguf"], "phitune.export.gguf_writer:write_gguf",
+    ("export_writing", ["export", "{run}", "--output", "{d}/m.gguf"], "phitune.after.export.gguf_writer:write_gguf",
      "SIGINT"),
     ("chat_waiting_for_input", ["chat", "{run}"], None, "SIGINT"),
 ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phitune.config import config_from_dict
-from phitune.tiny import DEMO_DATA, build_tiny_model
+from phitune.config.schema import config_from_dict
+from phitune.tiny.phi3 import DEMO_DATA, build_tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -34,8 +34,8 @@ def qlora_config(tmp_path_factory):
 
 
 def test_qlora_base_is_4bit(qlora_config):
-    from phitune.plan import plan_run
-    from phitune.run import load_model_for_training
+    from phitune.run.lifecycle import load_model_for_training
+    from phitune.run.plan import plan_run
 
     model, peft_config = load_model_for_training(qlora_config, plan_run(qlora_config))
     linear4bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -45,8 +45,8 @@ def test_qlora_base_is_4bit(qlora_config):
 
 
 def test_qlora_training_lowers_loss_and_merges(qlora_config, tmp_path):
-    from phitune.generate import load_for_inference, resolve_model_source
-    from phitune.merge import merge_adapter
+    from phitune.after.generate import load_for_inference, resolve_model_source
+    from phitune.after.merge import merge_adapter
     from phitune.train import run_training
 
     result = run_training(qlora_config)
@@ -86,7 +86,7 @@ def packable_base(tmp_path_factory):
     """A 2-layer Phi-3 of 256 x 512 (sizes bitsandbytes packs) with the bundled tokenizer, stored in float32."""
     from transformers import AutoTokenizer, Phi3ForCausalLM
 
-    from phitune.tiny import tiny_base_path, tiny_config
+    from phitune.tiny.phi3 import tiny_base_path, tiny_config
 
     out = tmp_path_factory.mktemp("packable")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base_path())
@@ -157,8 +157,8 @@ def _packed(model) -> list[bool]:
 
 def test_emulation_takes_the_packed_path_for_inference(packable_base, emulate_avx512_bf16):
     """The emulation above is real: a model loaded for inference does pack its layers on the first forward."""
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_base_model
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_base_model
 
     model = load_base_model(ModelConfig(name_or_path=str(packable_base), quantization=QUANTIZATION), training=False)
     with torch.no_grad():
@@ -169,8 +169,8 @@ def test_emulation_takes_the_packed_path_for_inference(packable_base, emulate_av
 def test_backprop_through_packed_4bit_is_an_error(packable_base, emulate_avx512_bf16):
     """If a layer ever were packed while training, torch's "autograd kernel was not registered" warning (the only
     sign that gradients are being dropped) stops the run instead of scrolling past."""
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_base_model
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_base_model
 
     model = load_base_model(ModelConfig(name_or_path=str(packable_base), quantization=QUANTIZATION))
     for module in model.modules():
@@ -191,6 +191,6 @@ def test_dropped_gradients_stop_training_with_one_line(packable_base, emulate_av
     from phitune.errors import PhituneError
     from phitune.train import run_training
 
-    monkeypatch.setattr("phitune.modeling.keep_4bit_trainable", lambda model: None)
+    monkeypatch.setattr("phitune.models.loading.keep_4bit_trainable", lambda model: None)
     with pytest.raises(PhituneError, match="without a gradient, so the LoRA gradients would be silently wrong"):
         run_training(_packable_config(packable_base, tmp_path, with_eval=True))

@@ -20,8 +20,8 @@ import threading
 import pytest
 import torch
 
-from phitune.config import config_from_dict
-from phitune.tiny import DEMO_DATA
+from phitune.config.schema import config_from_dict
+from phitune.tiny.phi3 import DEMO_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def real_base(tmp_path_factory):
     Built on the meta device and filled in place, so it never exists in float32 (15.3 GB) nor twice."""
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
-    from phitune.tiny import tiny_base_path
+    from phitune.tiny.phi3 import tiny_base_path
 
     out = tmp_path_factory.mktemp("phi3-mini-random")
     torch.set_default_dtype(torch.bfloat16)
@@ -142,7 +142,7 @@ def lora_run(real_base, tmp_path_factory):
     QLoRA test computes in float32 on such CPUs (`auto`) and runs everywhere."""
     from phitune.train import run_training
 
-    from phitune.modeling import cpu_bf16_flags
+    from phitune.models.loading import cpu_bf16_flags
 
     gflops = _bf16_input_gradient_gflops()
     if gflops < 5:
@@ -177,10 +177,10 @@ def test_qlora_evaluation_keeps_the_gradients_and_two_steps_lower_the_loss(real_
     evaluation phitune runs before training as without it (on an AVX512-BF16 CPU that evaluation used to repack
     every 4-bit layer into a format without backward); then 2 steps lower the loss."""
     from phitune.data import load_conversations
-    from phitune.modeling import load_tokenizer
-    from phitune.plan import plan_run
+    from phitune.models.loading import load_tokenizer
     from phitune.recipes.sft import build_sft_config, build_trainer, tokenize_splits
-    from phitune.run import load_model_for_training
+    from phitune.run.lifecycle import load_model_for_training
+    from phitune.run.plan import plan_run
 
     cfg = run_config(real_base, tmp_path, quantized=True, learning_rate=1e-3)
     tokenizer = load_tokenizer(cfg.model)
@@ -205,8 +205,8 @@ def test_qlora_evaluation_keeps_the_gradients_and_two_steps_lower_the_loss(real_
 def test_merge_keeps_the_base_dtype_and_size(real_base, lora_run, tmp_path):
     from dataclasses import replace
 
-    from phitune.generate import resolve_model_source
-    from phitune.merge import merge_adapter
+    from phitune.after.generate import resolve_model_source
+    from phitune.after.merge import merge_adapter
 
     model_cfg, adapter = resolve_model_source(lora_run.output_dir)  # a run in float32 still merges to the base's bf16
     result = merge_adapter(replace(model_cfg, torch_dtype="float32"), adapter, tmp_path / "merged")

@@ -18,11 +18,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from phitune.train_support import CHECKPOINT_COMPLETE, REPEAT_WINDOW_S, latest_complete_checkpoint
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.run.signals import REPEAT_WINDOW_S
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 ADAPTER = "adapter_model.safetensors"
-TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.console's line per logging step
+TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step
 
 
 def write_config(directory: Path, model_dir: Path, **training) -> Path:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from phitune.errors import PhituneError
-from phitune.run_dir import clear_old_run, prepare_output_dir, run_state
+from phitune.run.output_dir import clear_old_run, prepare_output_dir, run_state
 
 
 def _cfg(path):

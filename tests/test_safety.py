@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phitune.config import ModelConfig, config_from_dict
+from phitune.config.schema import ModelConfig, config_from_dict
 
 PACKAGE = Path(__file__).parents[1] / "src" / "phitune"
 DEMO_DATA = PACKAGE / "assets" / "demo_chat"
@@ -37,7 +37,7 @@ def spy_from_pretrained(monkeypatch):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_trust_remote_code_only_when_the_config_says_so(tiny_model_dir, spy_from_pretrained, trust):
-    from phitune.modeling import load_base_model, load_tokenizer
+    from phitune.models.loading import load_base_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), torch_dtype="float32", trust_remote_code=trust)
     load_tokenizer(cfg)

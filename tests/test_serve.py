@@ -17,8 +17,8 @@ import pytest
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
+from phitune.after.serve import plan_serve, vllm_command
 from phitune.errors import PhituneError
-from phitune.serve import plan_serve, vllm_command
 
 QUESTION = "What noise does a cow make?"
 MAX_TOKENS = 40
@@ -74,7 +74,7 @@ def test_vllm_command_serves_the_adapter_as_a_lora_module_with_the_runs_template
 
 
 def test_only_a_public_address_is_warned_about(caplog):
-    from phitune.serve import warn_if_public
+    from phitune.after.serve import warn_if_public
 
     with caplog.at_level("WARNING", logger="phitune"):
         for host in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
@@ -177,7 +177,7 @@ def ask_both_ways(port: int, model: str) -> tuple:
 def test_openai_client_gets_phitune_generates_answer_from_llama_cpp(trained_run, tmp_path):  # noqa: F811
     pytest.importorskip("openai")
     pytest.importorskip("llama_cpp.server")
-    from phitune.export import export_run
+    from phitune.after.export import export_run
 
     gguf = export_run(trained_run, tmp_path / "model-f16.gguf").path
     expected = phitune_generate_answer(trained_run, tmp_path)

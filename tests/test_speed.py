@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phitune.config import SpeedConfig
+from phitune.config.schema import SpeedConfig
 from phitune.errors import PhituneError
 from phitune.speed import SpeedPlan, auto_attention, resolve_activation, resolve_speed
 
@@ -109,10 +109,10 @@ def _train(make_config, speed: dict, training: dict | None = None, model: dict |
     """Two optimizer steps through phitune's own path (data, model, SFTConfig, PhituneTrainer); the trainer, with
     each step's raw gradients (no clipping) in `trainer.gradients`."""
     from phitune.data import load_conversations
-    from phitune.modeling import load_tokenizer
-    from phitune.plan import plan_run
+    from phitune.models.loading import load_tokenizer
     from phitune.recipes.sft import build_sft_config, build_trainer, tokenize_splits
-    from phitune.run import load_model_for_training
+    from phitune.run.lifecycle import load_model_for_training
+    from phitune.run.plan import plan_run
 
     cfg = make_config(
         data={"eval": None, "eval_split": 0.0, "max_train_examples": 16, "max_seq_length": 96},
@@ -175,7 +175,7 @@ def test_speed_switch_check_sees_gradient_scale(make_config, monkeypatch):
     """Deliberate break: padded batches (padding-free off) get twice the gradient with the same loss value, as a
     wrong token count in the loss normalisation of one path would give. The first losses still agree (the check
     this test suite used to rest on); the gradient comparison fails on every LoRA weight."""
-    from phitune.train_support import PhituneTrainer
+    from phitune.run.trainer import PhituneTrainer
 
     reference = _train(make_config, REFERENCE)
     compute_loss = PhituneTrainer.compute_loss
@@ -283,7 +283,7 @@ def test_auto_follows_the_hardware():
 
 
 def test_speed_section_is_validated():
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
 
     with pytest.raises(PhituneError, match="speed.activation must be one of"):
         config_from_dict({"data": {"train": "x.jsonl"}, "speed": {"activation": "sometimes"}})

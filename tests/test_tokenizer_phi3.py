@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from phitune.tiny import PHI3_TOKENIZER
+from phitune.tiny.phi3 import PHI3_TOKENIZER
 
 REFERENCE = Path(__file__).parent / "data" / "llama.cpp" / "ggml-vocab-phi-3.gguf"
 

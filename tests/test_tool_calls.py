@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
 from phitune.data import IGNORE_INDEX, render_with_mask, training_chat_template
 from phitune.data.encode import rendered_with_offsets
 from phitune.data.formats import to_messages
@@ -52,8 +52,8 @@ PHI4_MINI_TOKENS = ["<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>"]
 
 @pytest.fixture(scope="module")
 def phi3_tokenizer(phi3_tokenizer_dir):
-    from phitune.modeling import load_tokenizer
-    from phitune.config import ModelConfig
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(phi3_tokenizer_dir)))
 
@@ -153,7 +153,7 @@ def test_eval_prompts_keep_earlier_calls_and_a_call_is_its_own_reference(mini_to
     """phitune eval's generated answers are compared with the calls the model was trained to write: the hub template
     drops `tool_calls`, so without rendering them first the prompt lost the earlier call and a call's reference was
     empty (every answer scored 0)."""
-    from phitune.evaluate import split_prompts
+    from phitune.after.evaluate import split_prompts
 
     conversations = [to_messages(row, "messages", "eval.jsonl") for row in (ROW, {**ROW, "messages": ROW["messages"][:3]})]
     prompts, references = split_prompts(conversations, mini_tokenizer)
@@ -188,6 +188,6 @@ def test_a_tool_call_run_trains_on_the_phi4_mini_model_and_phitune_data_shows_th
 
 
 def raw_config(raw: dict):
-    from phitune.config import config_from_dict
+    from phitune.config.schema import config_from_dict
 
     return config_from_dict(copy.deepcopy(raw))

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from phitune.errors import PhituneError
-from phitune.modeling import load_base_model, load_tokenizer
+from phitune.models.loading import load_base_model, load_tokenizer
+from phitune.run.checkpoints import finished_run
 from phitune.train import run_training
-from phitune.train_support import finished_run
 
 from _equivalence import gradient_mismatches, without_signal
 from _resume import assert_resumed, watch_training
@@ -32,7 +32,7 @@ def lora_b_weights(path):
 
 
 def test_lora_run_writes_a_standard_adapter_and_loss_falls(make_config):
-    from phitune.tiny import tiny_base_path
+    from phitune.tiny.phi3 import tiny_base_path
 
     cfg = make_config(model={"name_or_path": str(tiny_base_path())},
                       training_config={"max_steps": 12, "eval_steps": 6, "save_steps": 6, "learning_rate": 3e-3})
@@ -96,8 +96,8 @@ def test_a_finished_run_is_not_overwritten(make_config):
 def test_overwrite_replaces_the_whole_old_run_and_only_once_the_new_inputs_are_checked(make_config, tmp_path):
     """--overwrite leaves nothing of the old run (a later --resume would restore its checkpoint-4), deletes nothing
     when the new run stops at bad data, and never deletes a file a phitune run did not write."""
-    from phitune.evaluate import EVAL_JSON, REPORT_MD
-    from phitune.train_support import finished_run, latest_complete_checkpoint
+    from phitune.after.evaluate import EVAL_JSON, REPORT_MD
+    from phitune.run.checkpoints import finished_run, latest_complete_checkpoint
 
     settings = {"eval_strategy": "no", "save_steps": 2}
     old = run_training(make_config(training_config={**settings, "max_steps": 4})).output_dir
@@ -122,7 +122,7 @@ def test_overwrite_replaces_the_whole_old_run_and_only_once_the_new_inputs_are_c
 def test_an_interrupted_run_refuses_a_fresh_start(make_config):
     """Without --resume, a fresh start would train from step 0 and its checkpoint rotation delete the interrupted
     run's checkpoints: refused with both ways on, as for a finished run."""
-    from phitune.train_support import CHECKPOINT_COMPLETE
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE
 
     cfg = make_config(training_config={"max_steps": 2, "save_steps": 2, "eval_strategy": "no"})
     out = run_training(cfg).output_dir
@@ -261,7 +261,7 @@ def test_gradient_accumulation_equals_the_larger_batch(make_config, tmp_path):
 def test_accumulation_check_sees_per_micro_batch_averaging(make_config, tmp_path, monkeypatch):
     """Deliberate break: the whole batch's token count is not passed down, so each micro-batch's loss is its own
     mean, divided by the accumulation steps (transformers before the 2024 fix). Every B's gradient is reported."""
-    from phitune.train_support import PhituneTrainer
+    from phitune.run.trainer import PhituneTrainer
 
     training_step = PhituneTrainer.training_step
     monkeypatch.setattr(PhituneTrainer, "training_step",
@@ -318,7 +318,7 @@ def test_loralib_backend_resumes_from_its_own_checkpoint(make_config, tmp_path, 
 def test_old_checkpoints_are_deleted_only_after_the_new_one_is_complete(make_config, monkeypatch):
     """With save_total_limit 1 (the reference recipe's), the Trainer's own rotation deleted the last complete
     checkpoint before the new one was marked complete: a kill in between left nothing to resume from."""
-    from phitune.train_support import CHECKPOINT_COMPLETE, CompleteCheckpoints
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, CompleteCheckpoints
 
     seen = []
     on_save = CompleteCheckpoints.on_save
@@ -344,7 +344,7 @@ def test_private_trainer_hooks_are_checked_against_the_installed_transformers():
     reshapes them must stop a run with one line, not save checkpoints that cannot be resumed."""
     from transformers import Trainer
 
-    from phitune.trainer_hooks import check_private_hooks
+    from phitune.run.hooks import check_private_hooks
 
     check_private_hooks()  # the installed transformers fits
 

@@ -12,8 +12,8 @@ import time
 import pytest
 import yaml
 
-from phitune.console import PROGRESS_LOG
 from phitune.errors import PhituneError
+from phitune.run.console import PROGRESS_LOG
 from phitune.ui import views
 from phitune.ui.runs import find_runs, read_progress, run_row, start_training, stop_training
 from phitune.ui.workspace import DEMO, FORM_FIELDS, Workspace, apply_form, form_values, redact
@@ -28,7 +28,7 @@ def test_paths_outside_the_folders_are_refused(tmp_path):
     for escape in (str(outside / "x.jsonl"), "../elsewhere/x.jsonl", "/etc/passwd"):
         with pytest.raises(PhituneError, match="outside the folders this page was started with"):
             workspace.path(escape)
-    from phitune.tiny import DEMO_DATA
+    from phitune.tiny.phi3 import DEMO_DATA
 
     assert workspace.path(DEMO_DATA / "train.jsonl", shipped_ok=True).is_file()  # the demo's own files: readable
     with pytest.raises(PhituneError, match="outside"):
@@ -155,7 +155,7 @@ def test_a_dead_process_reads_as_interrupted(tmp_path):
 def test_a_run_that_left_only_its_progress_log_starts_again_there(tmp_path):
     """A run that failed before its first checkpoint leaves only the progress log: the directory counts as empty
     (no --overwrite needed), and the new run's begin line at step 0 drops the old run's points."""
-    from phitune.run_dir import run_state
+    from phitune.run.output_dir import run_state
 
     output_dir = tmp_path / "run"
     output_dir.mkdir()
@@ -177,7 +177,7 @@ def test_side_by_side_chat_is_the_base_and_the_tuned_model(make_config, tmp_path
     """The page's chat holds one copy of the weights: with the adapter switched off it answers as the base model
     alone, with it on as `phitune chat` on the run; a second turn sees the first (multi-turn) and the system prompt."""
     from phitune import api
-    from phitune.generate import SamplingSettings, generate_replies, load_for_inference
+    from phitune.after.generate import SamplingSettings, generate_replies, load_for_inference
     from phitune.train import run_training
     from phitune.ui.chat import ChatModels
 

@@ -18,7 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from phitune.cli import app
-from phitune.tiny_vision import COLOURS, build_tiny_multimodal_model, shape_picture
+from phitune.tiny.vision import COLOURS, build_tiny_multimodal_model, shape_picture
 
 pytestmark = pytest.mark.vision
 
@@ -65,9 +65,9 @@ def vision_run(tmp_path_factory):
 
 def accuracy(model, tokenizer, processor, data: Path) -> float:
     """Share of held-out pictures whose generated answer is the right colour."""
-    from phitune.config import DataConfig
-    from phitune.generate import SamplingSettings
-    from phitune.vision_eval import answer_media_row, media_rows, prompt_and_reference
+    from phitune.after.generate import SamplingSettings
+    from phitune.after.vision_eval import answer_media_row, media_rows, prompt_and_reference
+    from phitune.config.schema import DataConfig
 
     rows = media_rows(DataConfig(train=str(data)), use_eval_split=False)
     right = 0
@@ -78,11 +78,11 @@ def accuracy(model, tokenizer, processor, data: Path) -> float:
 
 
 def test_labels_train_only_the_answer_and_mask_every_image_token(vision_run):
-    from phitune.config import DataConfig, ModelConfig
+    from phitune.config.schema import DataConfig, ModelConfig
     from phitune.data import training_chat_template
     from phitune.data.multimodal import read_media_rows
     from phitune.data.multimodal_batch import MediaProcessor, encode_media_rows
-    from phitune.modeling import load_model_config, load_tokenizer
+    from phitune.models.loading import load_model_config, load_tokenizer
 
     root, model, _ = vision_run
     model_cfg = ModelConfig(name_or_path=str(model))
@@ -105,9 +105,9 @@ def test_labels_train_only_the_answer_and_mask_every_image_token(vision_run):
 
 
 def test_accuracy_rises_from_chance_to_090_and_falls_back_with_blank_pictures(vision_run, tmp_path):
-    from phitune.config import ModelConfig
-    from phitune.generate import load_for_inference
-    from phitune.vision_eval import media_processor
+    from phitune.after.generate import load_for_inference
+    from phitune.after.vision_eval import media_processor
+    from phitune.config.schema import ModelConfig
 
     root, model_dir, held_out = vision_run
     base, tokenizer = load_for_inference(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"))
@@ -128,11 +128,11 @@ def test_the_adapter_reloads_in_plain_peft_on_the_language_model_only(vision_run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from phitune.after.generate import load_for_inference
+    from phitune.after.vision_eval import media_processor
+    from phitune.config.schema import ModelConfig
     from phitune.data.multimodal import parse_row
     from phitune.data.multimodal_batch import MediaCollator
-    from phitune.config import ModelConfig
-    from phitune.generate import load_for_inference
-    from phitune.vision_eval import media_processor
 
     root, model_dir, _ = vision_run
     config = json.loads((root / "run" / "adapter_config.json").read_text())
@@ -199,12 +199,12 @@ def test_eval_scores_base_and_tuned_on_multimodal_rows(vision_run, tmp_path):
 def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from phitune.config import ModelConfig
+    from phitune.after.generate import load_for_inference
+    from phitune.after.vision_eval import media_processor
+    from phitune.config.schema import ModelConfig
     from phitune.data import training_chat_template
     from phitune.data.multimodal import parse_row
     from phitune.data.multimodal_batch import MediaCollator, encode_media_row
-    from phitune.generate import load_for_inference
-    from phitune.vision_eval import media_processor
 
     root, model_dir, _ = vision_run
     result = CliRunner().invoke(app, ["merge", str(root / "run"), "--output", str(tmp_path / "merged")])
@@ -231,8 +231,8 @@ def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_p
 def test_the_built_in_vision_lora_stays_active_under_the_users_adapter(vision_run):
     from transformers import AutoModelForCausalLM
 
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_base_model
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_base_model
 
     _, model_dir, _ = vision_run
     ids = torch.tensor([[5, 6, 7, 8, 9]])

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from _resume import assert_same_trained_adapter
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
 from phitune.data.multimodal import IMAGE_PLACEHOLDER, parse_row, read_media_rows
 from phitune.data.readers import BadRow
 from phitune.errors import PhituneError
-from phitune.tiny_vision import build_tiny_multimodal_model, shape_picture
+from phitune.tiny.vision import build_tiny_multimodal_model, shape_picture
 
 
 def run_cli(args: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -126,8 +126,8 @@ def test_gguf_export_refuses_a_vision_model_in_one_line(tiny_multimodal, tmp_pat
 
 
 def test_phi35_vision_needs_the_explicit_remote_code_opt_in(tmp_path):
-    from phitune.config import ModelConfig
-    from phitune.modeling import load_model_config
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_model_config
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3_v", "architectures": ["Phi3VForCausalLM"]}))
     with pytest.raises(PhituneError, match="Phi-3.5-vision, which exists only as remote code .* set "
@@ -161,10 +161,10 @@ def test_audio_rows_train_end_to_end_with_their_tokens_masked(tiny_multimodal, t
     one placeholder expanded to the clip's audio_embed_sizes, masked; a short run trains. (That the tiny model
     learns from the sound is not shown: see docs/vision.md.)"""
     from phitune.api import train
+    from phitune.config.schema import ModelConfig
     from phitune.data import training_chat_template
     from phitune.data.multimodal_batch import MediaProcessor, encode_media_row
-    from phitune.modeling import load_model_config, load_tokenizer
-    from phitune.config import ModelConfig
+    from phitune.models.loading import load_model_config, load_tokenizer
 
     rows = [{"messages": [{"role": "user", "content": [{"type": "audio", "path": write_tone(tmp_path / f"{i}.wav",
                                                                                              220 + 660 * (i % 2)).name},

@@ -11,7 +11,7 @@
 Each function is a thin wrapper over the code the CLI calls (`phitune train`, `eval`, `chat`, `generate`, `merge`),
 so both give the same results. Problems raise `PhituneError` with the message the CLI would print; nothing here
 prints or exits. The functions live in `phitune.api` rather than on the package itself because `phitune.train`,
-`phitune.evaluate`, `phitune.generate` and `phitune.merge` are the modules that do the work.
+`phitune.after.evaluate`, `phitune.after.generate` and `phitune.after.merge` are the modules that do the work.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from phitune.config import RunConfig, apply_overrides, config_from_dict, load_config
+from phitune.config.schema import RunConfig, apply_overrides, config_from_dict, load_config
 from phitune.errors import PhituneError
 
 __all__ = ["PhituneError", "load_run", "train", "evaluate", "inspect_data", "generate", "chat", "chat_turn", "merge"]
@@ -68,7 +68,7 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
     if limit is not None and benchmarks is None:
         raise PhituneError("limit goes with benchmarks")
     if benchmarks is not None:
-        from phitune.benchmarks import parse_benchmark_names, run_benchmarks
+        from phitune.after.benchmarks import parse_benchmark_names, run_benchmarks
 
         return run_benchmarks(Path(run_dir) if run_dir else None, model, Path(adapter) if adapter else None,
                               parse_benchmark_names(",".join(benchmarks)), limit=limit, batch_size=batch_size,
@@ -88,7 +88,7 @@ def inspect_data(config: dict | str | Path | RunConfig, overrides: list[str] | N
 
 
 def _load(run_dir, model, adapter):
-    from phitune.generate import load_for_inference, resolve_model_source
+    from phitune.after.generate import load_for_inference, resolve_model_source
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     return load_for_inference(model_cfg, adapter_dir)
@@ -99,7 +99,7 @@ def generate(prompts: list, run_dir: str | Path | None = None, model: str | None
     """The model's reply to each prompt (`phitune generate`); a prompt is a string (one user turn) or a list of
     {"role", "content"} messages ending with a user turn. `sampling`: SamplingSettings fields (max_new_tokens,
     do_sample, temperature, top_p, top_k, seed); greedy by default."""
-    from phitune.generate import SamplingSettings, generate_replies
+    from phitune.after.generate import SamplingSettings, generate_replies
 
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     loaded, tokenizer = _load(run_dir, model, adapter)
@@ -109,7 +109,7 @@ def generate(prompts: list, run_dir: str | Path | None = None, model: str | None
 def chat(run_dir: str | Path | None = None, model: str | None = None, adapter: str | Path | None = None,
          system: str | None = None, **sampling):
     """A ChatSession (`phitune chat`): the model loaded once, the history kept between turns; see chat_turn."""
-    from phitune.generate import ChatSession
+    from phitune.after.generate import ChatSession
 
     loaded, tokenizer = _load(run_dir, model, adapter)
     return ChatSession(loaded, tokenizer, _settings(sampling), system=system)
@@ -121,7 +121,7 @@ def chat_turn(session, text: str) -> str:
 
 
 def _settings(sampling: dict):
-    from phitune.generate import SamplingSettings
+    from phitune.after.generate import SamplingSettings
 
     try:
         return SamplingSettings(**sampling)
@@ -133,8 +133,8 @@ def merge(run_dir: str | Path | None, output: str | Path, adapter: str | Path | 
           model: str | None = None, dtype: str = "auto", push_to_hub: str | None = None):
     """Fold the adapter into its base and save a standalone model in `output` (`phitune merge`); returns a
     MergeResult (output_dir, dtype, size_bytes)."""
-    from phitune.generate import resolve_model_source
-    from phitune.merge import merge_adapter
+    from phitune.after.generate import resolve_model_source
+    from phitune.after.merge import merge_adapter
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     return merge_adapter(model_cfg, adapter_dir, Path(output), push_to_hub=push_to_hub, dtype=dtype)

@@ -79,8 +79,8 @@ def train(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the adapter to this hub repo"),
 ):
     """Fine-tune as CONFIG says; writes the adapter, tokenizer, config, metrics.json and loss.png to output_dir."""
-    from phitune.config import load_config
-    from phitune.report import print_run_summary
+    from phitune.after.report import print_run_summary
+    from phitune.config.schema import load_config
     from phitune.train import run_training
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
@@ -107,7 +107,7 @@ ADAPTER_OPT = typer.Option(None, "--adapter", help="PEFT adapter directory to ap
 
 def _sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int):
     """The sampling settings, checked before any weight is loaded (transformers would stop mid-generation)."""
-    from phitune.generate import SamplingSettings
+    from phitune.after.generate import SamplingSettings
 
     if do_sample and temperature <= 0:
         raise PhituneError(f"--temperature must be above 0 when sampling, got {temperature}; for deterministic "
@@ -144,11 +144,11 @@ def eval_(
 ):
     """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
     dpo / orpo run: preference accuracy and margin on held-out pairs); with --benchmarks, lm-eval's tasks."""
-    from phitune.report import print_eval_table
+    from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 
     if benchmarks is not None or limit is not None:
-        from phitune.benchmarks import parse_benchmark_names, run_benchmarks
+        from phitune.after.benchmarks import parse_benchmark_names, run_benchmarks
 
         if benchmarks is None or data is not None:
             raise PhituneError("--limit goes with --benchmarks" if benchmarks is None else
@@ -175,13 +175,13 @@ def chat(
     image: list[Path] = typer.Option([], "--image", help="a picture (or .wav clip) for the first turn; repeatable (Phi-4-multimodal)"),
 ):
     """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
-    from phitune.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
+    from phitune.after.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
 
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
     if image:
-        from phitune.vision_eval import MediaChatSession
+        from phitune.after.vision_eval import MediaChatSession
 
         session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, image)
     else:
@@ -226,7 +226,7 @@ def generate(
     """Answer every prompt of a .jsonl file in batches and write the answers to another .jsonl file."""
     from rich.progress import Progress
 
-    from phitune.generate import (check_output_file, generate_file, load_for_inference, read_prompts,
+    from phitune.after.generate import (check_output_file, generate_file, load_for_inference, read_prompts,
                                   resolve_model_source)
 
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
@@ -237,7 +237,7 @@ def generate(
     from phitune.data.multimodal import is_multimodal_row
 
     if any(is_multimodal_row(row) or isinstance(row.get("prompt"), list) for row in rows):  # image / audio parts
-        from phitune.vision_eval import generate_media_file
+        from phitune.after.vision_eval import generate_media_file
 
         count = generate_media_file(loaded, tokenizer, model_cfg.name_or_path, rows, input_, output, settings)
         print(f"wrote {count} answers to {output}")
@@ -259,9 +259,9 @@ def merge(
     dtype: str = typer.Option("auto", "--dtype", help="auto (the base's own dtype) | bfloat16 | float16 | float32"),
 ):
     """Merge the adapter into its base and save a standalone model (safetensors, tokenizer, generation config)."""
-    from phitune.generate import resolve_model_source
-    from phitune.merge import merge_adapter
-    from phitune.report import print_merge_summary
+    from phitune.after.generate import resolve_model_source
+    from phitune.after.merge import merge_adapter
+    from phitune.after.report import print_merge_summary
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     print_merge_summary(merge_adapter(model_cfg, adapter_dir, output, push_to_hub=push_to_hub, dtype=dtype))
@@ -279,7 +279,7 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", help="a merged or full model directory to export"),
 ):
     """Write a GGUF file for llama.cpp, LM Studio and Ollama: weights, tokenizer, chat template, <|end|> stop."""
-    from phitune.export import export_run
+    from phitune.after.export import export_run
 
     result = export_run(run_dir, output, format_, quant, ollama, model=model, adapter=adapter)
     print(f"wrote {result.path} ({result.format}{', ' + result.quant if result.quant else ''}, "
@@ -302,7 +302,7 @@ def serve(
 ):
     """An OpenAI-compatible server for the run (/v1/chat/completions): llama.cpp on its GGUF export, or vLLM with
     the adapter as a LoRA module. Stops with Ctrl-C."""
-    from phitune.serve import plan_serve, run_server, warn_if_public
+    from phitune.after.serve import plan_serve, run_server, warn_if_public
 
     plan = plan_serve(run_dir, engine, host, port, gguf)
     warn_if_public(host)
@@ -325,8 +325,8 @@ def data(
     example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
-    from phitune.config import load_config
-    from phitune.report import print_data_report
+    from phitune.after.report import print_data_report
+    from phitune.config.schema import load_config
     from phitune.train import inspect_run_data
 
     print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
@@ -425,7 +425,7 @@ def _say(line: str) -> None:
 
 def _interrupts_raise() -> None:
     """SIGTERM stops a command as Ctrl-C does (KeyboardInterrupt, exit code 130), and the final line names it.
-    Training installs its own handler on top (phitune.train_support.GracefulStop), which defers to this one on a
+    Training installs its own handler on top (phitune.run.signals.GracefulStop), which defers to this one on a
     second signal."""
     def interrupt(signum, frame):
         STATE["signal"] = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name

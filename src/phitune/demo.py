@@ -12,11 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from phitune.config import load_config
+from phitune.config.schema import load_config
 from phitune.errors import PhituneError
-from phitune.run_dir import run_state
-from phitune.tiny import ASSETS, DEMO_DATA, tiny_base_path
-from phitune.train_support import checkpoint_dirs
+from phitune.run.checkpoints import checkpoint_dirs
+from phitune.run.output_dir import run_state
+from phitune.tiny.phi3 import ASSETS, DEMO_DATA, tiny_base_path
 
 log = logging.getLogger("phitune")
 DEMO_CONFIG = ASSETS / "demo.yaml"
@@ -70,7 +70,7 @@ def replaces_earlier_demo(output_dir: Path) -> bool:
 
 def run_demo(output_dir: Path, overrides: list[str]):
     """Train the demo, then print eval loss and one answer before and after."""
-    from phitune.report import print_demo_summary
+    from phitune.after.report import print_demo_summary
     from phitune.train import run_training
 
     cfg = load_config(DEMO_CONFIG, demo_overrides(output_dir) + list(overrides))
@@ -82,7 +82,7 @@ def run_demo(output_dir: Path, overrides: list[str]):
 
 def answer_before_after(cfg, output_dir: Path, index: int = 0):
     """One held-out question answered by the base model and by base + adapter (greedy)."""
-    from phitune.generate import SamplingSettings, attach_adapter, generate_replies, load_for_inference
+    from phitune.after.generate import SamplingSettings, attach_adapter, generate_replies, load_for_inference
 
     line = (DEMO_DATA / "eval.jsonl").read_text(encoding="utf-8").splitlines()[index]
     messages = json.loads(line)["messages"]

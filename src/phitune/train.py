@@ -1,7 +1,7 @@
 """The driver: `phitune train`, `phitune eval` and `phitune data` for every method, and the one place where a
 run's `method` picks its recipe.
 
-run_training takes the lifecycle steps of phitune.run once, in order, and asks the method's recipe
+run_training takes the lifecycle steps of phitune.run.lifecycle once, in order, and asks the method's recipe
 (phitune.recipes) for what differs between methods:
 
     output directory -> checkpoint -> plan -> tokenizer -> recipe = RECIPES[cfg.method] -> its data, trainer config
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phitune.config import RunConfig
-from phitune.plan import plan_run
+from phitune.config.schema import RunConfig
 from phitune.recipes import grpo, preference, sft, vision
-from phitune.run import RunResult, finish, fit
-from phitune.run_dir import clear_old_run, prepare_output_dir
-from phitune.train_support import check_resume_layout, latest_complete_checkpoint
+from phitune.run.checkpoints import check_resume_layout, latest_complete_checkpoint
+from phitune.run.lifecycle import RunResult, finish, fit
+from phitune.run.output_dir import clear_old_run, prepare_output_dir
+from phitune.run.plan import plan_run
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "grpo": grpo, "vision": vision}  # config_methods.METHODS names the same keys
 
@@ -28,7 +28,7 @@ RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "grpo": grpo, "vis
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                  push_to_hub: str | None = None) -> RunResult:
     """Fine-tune as `cfg` says and write the output directory; return its path and metrics."""
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     recipe = RECIPES[cfg.method]
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
@@ -56,8 +56,8 @@ def evaluate_run(run_dir: Path | None = None, model: str | None = None, adapter:
                  output: Path | None = None):
     """`phitune eval`: the model (and adapter) scored as the method of the run it comes from says; a bare model
     or adapter without a phitune run is scored as SFT. Writes eval.json (and, for SFT, report.md and eval.png)."""
-    from phitune.evaluate import evaluation_data
-    from phitune.generate import SamplingSettings, resolve_model_source
+    from phitune.after.evaluate import evaluation_data
+    from phitune.after.generate import SamplingSettings, resolve_model_source
 
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     data_cfg, source = evaluation_data(run_dir or adapter, data)
@@ -73,7 +73,7 @@ def inspect_run_data(cfg: RunConfig, output: Path | None = None, example_index: 
 
 def run_method(run_dir) -> str:
     """The method a phitune run directory was trained with; "sft" for anything else (a bare model, a PEFT adapter)."""
-    from phitune.config import load_run_config
+    from phitune.config.schema import load_run_config
 
     if run_dir is None or not (Path(run_dir) / "phitune_config.yaml").is_file():
         return "sft"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
 from phitune.data.encode import (  # IGNORE_INDEX, render_with_mask, training_chat_template: public here too
     IGNORE_INDEX,
     encode_with_masks,

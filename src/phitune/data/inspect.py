@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phitune.config import RunConfig
+from phitune.config.schema import RunConfig
 from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 
@@ -58,7 +58,7 @@ class DataReport:
 def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: int = 0) -> DataReport:
     """Prepare (or reuse) the data of `cfg` as training does; statistics come from its Arrow columns, streamed."""
     from phitune.data.prepare import prepare_data
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)

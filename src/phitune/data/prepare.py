@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
 from phitune.data.formats import detect_format, to_messages
 from phitune.data.readers import BadRow, read_row_batches, read_rows, row_location

@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from phitune.config import DataConfig
+from phitune.config.schema import DataConfig
 from phitune.data import load_splits
 from phitune.data.formats import Messages
 from phitune.data.readers import BadRow, read_rows, row_location
@@ -188,7 +188,7 @@ def inspect_prompt_data(cfg, output_dir=None, example_index: int = 0, budget: in
     from dataclasses import replace
 
     from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
-    from phitune.modeling import load_tokenizer
+    from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_prompt_data(replace(cfg.data, on_bad_row="skip"))

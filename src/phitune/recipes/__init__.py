@@ -1,7 +1,7 @@
 """One module per training method; phitune.train's RECIPES maps `method:` to its module.
 
 A recipe is a plain module with these functions, which the driver (phitune.train) calls in this order around the
-lifecycle steps of phitune.run:
+lifecycle steps of phitune.run.lifecycle:
 
     load_data(cfg, tokenizer, plan)                          -> data (whatever the recipe's other functions take)
     build_config(cfg, data, plan)                            -> the TRL config (TrainingArguments subclass)
@@ -17,5 +17,5 @@ lifecycle steps of phitune.run:
     inspect_data(cfg, output, example_index)                 -> DataReport (`phitune data`)
 
 No inheritance and no imports between recipes (tests/test_architecture.py checks the imports): what two recipes
-share lives below them, in phitune.run.
+share lives below them, in phitune.run.lifecycle.
 """

@@ -1,12 +1,12 @@
 """The GRPO recipe: `method: grpo`, reinforcement learning with verifiable rewards through TRL's GRPOTrainer.
 
-The run goes through the lifecycle every method shares (phitune.run, phitune.train_support): the same output
+The run goes through the lifecycle every method shares (phitune.run): the same output
 directory, complete-marked checkpoints, SIGTERM / NaN / resume guarantees, PEFT adapter and phitune_config.yaml.
 What differs:
 
 - data: prompts (phitune.data.prompts), each a conversation ending with a user turn, with the row's other columns
   (e.g. `answer`) passed to every reward. A prompt's budget is data.max_seq_length minus max_completion_length;
-- rewards: the `rewards:` section (phitune.rewards): built-in `answer`, `format`, `json`, `length` and a user's own
+- rewards: the `rewards:` section (phitune.after.rewards): built-in `answer`, `format`, `json`, `length` and a user's own
   functions, weighted (GRPOConfig.reward_weights); TRL logs each one's mean as `rewards/NAME/mean`;
 - generation: transformers' generate, sampled with training_config's temperature / top_p / top_k, stopped at eos or
   Phi-3's end-of-turn `<|end|>`; vLLM instead on CUDA when it is installed (speed.vllm: auto; use_vllm wins);
@@ -26,11 +26,11 @@ import json
 import logging
 from pathlib import Path
 
-from phitune.config import RunConfig
-from phitune.config_methods import training_config_class
+from phitune.config.methods import training_config_class
+from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.plan import RunPlan
-from phitune.run import load_model_for_training, trainer_settings
+from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.plan import RunPlan
 
 log = logging.getLogger("phitune")
 
@@ -42,7 +42,7 @@ DEFAULT_COMPLETION_LENGTH = 256  # tokens; TRL's default (512) is long for a CPU
 def load_data(cfg: RunConfig, tokenizer, plan: RunPlan):
     """(PromptData, rewards, counts): the train and eval prompts within the prompt budget, and the run's rewards
     (custom functions imported now, so a missing one fails before any weight loads)."""
-    from phitune.rewards import build_rewards, try_rewards
+    from phitune.after.rewards import build_rewards, try_rewards
 
     rewards = build_rewards(cfg.rewards or [])
     data, counts = prompt_splits(cfg, tokenizer)
@@ -87,7 +87,7 @@ def load_model(cfg: RunConfig, plan: RunPlan):
         return load_model_for_training(cfg, plan)
     from peft import PeftModel
 
-    from phitune.modeling import load_base_model
+    from phitune.models.loading import load_base_model
 
     adapter = Path(cfg.model.adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -100,8 +100,8 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
     """TRL's GRPOTrainer with phitune's guards, the rewards, and generation stopped at eos or `<|end|>`."""
     import datasets
 
+    from phitune.after.generate import stop_token_ids
     from phitune.data.prompts import to_dataset
-    from phitune.generate import stop_token_ids
 
     datasets.disable_progress_bars()
     # GRPOTrainer stops a completion at the model's generation_config eos ids plus the tokenizer's eos: add <|end|>.
@@ -121,7 +121,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
 def grpo_trainer_class():
     from trl import GRPOTrainer
 
-    from phitune.train_support import GuardedTraining, NonFiniteLoss
+    from phitune.run.guard import GuardedTraining, NonFiniteLoss
 
     class PhituneGRPOTrainer(GuardedTraining, GRPOTrainer):
         """GRPOTrainer with phitune's NaN guard and complete-marked checkpoints. Weights gone non-finite show first
@@ -160,7 +160,7 @@ def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> di
 def score_prompts(cfg: RunConfig, model, tokenizer, data) -> dict:
     """The rewards' means, weighted total and pass rate of greedy completions of the eval prompts, plus
     `completions` (the texts) for completions.jsonl."""
-    from phitune.rewards import score_completions
+    from phitune.after.rewards import score_completions
 
     length = cfg.training_config.get("max_completion_length", DEFAULT_COMPLETION_LENGTH)
     metrics, texts = score_completions(model, tokenizer, data[0].eval, data[1], max_new_tokens=length)
@@ -218,10 +218,10 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
     `settings.max_new_tokens` caps the completions. Writes eval.json."""
     from dataclasses import replace
 
-    from phitune.config import load_run_config
-    from phitune.evaluate import EVAL_JSON, EvalResult
-    from phitune.generate import attach_adapter, load_for_inference
-    from phitune.rewards import build_rewards, score_completions
+    from phitune.after.evaluate import EVAL_JSON, EvalResult
+    from phitune.after.generate import attach_adapter, load_for_inference
+    from phitune.after.rewards import build_rewards, score_completions
+    from phitune.config.schema import load_run_config
 
     run = load_run_config(adapter) if adapter is not None else None
     rewards = build_rewards(run.rewards if run is not None and run.rewards else [{"name": "answer"}])

@@ -1,7 +1,7 @@
 """The preference recipe: `method: dpo` (TRL's DPOTrainer) and `method: orpo` (TRL's ORPOTrainer, experimental in
 TRL 1.x).
 
-The run goes through the lifecycle every method shares (phitune.run, phitune.train_support) with another trainer: the
+The run goes through the lifecycle every method shares (phitune.run) with another trainer: the
 same output directory, checkpoints, SIGTERM / NaN / resume guarantees, PEFT adapter and phitune_config.yaml. What
 differs:
 
@@ -22,11 +22,11 @@ import json
 import logging
 from pathlib import Path
 
-from phitune.config import RunConfig
-from phitune.config_methods import orpo_classes, training_config_class
+from phitune.config.methods import orpo_classes, training_config_class
+from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.plan import RunPlan
-from phitune.run import load_model_for_training, trainer_settings
+from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.plan import RunPlan
 
 log = logging.getLogger("phitune")
 
@@ -122,7 +122,7 @@ def load_policy(cfg: RunConfig, plan: RunPlan):
         return load_model_for_training(cfg, plan)
     from peft import PeftModel
 
-    from phitune.modeling import load_base_model
+    from phitune.models.loading import load_base_model
 
     adapter = starting_adapter(cfg)
     base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
@@ -131,7 +131,7 @@ def load_policy(cfg: RunConfig, plan: RunPlan):
 
 def starting_adapter(cfg: RunConfig) -> Path:
     """model.adapter checked: it holds a PEFT adapter, and a phitune run there was trained on the same base."""
-    from phitune.config import load_run_config
+    from phitune.config.schema import load_run_config
 
     adapter = Path(cfg.model.adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -165,7 +165,7 @@ def build_preference_trainer(cfg: RunConfig, model, tokenizer, data, peft_config
 def dpo_trainer_class():
     from trl import DPOTrainer
 
-    from phitune.train_support import GuardedTraining
+    from phitune.run.guard import GuardedTraining
 
     class PhituneDPOTrainer(GuardedTraining, DPOTrainer):
         """DPOTrainer with phitune's NaN guard and complete-marked checkpoints."""
@@ -174,7 +174,7 @@ def dpo_trainer_class():
 
 
 def orpo_trainer_class():
-    from phitune.train_support import GuardedTraining
+    from phitune.run.guard import GuardedTraining
 
     class PhituneORPOTrainer(GuardedTraining, orpo_classes()[1]):
         """ORPOTrainer (trl.experimental) with phitune's NaN guard and complete-marked checkpoints."""
@@ -248,9 +248,9 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
     --data. Writes eval.json."""
     from dataclasses import replace
 
+    from phitune.after.evaluate import EVAL_JSON, EvalResult
+    from phitune.after.generate import attach_adapter, load_for_inference
     from phitune.data.preference import load_preference_data
-    from phitune.evaluate import EVAL_JSON, EvalResult
-    from phitune.generate import attach_adapter, load_for_inference
 
     if use_eval_split:
         pairs = load_preference_data(data_cfg).eval

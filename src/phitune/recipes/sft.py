@@ -1,4 +1,4 @@
-"""The SFT recipe: conversations, tokenized with masked labels, through TRL's SFTTrainer (phitune.train_support's
+"""The SFT recipe: conversations, tokenized with masked labels, through TRL's SFTTrainer (phitune.run.trainer's
 PhituneTrainer). Evaluation: eval loss and perplexity on the held-out conversations, at step 0 (inside the training
 loop) and at the last step.
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from phitune.config import RunConfig
+from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.plan import RunPlan
-from phitune.run import load_model_for_training, trainer_settings, warn_if_fsdp_fell_back
-from phitune.train_support import PhituneTrainer
+from phitune.run.lifecycle import load_model_for_training, trainer_settings, warn_if_fsdp_fell_back
+from phitune.run.plan import RunPlan
+from phitune.run.trainer import PhituneTrainer
 
 log = logging.getLogger("phitune")
 
@@ -31,7 +31,7 @@ def build_config(cfg: RunConfig, data, plan: RunPlan):
 
 
 def load_model(cfg: RunConfig, plan: RunPlan):
-    """(model, PEFT LoraConfig or None): the base with LoRA to come, as phitune.run loads it for every method."""
+    """(model, PEFT LoraConfig or None): the base with LoRA to come, as phitune.run.lifecycle loads it for every method."""
     return load_model_for_training(cfg, plan)
 
 
@@ -141,7 +141,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
 def evaluation_metrics(trainer, evaluated_at_start: bool) -> dict:
     """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
     the loop just did it), with their perplexities."""
-    from phitune.metrics import perplexity
+    from phitune.after.metrics import perplexity
 
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
@@ -166,7 +166,7 @@ def dataset_metrics(train_set, eval_set) -> dict:
 def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *, use_eval_split: bool,
                  batch_size: int, num_generate: int, settings):
     """`phitune eval` on an SFT run (or a bare model): loss, perplexity, token accuracy, ROUGE-L, exact match."""
-    from phitune.evaluate import run_evaluation
+    from phitune.after.evaluate import run_evaluation
 
     return run_evaluation(model_cfg, adapter, data_cfg, output_dir, num_generate=num_generate, settings=settings,
                           batch_size=batch_size, use_eval_split=use_eval_split)

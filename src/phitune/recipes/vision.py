@@ -6,9 +6,9 @@ pictures through the model's own image processor. Model: the native `Phi4Multimo
 the language model's layers (`all-linear` means those, never the vision tower or the audio encoder, whose layer
 names repeat the language model's), and on a vision or audio part only when named by its path (see
 `language_model_targets`). A converted checkpoint's built-in `vision-lora` adapter is merged into the base as it
-loads (phitune.modeling.merge_built_in_vision_lora), so it stays active under the user's LoRA, in training and at
+loads (phitune.models.loading.merge_built_in_vision_lora), so it stays active under the user's LoRA, in training and at
 inference alike, and a merged model keeps it. Training, checkpoints, resume, the NaN guard and evaluation at step 0
-and at the end are the SFT trainer's (phitune.train_support). docs/vision.md says what was run and what was not.
+and at the end are the SFT trainer's (phitune.run.trainer). docs/vision.md says what was run and what was not.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from phitune.config import RunConfig
+from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.plan import RunPlan
-from phitune.run import load_model_for_training, trainer_settings
-from phitune.train_support import PhituneTrainer
+from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.plan import RunPlan
+from phitune.run.trainer import PhituneTrainer
 
 log = logging.getLogger("phitune")
 
@@ -128,7 +128,7 @@ def evaluate_before(cfg: RunConfig, trainer, tokenizer, data: VisionData, checkp
 
 def evaluate_after(cfg: RunConfig, trainer, tokenizer, data: VisionData, before: dict) -> dict:
     """eval_loss at step 0 and at the last step, with their perplexities."""
-    from phitune.metrics import perplexity
+    from phitune.after.metrics import perplexity
 
     if data.eval is None:
         return {}
@@ -158,7 +158,7 @@ def tidy_output(output_dir: Path) -> None:
 def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *, use_eval_split: bool,
                  batch_size: int, num_generate: int, settings):
     """`phitune eval` on a vision run: loss, perplexity, token accuracy, exact match and ROUGE-L, base vs tuned."""
-    from phitune.vision_eval import run_media_evaluation
+    from phitune.after.vision_eval import run_media_evaluation
 
     return run_media_evaluation(model_cfg, adapter, data_cfg, output_dir, num_generate=num_generate,
                                 settings=settings, batch_size=batch_size, use_eval_split=use_eval_split)
@@ -167,6 +167,6 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
 def inspect_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
     """`phitune data` on multimodal rows: an example with its pictures named and sized, token counts with the
     image tokens, the length histogram."""
-    from phitune.vision_eval import inspect_media_data
+    from phitune.after.vision_eval import inspect_media_data
 
     return inspect_media_data(cfg, output, example_index=example_index)

@@ -27,7 +27,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 
-from phitune.config import SpeedConfig
+from phitune.config.schema import SpeedConfig
 from phitune.errors import PhituneError
 
 log = logging.getLogger("phitune")

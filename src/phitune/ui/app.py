@@ -1,6 +1,6 @@
 """The page: five tabs (Configure, Data, Train, Runs, Chat) in Gradio Blocks, each handler a thin call to the
-functions the CLI calls (phitune.config, phitune.train.inspect_run_data, `phitune train` itself as a process,
-phitune.generate.ChatSession). A PhituneError becomes the same one line the CLI prints, shown on the page."""
+functions the CLI calls (phitune.config.schema, phitune.train.inspect_run_data, `phitune train` itself as a process,
+phitune.after.generate.ChatSession). A PhituneError becomes the same one line the CLI prints, shown on the page."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from phitune.errors import PhituneError, first_line
-from phitune.run_dir import prepare_output_dir
+from phitune.run.output_dir import prepare_output_dir
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
 from phitune.ui.runs import evaluate_run, find_runs, read_progress, run_row, start_training, stop_training

@@ -1,4 +1,4 @@
-"""Chat on the page: base and fine-tuned model side by side, streamed, through phitune.generate.ChatSession (the
+"""Chat on the page: base and fine-tuned model side by side, streamed, through phitune.after.generate.ChatSession (the
 code `phitune chat` runs). A run's model is loaded once (base + adapter); the base answers with the adapter
 switched off (PEFT's disable_adapter), so a side-by-side chat costs one copy of the weights, not two."""
 
@@ -8,7 +8,7 @@ import threading
 from contextlib import nullcontext
 from pathlib import Path
 
-from phitune.generate import ChatSession, SamplingSettings
+from phitune.after.generate import ChatSession, SamplingSettings
 
 
 class BaseOnly:
@@ -35,7 +35,7 @@ class ChatModels:
         self.loaded: tuple[Path, object, object] | None = None
 
     def get(self, run_dir: Path):
-        from phitune.generate import load_for_inference, resolve_model_source
+        from phitune.after.generate import load_for_inference, resolve_model_source
 
         if self.loaded is None or self.loaded[0] != run_dir:
             self.loaded = None  # free the previous run's weights before loading the next

@@ -1,6 +1,6 @@
 """Runs as the page sees them, read only from their output directories, so a reload, a second tab or a run started
 with `phitune train` in a terminal shows the same thing: the progress log the trainer appends
-(phitune.console.ProgressLog), metrics.json and the completion marker of a finished run, and, for a run without a
+(phitune.run.console.ProgressLog), metrics.json and the completion marker of a finished run, and, for a run without a
 progress log, the log history of its newest checkpoint's trainer_state.json.
 
 Training runs as its own process (`phitune train CONFIG`), started in a session of its own so that it outlives the
@@ -17,10 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune.console import PROGRESS_LOG, format_duration, format_value
 from phitune.errors import PhituneError
-from phitune.run_dir import run_state
-from phitune.train_support import checkpoint_dirs, finished_run
+from phitune.run.checkpoints import checkpoint_dirs, finished_run
+from phitune.run.console import PROGRESS_LOG
+from phitune.run.output_dir import run_state
+from phitune.terminal import format_duration, format_value
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Every path the page takes from a person (a config file, data files, an output directory, a local model) must lie
 under one of these folders, or be one of phitune's own shipped files (the demo's tiny model and data, read only);
 relative paths mean relative to the first folder, which is where training runs. Configs are checked by the same
-code as `phitune train` (phitune.config), and a hub token never reaches the page or a file: tokens in a YAML file
+code as `phitune train` (phitune.config.schema), and a hub token never reaches the page or a file: tokens in a YAML file
 are dropped on reading (phitune reads them from HF_TOKEN), and any text shown is passed through `redact`.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from phitune.config import SECRET_KEYS, RunConfig, config_from_dict
+from phitune.config.schema import SECRET_KEYS, RunConfig, config_from_dict
 from phitune.demo import DEMO_CONFIG, demo_overrides
 from phitune.errors import PhituneError, first_line
-from phitune.tiny import ASSETS
+from phitune.tiny.phi3 import ASSETS
 
 DEMO = "demo: tiny Phi-3, bundled chat data (CPU, about a minute)"
 CONFIG_FOLDER = "phitune-ui"  # under the first folder: the configs the page starts runs with, and their logs
@@ -74,7 +74,7 @@ class Workspace:
         directory under the first folder."""
         if name == DEMO:
             raw = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
-            from phitune.config import apply_overrides
+            from phitune.config.schema import apply_overrides
 
             apply_overrides(raw, demo_overrides(self.home / "outputs" / "demo"))
             return yaml.safe_dump(raw, sort_keys=False)
@@ -158,7 +158,7 @@ def apply_form(text: str, values: list[str]) -> str:
     """The YAML text with the form's fields set, through the same `--set` code as the CLI (an emptied field
     removes its key, so the default applies); comments of the text are not kept."""
     raw = parse_yaml(text or "")
-    from phitune.config import apply_overrides
+    from phitune.config.schema import apply_overrides
 
     for key, value in zip(FORM_FIELDS, values):
         section, name = key.split(".")

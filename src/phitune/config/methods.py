@@ -1,0 +1,147 @@
+"""What the config layer knows of each training method: its name, the TRL config class whose keys
+`training_config` holds, the rules DPO, ORPO and GRPO add (GRPO's `rewards:` section too), and whether phitune builds
+(and may pack) its batches.
+
+It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune, so the config
+layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
+a method is decided in one place above: phitune.train's RECIPES.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+
+METHODS = ("sft", "dpo", "orpo", "grpo", "vision")  # the top-level `method` key: what the trainer optimises
+PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
+LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
+
+
+def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
+    """Config rules of dpo / orpo, appended to `problems` with the others."""
+    if model.adapter and method in ("sft", "vision"):
+        problems.append("model.adapter (start from a trained adapter) needs method: dpo or orpo, or grpo")
+        return
+    if method in ("sft", "vision"):  # vision: SFT on multimodal rows (recipes/vision.py)
+        return
+    if peft_cfg is None and not model.adapter:
+        problems.append(f"method {method} trains a LoRA adapter: add a peft_config, or set model.adapter to the run "
+                        "directory of the adapter to start from")
+    if peft_cfg and peft_cfg.get("backend", "peft") != "peft":
+        problems.append(f"method {method} needs peft_config.backend: peft")
+    if model.adapter and peft_cfg and any(key in peft_cfg for key in LORA_SHAPE_KEYS):
+        problems.append("model.adapter brings its own LoRA shape (r, alpha, targets); remove peft_config")
+    if data.format != "auto":
+        rows = "prompt rows" if method == "grpo" else "prompt/chosen/rejected rows"
+        problems.append(f"method {method} reads {rows}; leave data.format at auto")
+    if data.train_on != "assistant":
+        problems.append(f"method {method} scores the answers only; data.train_on must be assistant")
+
+
+def training_config_class(method: str):
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, GRPOConfig, or ORPOConfig (experimental in TRL
+    1.x)."""
+    import trl  # import here: trl pulls in torch, and most config errors should be instant
+
+    if method == "orpo":
+        return orpo_classes()[0]
+    return {"dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
+
+
+def orpo_classes():
+    """(ORPOConfig, ORPOTrainer) from trl.experimental.orpo, without TRL's "experimental API" warning on every run
+    (docs/preference.md says it once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
+
+
+# GRPO's built-in rewards (phitune.after.rewards) and the keys each takes besides `weight`; a user's own function is
+# `function: module:name` or `function: path/to/file.py:name`.
+BUILTIN_REWARDS = {
+    "answer": ("column", "extract", "pattern", "reference_pattern"),
+    "format": ("pattern",),
+    "json": ("schema",),
+    "length": ("max_tokens",),
+}
+ANSWER_EXTRACTS = ("last_number", "boxed", "regex", "text")
+
+
+def check_rewards(method: str, rewards, problems: list[str]) -> list[dict] | None:
+    """The `rewards:` list of a grpo config, each entry checked (name or function, its keys, weight, regexes);
+    problems are appended with the others. Custom functions are imported later, by the recipe."""
+    if method != "grpo":
+        if rewards is not None:
+            problems.append(f"rewards apply to method: grpo, not {method}")
+        return None
+    if not isinstance(rewards, list) or not rewards:
+        problems.append("method grpo needs rewards: a list such as [{name: answer}, {name: format, pattern: ...}]")
+        return None
+    for index, entry in enumerate(rewards):
+        where = f"rewards[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} must be a mapping such as {{name: answer, weight: 1.0}}, got {entry!r}")
+            continue
+        _check_reward(entry, where, problems)
+    return [dict(entry) for entry in rewards if isinstance(entry, dict)]
+
+
+def _check_reward(entry: dict, where: str, problems: list[str]) -> None:
+    weight = entry.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        problems.append(f"{where}.weight must be a number, got {weight!r}")
+    if ("name" in entry) == ("function" in entry):
+        problems.append(f"{where} needs either name (one of {', '.join(BUILTIN_REWARDS)}) or function "
+                        "(module:function or path/to/file.py:function)")
+        return
+    if "function" in entry:
+        spec = entry["function"]
+        if not isinstance(spec, str) or not re.fullmatch(r"[^:]+:[A-Za-z_]\w*", spec.strip()):
+            problems.append(f"{where}.function must be module:function or path/to/file.py:function, got {spec!r}")
+        _unknown_keys(entry, ("function", "weight"), where, problems)
+        return
+    name = entry["name"]
+    if name not in BUILTIN_REWARDS:
+        problems.append(f"{where}.name must be one of {', '.join(BUILTIN_REWARDS)}, got {name!r}"
+                        f"{_suggest(name, BUILTIN_REWARDS)}")
+        return
+    _unknown_keys(entry, ("name", "weight", *BUILTIN_REWARDS[name]), where, problems)
+    _check_builtin(name, entry, where, problems)
+
+
+def _check_builtin(name: str, entry: dict, where: str, problems: list[str]) -> None:
+    """The values of a built-in reward's keys: regexes compile, the extraction is known, counts are positive."""
+    for key in ("pattern", "reference_pattern"):
+        if key in entry:
+            try:
+                re.compile(str(entry[key]))
+            except re.error as exc:
+                problems.append(f"{where}.{key} is not a valid regular expression ({exc})")
+    if name == "format" and "pattern" not in entry:
+        problems.append(f"{where}: the format reward needs a pattern (a regular expression the completion must match)")
+    if name == "answer":
+        extract = entry.get("extract", "last_number")
+        if extract not in ANSWER_EXTRACTS:
+            problems.append(f"{where}.extract must be one of {', '.join(ANSWER_EXTRACTS)}, got {extract!r}"
+                            f"{_suggest(extract, ANSWER_EXTRACTS)}")
+        elif extract == "regex" and "pattern" not in entry:
+            problems.append(f"{where}: extract: regex needs a pattern (its first group is the answer)")
+    if name == "length":
+        limit = entry.get("max_tokens")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            problems.append(f"{where}.max_tokens must be a positive number of tokens, got {limit!r}")
+    if name == "json" and "schema" in entry and not isinstance(entry["schema"], (dict, str)):
+        problems.append(f"{where}.schema must be a JSON schema (a mapping) or the path of a .json file")
+
+
+def _unknown_keys(entry: dict, valid, where: str, problems: list[str]) -> None:
+    for key in entry:
+        if key not in valid:
+            problems.append(f"unknown key {where}.{key}{_suggest(key, valid)}")
+
+
+def _suggest(key, valid) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,187 @@
+"""The run lifecycle every method shares: a RunConfig in, an output directory out.
+
+phitune.train (the driver) takes these steps in order and asks the method's recipe (phitune.recipes) for the rest:
+output_dir.prepare_output_dir -> plan_run -> the recipe's data, trainer config and model -> output_dir.clear_old_run ->
+the recipe's trainer -> fit -> finish.
+`output_dir` ends up holding the PEFT adapter (or full model), the tokenizer, `phitune_config.yaml`, `metrics.json`,
+`loss.png`, and `checkpoint-N/` directories. What keeps a run safe while it trains (complete-checkpoint markers,
+graceful stop, NaN guard, resume layout checks) lives beside it in phitune.run (checkpoints, signals, guard), and
+what a run directory may hold and when an old run is cleared in phitune.run.output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phitune.after.report import plot_losses
+from phitune.config.schema import RunConfig, save_config
+from phitune.errors import PhituneError, first_line
+from phitune.models.loading import DROPPED_GRADIENT_WARNING
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.run.console import close_console
+from phitune.run.guard import NonFiniteLoss
+from phitune.run.plan import RunPlan
+from phitune.run.signals import GracefulStop
+
+log = logging.getLogger("phitune")
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves behind, for the CLI and the demo to print."""
+
+    output_dir: Path
+    metrics: dict = field(default_factory=dict)
+    model: object = None  # the trained model in memory (PeftModel for the peft backend)
+
+
+def trainer_settings(cfg: RunConfig, has_eval: bool) -> dict:
+    """training_config over phitune's defaults (the same for every method): output_dir, no reporting, checkpoints
+    every 100 steps, evaluation at each checkpoint, mixed precision only on GPUs."""
+    import torch
+
+    user = dict(cfg.training_config)
+    settings = {
+        "output_dir": str(cfg.output_dir),
+        "report_to": "none",  # no surprise uploads; set report_to: wandb / tensorboard to opt in
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "eval_strategy": "steps" if has_eval else "no",
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "include_num_input_tokens_seen": "non_padding",
+        "logging_nan_inf_filter": False,  # a NaN must show in the logs, not be averaged away
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        # CPU workers under torchrun each train alone (and race on output_dir) unless told they share the CPU.
+        "use_cpu": not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    }
+    settings.update(user)
+    if not torch.cuda.is_available() and (settings.get("bf16") or settings.get("fp16")):
+        log.warning("no GPU: bf16/fp16 mixed precision is off, training in the model's dtype on the CPU")
+        settings["bf16"] = settings["fp16"] = False
+    if not has_eval:
+        settings["eval_strategy"] = "no"
+    if settings["eval_strategy"] == "steps" and settings.get("eval_steps") is None:
+        # transformers would fall back to logging_steps (logging_steps: 1 = an evaluation after every step, each
+        # slower than the step). At each checkpoint instead: every checkpoint gets its eval loss (what picking the
+        # best one needs), and evaluation costs no more often than the saving the user already chose.
+        settings["eval_steps"] = settings["save_steps"]
+    return settings
+
+
+def load_model_for_training(cfg: RunConfig, plan: RunPlan):
+    """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig.
+
+    The dtype, attention kernel and sharding come from `plan`, which has also checked the target modules against the
+    model's layers. Shared by the recipes: SFT's model, and DPO / ORPO's policy when it starts from a fresh adapter."""
+    from phitune.models.loading import load_base_model, resolve_peft_targets, untie_embeddings_for
+
+    if cfg.backend == "loralib" and cfg.model.quantization:
+        raise PhituneError("peft_config.backend loralib wraps plain linear layers, not 4-bit ones; use backend: peft "
+                           "for QLoRA")
+    model = load_base_model(cfg.model, training=True, sharded=plan.sharded, dtype=plan.dtype,
+                            attn_implementation=plan.attn_implementation)
+    if cfg.backend == "full":
+        if cfg.model.quantization:
+            raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
+        return model, None
+    settings = dict(cfg.peft_config)
+    settings.pop("backend", None)
+    settings.setdefault("task_type", "CAUSAL_LM")
+    untie_embeddings_for(model, settings.get("target_modules"))  # LoRA on tied lm_head / embed_tokens: untie first
+    if cfg.backend == "loralib":
+        from transformers import set_seed
+
+        from phitune.models.lora_backend import inject_for_training
+
+        set_seed(cfg.training_config.get("seed", 42))  # LoRA A is random: same seed, same start (as PEFT via TRL)
+        inject_for_training(model, settings)
+        return model, None
+    settings.update(resolve_peft_targets(model, settings))  # MoE: attention + experts by name, never the router
+    from peft import LoraConfig
+
+    try:
+        return model, LoraConfig(**settings)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"peft_config: {exc}") from None
+
+
+def warn_if_fsdp_fell_back(trainer) -> None:
+    """accelerate runs FSDP only on accelerators: CPU workers asked for FSDP train with DDP instead (the same math,
+    each worker holding the whole model). Say so rather than let a user believe the model is sharded."""
+    asked = bool(trainer.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled and trainer.is_world_process_zero():
+        log.warning("FSDP was asked for, but accelerate runs FSDP only on GPUs: these workers train with DDP, each "
+                    "holding the whole model")
+
+
+def fit(trainer, checkpoint: Path | None) -> dict:
+    """Train (resuming from `checkpoint`); turn interruptions into clear errors. Any method's evaluation before and
+    after is its recipe's (evaluate_before / evaluate_after), not fit's."""
+    from phitune.models.loading import count_parameters
+
+    trainable, total = count_parameters(trainer.model)
+    log.info(
+        "training %s of %s parameters (%.2f%%) on %d examples; output: %s%s",
+        f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), len(trainer.train_dataset),
+        trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
+    )
+    start = time.perf_counter()
+    with GracefulStop(trainer) as stopper:
+        try:
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except NonFiniteLoss as exc:
+            last = latest_complete_checkpoint(Path(trainer.args.output_dir))
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+            raise PhituneError(f"{exc}; training stopped and {kept}. Lower learning_rate or check the data") from None
+        except UserWarning as exc:  # made an error by modeling.refuse_dropped_gradients
+            if not re.match(DROPPED_GRADIENT_WARNING, str(exc), re.DOTALL):
+                raise
+            raise PhituneError(f"training stopped: backward went through an operator without a gradient, so the LoRA "
+                               f"gradients would be silently wrong ({first_line(exc)[:160]}); rerun with "
+                               "--debug and report it") from None
+        finally:
+            close_console(trainer)  # on an error the bar is still live, and the terminal's cursor hidden
+    stopper.raise_if_stopped()
+    runtime = time.perf_counter() - start
+    tokens = trainer.state.num_input_tokens_seen
+    resumed_at = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
+    metrics = dict(
+        # None when resumed from the last checkpoint: no step trained (transformers would say 0.0)
+        train_loss=output.training_loss if trainer.state.global_step > resumed_at else None,
+        train_runtime_s=round(runtime, 2),
+        train_tokens=tokens,
+        tokens_per_second=round(tokens / runtime, 1) if runtime > 0 else None,
+        global_step=trainer.state.global_step,
+        trainable_parameters=trainable,
+        total_parameters=total,
+    )
+    return metrics
+
+
+def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None,
+           tidy: Callable[[Path], None]) -> None:
+    """Write the adapter, tokenizer, resolved config, metrics and loss curve; only the main process writes. `tidy`
+    (the recipe's tidy_output) removes what the run must not leave, before the run is marked finished and pushed."""
+    output_dir = cfg.output_dir
+    trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return
+    tidy(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    save_config(cfg, output_dir / "phitune_config.yaml")
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    plot_losses(trainer.state.log_history, output_dir / "loss.png")
+    (output_dir / CHECKPOINT_COMPLETE).write_text("finished\n", encoding="utf-8")
+    if push_to_hub:
+        from phitune.after.hub import push_folder
+
+        push_folder(output_dir, push_to_hub)

@@ -1,0 +1,151 @@
+"""The output directory of a run, kept so that no work is lost by accident.
+
+A directory is one of: absent or empty (a fresh run starts there), a finished run (the completion marker at its
+top), an interrupted run (checkpoints or a saved config, no marker), or foreign (anything else that is not empty).
+A fresh start is refused on a finished or interrupted run unless `--resume` continues it (an interrupted one only: a
+finished run only when the config asks for more steps or epochs than it trained) or `--overwrite` replaces it, and always refused on a
+foreign directory. `--overwrite` deletes only what a phitune run writes there, and only
+once the new run's inputs have been checked (`clear_old_run`), so a typo in the config never costs the old run; a
+directory that also holds other files is refused rather than emptied. The directory itself is made by the trainer
+when it first writes, so a run that stops at a bad config or bad data leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from phitune.errors import PhituneError
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, CHECKPOINT_DIR, checkpoint_dirs, finished_run, latest_complete_checkpoint
+from phitune.run.console import PROGRESS_LOG
+from phitune.run.processes import barrier
+
+log = logging.getLogger("phitune")
+
+# Files phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
+RUN_FILES = (
+    CHECKPOINT_COMPLETE, "phitune_config.yaml", "metrics.json", "loss.png", PROGRESS_LOG,  # the run
+    "eval.json", "report.md", "eval.png", "data_lengths.png",  # phitune eval, phitune data (older releases)
+    "completions.jsonl",  # GRPO: held-out completions before and after
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "lora_state_dict.safetensors",
+    "README.md", "training_args.bin",  # PEFT's model card, Trainer arguments
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "configuration_*.py", "modeling_*.py",  # full fine-tune
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.*", "tokenization_*.py",
+)
+# The folders a run writes, each known by what it holds, so a user's own folder of the same name is never taken for
+# one: checkpoint-N/ (the Trainer's), runs/ (TensorBoard: runs/DATE_HOST/events.out.tfevents.*, report_to:
+# tensorboard) and ref/ (DPO's frozen reference adapter, a PEFT adapter named "ref").
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
+REFERENCE_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
+
+
+def is_run_file(path: Path) -> bool:
+    """True for a file or folder that a phitune run wrote at the top of its output directory."""
+    if path.is_symlink() or not path.is_dir():
+        return path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in RUN_FILES)
+    if CHECKPOINT_DIR.match(path.name):
+        return True
+    if path.name == "runs":
+        return _holds_only(path, lambda name: fnmatch.fnmatchcase(name, TENSORBOARD_EVENTS))
+    return path.name == "ref" and _holds_only(path, lambda name: name in REFERENCE_ADAPTER_FILES)
+
+
+def _holds_only(folder: Path, belongs) -> bool:
+    """`folder` holds at least one file, and every file in it or its subfolders is one `belongs` accepts."""
+    files = [path for path in folder.rglob("*") if not path.is_dir() or path.is_symlink()]
+    return bool(files) and all(path.is_file() and not path.is_symlink() and belongs(path.name) for path in files)
+
+
+def run_state(output_dir: Path) -> str:
+    """"empty" (or absent), "finished", "interrupted" or "foreign"."""
+    if not output_dir.is_dir():
+        if output_dir.exists():
+            raise PhituneError(f"training_config.output_dir {output_dir} is a file, not a directory")
+        return "empty"
+    children = _children(output_dir)
+    # The progress log alone: a run that failed before writing anything worth keeping. A new run starts there and
+    # appends to the log (its begin line at step 0 makes readers drop the old steps), as in an empty directory.
+    if all(child.name == PROGRESS_LOG and child.is_file() for child in children):
+        return "empty"
+    if finished_run(output_dir):
+        return "finished"
+    started = ("phitune_config.yaml", "runs")  # runs/: the TensorBoard logs of a run stopped before its checkpoint
+    if any(is_run_file(child) and (child.name in started or CHECKPOINT_DIR.match(child.name)) for child in children):
+        return "interrupted"
+    return "foreign"
+
+
+def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
+    """Check that the run may start in cfg.output_dir; nothing is created or deleted here (see clear_old_run)."""
+    output_dir = cfg.output_dir
+    if resume and overwrite:
+        raise PhituneError("--resume and --overwrite contradict each other; pick one")
+    state = run_state(output_dir)
+    if state == "foreign":
+        raise PhituneError(f"{output_dir} is not empty and holds no phitune run; set training_config.output_dir to "
+                           "a new or empty directory (phitune never deletes files it did not write)")
+    if state == "finished" and resume and not _asks_for_more(cfg, output_dir):  # nothing retrained or rewritten
+        raise PhituneError(f"--resume: the run in {output_dir} is already complete, nothing to resume; pass "
+                           "--overwrite to train it again, or set training_config.output_dir to a new directory")
+    if state == "finished" and not (overwrite or resume):
+        raise PhituneError(f"{output_dir} already holds a finished run; pass --overwrite to replace it, or set "
+                           "training_config.output_dir to a new directory")
+    if state == "interrupted" and not (resume or overwrite):
+        raise PhituneError(f"{output_dir} already holds an interrupted run ({_checkpoints(output_dir)}); pass "
+                           "--overwrite to replace it, --resume to continue it, or set training_config.output_dir "
+                           "to a new directory")
+    if resume and latest_complete_checkpoint(output_dir) is None:
+        instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
+        raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
+    if overwrite:
+        others = sorted(child.name for child in _children(output_dir) if not is_run_file(child))
+        if others:
+            raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
+                               f"{', '.join(others[:3])}; move those out or choose another output_dir")
+    return output_dir
+
+
+def _asks_for_more(cfg, output_dir: Path) -> bool:
+    """True when the config trains past where the finished run stopped (a larger max_steps, or more epochs when
+    max_steps is unset): `--resume` then continues it from its last checkpoint, as the Trainer allows."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None or not (checkpoint / "trainer_state.json").is_file():
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    max_steps = cfg.training_config.get("max_steps", -1)
+    if max_steps and max_steps > 0:
+        return max_steps > state.get("global_step", 0)
+    return cfg.training_config.get("num_train_epochs", 3.0) > state.get("epoch", 0)
+
+
+def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) -> None:
+    """With --overwrite, delete the old run's files (checkpoints, adapter, eval results, ...) so none mixes into the
+    new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked.
+    Under torchrun every process calls it: the one that writes the run (`main_process`, TrainingArguments.should_save)
+    deletes, and the others wait for it, so none starts writing into a directory still being emptied."""
+    if not overwrite:
+        return
+    if main_process:
+        removed = [child for child in _children(output_dir) if is_run_file(child)]
+        for child in removed:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if removed:
+            log.warning("--overwrite: removed the previous run in %s (%d files and folders)", output_dir, len(removed))
+    barrier()
+
+
+def _children(output_dir: Path) -> list[Path]:
+    return list(output_dir.iterdir()) if output_dir.is_dir() else []
+
+
+def _checkpoints(output_dir: Path) -> str:
+    found = [child.name for child in checkpoint_dirs(output_dir)][:2]
+    return ", ".join(reversed(found)) if found else "no checkpoint yet"
