@@ -155,3 +155,16 @@ def test_every_method_has_a_recipe():
 
     assert set(RECIPES) == set(METHODS)
 
+
+def test_the_layout_blocks_are_generated_from_the_tree():
+    """README's and docs/architecture.md's Layout blocks list the packages and modules as they are (in layer order,
+    with each docstring's first sentence): a moved, added or renamed module fails here until scripts/layout.py runs."""
+    import importlib.util
+
+    root = PACKAGE.parents[1]
+    spec = importlib.util.spec_from_file_location("layout", root / "scripts" / "layout.py")
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    for path, per_module in layout.TARGETS.items():
+        text = path.read_text(encoding="utf-8")
+        assert text == layout.with_layout(text, per_module), f"{path.name}'s layout is stale: python scripts/layout.py"
