@@ -92,27 +92,6 @@ def check_resume_layout(checkpoint: Path, args) -> None:
     )
 
 
-def check_resume_layout(checkpoint: Path, args) -> None:
-    """Resuming under another number of processes works when the global batch is the same (the sampler shards one
-    shuffled order by global batch); a different global batch would silently change the run, so it stops here."""
-    try:
-        saved = json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # a marker from before phitune recorded the layout
-    now = batch_layout(args)
-    if saved.get("global_batch") == now["global_batch"]:
-        if saved.get("processes") != now["processes"]:
-            log.warning("resuming a %s-process checkpoint with %s processes: same global batch of %s, so the same "
-                        "rows per step; with dropout the random streams differ from an uninterrupted run",
-                        saved.get("processes"), now["processes"], now["global_batch"])
-        return
-    raise PhituneError(
-        f"{Path(checkpoint).name} was written with a global batch of {_describe(saved)}; this run's is "
-        f"{_describe(now)}. Resume with the same global batch (processes x per_device_train_batch_size x "
-        "gradient_accumulation_steps)"
-    )
-
-
 def _describe(layout: dict) -> str:
     return (f"{layout.get('global_batch')} ({layout.get('processes')} processes x "
             f"{layout.get('per_device_train_batch_size')} per device x {layout.get('gradient_accumulation_steps')} "
