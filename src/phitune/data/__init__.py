@@ -79,6 +79,14 @@ def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Message
     return conversations, fmt, [str(b) for b in bad]
 
 
+def rows_dataset(rows: list):
+    """A datasets.Dataset of the rows' `as_row()` dicts: TRL's conversational preference rows (PreferencePair) or
+    prompt rows with their other columns (PromptRow)."""
+    import datasets
+
+    return datasets.Dataset.from_list([row.as_row() for row in rows])
+
+
 def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out `fraction` of the conversations (at least one when fraction > 0), shuffled with `seed`."""
     if fraction <= 0:

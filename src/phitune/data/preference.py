@@ -205,13 +205,6 @@ def check_lengths(pairs: list[PreferencePair], tokenizer, max_seq_length: int, o
     return kept, cut, skipped
 
 
-def to_dataset(pairs: list[PreferencePair]):
-    """A datasets.Dataset of TRL's conversational preference rows."""
-    import datasets
-
-    return datasets.Dataset.from_list([pair.as_row() for pair in pairs])
-
-
 @dataclass
 class PreferenceDataReport:
     """What `phitune data` found in preference data; report.print_data_report shows it."""

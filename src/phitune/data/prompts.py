@@ -149,13 +149,6 @@ def check_prompt_lengths(rows: list[PromptRow], tokenizer, budget: int, on_bad_r
     return kept, skipped
 
 
-def to_dataset(rows: list[PromptRow]):
-    """A datasets.Dataset of TRL's conversational prompt rows (the other columns beside the prompt)."""
-    import datasets
-
-    return datasets.Dataset.from_list([row.as_row() for row in rows])
-
-
 @dataclass
 class PromptDataReport:
     """What `phitune data` found in prompt data; report.print_data_report shows it."""
