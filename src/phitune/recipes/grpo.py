@@ -29,7 +29,7 @@ from pathlib import Path
 from phitune.config.methods import training_config_class
 from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.lifecycle import load_policy, trainer_settings
 from phitune.run.plan import RunPlan
 
 log = logging.getLogger("phitune")
@@ -82,18 +82,8 @@ def use_vllm(switch: str) -> bool:
 
 
 def load_model(cfg: RunConfig, plan: RunPlan):
-    """(model, LoraConfig or None): the base with a fresh adapter to come, or with model.adapter loaded trainable."""
-    if not cfg.model.adapter:
-        return load_model_for_training(cfg, plan)
-    from peft import PeftModel
-
-    from phitune.models.loading import load_base_model
-
-    adapter = Path(cfg.model.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise PhituneError(f"model.adapter: {adapter} holds no PEFT adapter (adapter_config.json is missing)")
-    base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
-    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
+    """(model, LoraConfig or None): see phitune.run.lifecycle.load_policy."""
+    return load_policy(cfg, plan)
 
 
 def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
@@ -101,7 +91,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
     import datasets
 
     from phitune.after.generate import stop_token_ids
-    from phitune.data.prompts import to_dataset
+    from phitune.data import rows_dataset
 
     datasets.disable_progress_bars()
     # GRPOTrainer stops a completion at the model's generation_config eos ids plus the tokenizer's eos: add <|end|>.
@@ -112,7 +102,7 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
         model=model,
         reward_funcs=[reward.func for reward in data[1]],
         args=args,
-        train_dataset=to_dataset(data[0].train),
+        train_dataset=rows_dataset(data[0].train),
         processing_class=tokenizer,
         peft_config=peft_config,
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from phitune.config.methods import orpo_classes, training_config_class
 from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.lifecycle import load_policy, trainer_settings
 from phitune.run.plan import RunPlan
 
 log = logging.getLogger("phitune")
@@ -115,48 +115,19 @@ def build_preference_config(cfg: RunConfig, has_eval: bool, plan: RunPlan):
         raise PhituneError(f"training_config: {first_line(exc)}") from None
 
 
-def load_policy(cfg: RunConfig, plan: RunPlan):
-    """(model, LoraConfig or None): the base with a fresh adapter to come (peft_config), or with model.adapter loaded
-    trainable; dtype and attention as the run's `plan` resolved them."""
-    if not cfg.model.adapter:
-        return load_model_for_training(cfg, plan)
-    from peft import PeftModel
-
-    from phitune.models.loading import load_base_model
-
-    adapter = starting_adapter(cfg)
-    base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
-    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
-
-
-def starting_adapter(cfg: RunConfig) -> Path:
-    """model.adapter checked: it holds a PEFT adapter, and a phitune run there was trained on the same base."""
-    from phitune.config.schema import load_run_config
-
-    adapter = Path(cfg.model.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise PhituneError(f"model.adapter: {adapter} holds no PEFT adapter (adapter_config.json is missing)")
-    if (adapter / "phitune_config.yaml").is_file():
-        base = load_run_config(adapter).model.name_or_path
-        if Path(base).resolve() != Path(cfg.model.name_or_path).resolve() and base != cfg.model.name_or_path:
-            raise PhituneError(f"model.adapter: {adapter} was trained on {base}, not on model.name_or_path "
-                               f"{cfg.model.name_or_path}")
-    return adapter
-
-
 def build_preference_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
     """PhituneDPOTrainer or PhituneORPOTrainer: TRL's trainer with phitune's guards (NaN, complete checkpoints)."""
     import datasets
 
-    from phitune.data.preference import to_dataset
+    from phitune.data import rows_dataset
 
     datasets.disable_progress_bars()  # TRL tokenizes the pairs with one bar per step; phitune logs the counts instead
     trainer_class = dpo_trainer_class() if cfg.method == "dpo" else orpo_trainer_class()
     return trainer_class(
         model=model,
         args=args,
-        train_dataset=to_dataset(data.train),
-        eval_dataset=to_dataset(data.eval) if data.eval else None,
+        train_dataset=rows_dataset(data.train),
+        eval_dataset=rows_dataset(data.eval) if data.eval else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )

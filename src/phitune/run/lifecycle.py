@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phitune.after.report import plot_losses
-from phitune.config.schema import RunConfig, save_config
+from phitune.config.schema import RunConfig, load_run_config, save_config
 from phitune.errors import PhituneError, first_line
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
 from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
@@ -112,6 +112,34 @@ def load_model_for_training(cfg: RunConfig, plan: RunPlan):
         return model, LoraConfig(**settings)
     except (TypeError, ValueError) as exc:
         raise PhituneError(f"peft_config: {exc}") from None
+
+
+def load_policy(cfg: RunConfig, plan: RunPlan):
+    """(model, LoraConfig or None): the base with a fresh adapter to come (peft_config), or with model.adapter loaded
+    trainable (an SFT run's adapter, where DPO, ORPO and GRPO usually start); dtype and attention as the run's `plan`
+    resolved them."""
+    if not cfg.model.adapter:
+        return load_model_for_training(cfg, plan)
+    from peft import PeftModel
+
+    from phitune.models.loading import load_base_model
+
+    adapter = starting_adapter(cfg)
+    base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
+
+
+def starting_adapter(cfg: RunConfig) -> Path:
+    """model.adapter checked: it holds a PEFT adapter, and a phitune run there was trained on the same base."""
+    adapter = Path(cfg.model.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise PhituneError(f"model.adapter: {adapter} holds no PEFT adapter (adapter_config.json is missing)")
+    if (adapter / "phitune_config.yaml").is_file():
+        base = load_run_config(adapter).model.name_or_path
+        if Path(base).resolve() != Path(cfg.model.name_or_path).resolve() and base != cfg.model.name_or_path:
+            raise PhituneError(f"model.adapter: {adapter} was trained on {base}, not on model.name_or_path "
+                               f"{cfg.model.name_or_path}")
+    return adapter
 
 
 def warn_if_fsdp_fell_back(trainer) -> None:

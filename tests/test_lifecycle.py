@@ -1,0 +1,29 @@
+"""phitune.run.lifecycle: what every method's run shares. Here: the adapter a DPO, ORPO or GRPO run starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from _fixtures_eval import trained_run  # noqa: F401  (fixture)
+
+from phitune.errors import PhituneError
+from phitune.run.lifecycle import starting_adapter
+
+
+def with_adapter(cfg, adapter):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=str(adapter)))
+
+
+def test_a_starting_adapter_is_a_peft_adapter_trained_on_the_same_base(make_config, trained_run, tmp_path):
+    """model.adapter (DPO, ORPO and GRPO share the check): a folder without adapter_config.json, or a phitune run
+    trained on another base, is one line naming the problem; the run's own base is accepted."""
+    cfg = make_config()  # the random tiny Phi-3; trained_run was trained on the bundled pretrained one
+    with pytest.raises(PhituneError, match="holds no PEFT adapter"):
+        starting_adapter(with_adapter(cfg, tmp_path))
+    with pytest.raises(PhituneError, match="was trained on .*, not on model.name_or_path"):
+        starting_adapter(with_adapter(cfg, trained_run))
+    from phitune.config.schema import load_run_config
+
+    same_base = dataclasses.replace(cfg, model=load_run_config(trained_run).model)
+    assert starting_adapter(with_adapter(same_base, trained_run)) == trained_run
