@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# pyproject's addopts start pytest-xdist workers: each gets its share of the cores (at most 2 threads, as before),
+# and the phitune processes a test starts inherit the same share through OMP_NUM_THREADS.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 2) // WORKERS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 
@@ -43,6 +50,23 @@ def phi3_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data() -> Path:
     return DEMO_DATA
+
+
+def shared_build(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that `build(folder)` fills once per test session, also under pytest-xdist: the first worker that asks
+    builds it into the session's shared temp folder under a file lock; the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-USER/pytest-N: the session's folder, above each worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(f"{folder}.lock"):
+        if not done.is_file():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
