@@ -2,7 +2,7 @@
 torchrun and the test's own instrumented `phitune` entry point, adapter comparisons, and the uninterrupted runs
 (1 worker x batch 4 and 2 workers x batch 2, SFT and DPO) that both modules compare with.
 
-The runs are cached per process in _CACHE, so the two modules' fixtures over them share one build of each.
+The runs are built once per test session (conftest.shared_build), so the two modules share one build of each.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from conftest import shared_build
 from safetensors.torch import load_file
 
 from phitune.run.checkpoints import CHECKPOINT_COMPLETE
 
-_CACHE: dict[str, Path] = {}
 
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step
 EVAL_LINE = re.compile(r"^step +\d+/\d+  eval loss ", re.M)
@@ -206,17 +207,16 @@ def assert_resumed_under(directory: Path, checkpoint: Path, max_steps: int) -> N
 
 def uninterrupted_sft_runs(tiny_model_dir: Path, tmp_path_factory) -> Path:
     """The same 12 steps with the default eval set, once as 1 worker x batch 4 and once as 2 workers x batch 2."""
-    if "sft" in _CACHE:
-        return _CACHE["sft"]
-    tmp_path = tmp_path_factory.mktemp("distributed")
+    return shared_build(tmp_path_factory, "distributed-sft", lambda tmp_path: train_sft_pair(tiny_model_dir, tmp_path))
+
+
+def train_sft_pair(tiny_model_dir: Path, tmp_path: Path) -> None:
     single_config = write_config(tmp_path / "single", tiny_model_dir, batch_size=4)
     multi_config = write_config(tmp_path / "multi", tiny_model_dir, batch_size=2)
     single = launch([sys.executable, "-m", "phitune.cli", "train", str(single_config)], tmp_path / "single")
     multi = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(multi_config)], tmp_path / "multi")
     wait(multi, tmp_path / "multi")
     wait(single, tmp_path / "single")
-    _CACHE["sft"] = tmp_path
-    return tmp_path
 
 
 def write_dpo_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
@@ -259,14 +259,25 @@ DPO_TOLERANCE = 1e-4
 
 def uninterrupted_dpo_runs(tiny_model_dir: Path, tmp_path_factory) -> Path:
     """8 DPO steps with an eval set, once as 1 worker x batch 4 and once as 2 workers x batch 2."""
-    if "dpo" in _CACHE:
-        return _CACHE["dpo"]
-    tmp_path = tmp_path_factory.mktemp("distributed_dpo")
+    return shared_build(tmp_path_factory, "distributed-dpo", lambda tmp_path: train_dpo_pair(tiny_model_dir, tmp_path))
+
+
+def train_dpo_pair(tiny_model_dir: Path, tmp_path: Path) -> None:
     single = launch([sys.executable, "-m", "phitune.cli", "train",
                      str(write_dpo_config(tmp_path / "single", tiny_model_dir, batch_size=4))], tmp_path / "single")
     multi = launch([*torchrun_command(), "-m", "phitune.cli", "train",
                     str(write_dpo_config(tmp_path / "multi", tiny_model_dir, batch_size=2))], tmp_path / "multi")
     wait(multi, tmp_path / "multi")
     wait(single, tmp_path / "single")
-    _CACHE["dpo"] = tmp_path
-    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """The same 12 SFT steps with the default eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
+    return uninterrupted_sft_runs(tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """8 DPO steps with an eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
+    return uninterrupted_dpo_runs(tiny_model_dir, tmp_path_factory)

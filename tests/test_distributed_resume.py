@@ -8,39 +8,26 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 import yaml
-from _distributed import (
+from _distributed import (  # noqa: F401  (fixtures one_and_two_workers, dpo_one_and_two_workers)
     DPO_TOLERANCE,
     SUMMARY_END,
     TRAIN_LINE,
     assert_resumed_under,
     assert_same_adapter,
+    dpo_one_and_two_workers,
     kill_after_checkpoint_4,
     launch,
     launcher,
+    one_and_two_workers,
     relative_difference,
     torchrun_command,
-    uninterrupted_dpo_runs,
-    uninterrupted_sft_runs,
     wait,
     write_config,
     write_dpo_config,
 )
 
 from phitune.run.checkpoints import latest_complete_checkpoint
-
-
-@pytest.fixture(scope="module")
-def one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    """The same 12 SFT steps with the default eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
-    return uninterrupted_sft_runs(tiny_model_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    """8 DPO steps with an eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
-    return uninterrupted_dpo_runs(tiny_model_dir, tmp_path_factory)
 
 
 def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
