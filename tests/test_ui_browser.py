@@ -191,7 +191,8 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
 
 def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
     """Stop is phitune's graceful stop (a checkpoint, then exit): the run reads as interrupted; Resume continues it
-    from that checkpoint to the end. A short demo (60 steps, a checkpoint every 10) in its own output directory."""
+    from that checkpoint to the end. A short demo (60 steps, a checkpoint every 10) in its own output directory. A
+    ticked --overwrite is spent on the one start it confirms."""
     import yaml
 
     shots = _shots(tmp_path)
@@ -205,9 +206,11 @@ def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
     _set_yaml(page, yaml.safe_dump(raw, sort_keys=False))
     page.wait_for_selector("#problems [data-problems='0']")
     page.get_by_role("tab", name="Train").click()
+    page.locator("#overwrite input").check()  # harmless on an empty directory, and spent on this one start
     page.locator("#start").click()
     page.wait_for_function("Number(document.querySelector('#train-status .phitune-progress')"
                            "?.getAttribute('data-step')) >= 3", timeout=300_000)
+    assert not page.locator("#overwrite input").is_checked()
     page.locator("#stop").click()
     page.wait_for_selector("#train-status [data-state='interrupted']", timeout=120_000)
     stopped = int(page.locator("#train-status .phitune-progress").get_attribute("data-step"))
@@ -309,3 +312,22 @@ def test_a_site_that_resolves_to_127_0_0_1_gets_nothing(page_url, tmp_path):
         assert page.goto(page_url).status == 200
         page.wait_for_selector("#problems [data-problems='0']")
         chromium.close()
+
+
+def test_no_token_is_said_and_still_checks_the_address(tmp_path):
+    """`phitune ui --no-token` (for a proxy of one's own): a warning on stderr, the bare address served, a foreign
+    Host still refused."""
+    port, log_path = _free_port(), tmp_path / "ui.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port", str(port),
+                                   "--no-token"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            url = _printed_url(log_path, server)
+            assert url == f"http://127.0.0.1:{port}/"
+            assert "warning: --no-token" in log_path.read_text()
+            assert _request(url)[0] == 200 and "set-cookie" not in {key.lower() for key in _request(url)[1]}
+            assert _request(url, headers={"Host": f"evil.example:{port}"})[0] == 403
+        finally:
+            server.terminate()
+            server.wait(timeout=30)

@@ -166,6 +166,8 @@ def _train_tab(workspace: Workspace, yaml_box, app):
     processes = []  # the page's own children, reaped when they end
 
     def launch(text, replace):
+        """Start `phitune train` on the editor's config; a ticked --overwrite is spent on this one start (unticked
+        again), so a later Start on another config never replaces a run unless ticked anew."""
         try:
             cfg = _checked(workspace, text)
             prepare_output_dir(cfg, resume=False, overwrite=replace)  # phitune train's own refusal, said at once
@@ -173,12 +175,12 @@ def _train_tab(workspace: Workspace, yaml_box, app):
             output_dir = workspace.path(cfg.output_dir)
             processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))
         except PhituneError as exc:
-            return views.message_html([str(exc)]), gr.skip()
+            return views.message_html([str(exc)]), gr.skip(), gr.skip()
         note = f"started: phitune train {config_path}{' --overwrite' if replace else ''}"
         choices = _run_choices(workspace)
         if str(output_dir) not in [path for _, path in choices]:  # nothing written there yet
             choices.insert(0, (str(output_dir), str(output_dir)))
-        return views.message_html([note], "note"), gr.update(choices=choices, value=str(output_dir))
+        return views.message_html([note], "note"), gr.update(choices=choices, value=str(output_dir)), False
 
     def follow_up(chosen, action):
         try:
@@ -200,7 +202,7 @@ def _train_tab(workspace: Workspace, yaml_box, app):
         progress = read_progress(workspace.path(chosen))
         return views.progress_html(progress), views.loss_chart(progress), _log_tail(workspace, Path(chosen))
 
-    start.click(launch, [yaml_box, overwrite], [message, run])
+    start.click(launch, [yaml_box, overwrite], [message, run, overwrite])
     stop.click(lambda chosen: follow_up(chosen, "stop"), run, message)
     resume.click(lambda chosen: follow_up(chosen, "resume"), run, message)
     run.change(refresh, run, [status, chart, log_tail])

@@ -73,8 +73,10 @@ class PageGuard:
 
     def is_page_address(self, netloc: str) -> bool:
         """`netloc` (name:port, as in Host) is one of the page's addresses, on the page's port."""
-        name, sep, port = netloc.lower().rpartition(":")
-        if not sep or port != str(self.port):
+        name, _, port = netloc.lower().rpartition(":")
+        if not port.isdigit():  # no port: a browser leaves out the default one, 80
+            name, port = netloc.lower(), "80"
+        if port != str(self.port):
             return False
         if name in self.names:
             return True
