@@ -199,3 +199,31 @@ def test_side_by_side_chat_is_the_base_and_the_tuned_model(make_config, tmp_path
     assert tuned_one.strip() == api.chat_turn(session, first)
     assert tuned_two.strip() == api.chat_turn(session, "And a dog?")
     assert tuned_one != base_one  # the adapter is on for one and off for the other
+
+
+def test_the_page_starts_less_than_the_terminal(tmp_path):
+    """What the page may start is narrower than `phitune train`: a model's own code only with phitune ui
+    --allow-remote-code; reward code only from a file under the folders (not a module name, not a file outside)."""
+    inside, outside = tmp_path / "work", tmp_path / "elsewhere"
+    for folder in (inside, outside):
+        folder.mkdir()
+        (folder / "my_rewards.py").write_text("def score(prompts, completions, **columns):\n    return [0.0]\n")
+    demo = yaml.safe_load(Workspace([inside]).example_yaml(DEMO))
+    demo["model"]["trust_remote_code"] = True
+    text = yaml.safe_dump(demo)
+    cfg, problems = Workspace([inside]).check(text)
+    assert cfg is None and problems == [
+        "model.trust_remote_code: true runs the model repository's code on this machine; the page starts it only "
+        "when phitune ui was started with --allow-remote-code"]
+    assert Workspace([inside], allow_remote_code=True).check(text)[1] == []
+
+    demo["model"]["trust_remote_code"] = False
+    grpo = dict(demo, method="grpo", rewards=[{"name": "answer"}])
+    grpo["data"] = dict(demo["data"], prompt_template="{question}")
+    assert Workspace([inside]).check(yaml.safe_dump(grpo))[1] == []
+    for function, refused in [(f"{inside / 'my_rewards.py'}:score", None), ("my_rewards.py:score", None),
+                              ("os.path:join", "rewards[1].function os.path is a module the page does not run"),
+                              (f"{outside / 'my_rewards.py'}:score", f"{outside / 'my_rewards.py'} is outside")]:
+        grpo["rewards"] = [{"name": "answer"}, {"function": function}]
+        problems = Workspace([inside]).check(yaml.safe_dump(grpo))[1]
+        assert (problems == []) if refused is None else any(refused in p for p in problems), (function, problems)

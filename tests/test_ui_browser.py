@@ -8,6 +8,7 @@ $PHITUNE_UI_SCREENSHOTS (default: the test's tmp folder) for a person to look at
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -34,23 +35,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _printed_url(log_path: Path, server: subprocess.Popen) -> str:
+    """The address `phitune ui` printed (with its token), once it has printed it."""
+    deadline = time.time() + 120
+    while not (found := re.search(r"phitune ui: open (http://\S+) ", log_path.read_text())):
+        assert server.poll() is None and time.time() < deadline, log_path.read_text()
+        time.sleep(0.5)
+    return found.group(1)
+
+
 @pytest.fixture
 def page_url(tmp_path):
-    """`phitune ui tmp_path` serving on a free port; stopped (and any run it started with it) afterwards."""
+    """`phitune ui tmp_path` serving on a free port: the address it printed, with this start's token; stopped (and
+    any run it started with it) afterwards."""
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     log = open(tmp_path / "ui.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "ui.log").read_text()
-            time.sleep(0.5)
+    url = _printed_url(tmp_path / "ui.log", server)
+    assert url.startswith(f"http://127.0.0.1:{port}/?token=")
+    assert urllib.request.urlopen(url, timeout=30).status == 200
     yield url
     server.terminate()
     server.wait(timeout=30)
@@ -88,9 +93,9 @@ def _points(page) -> int:
 def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
     shots = _shots(tmp_path)
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    outside = []
+    outside, origin = [], page_url.split("?")[0]
     page.on("request", lambda request: outside.append(request.url) if not request.url.startswith(
-        (page_url, "data:", "blob:")) else None)
+        (origin, "data:", "blob:")) else None)
     page.goto(page_url)
     page.get_by_text("phitune", exact=True).first.wait_for()
     page.screenshot(path=shots / "01-open.png", full_page=True)
@@ -186,7 +191,8 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
 
 def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
     """Stop is phitune's graceful stop (a checkpoint, then exit): the run reads as interrupted; Resume continues it
-    from that checkpoint to the end. A short demo (60 steps, a checkpoint every 10) in its own output directory."""
+    from that checkpoint to the end. A short demo (60 steps, a checkpoint every 10) in its own output directory. A
+    ticked --overwrite is spent on the one start it confirms."""
     import yaml
 
     shots = _shots(tmp_path)
@@ -200,9 +206,11 @@ def test_stop_and_resume_from_the_page(page_url, browser, tmp_path):
     _set_yaml(page, yaml.safe_dump(raw, sort_keys=False))
     page.wait_for_selector("#problems [data-problems='0']")
     page.get_by_role("tab", name="Train").click()
+    page.locator("#overwrite input").check()  # harmless on an empty directory, and spent on this one start
     page.locator("#start").click()
     page.wait_for_function("Number(document.querySelector('#train-status .phitune-progress')"
                            "?.getAttribute('data-step')) >= 3", timeout=300_000)
+    assert not page.locator("#overwrite input").is_checked()
     page.locator("#stop").click()
     page.wait_for_selector("#train-status [data-state='interrupted']", timeout=120_000)
     stopped = int(page.locator("#train-status .phitune-progress").get_attribute("data-step"))
@@ -226,11 +234,8 @@ def test_the_page_says_its_address_into_a_file_and_ctrl_c_stops_it_quietly(tmp_p
         server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port",
                                    str(_free_port())], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.time() + 120
-            while not re.search(r"open (http://\S+)", log_path.read_text()) and time.time() < deadline:
-                assert server.poll() is None, log_path.read_text()
-                time.sleep(0.5)
-            url = re.search(r"phitune ui: open (http://127\.0\.0\.1:\d+/) ", log_path.read_text()).group(1)
+            url = _printed_url(log_path, server)
+            assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{32}", url), url
             assert urllib.request.urlopen(url, timeout=10).status == 200
             server.send_signal(signal.SIGINT)
             assert server.wait(timeout=60) == 0, log_path.read_text()
@@ -240,3 +245,89 @@ def test_the_page_says_its_address_into_a_file_and_ctrl_c_stops_it_quietly(tmp_p
     lines = log_path.read_text().strip().splitlines()
     assert lines[-1] == "stopped", lines
     assert not any("error" in line.lower() or "Keyboard interruption" in line for line in lines), lines
+
+
+def _request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    """(status, headers, body) of one request to the page over plain HTTP, to 127.0.0.1 whatever Host it names."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30)
+    try:
+        connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body,
+                           headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def test_only_the_page_address_with_its_token_is_served(page_url):
+    """DNS rebinding and other callers: a foreign Host or Origin is refused with 403 even with the token; the page's
+    own addresses are served with it, or with the cookie its first answer sets; nothing is served without it (the
+    page, its config, an API call that would queue a job)."""
+    port = int(page_url.split(":")[2].split("/")[0])
+    base, token = page_url.split("?")[0], page_url.split("token=")[1]
+    evil = f"evil.example:{port}"
+    call = ("POST", {"Content-Type": "application/json"}, json.dumps({"data": [""]}).encode())
+    for method, headers, body in [("GET", {"Host": evil}, None), ("GET", {"Origin": f"http://{evil}"}, None),
+                                  ("GET", {"Host": evil, "Origin": f"http://{evil}"}, None),
+                                  ("OPTIONS", {"Host": evil, "Origin": f"http://{evil}",
+                                               "Access-Control-Request-Method": "POST"}, None),
+                                  ("GET", {"Origin": "null"}, None), ("GET", {"Host": f"127.0.0.1:{port + 1}"}, None)]:
+        status, answer, text = _request(page_url, method, headers, body)
+        assert status == 403 and b"forbidden" in text, (headers, status, text[:200])
+        assert "access-control-allow-origin" not in {key.lower() for key in answer}
+    status, answer, _ = _request(page_url, headers={"Origin": base.rstrip("/")})
+    assert status == 200
+    cookie = answer["Set-Cookie"].split(";")[0]
+    assert cookie == f"phitune-ui-{port}={token}" and "HttpOnly" in answer["Set-Cookie"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert _request(base + "config", headers={"Host": host, "Cookie": cookie})[0] == 200
+    status, _, text = _request(base + "gradio_api/call/check", call[0], {**call[1], "Cookie": cookie}, call[2])
+    assert status == 200 and b"event_id" in text
+    for refused in ({}, {"Cookie": f"phitune-ui-{port}=wrong"}):
+        assert _request(base, headers=refused)[0] == 403
+        assert _request(base + "config", headers=refused)[0] == 403
+        assert _request(base + "gradio_api/call/check", call[0], {**call[1], **refused}, call[2])[0] == 403
+    assert _request(base + "?token=wrong")[0] == 403
+
+
+def test_a_site_that_resolves_to_127_0_0_1_gets_nothing(page_url, tmp_path):
+    """DNS rebinding in a real browser: Chromium resolves evil.example to 127.0.0.1 (as a rebinding site makes it
+    do) and loads the page by that name, with the token even: 403 and no page; by its printed address, the page."""
+    from playwright.sync_api import sync_playwright
+
+    port = int(page_url.split(":")[2].split("/")[0])
+    rule = "--host-resolver-rules=MAP evil.example 127.0.0.1"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, rule])
+        page = chromium.new_page()
+        for url in (f"http://evil.example:{port}/", f"http://evil.example:{port}/?" + page_url.split("?")[1]):
+            response = page.goto(url)
+            assert response.status == 403 and "forbidden" in page.content(), url
+            assert page.locator("#yaml").count() == 0 and page.context.cookies() == []
+        page.screenshot(path=_shots(tmp_path) / "11-rebound-name-refused.png")
+        assert page.goto(page_url).status == 200
+        page.wait_for_selector("#problems [data-problems='0']")
+        chromium.close()
+
+
+def test_no_token_is_said_and_still_checks_the_address(tmp_path):
+    """`phitune ui --no-token` (for a proxy of one's own): a warning on stderr, the bare address served, a foreign
+    Host still refused."""
+    port, log_path = _free_port(), tmp_path / "ui.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "phitune.cli", "ui", str(tmp_path), "--port", str(port),
+                                   "--no-token"], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            url = _printed_url(log_path, server)
+            assert url == f"http://127.0.0.1:{port}/"
+            assert "warning: --no-token" in log_path.read_text()
+            assert _request(url)[0] == 200 and "set-cookie" not in {key.lower() for key in _request(url)[1]}
+            assert _request(url, headers={"Host": f"evil.example:{port}"})[0] == 403
+        finally:
+            server.terminate()
+            server.wait(timeout=30)

@@ -338,6 +338,10 @@ def ui(
                                          "relative paths in configs start at the first"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to serve on (127.0.0.1: this machine only)"),
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="port to serve on"),
+    no_token: bool = typer.Option(False, "--no-token", help="serve without this start's secret token (only behind "
+                                  "a proxy of your own that checks who you are)"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help="let the page start configs with "
+                                           "trust_remote_code: true (a hub model's own code)"),
 ):
     """A local web page for the whole loop: configure, check the data, train, compare runs, chat (needs the ui
     extra: pip install -e ".[ui]")."""
@@ -349,9 +353,13 @@ def ui(
             raise
         raise PhituneError('phitune ui needs the ui extra: pip install -e ".[ui]" (gradio)') from None
 
-    page = launch([str(folder) for folder in folders or [Path.cwd()]], host=host, port=port)
-    # our own line, flushed: gradio's banner is quiet here, and buffered output to a file would hide the address
-    print(f"phitune ui: open {page.local_url} (Ctrl-C stops it)", flush=True)
+    if no_token:
+        print("warning: --no-token: any program on this machine, and any web page a proxy in front lets through, can "
+              "start runs here; use it only behind a proxy that checks who you are", file=sys.stderr, flush=True)
+    page = launch([str(folder) for folder in folders or [Path.cwd()]], host=host, port=port, token=not no_token,
+                  allow_remote_code=allow_remote_code)
+    # our own line, flushed: buffered output to a file would hide the address (and its token)
+    print(f"phitune ui: open {page.url} (Ctrl-C stops it)", flush=True)
     serve_until_stopped(page)  # Ctrl-C is how the page is meant to stop: not an error, and exit code 0
     print("stopped", flush=True)
 

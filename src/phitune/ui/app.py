@@ -6,19 +6,28 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from phitune.errors import PhituneError, first_line
 from phitune.run.output_dir import prepare_output_dir
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
+from phitune.ui.guard import PageGuard, new_token, url_host
 from phitune.ui.runs import evaluate_run, find_runs, read_progress, run_row, start_training, stop_training
 from phitune.ui.workspace import CONFIG_FOLDER, DEMO, FORM_FIELDS, Workspace, apply_form, form_values, redact
 
 REFRESH_S = 2.0  # how often the Train and Runs tabs re-read the run directories
+START_S = 60  # the longest the server may take to start listening
+STOP_S = 10  # the longest Ctrl-C waits for the server to finish its requests
 
 
 def build_app(workspace: Workspace) -> gr.Blocks:
@@ -157,6 +166,8 @@ def _train_tab(workspace: Workspace, yaml_box, app):
     processes = []  # the page's own children, reaped when they end
 
     def launch(text, replace):
+        """Start `phitune train` on the editor's config; a ticked --overwrite is spent on this one start (unticked
+        again), so a later Start on another config never replaces a run unless ticked anew."""
         try:
             cfg = _checked(workspace, text)
             prepare_output_dir(cfg, resume=False, overwrite=replace)  # phitune train's own refusal, said at once
@@ -164,12 +175,12 @@ def _train_tab(workspace: Workspace, yaml_box, app):
             output_dir = workspace.path(cfg.output_dir)
             processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))
         except PhituneError as exc:
-            return views.message_html([str(exc)]), gr.skip()
+            return views.message_html([str(exc)]), gr.skip(), gr.skip()
         note = f"started: phitune train {config_path}{' --overwrite' if replace else ''}"
         choices = _run_choices(workspace)
         if str(output_dir) not in [path for _, path in choices]:  # nothing written there yet
             choices.insert(0, (str(output_dir), str(output_dir)))
-        return views.message_html([note], "note"), gr.update(choices=choices, value=str(output_dir))
+        return views.message_html([note], "note"), gr.update(choices=choices, value=str(output_dir)), False
 
     def follow_up(chosen, action):
         try:
@@ -191,7 +202,7 @@ def _train_tab(workspace: Workspace, yaml_box, app):
         progress = read_progress(workspace.path(chosen))
         return views.progress_html(progress), views.loss_chart(progress), _log_tail(workspace, Path(chosen))
 
-    start.click(launch, [yaml_box, overwrite], [message, run])
+    start.click(launch, [yaml_box, overwrite], [message, run, overwrite])
     stop.click(lambda chosen: follow_up(chosen, "stop"), run, message)
     resume.click(lambda chosen: follow_up(chosen, "resume"), run, message)
     run.change(refresh, run, [status, chart, log_tail])
@@ -291,31 +302,64 @@ def _chat_tab(workspace: Workspace, chat_models: ChatModels, app, tab):
     app.load(runs_with_models, None, run)
 
 
-def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860):
-    """Serve the page for `folders` on host:port (localhost unless told otherwise) in the background and return the
-    app (its `local_url` is the page's address; see serve_until_stopped); relative paths in configs mean relative to
-    the first folder, which becomes the working directory, as it is for `phitune train` typed there."""
-    workspace = Workspace(folders)
+@dataclass
+class Page:
+    """A page being served: the address to open (with this start's token) and the server thread behind it."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def launch(folders: list[str], host: str = "127.0.0.1", port: int = 7860, token: bool = True,
+           allow_remote_code: bool = False) -> Page:
+    """Serve the page for `folders` on host:port (localhost unless told otherwise) in the background, behind
+    phitune.ui.guard's PageGuard (the page's own Host and Origin only, and this start's token unless `token` is
+    False); relative paths in configs mean relative to the first folder, which becomes the working directory, as it
+    is for `phitune train` typed there. Gradio is mounted in a FastAPI app of ours (gradio.mount_gradio_app, its
+    public hook for that) so that the guard runs before any of Gradio's code, its CORS middleware included."""
+    workspace = Workspace(folders, allow_remote_code=allow_remote_code)
     os.chdir(workspace.home)
-    app = build_app(workspace)
-    app.queue(default_concurrency_limit=4)
+    blocks = build_app(workspace)
+    blocks.queue(default_concurrency_limit=4)
+    secret = new_token() if token else None
+    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None,
+                    middleware=[Middleware(PageGuard, host=host, port=port, token=secret)])
+    gr.mount_gradio_app(outer, blocks, "/", server_name=host, server_port=port, show_error=False, footer_links=[],
+                        theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
+                        css=views.CSS)
+    server = uvicorn.Server(uvicorn.Config(outer, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [_bind(host, port)]}, daemon=True)
+    thread.start()
+    deadline = time.time() + START_S
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise PhituneError(f"the page's server did not start on {host}:{port} (its message is above)")
+        time.sleep(0.05)
+    return Page(f"http://{url_host(host)}:{port}/" + (f"?token={secret}" if secret else ""), server, thread)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is one line (uvicorn would only log it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, show_error=False,
-                   theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
-                   css=views.CSS, footer_links=[])
-    except OSError as exc:  # gradio: "Cannot find empty port in range: 7860-7860"
-        raise PhituneError(f"cannot serve on {host}:{port} ({first_line(exc).split('. ')[0]}); pass another --port") from None
-    return app
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise PhituneError(f"cannot serve on {host}:{port} ({exc.strerror or first_line(exc)}); "
+                           "pass another --port") from None
+    return sock
 
 
-def serve_until_stopped(app) -> None:
+def serve_until_stopped(page: Page) -> None:
     """Wait while the page serves; Ctrl-C (or SIGTERM, which phitune's CLI turns into the same KeyboardInterrupt)
-    closes it and returns. phitune waits itself rather than in gradio's block_thread, which prints its own
-    "Keyboard interruption" line: stopping the page is the normal way to end `phitune ui`, not an error."""
+    stops the server and returns: stopping the page is the normal way to end `phitune ui`, not an error."""
     try:
-        while app.is_running:
+        while page.thread.is_alive():
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        app.close(verbose=False)
+        page.server.should_exit = True
+        page.thread.join(timeout=STOP_S)

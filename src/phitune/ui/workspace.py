@@ -42,10 +42,12 @@ def shipped_examples() -> Path | None:
 
 
 class Workspace:
-    """The folders the page may read and write, and the config checker working in them."""
+    """The folders the page may read and write, and the config checker working in them. `allow_remote_code`
+    (`phitune ui --allow-remote-code`) lets the page start a config with `trust_remote_code: true`."""
 
-    def __init__(self, folders: list[str | Path]):
+    def __init__(self, folders: list[str | Path], allow_remote_code: bool = False):
         self.roots = [Path(folder).resolve() for folder in folders or [Path.cwd()]]
+        self.allow_remote_code = allow_remote_code
         missing = [str(root) for root in self.roots if not root.is_dir()]
         if missing:
             raise PhituneError(f"not a folder: {', '.join(missing)}; start phitune ui with existing folders")
@@ -96,12 +98,12 @@ class Workspace:
 
     def check(self, text: str) -> tuple[RunConfig | None, list[str]]:
         """The config checker's problems with `text` (every one, with its did-you-mean), as a list; and the
-        RunConfig when there are none. Paths outside the folders are problems too."""
+        RunConfig when there are none. Paths outside the folders, and code the page may not run, are problems too."""
         try:
             cfg = config_from_dict(parse_yaml(text))
         except PhituneError as exc:
             return None, split_problems(str(exc))
-        problems = []
+        problems = self._code_problems(cfg)
         for value, shipped_ok in self._paths_of(cfg):
             try:
                 self.path(value, shipped_ok=shipped_ok)
@@ -109,9 +111,27 @@ class Workspace:
                 problems.append(str(exc))
         return (None if problems else cfg), problems
 
+    def _code_problems(self, cfg: RunConfig) -> list[str]:
+        """What the page may not start although `phitune train` in a terminal would: a model's own code
+        (`trust_remote_code: true`) unless the page was started with --allow-remote-code, and a reward function
+        given as a module name (an installed module's code; a reward file under the folders is the page's way)."""
+        problems = []
+        if cfg.model.trust_remote_code and not self.allow_remote_code:
+            problems.append("model.trust_remote_code: true runs the model repository's code on this machine; the "
+                            "page starts it only when phitune ui was started with --allow-remote-code")
+        for index, entry in enumerate(cfg.rewards or []):
+            target = str(entry.get("function", "")).rpartition(":")[0]
+            if target and not target.endswith(".py"):
+                problems.append(f"rewards[{index}].function {target} is a module the page does not run; give a "
+                                "file under the folders (path/to/file.py:name) or use phitune train in a terminal")
+        return problems
+
     def _paths_of(self, cfg: RunConfig) -> list[tuple[str, bool]]:
-        """(path, may be a shipped file) for every local path of `cfg`: data, output directory, a local model."""
+        """(path, may be a shipped file) for every local path of `cfg`: data, output directory, a local model, a
+        reward file (which runs as code: never a shipped file)."""
         paths = [(cfg.data.train, True), (cfg.data.eval, True), (str(cfg.output_dir), False)]
+        paths += [(entry["function"].rpartition(":")[0], False) for entry in cfg.rewards or []
+                  if str(entry.get("function", "")).rpartition(":")[0].endswith(".py")]
         for model_path in (cfg.model.name_or_path, cfg.model.adapter):
             if model_path and (model_path.startswith((".", "/", "~")) or (self.home / model_path).exists()):
                 paths.append((model_path, True))
