@@ -1,7 +1,8 @@
-"""Fixtures shared by the eval / generate / merge / hub tests: one short LoRA run on the bundled tiny Phi-3.
+"""Trained runs shared by the test modules: one short LoRA run on the bundled tiny Phi-3 (the eval / generate /
+merge / hub tests) and the demo's own run (the demo, benchmark and UI tests).
 
-Kept out of conftest.py (owned by another part of the suite); each test module imports the fixtures it needs.
-The builds are cached per process in _CACHE, so modules that import the same fixture share one build.
+Kept out of conftest.py; each test module imports the fixtures it needs. Each run is built once per test session,
+also under pytest-xdist (conftest.shared_build).
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import shared_build
 
 from phitune.tiny.phi3 import DEMO_DATA, tiny_base_path
-
-_CACHE: dict[str, Path] = {}
 
 TRAIN_STEPS = 30  # enough for the LoRA run to beat the base on loss and ROUGE-L; about 15 s on 2 free cores
 
@@ -34,19 +34,28 @@ def run_config(base: Path, output_dir: Path, **training) -> dict:
 
 def trained_run_dir(tmp_path_factory) -> Path:
     """A finished LoRA run on the bundled (pretrained) tiny Phi-3: adapter, tokenizer, config, metrics.json."""
-    if "run" not in _CACHE:
-        from phitune.config.schema import config_from_dict
-        from phitune.train import run_training
+    from phitune.config.schema import config_from_dict
+    from phitune.train import run_training
 
-        output_dir = tmp_path_factory.mktemp("run")
-        run_training(config_from_dict(run_config(tiny_base_path(), output_dir)), overwrite=True)
-        _CACHE["run"] = output_dir
-    return _CACHE["run"]
+    return shared_build(tmp_path_factory, "run", lambda output_dir: run_training(
+        config_from_dict(run_config(tiny_base_path(), output_dir)), overwrite=True))
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     return trained_run_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """The run `phitune demo` trains (its config and data, 270 steps): it answers several held-out questions
+    exactly ("A cow says moo."), where the 30-step run of `trained_run` answers none."""
+    from phitune.config.schema import load_config
+    from phitune.demo import DEMO_CONFIG, demo_overrides
+    from phitune.train import run_training
+
+    return shared_build(tmp_path_factory, "demo",
+                      lambda output_dir: run_training(load_config(DEMO_CONFIG, demo_overrides(output_dir))))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _fixtures_eval import trained_run  # noqa: F401  (fixture)
+from _fixtures_eval import demo_run, trained_run  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval", reason="the [bench] extra (lm-eval) is part of the test extras")
@@ -32,18 +32,6 @@ def refused(capsys, *args: str) -> str:
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
     return err.strip()
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """The demo's run (`phitune demo`'s config and data, 270 steps, about a minute): it answers several of the
-    facts exactly ("A cow says moo."), where the 30-step run of the other eval tests answers none."""
-    from phitune.config.schema import load_config
-    from phitune.demo import DEMO_CONFIG, demo_overrides
-    from phitune.train import run_training
-
-    output_dir = tmp_path_factory.mktemp("bench") / "demo"
-    return run_training(load_config(DEMO_CONFIG, demo_overrides(output_dir))).output_dir
 
 
 @pytest.fixture
