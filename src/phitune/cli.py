@@ -396,10 +396,26 @@ def main(argv: list[str] | None = None) -> None:
         code = _usage_error(exc)
     except _ABORTS:  # end of input at a prompt
         code = _interrupted()
+    except Exception as exc:  # a crash: one known cause gets its one line, any other its traceback
+        code = _known_crash(exc)
     else:
         if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
             code = _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _known_crash(exc: Exception) -> int:
+    """A torchvision made for another torch breaks transformers' own imports, in every command, with an error that
+    names neither: say so in one line with the pip line that fits this torch (exit 2). Other crashes re-raise."""
+    from phitune.data.multimodal_batch import require_torchvision
+
+    if not STATE["debug"]:
+        try:
+            require_torchvision(absent_ok=True)
+        except PhituneError as broken:
+            _say(f"error: {broken}")
+            return 2
+    raise exc
 
 
 def _interrupted() -> int:
