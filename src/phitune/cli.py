@@ -21,7 +21,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune Microsoft Phi-3 with LoRA and QLoRA: one YAML file in, a standard PEFT adapter out.",
+    help="Fine-tune Microsoft's Phi family (Phi-3, 3.5, 4, 4-mini, 4-multimodal) with LoRA and QLoRA: one YAML file "
+    "in, a standard PEFT adapter out.",
 )
 STATE = {"debug": False, "signal": "SIGINT (Ctrl-C)"}
 
@@ -94,7 +95,7 @@ def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), help="where the demo run is written"),
     set_: list[str] = typer.Option([], "--set", help="override a value of the demo config: section.key=value"),
 ):
-    """Fine-tune the bundled tiny Phi-3 on the bundled chat data (CPU, offline, about a minute)."""
+    """Fine-tune the bundled tiny Phi-3 on the bundled chat data (offline, on a CPU; README gives its measured time)."""
     from phitune.demo import run_demo
 
     run_demo(output_dir, set_)
@@ -142,8 +143,9 @@ def eval_(
         "gsm8k,ifeval; needs the [bench] extra"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="with --benchmarks: at most N examples per task"),
 ):
-    """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
-    dpo / orpo run: preference accuracy and margin on held-out pairs); with --benchmarks, lm-eval's tasks."""
+    """Compare base and fine-tuned model as the run's method scores it: eval loss, perplexity, token accuracy,
+    ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo); reward means
+    and pass rate of greedy completions (grpo); with --benchmarks, lm-eval's tasks."""
     from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 
