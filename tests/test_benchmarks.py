@@ -36,7 +36,7 @@ def refused(capsys, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    """The demo's run (`phitune demo`'s config and data, 270 steps, about a minute): it answers several of the
+    """The demo's run (`phitune demo`'s config and data, 270 steps): it answers several of the
     facts exactly ("A cow says moo."), where the 30-step run of the other eval tests answers none."""
     from phitune.config.schema import load_config
     from phitune.demo import DEMO_CONFIG, demo_overrides
