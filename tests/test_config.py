@@ -93,6 +93,14 @@ def test_overrides_apply_after_the_file(tmp_path):
         load_config(path, ["learning_rate=1"])
 
 
+@pytest.mark.parametrize("override", ["rewards=[{name: answer}]", "rewards.0.weight=2"])
+def test_rewards_cannot_be_overridden_and_the_line_says_to_edit_the_yaml(override):
+    example = Path(__file__).parents[1] / "examples" / "tiny-phi3-grpo.yaml"
+    with pytest.raises(PhituneError) as err:
+        load_config(example, [override])
+    assert str(err.value) == f"--set {override!r}: rewards cannot be set with --set; edit the YAML's rewards: section"
+
+
 def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal()))

@@ -118,7 +118,7 @@ def test_malformed_json_lines_are_skipped_and_listed_with_on_bad_row_skip(tmp_pa
 
 def test_a_tokenizer_whose_bos_is_its_eos_puts_only_the_eos_between_documents(tmp_path):
     """Phi-4-mini's bos and eos are both <|endoftext|>: one separator, not two."""
-    from test_families import family_tokenizer
+    from phitune.tiny.families import family_tokenizer
 
     tokenizer = family_tokenizer("phi-4-mini")
     assert tokenizer.bos_token_id == tokenizer.eos_token_id

@@ -1,14 +1,7 @@
 """The Phi family at toy size: each model's shape and chat template, trained with assistant-only loss, merged, exported.
 
-Every model is built here from a config (random weights, a small BPE trained on the bundled corpus with the family's
-special tokens and chat template); nothing is downloaded. Shapes keep each family's ratios:
-
-| family        | real                                          | here                                        |
-| ------------- | --------------------------------------------- | ------------------------------------------- |
-| Phi-3-medium  | 40 heads / 10 kv, head 128, Phi-3 template    | 8 / 2, head 8                               |
-| Phi-4-mini    | 24 / 8, partial rotary 0.75, LongRoPE, tied   | 6 / 2, head 16 (12 rotary), LongRoPE, tied  |
-| Phi-4         | 40 / 10, ChatML-style template                | 8 / 2                                       |
-| Phi-3.5-MoE   | PhiMoE: 32 / 8, 16 experts top-2, router      | 8 / 2, 4 experts top-2                      |
+Every model is built from a config by phitune.tiny.families (random weights, a small BPE trained on the bundled corpus
+with the family's special tokens and chat template; its docstring has the shapes); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,31 +15,11 @@ from safetensors.torch import load_file
 
 from phitune.data import render_with_mask, training_chat_template
 from phitune.data.formats import to_messages
-from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
+from phitune.data.templates import PHI4_CHAT_TEMPLATE
 from phitune.errors import PhituneError
-from phitune.tiny.phi3 import DEMO_DATA, demo_texts
+from phitune.tiny.families import LONGROPE, SHAPES, build_family_model, family_tokenizer
+from phitune.tiny.phi3 import DEMO_DATA
 
-PHI3_SPECIALS = ["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-TOKENIZERS = {  # family -> (special tokens, unk, bos, eos, chat template; None: TRL's Phi-3 template)
-    "phi-3": (PHI3_SPECIALS, "<unk>", "<s>", "<|endoftext|>", None),
-    "phi-4": (["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>",
-              "<|im_end|>", PHI4_CHAT_TEMPLATE),
-    # Phi-4-mini's config pads with its eos and has no unk token
-    "phi-4-mini": (["<|endoftext|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|/tool|>",
-                    "<|tool_call|>", "<|/tool_call|>"], None, "<|endoftext|>", "<|endoftext|>",
-                   PHI4_MINI_CHAT_TEMPLATE),
-}
-LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
-            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}
-SHAPES = {  # name -> (tokenizer family, model class, config)
-    "phi-3-medium": ("phi-3", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
-    "phi-4-mini": ("phi-4-mini", "Phi3", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
-                                              partial_rotary_factor=0.75, rope_parameters=LONGROPE,
-                                              original_max_position_embeddings=256, tie_word_embeddings=True)),
-    "phi-4": ("phi-4", "Phi3", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)),
-    "phi-3.5-moe": ("phi-3", "Phimoe", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                                            num_local_experts=4, num_experts_per_tok=2)),
-}
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is the capital of France?"},
@@ -54,43 +27,6 @@ CHAT = [
     {"role": "user", "content": "And of Italy?"},
     {"role": "assistant", "content": "Rome, since 1871."},
 ]
-
-
-def family_tokenizer(family: str):
-    """A byte-level BPE of 512 tokens trained on the bundled corpus, with the family's special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from trl.chat_template_utils import phi3_chat_template
-
-    specials, unk, bos, eos, template = TOKENIZERS[family]
-    bpe = Tokenizer(models.BPE(unk_token=unk))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(demo_texts(), trainer=trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    named = {unk, bos, eos}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=unk or eos,
-        additional_special_tokens=[t for t in specials if t not in named], model_max_length=1024)
-    tokenizer.chat_template = template or phi3_chat_template
-    return tokenizer
-
-
-def build_model(name: str, path: Path, seed: int = 0) -> Path:
-    """Save a random tiny model of `name`'s shape with its family's tokenizer into `path`."""
-    import transformers
-
-    family, arch, shape = SHAPES[name]
-    tokenizer = family_tokenizer(family)
-    config = getattr(transformers, f"{arch}Config")(
-        vocab_size=len(tokenizer), intermediate_size=128, num_hidden_layers=2, max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **{"tie_word_embeddings": False, **shape})
-    torch.manual_seed(seed)
-    getattr(transformers, f"{arch}ForCausalLM")(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 _BUILT: dict[str, Path] = {}
@@ -101,7 +37,7 @@ def family_model(tmp_path_factory):
     """family_model(name): the directory of `name`'s tiny model, built once per module."""
     def get(name: str) -> Path:
         if name not in _BUILT:
-            _BUILT[name] = build_model(name, tmp_path_factory.mktemp(name))
+            _BUILT[name] = build_family_model(name, tmp_path_factory.mktemp(name))
         return _BUILT[name]
     return get
 
@@ -495,3 +431,62 @@ def test_memory_shapes_count_the_parameters_transformers_builds(model):
     targets = resolve_peft_targets(built, {"target_modules": "all-linear"})
     adapted = get_peft_model(built, LoraConfig(r=16, **targets))
     assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == lora_parameters(shape, 16)
+
+
+# ---- the shipped tiny Phi-4-mini and Phi-4, through the CLI, offline ----------------------------------------------
+
+REPO = Path(__file__).parents[1]
+TOOLS_EXAMPLE = REPO / "examples" / "tiny-phi4-mini-tools.yaml"
+
+
+def run_cli(*args: str) -> "subprocess.CompletedProcess":
+    """`phitune ARGS` from the repository root (the examples' paths are relative to it), one thread, offline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200",
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "phitune.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_tool_call_example_renders_trains_and_compares_calls_offline(tmp_path):
+    """examples/tiny-phi4-mini-tools.yaml, shortened: data shows Phi-4-mini's call format, train learns it, eval
+    compares the generated calls with the held-out reference calls (decoded JSON, as the model writes them)."""
+    run = tmp_path / "tools"
+    where = ["--set", f"training_config.output_dir={run}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    shown = run_cli("data", str(TOOLS_EXAMPLE), *where)
+    assert shown.returncode == 0, shown.stderr
+    assert '<|assistant|><|tool_call|>[{"name": "' in shown.stdout and "<|/tool_call|><|end|>" in shown.stdout
+    trained = run_cli("train", str(TOOLS_EXAMPLE), *where, "--set", "training_config.max_steps=30",
+                      "--set", "training_config.save_steps=30")
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_cli("eval", str(run), "--num-generate", "8", "--max-new-tokens", "24")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((run / "eval.json").read_text())
+    base, tuned = result["metrics"]["base"], result["metrics"]["fine-tuned"]
+    assert tuned["loss"] < base["loss"] / 2 and tuned["rougeL_f1"] > base["rougeL_f1"] + 0.3
+    assert all(json.loads(s["reference"])[0]["arguments"]["city"] in s["prompt"] for s in result["samples"])
+
+
+def test_the_tiny_phi4_trains_on_its_own_template_and_refuses_tool_rows(tmp_path):
+    from phitune.tiny.families import TINY_PHI4
+
+    refused = run_cli("train", str(TOOLS_EXAMPLE), "--set", f"model.name_or_path={TINY_PHI4}",
+                      "--set", f"training_config.output_dir={tmp_path / 'refused'}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "this model's template (phi-4) has none" in refused.stderr and not (tmp_path / "refused").exists()
+    config = tmp_path / "phi4.yaml"
+    config.write_text(json.dumps({
+        "model": {"name_or_path": str(TINY_PHI4), "torch_dtype": "float32"},
+        "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval": str(DEMO_DATA / "eval.jsonl"), "max_seq_length": 96,
+                 "max_train_examples": 64, "max_eval_examples": 16, "cache_dir": str(tmp_path / "cache")},
+        "training_config": {"output_dir": str(tmp_path / "phi4"), "max_steps": 16, "learning_rate": 1e-2,
+                            "per_device_train_batch_size": 8, "save_steps": 16, "seed": 0},
+        "peft_config": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}}), encoding="utf-8")
+    trained = run_cli("train", str(config))
+    assert trained.returncode == 0, trained.stderr
+    metrics = json.loads((tmp_path / "phi4" / "metrics.json").read_text())
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 1  # answers and <|im_end|> learnt
+    assert (tmp_path / "phi4" / "chat_template.jinja").read_text() == PHI4_CHAT_TEMPLATE

@@ -50,7 +50,8 @@ def test_grpo_from_the_sft_demo_adapter_raises_the_held_out_pass_rate(sft_adapte
                          f"training_config.save_steps={GRPO_STEPS}")
     result = run_training(cfg)
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
-    # measured 0.211 -> 0.278 (19 -> 25 of the 90 held-out prompts); asked: at least 3 more
+    # measured 0.211 -> 0.278 (19 -> 25 of the 90 held-out prompts) in two sessions; asked: at least 3 more, half
+    # the smallest gain of the full example's seeds and thread counts (benchmarks/RESULTS.md, issue 35)
     assert metrics["pass_rate_after"] >= metrics["pass_rate_before"] + 3 / 90 - 1e-9
     assert metrics["reward_answer_after"] == metrics["pass_rate_after"]  # answer is 0 or 1: its mean is the rate
 

@@ -4,7 +4,7 @@ Phi-4-mini: the definitions go in the system turn between <|tool|> and <|/tool|>
 assistant's `<|tool_call|>[{"name": .., "arguments": {..}}]<|/tool_call|>`, and labels are on the calls and answers,
 never on the definitions or the tool results. Masks are checked on the real Phi-3 vocabulary with Phi-4-mini's
 template and special tokens (phitune ships no Phi-4-mini tokenizer), and a run trains on the Phi-4-mini-shaped tiny
-model of tests/test_families.py. Phi-3 and Phi-4 have no tool format: one line says so.
+model of phitune.tiny.families. Phi-3 and Phi-4 have no tool format: one line says so.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from phitune.data.prepare import prepare_data
 from phitune.data.readers import BadRow
 from phitune.data.templates import PHI4_CHAT_TEMPLATE, PHI4_MINI_CHAT_TEMPLATE
 from phitune.errors import PhituneError
+from phitune.tiny.families import build_family_model
 
 WEATHER = {"type": "function", "function": {"name": "weather", "description": "Sky over a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -165,12 +166,10 @@ def test_eval_prompts_keep_earlier_calls_and_a_call_is_its_own_reference(mini_to
 
 
 def test_a_tool_call_run_trains_on_the_phi4_mini_model_and_phitune_data_shows_the_masks(tmp_path):
-    from test_families import build_model
-
     from phitune.api import inspect_data
     from phitune.train import run_training
 
-    base = build_model("phi-4-mini", tmp_path / "phi4-mini")
+    base = build_family_model("phi-4-mini", tmp_path / "phi4-mini")
     source = write_jsonl(tmp_path / "tools.jsonl", [ROW] * 8)
     raw = {"model": {"name_or_path": str(base), "torch_dtype": "float32"},
            "data": {"train": str(source), "eval_split": 0, "max_seq_length": 256, "cache_dir": str(tmp_path / "c")},

@@ -21,8 +21,9 @@ from phitune.errors import PhituneError
 from phitune.tiny.vision import build_tiny_multimodal_model, shape_picture
 
 
-def run_cli(args: list[str], cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+def run_cli(args: list[str], cwd: Path, stdin: str | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "phitune.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300, input=stdin)
 
@@ -104,18 +105,47 @@ def test_lora_targets_the_language_model_never_the_encoders_whose_names_repeat_i
                       "model.embed_tokens_extend.image_embed.img_projection_up"]
 
 
-def test_without_torchvision_the_image_processor_is_one_line_naming_the_extra(tiny_multimodal):
-    pytest.importorskip("PIL")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.fail("this test checks the main venv, which has no torchvision (tests/test_vision.py has it)")
-    from phitune.data.multimodal_batch import image_processor
+@pytest.mark.parametrize("torchvision", ["absent", "made for another torch"])
+def test_a_vision_run_checks_torchvision_first_and_names_the_pip_line_for_this_torch(tiny_multimodal, tmp_path,
+                                                                                  torchvision):
+    """The main venv has no torchvision. The other case is a stand-in package that fails as a torchvision made for
+    another torch does (RuntimeError at import), which breaks transformers' own imports. Either way: one line with
+    the pip line for this torch, exit 2, before the model loads."""
+    import torch
 
-    with pytest.raises(PhituneError, match=r"needs torchvision: pip install 'phitune\[vision\]'"):
-        image_processor(str(tiny_multimodal))
+    from phitune.data.multimodal_batch import torchvision_install_line
+
+    shape_picture(tmp_path / "a.png", "red")
+    data = write_rows(tmp_path / "train.jsonl", [user_turn({"type": "image", "path": "a.png"})])
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"method": "vision", "model": {"name_or_path": str(tiny_multimodal)},
+                                  "data": {"train": str(data), "eval_split": 0, "max_seq_length": 128},
+                                  "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 1},
+                                  "peft_config": {"r": 4}}), encoding="utf-8")
+    env, version = {}, torch.__version__
+    if torchvision == "absent":
+        said = f"pictures need torchvision, which is not installed; the one made for torch {version}"
+    else:
+        (tmp_path / "fake" / "torchvision").mkdir(parents=True)
+        (tmp_path / "fake" / "torchvision" / "__init__.py").write_text(
+            "raise RuntimeError('operator torchvision::nms does not exist')\n", encoding="utf-8")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "fake"), os.environ.get("PYTHONPATH", "")])
+        said = f"torchvision does not import beside torch {version} (operator torchvision::nms does not exist); " \
+               "install the one made for it"
+    result = run_cli(["train", str(config)], cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {said}: {torchvision_install_line(version)}"
+    assert result.stderr.count("error") == 1 and not (tmp_path / "run").exists()  # no model loaded, nothing written
+
+
+def test_the_torchvision_line_matches_the_torch_release_and_its_index():
+    from phitune.data.multimodal_batch import torchvision_install_line
+
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert torchvision_install_line("2.13.0+cpu") == f"pip install torchvision==0.28.0 --index-url {cpu}"
+    assert torchvision_install_line("2.14.1+cu130") == ("pip install torchvision==0.29.1 --index-url "
+                                                        "https://download.pytorch.org/whl/cu130")
+    assert torchvision_install_line("2.6.0") == "pip install torchvision==0.21.0"  # PyPI's torch: PyPI's torchvision
 
 
 def test_gguf_export_refuses_a_vision_model_in_one_line(tiny_multimodal, tmp_path):

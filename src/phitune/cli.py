@@ -21,7 +21,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune Microsoft Phi-3 with LoRA and QLoRA: one YAML file in, a standard PEFT adapter out.",
+    help="Fine-tune Microsoft's Phi family (Phi-3, 3.5, 4, 4-mini, 4-multimodal) with LoRA and QLoRA: one YAML file "
+    "in, a standard PEFT adapter out.",
 )
 STATE = {"debug": False, "signal": "SIGINT (Ctrl-C)"}
 
@@ -94,7 +95,7 @@ def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), help="where the demo run is written"),
     set_: list[str] = typer.Option([], "--set", help="override a value of the demo config: section.key=value"),
 ):
-    """Fine-tune the bundled tiny Phi-3 on the bundled chat data (CPU, offline, about a minute)."""
+    """Fine-tune the bundled tiny Phi-3 on the bundled chat data (offline, on a CPU; README gives its measured time)."""
     from phitune.demo import run_demo
 
     run_demo(output_dir, set_)
@@ -142,8 +143,9 @@ def eval_(
         "gsm8k,ifeval; needs the [bench] extra"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="with --benchmarks: at most N examples per task"),
 ):
-    """Compare base and fine-tuned model: eval loss, perplexity, token accuracy, ROUGE-L and exact match (for a
-    dpo / orpo run: preference accuracy and margin on held-out pairs); with --benchmarks, lm-eval's tasks."""
+    """Compare base and fine-tuned model as the run's method scores it: eval loss, perplexity, token accuracy,
+    ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo); reward means
+    and pass rate of greedy completions (grpo); with --benchmarks, lm-eval's tasks."""
     from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 
@@ -404,10 +406,26 @@ def main(argv: list[str] | None = None) -> None:
         code = _usage_error(exc)
     except _ABORTS:  # end of input at a prompt
         code = _interrupted()
+    except Exception as exc:  # a crash: one known cause gets its one line, any other its traceback
+        code = _known_crash(exc)
     else:
         if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
             code = _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _known_crash(exc: Exception) -> int:
+    """A torchvision made for another torch breaks transformers' own imports, in every command, with an error that
+    names neither: say so in one line with the pip line that fits this torch (exit 2). Other crashes re-raise."""
+    from phitune.data.multimodal_batch import require_torchvision
+
+    if not STATE["debug"]:
+        try:
+            require_torchvision(absent_ok=True)
+        except PhituneError as broken:
+            _say(f"error: {broken}")
+            return 2
+    raise exc
 
 
 def _interrupted() -> int:

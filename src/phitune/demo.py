@@ -1,4 +1,4 @@
-"""`phitune demo`: the whole pipeline on the bundled tiny Phi-3 and chat data, on a CPU, in about a minute.
+"""`phitune demo`: the whole pipeline on the bundled tiny Phi-3 and chat data, offline, on a CPU.
 
 It runs the same code as a real run (`load_config` -> `run_training` -> PEFT adapter on disk), then answers one
 held-out question with the base model and with the adapter, so the effect of fine-tuning is visible.

@@ -20,7 +20,7 @@ from phitune.recipes import grpo, preference, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_complete_checkpoint
 from phitune.run.lifecycle import RunResult, finish, fit
 from phitune.run.output_dir import clear_old_run, prepare_output_dir
-from phitune.run.plan import plan_run
+from phitune.run.plan import machine_description, plan_run
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "grpo": grpo, "vision": vision}  # config_methods.METHODS names the same keys
 
@@ -46,7 +46,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
     metrics = fit(trainer, checkpoint)
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
-    metrics.update(recipe.data_metrics(cfg, data))
+    metrics.update(recipe.data_metrics(cfg, data), machine=machine_description())
     finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)
     return RunResult(output_dir=output_dir, metrics=metrics, model=trainer.model)
 

@@ -217,6 +217,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
+        if parts[0] == "rewards":  # a list of entries: no section.key names one
+            raise PhituneError(f"--set {item!r}: rewards cannot be set with --set; edit the YAML's rewards: section")
         if not sep or len(parts) < 2 or not all(parts):
             raise PhituneError(f"--set {item!r}: expected section.key=value, e.g. training_config.max_steps=10")
         node = raw

@@ -3,9 +3,9 @@ extractor (transformers'), placeholder expansion, masked labels, and the batch c
 
 The pictures go through transformers' `Phi4MultimodalImageProcessor`, the code that prepares them when the model
 is served, so the model is fine-tuned on the pixels it later sees (it needs torchvision, as transformers' image
-processors do: phitune[vision]). How many tokens a picture takes is worked out here from the processor's crop mask
-and the model's config, the way the model's image embedding counts them, so any crop size works (transformers'
-processor counts for 448-pixel crops only).
+processors do: require_torchvision says which). How many tokens a picture takes is worked out here from the
+processor's crop mask and the model's config, the way the model's image embedding counts them, so any crop size
+works (transformers' processor counts for 448-pixel crops only).
 
 Labels: the rendered conversation is masked as for text SFT (phitune.data.encode: the assistant's content and its
 `<|end|>`), then every image and audio token is masked too, whatever data.train_on says: they are the encoder's
@@ -21,7 +21,7 @@ import numpy as np
 from phitune.data.encode import IGNORE_INDEX, label_tokens, rendered_with_offsets
 from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, Media, MediaRow
 from phitune.data.readers import BadRow
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, first_line
 
 
 def check_multimodal_model(model_config, trust_remote_code: bool) -> None:
@@ -98,13 +98,43 @@ class MediaProcessor:
         return inputs, [next(order[m.kind]) for m in media]
 
 
+def require_torchvision(absent_ok: bool = False) -> None:
+    """Fail in one line, naming the exact pip line, unless torchvision imports beside the installed torch (or, with
+    `absent_ok`, is not installed at all: audio alone needs none).
+
+    transformers' image processors are written on torchvision. phitune[vision] leaves it out because pip, asked for
+    PyPI's torchvision beside a CPU torch, replaces that torch with the CUDA build it was made with (GBs). One made
+    for another torch fails at import (RuntimeError, OSError), and transformers' own imports with it, in any
+    command: the CLI asks this function why when a command crashes."""
+    import importlib.util
+
+    if absent_ok and importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # absent: ModuleNotFoundError; made for another torch: whatever its loader raises
+        import torch
+
+        line = torchvision_install_line(torch.__version__)
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "torchvision":
+            raise PhituneError(f"pictures need torchvision, which is not installed; the one made for torch "
+                               f"{torch.__version__}: {line}") from None
+        raise PhituneError(f"torchvision does not import beside torch {torch.__version__} ({first_line(exc)[:120]}); "
+                           f"install the one made for it: {line}") from None
+
+
+def torchvision_install_line(torch_version: str) -> str:
+    """The pip line for the torchvision made with `torch_version` (torch 2.N.p pairs with torchvision 0.(N+15).p),
+    from the index that torch came from: PyTorch's for a `+cpu` / `+cuXXX` build, PyPI's for a plain one."""
+    release, _, build = torch_version.partition("+")
+    _, minor, patch = (release.split(".") + ["0", "0"])[:3]
+    line = f"pip install torchvision==0.{int(minor) + 15}.{patch}"
+    return f"{line} --index-url https://download.pytorch.org/whl/{build}" if build else line
+
+
 def image_processor(model_path: str):
     """transformers' Phi4MultimodalImageProcessor, with the model's preprocessor_config.json when it has one."""
-    try:
-        import torchvision  # noqa: F401 - transformers' image processors are written on torchvision
-    except ImportError:
-        raise PhituneError("Phi-4-multimodal's image processor needs torchvision: pip install 'phitune[vision]' "
-                           "(the torchvision build that matches your torch)") from None
+    require_torchvision()
     from transformers import Phi4MultimodalImageProcessor
 
     try:

@@ -43,13 +43,16 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     """Read, check and encode the train and eval rows; log truncated and skipped rows."""
     from phitune.data import load_splits, training_chat_template
     from phitune.data.multimodal import read_media_rows
-    from phitune.data.multimodal_batch import MediaProcessor, check_multimodal_model, encode_media_rows
+    from phitune.data.multimodal_batch import (MediaProcessor, check_multimodal_model, encode_media_rows,
+                                               require_torchvision)
 
     check_multimodal_model(plan.model_config, cfg.model.trust_remote_code)
     if plan.context and cfg.data.max_seq_length > plan.context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of "
                            f"{plan.context}")
     train, evals, _, skipped = load_splits(cfg.data, read_media_rows)  # a bad picture fails before torchvision is used
+    if any(media.kind == "image" for row in [*train, *evals] for media in row.media):
+        require_torchvision()  # now, before any weight loads: the one pip line that fits this torch
     processor = MediaProcessor(cfg.model.name_or_path, plan.model_config, tokenizer, cfg.model.trust_remote_code)
     template = training_chat_template(tokenizer, cfg.data.train_on)
     kwargs = dict(train_on=cfg.data.train_on, max_seq_length=cfg.data.max_seq_length, on_bad_row=cfg.data.on_bad_row)

@@ -70,6 +70,17 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     )
 
 
+def machine_description() -> str:
+    """What a run's numbers depend on beyond its config and seed, for metrics.json: torch's version, its threads and
+    the CPU kernels it picked. The tiny GRPO example ended bit-identical at 1 and 2 threads and on a rerun
+    (docs/grpo.md); other kernels (AVX2 vs AVX512) or versions round sums differently, and sampling makes the
+    difference grow."""
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels} CPU kernels"
+
+
 def attention_padding_free(cfg: RunConfig, speed) -> bool:
     """The padding-free flag `attn_implementation: auto` is chosen for: only SFT concatenates rows. DPO and ORPO
     batches are TRL's padded chosen/rejected pairs, so their base loads with the kernel for padded batches (sdpa, or
