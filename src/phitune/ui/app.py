@@ -13,6 +13,7 @@ import gradio as gr
 
 from phitune.errors import PhituneError, first_line
 from phitune.run.output_dir import prepare_output_dir
+from phitune.runlock import refuse_while_training
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
 from phitune.ui.runs import evaluate_run, find_runs, read_progress, run_row, start_training, stop_training
@@ -159,7 +160,8 @@ def _train_tab(workspace: Workspace, yaml_box, app):
     def launch(text, replace):
         try:
             cfg = _checked(workspace, text)
-            prepare_output_dir(cfg, resume=False, overwrite=replace)  # phitune train's own refusal, said at once
+            refuse_while_training(workspace.path(cfg.output_dir))  # phitune train's own refusals, said at once
+            prepare_output_dir(cfg, resume=False, overwrite=replace)
             config_path = workspace.save_run_config(text, cfg)
             output_dir = workspace.path(cfg.output_dir)
             processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))
