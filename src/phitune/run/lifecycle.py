@@ -11,7 +11,6 @@ what a run directory may hold and when an old run is cleared in phitune.run.outp
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -181,19 +180,16 @@ def save_failure(exc: Exception, trainer) -> PhituneError | None:
     """A checkpoint save that failed (a full disk, a quota), or a full disk anywhere in training, as one line; None
     for any other error. The checkpoint being written is not marked, so the last complete one is what a resume
     takes."""
-    output_dir = Path(trainer.args.output_dir)
-    saving = output_dir / f"checkpoint-{trainer.state.global_step}"
     if not is_write_failure(exc):
         return None
-    if saving.is_dir() and not (saving / CHECKPOINT_COMPLETE).is_file():
-        error = write_error(exc, saving)
-    elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        error = write_error(exc, output_dir)
-    else:
-        return None
+    output_dir = Path(trainer.args.output_dir)
+    saving = output_dir / f"checkpoint-{trainer.state.global_step}"
+    partial = saving.is_dir() and not (saving / CHECKPOINT_COMPLETE).is_file()
+    error = write_error(exc, saving if partial else output_dir)
     last = latest_complete_checkpoint(output_dir)
-    kept = f"the last complete one is {last}" if last else "no checkpoint is complete yet"
-    return PhituneError(f"{error}; {saving.name} is not marked complete and {kept}; {AGAIN}")
+    kept = f"the last complete checkpoint is {last}" if last else "no checkpoint is complete yet"
+    unmarked = f"{saving.name} is not marked complete and " if partial else ""
+    return PhituneError(f"{error}; {unmarked}{kept}; {AGAIN}")
 
 
 def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None,
