@@ -115,3 +115,41 @@ def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_on
     assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 8 - 4
     assert_resumed_under(tmp_path, checkpoint, max_steps=8)
     assert relative_difference(tmp_path / "out", dpo_one_and_two_workers / "single" / "out") < DPO_TOLERANCE
+
+
+def test_torchrun_restarts_a_killed_worker_and_auto_resume_ends_at_the_one_worker_adapter(one_and_two_workers,
+                                                                                          tiny_model_dir, tmp_path):
+    """`torchrun --max-restarts 2 phitune train CONFIG --auto-resume`, rank 0 (the lock's holder) killed with kill -9
+    after checkpoint-4: torchrun restarts the workers with the same arguments, the restarted rank 0 takes the lock
+    over, resumes from checkpoint-4, and the job exits 0 at the uninterrupted 1-worker adapter."""
+    import os
+    import signal
+    import time
+
+    from _distributed import descendants
+
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE
+
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
+    job = launch([*torchrun_command(), "--max-restarts", "2", str(launcher(tmp_path, hold_at=4)), "train", str(config),
+                  "--auto-resume"], tmp_path)
+    marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
+    deadline = time.monotonic() + 240
+    while not marker.is_file():
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.05)
+    rank0 = [pid for pid in descendants(job.pid) if b"\0RANK=0\0" in _environ(pid)]
+    os.kill(rank0[0], signal.SIGKILL)
+    (tmp_path / "release").touch()  # the other worker moves on, finds its peer gone, and torchrun restarts both
+    wait(job, tmp_path)
+    said = " ".join(((tmp_path / "stderr").read_text() + (tmp_path / "stdout").read_text()).split())
+    assert "Restarting" in said or "restart" in said.lower()
+    assert "taking over the lock of a run that is gone" in said and "resuming from" in said
+    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return b"\0" + open(f"/proc/{pid}/environ", "rb").read()
+    except OSError:
+        return b""

@@ -55,7 +55,7 @@ def test_a_second_train_eval_into_a_run_being_trained_are_refused_and_a_dead_run
     seconds = time.monotonic() - started
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
     assert last_line(stderr).startswith(f"error: {out} is being trained by another run (pid {first.pid} on host ")
-    assert "phitune train" in last_line(stderr) and seconds < 60  # measured: about 10 s, the imports
+    assert "phitune train" in last_line(stderr) and seconds < 120  # the imports: see test_reliability
     with pytest.raises(SystemExit) as exited:
         main(["eval", str(out)])
     assert exited.value.code == 2 and "is being trained now (pid" in capsys.readouterr().err

@@ -41,14 +41,14 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_FILE
         self._fd: int | None = None
-        self._made_dir = False
+        self._made: list[Path] = []  # the folders acquire made, deepest first
 
     def acquire(self) -> "RunLock":
-        """Take the lock, or raise PhituneError naming the run that holds it. Makes the directory if needed (and
-        `release` removes it again if nothing else was written)."""
+        """Take the lock, or raise PhituneError naming the run that holds it. Makes the directory and its parents if
+        needed (and `release` removes them again if nothing else was written)."""
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise PhituneError(f"training_config.output_dir {self.output_dir} is a file, not a directory")
-        self._made_dir = not self.output_dir.exists()
+        self._made = [folder for folder in (self.output_dir, *self.output_dir.parents) if not folder.exists()]
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             while self._fd is None:
@@ -89,11 +89,12 @@ class RunLock:
         self._remove_dir_if_made()
 
     def _remove_dir_if_made(self) -> None:
-        if self._made_dir:
+        """Remove the folders acquire made, deepest first, while empty: a run that stopped early leaves nothing."""
+        for folder in self._made:
             try:
-                self.output_dir.rmdir()
-            except OSError:  # the run wrote something: keep it
-                pass
+                folder.rmdir()
+            except OSError:  # the run wrote something: keep it (and its parents)
+                return
 
     def __enter__(self):
         return self.acquire()
