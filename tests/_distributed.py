@@ -103,17 +103,16 @@ if {scale_by_world!r}:  # the deliberate break: the loss's gradient times the pr
         return world * loss - (world - 1) * loss.detach()
 
     patch.setattr(PhituneTrainer, "compute_loss", scaled)
-if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last;
-    import time  # it moves on when the test writes a file named "release", and never holds a restart by torchrun
+if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last
+    import time
 
     from transformers import Trainer
 
     training_step = Trainer.training_step  # every method's trainer (SFT, DPO) runs it
 
     def held(self, *args, **kwargs):
-        if self.state.global_step >= {hold_at!r} and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            while not os.path.exists("release"):
-                time.sleep(0.05)
+        if self.state.global_step >= {hold_at!r}:
+            time.sleep(3600)
         return training_step(self, *args, **kwargs)
 
     patch.setattr(Trainer, "training_step", held)
