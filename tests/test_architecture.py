@@ -3,7 +3,7 @@
 Every `import` in every module counts, the ones inside functions too: a function-level import still makes the module
 depend on the one it imports, it only hides it until the function runs. Layers, bottom up:
 
-    base      errors, terminal, the package root, lora/
+    base      errors, terminal, runlock, the package root, lora/
     config    config/
     speed     speed/
     models    models/
@@ -30,7 +30,7 @@ import phitune
 
 PACKAGE = Path(phitune.__file__).parent
 LAYERS = [
-    ("base", ("errors", "terminal", "", "lora")),
+    ("base", ("errors", "terminal", "runlock", "", "lora")),
     ("config", ("config",)),
     ("speed", ("speed",)),
     ("models", ("models",)),

@@ -26,6 +26,7 @@ from _distributed import (  # noqa: F401  (fixtures one_and_two_workers, dpo_one
     TRAIN_LINE,
     assert_same_adapter,
     dpo_one_and_two_workers,
+    free_port,
     launch,
     launcher,
     one_and_two_workers,
@@ -89,6 +90,23 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1  # once, not once per worker
     assert said.count(SUMMARY_END) == 1  # the run summary too
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
+
+
+def test_two_torchrun_agents_as_two_nodes_equal_one_process(one_and_two_workers, tiny_model_dir, tmp_path):
+    """Two nodes, as on a cluster: one torchrun agent per node rank (0 and 1, one worker each, both on 127.0.0.1),
+    the output directory and the data cache shared, the one --auto-resume command on both. The job's one lock
+    holder is global rank 0; the adapter and the eval losses are the one-process run's."""
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    port = str(free_port())
+    agents = [launch([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                      "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port, "-m",
+                      "phitune.cli", "train", str(config), "--auto-resume"], tmp_path, f".{rank}") for rank in (0, 1)]
+    for rank, agent in enumerate(agents):
+        wait(agent, tmp_path, f".{rank}")
+    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
+    assert eval_losses(tmp_path / "out").keys() == eval_losses(one_and_two_workers / "single" / "out").keys()
+    assert len(TRAIN_LINE.findall((tmp_path / "stdout.0").read_text())) == 12  # node 0's rank 0 speaks
+    assert not TRAIN_LINE.search((tmp_path / "stdout.1").read_text())
 
 
 def gradient_config(directory: Path, model_dir: Path, batch_size: int) -> Path:

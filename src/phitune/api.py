@@ -42,14 +42,18 @@ def load_run(config: dict | str | Path | RunConfig, overrides: list[str] | None 
 
 
 def train(config: dict | str | Path | RunConfig, overrides: list[str] | None = None, resume: bool = False,
-          overwrite: bool = False, push_to_hub: str | None = None):
+          overwrite: bool = False, push_to_hub: str | None = None, auto_resume: bool = False):
     """Fine-tune as `config` says (`phitune train`); returns a RunResult: output_dir, metrics, the trained model.
+
+    `auto_resume` (`--auto-resume`): start, continue an interrupted run, or, for a finished one, return at once with
+    `already_complete` set and its metrics.json (no model).
 
     `metrics` holds what metrics.json holds: train_loss, eval_loss_before/after, perplexities, step and token counts.
     """
     from phitune.train import run_training
 
-    return run_training(load_run(config, overrides), resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
+    return run_training(load_run(config, overrides), resume=resume, overwrite=overwrite, push_to_hub=push_to_hub,
+                        auto_resume=auto_resume)
 
 
 def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapter: str | Path | None = None,

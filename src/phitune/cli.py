@@ -74,6 +74,8 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished run in output_dir"),
+    auto_resume: bool = typer.Option(False, "--auto-resume", help="start, continue or skip (finished), by what "
+                                     "output_dir holds: the one command for every attempt of a requeued job"),
     on_bad_row: Optional[str] = typer.Option(
         None, "--on-bad-row", help="error | skip: what to do with a malformed row (sets data.on_bad_row)"
     ),
@@ -85,8 +87,12 @@ def train(
     from phitune.train import run_training
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
-    result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every worker ends the same run: rank 0 reports it
+    result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub, auto_resume=auto_resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every worker ends the same run: rank 0 reports it
+        return
+    if result.already_complete:
+        print(f"the run in {result.output_dir} is already complete; nothing to do", flush=True)
+    else:
         print_run_summary(result)
 
 

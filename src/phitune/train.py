@@ -13,26 +13,63 @@ The CLI and phitune.api call the same three functions here, so both give the sam
 
 from __future__ import annotations
 
+import json
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 
-from phitune.config.schema import RunConfig
+from phitune.config.schema import RunConfig, save_config
+from phitune.errors import PhituneError
 from phitune.recipes import grpo, preference, sft, vision
-from phitune.run.checkpoints import check_resume_layout, latest_complete_checkpoint
+from phitune.run.checkpoints import check_resume_layout, latest_intact_checkpoint
 from phitune.run.lifecycle import RunResult, finish, fit
-from phitune.run.output_dir import clear_old_run, prepare_output_dir
+from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
+                                    prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
+from phitune.runlock import RunLock, is_main_process
+
+log = logging.getLogger("phitune")
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "grpo": grpo, "vision": vision}  # config_methods.METHODS names the same keys
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-                 push_to_hub: str | None = None) -> RunResult:
-    """Fine-tune as `cfg` says and write the output directory; return its path and metrics."""
+                 push_to_hub: str | None = None, auto_resume: bool = False) -> RunResult:
+    """Fine-tune as `cfg` says and write the output directory; return its path and metrics.
+
+    The output directory is locked first, before anything is written there (one run per directory; under torchrun
+    the main process holds it for the job). `auto_resume` decides between starting and resuming by what it finds."""
+    if auto_resume and (resume or overwrite):
+        raise PhituneError("--auto-resume decides between starting and resuming itself; leave out --resume and "
+                           "--overwrite")
+    with RunLock(cfg.output_dir) if is_main_process() else nullcontext():
+        if auto_resume:
+            mode = auto_resume_mode(cfg)
+            if mode == "complete":
+                return _already_complete(cfg.output_dir)
+            if mode == "restart":
+                log.warning("--auto-resume: %s holds a run stopped before its first complete checkpoint; starting "
+                            "it again", cfg.output_dir)
+            resume, overwrite = mode == "resume", mode == "restart"
+        return _train(cfg, resume, overwrite, push_to_hub)
+
+
+def _already_complete(output_dir: Path) -> RunResult:
+    """A finished run that --auto-resume finds: nothing loaded or written, its metrics as it left them."""
+    metrics = output_dir / "metrics.json"
+    return RunResult(output_dir=output_dir, already_complete=True,
+                     metrics=json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {})
+
+
+def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | None) -> RunResult:
+    """The lifecycle's steps, in order, under the directory's lock."""
     from phitune.models.loading import load_tokenizer
 
     recipe = RECIPES[cfg.method]
     output_dir = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
-    checkpoint = latest_complete_checkpoint(output_dir) if resume else None
+    if resume:
+        check_same_training(cfg, output_dir)
+    checkpoint = latest_intact_checkpoint(output_dir, main_process=is_main_process()) if resume else None
     plan = plan_run(cfg)  # config.json, speed, dtype, attention: resolved once, before any weight is read
     tokenizer = load_tokenizer(cfg.model, padding_side="right")
     data = recipe.load_data(cfg, tokenizer, plan)  # SFT: Arrow, cached, made once per machine
@@ -42,6 +79,8 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     model, peft_config = recipe.load_model(cfg, plan)
     # only now: a bad config or bad data must not cost the old run
     clear_old_run(output_dir, overwrite, main_process=args.should_save)
+    if args.should_save:  # recorded now, so an interrupted run can be told apart from another config's
+        save_config(cfg, output_dir / SAVED_CONFIG)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
     metrics = fit(trainer, checkpoint)

@@ -126,7 +126,9 @@ def resolve_model_source(run_dir: str | Path | None = None, model: str | None = 
 
 def _from_run_dir(run_dir: Path) -> tuple[ModelConfig, Path | None]:
     from phitune.config.schema import load_run_config
+    from phitune.runlock import refuse_while_training
 
+    refuse_while_training(run_dir)  # its adapter is about to be replaced
     cfg = load_run_config(run_dir)
     if (run_dir / "adapter_config.json").is_file():
         return cfg.model, run_dir

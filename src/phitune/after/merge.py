@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phitune.config.schema import ModelConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, is_write_failure, write_error
 
 MAX_SHARD_SIZE = "2GB"  # safetensors shard size: small enough for any filesystem and for parallel downloads
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the base checkpoint's own dtype
@@ -89,13 +89,16 @@ def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> 
         tokenizer.save_pretrained(work)
         copy_tokenizer_files(model_cfg, work)
         move_into_place(work, output_dir)
-    except BaseException:
+    except BaseException as exc:
+        failed = write_error(exc, output_dir) if is_write_failure(exc) else None
         shutil.rmtree(work, ignore_errors=True)
         for folder in created:
             try:
                 folder.rmdir()
             except OSError:  # not empty: something else was put there meanwhile
                 break
+        if failed:
+            raise PhituneError(f"{failed}; nothing was written to {output_dir}") from None
         raise
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phitune.errors import PhituneError
+from phitune.runlock import refuse_while_training
 
 ENGINES = ("llama.cpp", "vllm")
 INSTALL = {"llama.cpp": "pip install 'phitune[serve]' (llama-cpp-python's server)", "vllm": "pip install vllm"}
@@ -54,6 +55,7 @@ def plan_serve(run_dir: Path, engine: str | None = None, host: str = "127.0.0.1"
     run_dir = Path(run_dir)
     if not (run_dir / "phitune_config.yaml").is_file():
         raise PhituneError(f"{run_dir} is not a finished phitune run (no phitune_config.yaml)")
+    refuse_while_training(run_dir)  # whichever engine: the run's adapter and GGUF are about to change
     if engine is not None and engine not in ENGINES:
         raise PhituneError(f"--engine {engine} is not one of: {', '.join(ENGINES)}")
     if not 0 < port < 65536:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from phitune.after.report import plot_losses
 from phitune.config.schema import RunConfig, load_run_config, save_config
-from phitune.errors import PhituneError, first_line
+from phitune.errors import PhituneError, first_line, is_write_failure, write_error
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
-from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint, write_atomically
 from phitune.run.console import close_console
 from phitune.run.guard import NonFiniteLoss
 from phitune.run.plan import RunPlan
@@ -40,6 +40,7 @@ class RunResult:
     output_dir: Path
     metrics: dict = field(default_factory=dict)
     model: object = None  # the trained model in memory (PeftModel for the peft backend)
+    already_complete: bool = False  # --auto-resume found the run finished: nothing was trained or written
 
 
 def trainer_settings(cfg: RunConfig, has_eval: bool) -> dict:
@@ -176,6 +177,11 @@ def fit(trainer, checkpoint: Path | None) -> dict:
             raise PhituneError(f"training stopped: backward went through an operator without a gradient, so the LoRA "
                                f"gradients would be silently wrong ({first_line(exc)[:160]}); rerun with "
                                "--debug and report it") from None
+        except Exception as exc:
+            failure = save_failure(exc, trainer)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             close_console(trainer)  # on an error the bar is still live, and the terminal's cursor hidden
     stopper.raise_if_stopped()
@@ -195,20 +201,45 @@ def fit(trainer, checkpoint: Path | None) -> dict:
     return metrics
 
 
+AGAIN = "free space, then run the same command with --auto-resume"
+
+
+def save_failure(exc: Exception, trainer) -> PhituneError | None:
+    """A checkpoint save that failed (a full disk, a quota), or a full disk anywhere in training, as one line; None
+    for any other error. The checkpoint being written is not marked, so the last complete one is what a resume
+    takes."""
+    if not is_write_failure(exc):
+        return None
+    output_dir = Path(trainer.args.output_dir)
+    saving = output_dir / f"checkpoint-{trainer.state.global_step}"
+    partial = saving.is_dir() and not (saving / CHECKPOINT_COMPLETE).is_file()
+    error = write_error(exc, saving if partial else output_dir)
+    last = latest_complete_checkpoint(output_dir)
+    kept = f"the last complete checkpoint is {last}" if last else "no checkpoint is complete yet"
+    unmarked = f"{saving.name} is not marked complete and " if partial else ""
+    return PhituneError(f"{error}; {unmarked}{kept}; {AGAIN}")
+
+
 def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None,
            tidy: Callable[[Path], None]) -> None:
     """Write the adapter, tokenizer, resolved config, metrics and loss curve; only the main process writes. `tidy`
-    (the recipe's tidy_output) removes what the run must not leave, before the run is marked finished and pushed."""
+    (the recipe's tidy_output) removes what the run must not leave, before the run is marked finished and pushed.
+    A write that fails (a full disk) is one line, and the run is not marked finished."""
     output_dir = cfg.output_dir
-    trainer.save_model(str(output_dir))
-    if not trainer.is_world_process_zero():
-        return
-    tidy(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    save_config(cfg, output_dir / "phitune_config.yaml")
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    plot_losses(trainer.state.log_history, output_dir / "loss.png")
-    (output_dir / CHECKPOINT_COMPLETE).write_text("finished\n", encoding="utf-8")
+    try:
+        trainer.save_model(str(output_dir))
+        if not trainer.is_world_process_zero():
+            return
+        tidy(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        save_config(cfg, output_dir / "phitune_config.yaml")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        plot_losses(trainer.state.log_history, output_dir / "loss.png")
+        write_atomically(output_dir / CHECKPOINT_COMPLETE, "finished\n")
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        raise PhituneError(f"{write_error(exc, output_dir)}; the run is not marked finished; {AGAIN}") from None
     if push_to_hub:
         from phitune.after.hub import push_folder
 

@@ -8,6 +8,10 @@ foreign directory. `--overwrite` deletes only what a phitune run writes there, a
 once the new run's inputs have been checked (`clear_old_run`), so a typo in the config never costs the old run; a
 directory that also holds other files is refused rather than emptied. The directory itself is made by the trainer
 when it first writes, so a run that stops at a bad config or bad data leaves nothing behind.
+
+`--auto-resume` (`auto_resume_mode`) picks the one right way on for whatever it finds, so one command serves every
+attempt of a requeued job: start, continue, start again (killed before its first complete checkpoint), or nothing to
+do; a run trained with another config (`training_differences`) is refused rather than continued.
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from phitune.errors import PhituneError
 from phitune.run.checkpoints import CHECKPOINT_COMPLETE, CHECKPOINT_DIR, checkpoint_dirs, finished_run, latest_complete_checkpoint
 from phitune.run.console import PROGRESS_LOG
 from phitune.run.processes import barrier
+from phitune.runlock import LOCK_FILE
 
 log = logging.getLogger("phitune")
+
+SAVED_CONFIG = "phitune_config.yaml"  # the run's resolved config: recorded as it starts, written again as it ends
 
 # Files phitune train (and eval, data into a run) writes at the top of a run directory: --overwrite removes these.
 RUN_FILES = (
@@ -68,13 +75,14 @@ def run_state(output_dir: Path) -> str:
             raise PhituneError(f"training_config.output_dir {output_dir} is a file, not a directory")
         return "empty"
     children = _children(output_dir)
-    # The progress log alone: a run that failed before writing anything worth keeping. A new run starts there and
-    # appends to the log (its begin line at step 0 makes readers drop the old steps), as in an empty directory.
-    if all(child.name == PROGRESS_LOG and child.is_file() for child in children):
+    # The progress log and the config a run records as it starts, alone: a run that failed before writing anything
+    # worth keeping. A new run starts there and appends to the log (its begin line at step 0 makes readers drop the
+    # old steps), as in an empty directory.
+    if all(child.name in (PROGRESS_LOG, SAVED_CONFIG) and child.is_file() for child in children):
         return "empty"
     if finished_run(output_dir):
         return "finished"
-    started = ("phitune_config.yaml", "runs")  # runs/: the TensorBoard logs of a run stopped before its checkpoint
+    started = ("runs",)  # runs/: the TensorBoard logs of a run stopped before its checkpoint
     if any(is_run_file(child) and (child.name in started or CHECKPOINT_DIR.match(child.name)) for child in children):
         return "interrupted"
     return "foreign"
@@ -142,8 +150,75 @@ def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) 
     barrier()
 
 
+def auto_resume_mode(cfg) -> str:
+    """What `--auto-resume` does with cfg.output_dir: "start" (nothing there yet), "resume" (an interrupted run, or a
+    finished one asked for more steps or epochs), "restart" (killed before its first complete checkpoint: nothing
+    to keep) or "complete" (finished: nothing to do). A foreign directory, or a run trained with another config, is
+    refused with one line."""
+    output_dir = cfg.output_dir
+    state = run_state(output_dir)
+    if state == "empty":
+        return "start"
+    if state == "foreign":
+        prepare_output_dir(cfg, resume=False, overwrite=False)  # its one line
+    check_same_training(cfg, output_dir)
+    if state == "finished":
+        return "resume" if _asks_for_more(cfg, output_dir) else "complete"
+    return "resume" if latest_complete_checkpoint(output_dir) else "restart"
+
+
+# What may change between the attempts of one run: how often it logs, evaluates and saves, what it evaluates, where
+# its reports go, how fast it runs (speed: the same math), and how long it trains (a raised max_steps or
+# num_train_epochs continues it). The global batch is checked against the checkpoint's layout instead
+# (checkpoints.check_resume_layout), so 2 processes x 2 may resume as 1 x 4. Anything else changes what is trained.
+FREE_TO_CHANGE = ("model.attn_implementation", "data.eval", "data.eval_hub_split", "data.max_eval_examples",
+                  "data.num_proc", "data.cache_dir", "data.on_bad_row", "speed.*", "training_config.logging_*",
+                  "training_config.eval_*", "training_config.save_*", "training_config.per_device_eval_batch_size",
+                  "training_config.per_device_train_batch_size", "training_config.gradient_accumulation_steps",
+                  "training_config.output_dir", "training_config.report_to", "training_config.run_name",
+                  "training_config.disable_tqdm", "training_config.push_to_hub", "training_config.hub_*",
+                  "training_config.max_steps", "training_config.num_train_epochs",
+                  "training_config.load_best_model_at_end", "training_config.metric_for_best_model",
+                  "training_config.greater_is_better", "training_config.include_num_input_tokens_seen",
+                  "training_config.dataloader_*", "training_config.batch_eval_metrics",
+                  "training_config.prediction_loss_only")
+
+
+def training_differences(saved: dict, now: dict) -> list[str]:
+    """The `section.key` names whose values differ between two configs (RunConfig.to_dict() of each) in what they
+    train; a key set in one and absent in the other differs."""
+    before, after = _flat(saved), _flat(now)
+    return [name for name in sorted(before.keys() | after.keys())
+            if before.get(name) != after.get(name) and not any(fnmatch.fnmatchcase(name, free) for free in FREE_TO_CHANGE)]
+
+
+def check_same_training(cfg, output_dir: Path) -> None:
+    """Refuse to continue a run whose recorded config trains something else; a run without a recorded config (from
+    an older phitune) is taken as it is."""
+    from phitune.config.schema import absolute_paths, load_run_config
+
+    if not (output_dir / SAVED_CONFIG).is_file():
+        return
+    saved = load_run_config(output_dir).to_dict()
+    differing = training_differences(saved, absolute_paths(cfg).to_dict())
+    if differing:
+        shown = ", ".join(f"{name} (was {_flat(saved).get(name)!r})" for name in differing[:5])
+        raise PhituneError(f"the run in {output_dir} was trained with another config: {shown}; continuing it would "
+                           "mix two runs. Set training_config.output_dir to a new directory, or restore those values")
+
+
+def _flat(config: dict) -> dict:
+    """{"section.key": value} from a config's sections ("method": value for a top-level value)."""
+    items = {}
+    for section, values in config.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            items[section if key is None else f"{section}.{key}"] = value
+    return items
+
+
 def _children(output_dir: Path) -> list[Path]:
-    return list(output_dir.iterdir()) if output_dir.is_dir() else []
+    """What the directory holds, but the lock of the run that checks it (phitune.runlock)."""
+    return [child for child in output_dir.iterdir() if child.name != LOCK_FILE] if output_dir.is_dir() else []
 
 
 def _checkpoints(output_dir: Path) -> str:

@@ -19,6 +19,7 @@ from starlette.middleware import Middleware
 
 from phitune.errors import PhituneError, first_line
 from phitune.run.output_dir import prepare_output_dir
+from phitune.runlock import refuse_while_training
 from phitune.ui import views
 from phitune.ui.chat import ChatModels
 from phitune.ui.guard import PageGuard, new_token, url_host
@@ -170,7 +171,8 @@ def _train_tab(workspace: Workspace, yaml_box, app):
         again), so a later Start on another config never replaces a run unless ticked anew."""
         try:
             cfg = _checked(workspace, text)
-            prepare_output_dir(cfg, resume=False, overwrite=replace)  # phitune train's own refusal, said at once
+            refuse_while_training(workspace.path(cfg.output_dir))  # phitune train's own refusals, said at once
+            prepare_output_dir(cfg, resume=False, overwrite=replace)
             config_path = workspace.save_run_config(text, cfg)
             output_dir = workspace.path(cfg.output_dir)
             processes.append(start_training(config_path, output_dir, workspace.home, overwrite=replace))

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, is_write_failure, write_error
 
 FORMATS = ("gguf", "gguf-lora")
 
@@ -47,6 +47,18 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
         raise PhituneError(f"{output.parent / 'Modelfile'} exists; export to another directory or remove it")
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     refuse_vision_models(model_cfg)
+    try:
+        return _export(model_cfg, adapter_dir, output, fmt, check_quant(quant), ollama)
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        failed = write_error(exc, output)
+        output.unlink(missing_ok=True)  # a GGUF cut short would load and be wrong
+        raise PhituneError(f"{failed}; no {output.name} was left") from None
+
+
+def _export(model_cfg, adapter_dir, output: Path, fmt: str, quant: str, ollama: bool) -> ExportResult:
+    """The file of `fmt` (and an Ollama Modelfile) from the model and adapter."""
     if fmt == "gguf-lora":
         from phitune.after.export.gguf_lora import write_gguf_lora
 
@@ -54,7 +66,7 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
             raise PhituneError("--format gguf-lora needs a run with a LoRA adapter, not a full model")
         write_gguf_lora(adapter_dir, output)
         return ExportResult(path=output, format=fmt)
-    return _export_gguf(model_cfg, adapter_dir, output, check_quant(quant), ollama)
+    return _export_gguf(model_cfg, adapter_dir, output, quant, ollama)
 
 
 VISION_MODEL_TYPES = ("phi4_multimodal", "phi3_v")  # Phi-4-multimodal, Phi-3.5-vision
