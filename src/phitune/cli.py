@@ -21,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help text as written: rich markup would take `[ui]` in `pip install -e ".[ui]"` for a style and drop it.
+    rich_markup_mode=None,
     help="Fine-tune Microsoft Phi-3 with LoRA and QLoRA: one YAML file in, a standard PEFT adapter out.",
 )
 STATE = {"debug": False, "signal": "SIGINT (Ctrl-C)"}
