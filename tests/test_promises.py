@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+TINY_BASE = DEMO_DATA.parent / "tiny-phi3"  # the bundled model a demo run names (phitune.tiny.phi3.tiny_base_path)
 GOOD = {"messages": [{"role": "user", "content": "Which colour is snow?"}, {"role": "assistant", "content": "White."}]}
 PAIR = {"prompt": "Is snow white?", "chosen": "Yes.", "rejected": "No."}
 LONG_SYSTEM = {"role": "system", "content": "Please read all of this carefully before answering. " * 20}
@@ -88,7 +89,7 @@ TRAIN_SFT = [
          {"train.jsonl": ""}),
     case("data_file_blank", train(), ["train.jsonl", "no rows", "it needs rows of chat data"],
          {"train.jsonl": "  \n\n"}),
-    case("malformed_json_line", train(), ["train.jsonl:3", "malformed JSON"],
+    case("malformed_json_line", train(), ["train.jsonl:3", "malformed JSON", "--on-bad-row skip"],
          {"train.jsonl": lines(GOOD, GOOD, '{"messages": [{"role": "user"')}),
     case("unknown_row_format", train(), ["unknown data format", "question"],
          {"train.jsonl": lines({"question": "a?", "answer": "b"})}),
@@ -146,7 +147,8 @@ TRAIN_SFT = [
 TRAIN_DPO = [
     case("dpo_pairs_file_missing", dpo("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
     case("dpo_pairs_file_empty", dpo(), ["pairs.jsonl", "empty"], {"pairs.jsonl": ""}),
-    case("dpo_malformed_json_line", dpo(), ["pairs.jsonl:2", "malformed JSON"], {"pairs.jsonl": lines(PAIR, "{")}),
+    case("dpo_malformed_json_line", dpo(), ["pairs.jsonl:2", "malformed JSON", "--on-bad-row skip"],
+         {"pairs.jsonl": lines(PAIR, "{")}),
     case("dpo_unknown_training_key", dpo("training_config.betta=0.1"), ["unknown key training_config.betta", "'beta'"]),
     case("dpo_beta_not_a_number", dpo("training_config.beta=high"), ["training_config.beta", "'high'"]),
     case("dpo_batch_size_zero", dpo("training_config.per_device_train_batch_size=0"),
@@ -176,6 +178,7 @@ INFERENCE = [
     case("eval_num_generate_negative", ["eval", "{run}", "--num-generate", "-1"], ["'--num-generate'"]),
     case("eval_max_new_tokens_zero", ["eval", "{run}", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
     case("chat_not_a_run_dir", ["chat", "{d}"], ["not a phitune run directory"]),
+    case("chat_image_missing", ["chat", "{run}", "--image", "{d}/missing.png"], ["image not found", "missing.png"]),
     case("chat_temperature_zero", ["chat", "{run}", "--do-sample", "--temperature", "0"],
          ["--temperature must be above 0", "--greedy"]),
     case("chat_top_p_above_one", ["chat", "{run}", "--do-sample", "--top-p", "2"], ["--top-p must be in (0, 1]"]),
@@ -206,7 +209,15 @@ INFERENCE = [
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
 
-CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE
+DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"model: {{name_or_path: '{TINY_BASE}'}}\n"}
+DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not train's --overwrite or output_dir
+    case("demo_output_dir_foreign", ["demo", "--output-dir", "{d}/out"], ["holds no phitune run", "--output-dir"],
+         {"out/notes.txt": "mine\n"}),
+    case("demo_run_beside_a_user_file", ["demo", "--output-dir", "{d}/out"], ["also notes.txt", "--output-dir"],
+         {**DEMO_RUN, "out/notes.txt": "mine\n"}),
+]
+
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + DEMO
 
 
 def base_files(model_dir: Path) -> dict:

@@ -99,16 +99,17 @@ def last_line(text: str) -> str:
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    """The resume command is the one to copy: the config file and the --set options the run was started with."""
     config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
-    proc = start_train(config)
-    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc)
+    proc = start_train(config, "--set", "training_config.max_steps=400")
+    wait_for(lambda: TRAIN_LINE.search(proc.stderr_path.with_suffix(".out").read_text()), proc)
     proc.send_signal(signal.SIGTERM)
     code, stderr = finish(proc)
     assert code == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     message = last_line(stderr)
     assert message.startswith("error: stopped by SIGTERM at step ")
-    assert "phitune train CONFIG --resume" in message
+    assert f"Resume with: phitune train {config} --set training_config.max_steps=400 --resume" in message
     checkpoint = latest_complete_checkpoint(tmp_path / "out")
     assert checkpoint is not None and str(checkpoint) in message
     assert (checkpoint / ADAPTER).is_file() and (checkpoint / "optimizer.pt").is_file()

@@ -181,11 +181,13 @@ def chat(
 
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    if image:
+        from phitune.after.vision_eval import MediaChatSession, load_chat_media
+
+        media = load_chat_media(image)  # a missing picture is said before the model loads
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
     if image:
-        from phitune.after.vision_eval import MediaChatSession
-
-        session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, image)
+        session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, media)
     else:
         session = ChatSession(loaded, tokenizer, settings, system=system)
     interactive = sys.stdin.isatty()

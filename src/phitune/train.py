@@ -18,7 +18,7 @@ from pathlib import Path
 from phitune.config.schema import RunConfig
 from phitune.recipes import grpo, preference, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_complete_checkpoint
-from phitune.run.lifecycle import RunResult, finish, fit
+from phitune.run.lifecycle import RunResult, finish, fit, resume_command
 from phitune.run.output_dir import clear_old_run, prepare_output_dir
 from phitune.run.plan import plan_run
 
@@ -44,7 +44,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     clear_old_run(output_dir, overwrite, main_process=args.should_save)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
-    metrics = fit(trainer, checkpoint)
+    metrics = fit(trainer, checkpoint, resume_command(cfg))
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
     metrics.update(recipe.data_metrics(cfg, data))
     finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)

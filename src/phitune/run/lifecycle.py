@@ -123,9 +123,19 @@ def warn_if_fsdp_fell_back(trainer) -> None:
                     "holding the whole model")
 
 
-def fit(trainer, checkpoint: Path | None) -> dict:
-    """Train (resuming from `checkpoint`); turn interruptions into clear errors. Any method's evaluation before and
-    after is its recipe's (evaluate_before / evaluate_after), not fit's."""
+def resume_command(cfg: RunConfig) -> str:
+    """The command that continues this run, as a person copies it: `phitune train` with the config file and the
+    --set overrides it was started with, and --resume."""
+    import shlex
+
+    sets = [part for override in cfg.overrides for part in ("--set", override)]
+    return shlex.join(["phitune", "train", cfg.source or "CONFIG", *sets, "--resume"])
+
+
+def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
+    """Train (resuming from `checkpoint`); turn interruptions into clear errors (`resume`: the command that
+    continues the run, see resume_command). Any method's evaluation before and after is its recipe's
+    (evaluate_before / evaluate_after), not fit's."""
     from phitune.models.loading import count_parameters
 
     trainable, total = count_parameters(trainer.model)
@@ -135,7 +145,7 @@ def fit(trainer, checkpoint: Path | None) -> dict:
         trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
     )
     start = time.perf_counter()
-    with GracefulStop(trainer) as stopper:
+    with GracefulStop(trainer, resume) as stopper:
         try:
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except NonFiniteLoss as exc:
