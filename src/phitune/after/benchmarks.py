@@ -257,20 +257,13 @@ def _metrics(entry: dict) -> dict:
 def write_benchmark_results(out: Path, table: dict, info: dict):
     """eval.json, report.md and eval.png; return the EvalResult. An earlier eval.json in `out` is kept (its
     metrics, samples and other benchmarks): a benchmark of the same name is replaced."""
-    from phitune.after.evaluate import CHART_PNG, EVAL_JSON, REPORT_MD, EvalResult
+    from phitune.after.evaluate import CHART_PNG, REPORT_MD, EvalResult, read_eval_json, save_eval_json
     from phitune.after.report import plot_eval_chart, write_eval_markdown
 
-    earlier = {}
-    if (out / EVAL_JSON).is_file():
-        try:
-            earlier = json.loads((out / EVAL_JSON).read_text(encoding="utf-8"))
-        except ValueError:
-            raise PhituneError(f"{out / EVAL_JSON} is not valid JSON; move it away or choose --output") from None
+    earlier = read_eval_json(out)
     result = EvalResult(metrics=earlier.get("metrics") or {}, samples=earlier.get("samples") or [],
-                        info={**info, **(earlier.get("info") or {})}, output_dir=out,
-                        benchmarks={**(earlier.get("benchmarks") or {}), **table})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+                        info={**info, **(earlier.get("info") or {})}, output_dir=out, benchmarks=table)
+    result.benchmarks = save_eval_json(result)
     plot_eval_chart(result.metrics, out / CHART_PNG, result.benchmarks)
     write_eval_markdown(result, out / REPORT_MD, CHART_PNG)
     return result

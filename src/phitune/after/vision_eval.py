@@ -90,7 +90,7 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
                          num_generate: int, settings: SamplingSettings, batch_size: int, use_eval_split: bool):
     """The base model, then base + adapter: teacher-forced metrics on every eval row, exact match and ROUGE-L of
     the answers to the first `num_generate`; eval.json in `output_dir`."""
-    from phitune.after.evaluate import EVAL_JSON, EvalResult, generation_metrics
+    from phitune.after.evaluate import EvalResult, generation_metrics, save_eval_json
     from phitune.after.generate import attach_adapter, load_for_inference
     from phitune.data import training_chat_template
     from phitune.data.multimodal_batch import encode_media_rows
@@ -114,8 +114,7 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
     info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(encoded),
                 generated=len(pairs), max_new_tokens=settings.max_new_tokens)
     result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    save_eval_json(result)
     return result
 
 
