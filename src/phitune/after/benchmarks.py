@@ -20,6 +20,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -75,6 +76,8 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             built = _build(spec, manager)
         except (FileNotFoundError, ValueError, KeyError) as exc:  # a missing data file, a malformed YAML
             raise PhituneError(f"benchmark {spec}: {str(exc).splitlines()[0]}") from None
+        except ConnectionError as exc:  # datasets' own, and huggingface_hub's OfflineModeIsEnabled
+            raise PhituneError(hub_unreachable(spec, str(exc))) from None
         tasks, groups = built["tasks"], built["groups"]
         children = {child for members in built["group_map"].values() for child in members}
         for top in [g for g in groups if g not in children] or list(tasks):
@@ -83,6 +86,16 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             loaded.append(dict(name=top, objects=[item], leaves=leaves,
                                chat=any(t.config.output_type in CHAT_OUTPUT_TYPES for t in leaves.values())))
     return loaded
+
+
+def hub_unreachable(spec: str, said: str) -> str:
+    """What to do when a task's data must come from the hub and the hub cannot be reached (offline, or
+    HF_HUB_OFFLINE=1 with nothing cached): datasets says "Couldn't reach 'openai/gsm8k' on the Hub (...)"."""
+    found = re.search(r"'([^'\s]+)'", said)  # the name in quotes (not the one of "Couldn't")
+    dataset = f" ({found.group(1)})" if found else ""
+    return (f"benchmark {spec}: its data{dataset} is on the Hugging Face Hub, which cannot be reached; run it once "
+            "online to fill the datasets cache (HF_DATASETS_OFFLINE=1 then reads the cache), or name a local task "
+            "YAML file (docs/benchmarks.md)")
 
 
 def _build(spec: str, manager) -> dict:
