@@ -6,6 +6,7 @@ run side by side and float reductions happen in the same order in every run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint, trained_seconds
+from phitune.run.console import PROGRESS_LOG
 from phitune.run.signals import REPEAT_WINDOW_S
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
@@ -26,12 +28,13 @@ ADAPTER = "adapter_model.safetensors"
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step
 
 
-def write_config(directory: Path, model_dir: Path, **training) -> Path:
-    """A short LoRA run on the tiny model: 12 steps of 4 rows, a complete checkpoint every 4 steps."""
+def write_config(directory: Path, model_dir: Path, data: dict | None = None, **training) -> Path:
+    """A short LoRA run on the tiny model: 12 steps of 4 rows, a complete checkpoint every 4 steps; `data` adds to
+    the data section (no eval set unless it names one)."""
     config = {
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
         "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval_split": 0, "max_seq_length": 128,
-                 "max_train_examples": 64},
+                 "max_train_examples": 64, **(data or {})},
         "training_config": {"output_dir": str(directory / "out"), "max_steps": 12, "learning_rate": 5e-3,
                             "per_device_train_batch_size": 4, "save_steps": 4, "save_total_limit": 10,
                             "logging_steps": 1, "seed": 0, "disable_tqdm": True, **training},
@@ -152,9 +155,12 @@ def test_a_signal_delivered_twice_at_once_is_one_graceful_stop(tiny_model_dir, t
 
 def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """Bitwise on CPU: the resumed run restores weights, optimizer, scheduler, RNG and the data order. The first run
-    is held after step 4: polling alone, on a loaded machine the 12 quick steps passed checkpoint-8 or -12 first."""
-    reference = start_train(write_config(tmp_path / "reference", tiny_model_dir))
-    config = write_config(tmp_path / "killed", tiny_model_dir)
+    is held after step 4: polling alone, on a loaded machine the 12 quick steps passed checkpoint-8 or -12 first.
+    The resumed run reports the whole run: the first attempt's evaluation at step 0 (eval loss before -> after) and
+    the training time of both attempts, as its token count has."""
+    held_out = {"eval": str(DEMO_DATA / "eval.jsonl"), "max_eval_examples": 8}
+    reference = start_train(write_config(tmp_path / "reference", tiny_model_dir, held_out))
+    config = write_config(tmp_path / "killed", tiny_model_dir, held_out)
     out = tmp_path / "killed" / "out"
     proc = start_train(config, hold_at=4)
     wait_for(lambda: latest_complete_checkpoint(out) is not None, proc)
@@ -177,6 +183,13 @@ def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert resumed[name].equal(tensor), name
+    metrics, straight = (json.loads((run / "metrics.json").read_text()) for run in (out, tmp_path / "reference" / "out"))
+    for key in ("eval_loss_before", "perplexity_before", "eval_loss_after"):
+        assert metrics[key] == straight[key], key
+    progress = [json.loads(line) for line in (out / PROGRESS_LOG).read_text().splitlines()]
+    begin, end = (next(e["time"] for e in reversed(progress) if e["event"] == event) for event in ("begin", "end"))
+    first_attempt = trained_seconds(complete)
+    assert first_attempt > 0 and metrics["train_runtime_s"] >= first_attempt + (end - begin), metrics
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):

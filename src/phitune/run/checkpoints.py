@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -50,6 +51,13 @@ class CompleteCheckpoints(TrainerCallback):
 
     def __init__(self, save_total_limit: int | None):
         self.save_total_limit = save_total_limit
+        self.started, self.earlier = time.perf_counter(), 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock; a resumed run (its trainer state loaded: global_step is the checkpoint's) adds the
+        seconds its checkpoint had trained."""
+        self.started = time.perf_counter()
+        self.earlier = trained_seconds(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import rotate_checkpoints
@@ -57,7 +65,9 @@ class CompleteCheckpoints(TrainerCallback):
         barrier()
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(batch_layout(args)) + "\n", encoding="utf-8")
+            seconds = round(self.earlier + time.perf_counter() - self.started, 2)
+            marker = {**batch_layout(args), "train_runtime_s": seconds}
+            (folder / CHECKPOINT_COMPLETE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=False)
         barrier()  # nobody resumes work (or reads the directory) while rank 0 is still deleting
         return control
@@ -71,25 +81,16 @@ def batch_layout(args) -> dict:
             "gradient_accumulation_steps": accumulation, "global_batch": world * per_device * accumulation}
 
 
-def check_resume_layout(checkpoint: Path, args) -> None:
-    """Resuming under another number of processes works when the global batch is the same (the sampler shards one
-    shuffled order by global batch); a different global batch would silently change the run, so it stops here."""
+def trained_seconds(checkpoint: Path | None) -> float:
+    """Seconds of training a run had behind it when `checkpoint` was saved, as its completion marker records them
+    (0 for no checkpoint, and for a marker from before phitune recorded them)."""
+    if checkpoint is None:
+        return 0.0
     try:
-        saved = json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # a marker from before phitune recorded the layout
-    now = batch_layout(args)
-    if saved.get("global_batch") == now["global_batch"]:
-        if saved.get("processes") != now["processes"]:
-            log.warning("resuming a %s-process checkpoint with %s processes: same global batch of %s, so the same "
-                        "rows per step; with dropout the random streams differ from an uninterrupted run",
-                        saved.get("processes"), now["processes"], now["global_batch"])
-        return
-    raise PhituneError(
-        f"{Path(checkpoint).name} was written with a global batch of {_describe(saved)}; this run's is "
-        f"{_describe(now)}. Resume with the same global batch (processes x per_device_train_batch_size x "
-        "gradient_accumulation_steps)"
-    )
+        return float(json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
+                     .get("train_runtime_s", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def check_resume_layout(checkpoint: Path, args) -> None:

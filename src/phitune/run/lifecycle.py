@@ -24,7 +24,7 @@ from phitune.after.report import plot_losses
 from phitune.config.schema import RunConfig, save_config
 from phitune.errors import PhituneError, first_line
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
-from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint, trained_seconds
 from phitune.run.console import close_console
 from phitune.run.guard import NonFiniteLoss
 from phitune.run.plan import RunPlan
@@ -161,7 +161,7 @@ def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
         finally:
             close_console(trainer)  # on an error the bar is still live, and the terminal's cursor hidden
     stopper.raise_if_stopped()
-    runtime = time.perf_counter() - start
+    runtime = time.perf_counter() - start + trained_seconds(checkpoint)  # the whole run's, as its tokens are
     tokens = trainer.state.num_input_tokens_seen
     resumed_at = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     metrics = dict(
@@ -174,6 +174,21 @@ def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
         trainable_parameters=trainable,
         total_parameters=total,
     )
+    return metrics
+
+
+def eval_loss_before_after(trainer) -> dict:
+    """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
+    the loop just did it), with their perplexities. A resumed run's step 0 was evaluated by its first attempt: that
+    evaluation comes back with the checkpoint's log history, so a resumed run reports its whole run."""
+    from phitune.after.metrics import perplexity
+
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
+    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
+    if evals and evals[0]["step"] == 0:
+        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
     return metrics
 
 
