@@ -65,6 +65,9 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # `eval --benchmarks`: its set-up notes, per model
+        # llama-cpp-python's log callback prints llama.cpp's messages when this logger's own level lets them through:
+        # `export --quant` would print the quantiser's loader, some 80 lines (errors still show)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
@@ -308,7 +311,7 @@ def serve(
     the adapter as a LoRA module. Stops with Ctrl-C."""
     from phitune.after.serve import plan_serve, run_server, warn_if_public
 
-    plan = plan_serve(run_dir, engine, host, port, gguf)
+    plan = plan_serve(run_dir, engine, host, port, gguf, verbose=STATE["debug"])
     warn_if_public(host)
     try:  # from the first line on: a Ctrl-C right after it is the same stop
         print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
