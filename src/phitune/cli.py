@@ -380,6 +380,7 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 
 _USAGE_ERRORS = _click_exceptions("ClickException")
+_NO_COMMAND = _click_exceptions("NoArgsIsHelpError")  # `phitune` alone: its message is the help screen
 _ABORTS = _click_exceptions("Abort") + (typer.Abort,)
 
 
@@ -419,7 +420,8 @@ def _usage_error(exc) -> int:
     ctx = getattr(exc, "ctx", None)
     where = ctx.command_path if ctx is not None else "phitune"
     message = exc.format_message().strip().rstrip(".")
-    if not message:  # `phitune` alone: typer has just printed the help screen
+    if isinstance(exc, _NO_COMMAND) or not message:  # `phitune` alone: the help screen, then one line
+        print(exc.format_message(), end="", flush=True)
         message = "no command given; choose one of the commands above"
     _say(f"error: {message} (see: {where} --help)")
     return getattr(exc, "exit_code", 2)
