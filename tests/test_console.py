@@ -109,3 +109,28 @@ def test_a_failed_run_stops_the_bar_and_shows_the_cursor_again(make_config, term
     text = terminal.getvalue()
     hidden, shown = text.rfind("\x1b[?25l"), text.rfind("\x1b[?25h")
     assert hidden >= 0 and shown > hidden
+
+
+def test_grpo_lines_and_summary_lead_with_the_rewards_not_the_loss(tiny_model_dir, tmp_path, capsys):
+    """GRPO's loss is about 0 by construction (docs/grpo.md): each line shows the sampled completions' reward and
+    each reward's mean instead, and the final table leads with the held-out pass rate and rewards, before -> after."""
+    from test_grpo import grpo_config, make_prompts
+
+    from conftest import write_jsonl
+    from phitune.after.report import print_run_summary
+
+    files = (write_jsonl(tmp_path / "train.jsonl", make_prompts(8)), write_jsonl(tmp_path / "eval.jsonl",
+                                                                               make_prompts(4, 100)), tmp_path)
+    cfg = grpo_config(tiny_model_dir, files, tmp_path / "run", rewards=[{"name": "answer", "extract": "text"},
+                                                                       {"name": "length", "max_tokens": 4}],
+                      training_config={"max_steps": 2, "save_strategy": "no"})
+    print_run_summary(run_training(cfg))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all(re.match(rf"step \d/2  reward -?{LOSS}  answer -?{LOSS}  length -?{LOSS}  ", line)
+                                   for line in lines), out
+    assert not any(" loss " in line for line in lines), out
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 3]
+    assert rows[2:6] == ["pass rate (held out)", "reward (held out)", "reward answer (held out)",
+                         "reward length (held out)"], rows
+    assert "train loss" not in rows[:6]

@@ -32,14 +32,25 @@ def test_finetuned_beats_base_on_loss_and_rouge(trained_run, tmp_path):  # noqa:
     assert tuned["loss"] == pytest.approx(trainer_loss, rel=1e-5)
 
 
-def test_eval_command_writes_into_output(trained_run, tmp_path):  # noqa: F811
+def test_eval_command_writes_into_output_and_keeps_earlier_benchmarks(trained_run, tmp_path):  # noqa: F811
+    """`phitune eval --benchmarks` and then a plain `phitune eval` into the same folder: the benchmarks stay in
+    eval.json and in report.md's table (the reverse order is test_benchmarks'); the command prints its own table."""
     from phitune.cli import app
 
+    scores = {"base": {"acc,none": 0.25}, "fine-tuned": {"acc,none": 0.5}}
+    bench = dict(version=2.0, examples=6, chat_template=False, metric="acc,none", scores=scores, tasks={})
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_text(json.dumps({"metrics": {}, "info": {}, "samples": [],
+                                                           "benchmarks": {"phitune_choices": bench}}))
     result = CliRunner().invoke(app, ["eval", str(trained_run), "--num-generate", "2", "--max-new-tokens", "4",
                                       "--output", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
-    assert "fine-tuned" in result.output
-    assert set(json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]) == {"base", "fine-tuned"}
+    assert "fine-tuned" in result.output and "eval loss" in result.output
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(saved["metrics"]) == {"base", "fine-tuned"} and saved["benchmarks"] == {"phitune_choices": bench}
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| eval loss (assistant tokens) |" in report
+    assert "| phitune_choices | acc | 2.0 | 6 | no | 0.2500 | 0.5000 |" in report
 
 
 def test_generation_metrics_rouge_and_exact_match():

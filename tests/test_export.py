@@ -358,6 +358,25 @@ def test_llama_cpp_quantises_q4_k_m_and_the_file_answers(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_export_quant_prints_llama_cpps_log_only_with_debug(trained_run, tmp_path):  # noqa: F811
+    """llama.cpp's quantiser logs its loader and every tensor (some 80 lines) through llama-cpp-python's log
+    callback: `phitune export --quant` shows its own line alone, `phitune --debug export` the whole log."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    said = {}
+    for debug in ((), ("--debug",)):
+        done = subprocess.run([sys.executable, "-m", "phitune.cli", *debug, "export", str(trained_run), "--output",
+                               str(tmp_path / f"q4{len(debug)}.gguf"), "--quant", "q4_k_m"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said[bool(debug)] = done.stdout + done.stderr
+    assert "llama_model_loader" not in said[False] and len(said[False].splitlines()) <= 3, said[False][-3000:]
+    assert "llama_model_loader" in said[True]
+
+
+@pytest.mark.slow
 def test_llama_cpp_applies_the_gguf_lora_like_the_merged_model(trained_run, tmp_path):  # noqa: F811
     from phitune.after.generate import resolve_model_source
 

@@ -214,7 +214,7 @@ def test_sigterm_stops_a_grpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir,
     proc.send_signal(signal.SIGTERM)
     code, stderr = finish(proc)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
-    assert "phitune train CONFIG --resume" in stderr
+    assert f"Resume with: phitune train {tmp_path / 'run.yaml'} --resume" in stderr
     assert latest_complete_checkpoint(tmp_path / "out") is not None
     assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
 

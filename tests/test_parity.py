@@ -102,6 +102,23 @@ def test_a_tokenizer_that_differs_from_its_sentencepiece_model_is_warned_about_o
     assert len(said) == 1 and "[29871, 15043, 3186]" in said[0], said
 
 
+def test_a_copy_of_the_same_tokenizer_is_not_warned_about_again(tmp_path, caplog):
+    """`phitune export` loads the base's tokenizer (to merge) and then the merged model's copy of it (to write the
+    GGUF): the same SentencePiece model in two folders is one warning, not two."""
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
+    from phitune.tiny.phi3 import PHI3_TOKENIZER
+
+    base = shutil.copytree(PHI3_TOKENIZER, tmp_path / "base")
+    # a model no other test has checked: the same one, with a field SentencePiece does not know (number 100, 1)
+    (base / "tokenizer.model").write_bytes((base / "tokenizer.model").read_bytes() + b"\xa0\x06\x01")
+    merged = shutil.copytree(base, tmp_path / "merged")
+    with caplog.at_level(logging.WARNING, logger="phitune"):
+        for folder in (base, merged):
+            load_tokenizer(ModelConfig(name_or_path=str(folder)))
+    assert len([r for r in caplog.records if "SentencePiece" in r.getMessage()]) == 1
+
+
 def test_a_hub_model_is_checked_with_the_tokenizer_model_from_the_hub_cache(tmp_path):
     """A hub id, offline, from the hub cache (the layout huggingface_hub writes): its tokenizer.model is found
     there, not next to a folder named like the id. A process of its own, as the hub cache is read from the

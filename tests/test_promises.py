@@ -7,7 +7,8 @@ An interrupt (Ctrl-C, SIGTERM) at a command's main stage: exit code 130 and one 
 
 Bad-input rows run the real CLI in-process (`phitune.cli.main` with the row's arguments), so the table costs no
 interpreter start per row; Python warnings are counted as stderr lines, as a real process would print them. A missing
-extra is also tried in a real process, and the interrupts are real signals to real processes.
+extra is also tried in a real process, as are the rows that need an environment set before the libraries import
+(REAL_PROCESS: the hub offline), and the interrupts are real signals to real processes.
 
 Row: case(id, command line, words the stderr line must hold, files=..., hide=...). In the command line and the files,
 {d} is the case's directory, {run} a finished run, {model} the tiny model. Every case directory starts with run.yaml
@@ -33,6 +34,7 @@ import pytest
 import yaml
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+TINY_BASE = DEMO_DATA.parent / "tiny-phi3"  # the bundled model a demo run names (phitune.tiny.phi3.tiny_base_path)
 GOOD = {"messages": [{"role": "user", "content": "Which colour is snow?"}, {"role": "assistant", "content": "White."}]}
 PAIR = {"prompt": "Is snow white?", "chosen": "Yes.", "rejected": "No."}
 LONG_SYSTEM = {"role": "system", "content": "Please read all of this carefully before answering. " * 20}
@@ -88,7 +90,7 @@ TRAIN_SFT = [
          {"train.jsonl": ""}),
     case("data_file_blank", train(), ["train.jsonl", "no rows", "it needs rows of chat data"],
          {"train.jsonl": "  \n\n"}),
-    case("malformed_json_line", train(), ["train.jsonl:3", "malformed JSON"],
+    case("malformed_json_line", train(), ["train.jsonl:3", "malformed JSON", "--on-bad-row skip"],
          {"train.jsonl": lines(GOOD, GOOD, '{"messages": [{"role": "user"')}),
     case("unknown_row_format", train(), ["unknown data format", "question"],
          {"train.jsonl": lines({"question": "a?", "answer": "b"})}),
@@ -146,7 +148,8 @@ TRAIN_SFT = [
 TRAIN_DPO = [
     case("dpo_pairs_file_missing", dpo("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
     case("dpo_pairs_file_empty", dpo(), ["pairs.jsonl", "empty"], {"pairs.jsonl": ""}),
-    case("dpo_malformed_json_line", dpo(), ["pairs.jsonl:2", "malformed JSON"], {"pairs.jsonl": lines(PAIR, "{")}),
+    case("dpo_malformed_json_line", dpo(), ["pairs.jsonl:2", "malformed JSON", "--on-bad-row skip"],
+         {"pairs.jsonl": lines(PAIR, "{")}),
     case("dpo_unknown_training_key", dpo("training_config.betta=0.1"), ["unknown key training_config.betta", "'beta'"]),
     case("dpo_beta_not_a_number", dpo("training_config.beta=high"), ["training_config.beta", "'high'"]),
     case("dpo_batch_size_zero", dpo("training_config.per_device_train_batch_size=0"),
@@ -176,6 +179,7 @@ INFERENCE = [
     case("eval_num_generate_negative", ["eval", "{run}", "--num-generate", "-1"], ["'--num-generate'"]),
     case("eval_max_new_tokens_zero", ["eval", "{run}", "--max-new-tokens", "0"], ["'--max-new-tokens'"]),
     case("chat_not_a_run_dir", ["chat", "{d}"], ["not a phitune run directory"]),
+    case("chat_image_missing", ["chat", "{run}", "--image", "{d}/missing.png"], ["image not found", "missing.png"]),
     case("chat_temperature_zero", ["chat", "{run}", "--do-sample", "--temperature", "0"],
          ["--temperature must be above 0", "--greedy"]),
     case("chat_top_p_above_one", ["chat", "{run}", "--do-sample", "--top-p", "2"], ["--top-p must be in (0, 1]"]),
@@ -206,7 +210,15 @@ INFERENCE = [
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
 
-CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE
+DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"model: {{name_or_path: '{TINY_BASE}'}}\n"}
+DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not train's --overwrite or output_dir
+    case("demo_output_dir_foreign", ["demo", "--output-dir", "{d}/out"], ["holds no phitune run", "--output-dir"],
+         {"out/notes.txt": "mine\n"}),
+    case("demo_run_beside_a_user_file", ["demo", "--output-dir", "{d}/out"], ["also notes.txt", "--output-dir"],
+         {**DEMO_RUN, "out/notes.txt": "mine\n"}),
+]
+
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + DEMO
 
 
 def base_files(model_dir: Path) -> dict:
@@ -381,10 +393,11 @@ def test_version_and_help_exit_0():
         assert done.returncode == 0 and expected in done.stdout and not done.stderr, done.stderr
 
 
-def run_cli(args: list[str], cwd: Path, prelude: str = "", **options) -> subprocess.Popen:
-    """`phitune ARGS` in a real process; `prelude` runs first (e.g. to make a module unimportable)."""
+def run_cli(args: list[str], cwd: Path, prelude: str = "", env: dict | None = None, **options) -> subprocess.Popen:
+    """`phitune ARGS` in a real process; `prelude` runs first (e.g. to make a module unimportable); `env` adds to
+    the environment."""
     code = f"import sys\n{prelude}\nfrom phitune.cli import main\nmain()\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **options)
 
@@ -398,6 +411,37 @@ def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, 
     assert_one_line_error(Outcome(proc.returncode, stdout, stderr), ["pip install 'phitune[export]'"])
     assert "torch" not in stderr and time.perf_counter() - start < 30
     assert tree(tmp_path) == [] and tree(finished_run) == run_before
+
+
+# Rows whose environment must be set before the libraries are imported (they read the hub's offline switch then):
+# each runs in a real process, where a spy on phitune's model loader says on stderr when weights would load.
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1"}  # as on a machine without network, whatever this one has
+REAL_PROCESS = [
+    (case("eval_benchmarks_hub_offline", ["eval", "{run}", "--benchmarks", "gsm8k", "--limit", "2"],
+          ["benchmark gsm8k", "(openai/gsm8k)", "cannot be reached", "HF_DATASETS_OFFLINE=1", "local task YAML"]),
+     HUB_OFFLINE),
+]
+WEIGHTS_SPY = """
+import phitune.after.generate as generate
+loader = generate.load_for_inference
+def spy(*args, **kwargs):
+    print("weights loaded", file=sys.stderr, flush=True)
+    return loader(*args, **kwargs)
+generate.load_for_inference = spy
+"""
+
+
+@pytest.mark.parametrize("row, env", REAL_PROCESS, ids=[row.id for row, _ in REAL_PROCESS])
+def test_bad_input_in_a_real_process_is_one_line_exit_2_and_leaves_nothing(row, env, tiny_model_dir, finished_run,
+                                                                            run_before, tmp_path):
+    pytest.importorskip("lm_eval", reason="the [bench] extra (lm-eval) is part of the test extras")
+    places = {"d": tmp_path, "run": finished_run, "model": tiny_model_dir}
+    write_files(tmp_path, {**base_files(tiny_model_dir), **row.files}, places)
+    before = tree(tmp_path)
+    proc = run_cli([fill(arg, places) for arg in row.argv], tmp_path, prelude=WEIGHTS_SPY, env=env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert_one_line_error(Outcome(proc.returncode, stdout, stderr), row.words)
+    assert tree(tmp_path) == before and tree(finished_run) == run_before
 
 
 # Interrupts: (id, command line, the function at whose call the process waits for the signal, the signal). The

@@ -6,6 +6,7 @@ run side by side and float reductions happen in the same order in every run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint, latest_intact_checkpoint
+from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, latest_complete_checkpoint, latest_intact_checkpoint,
+                                      trained_seconds)
+from phitune.run.console import PROGRESS_LOG
 from phitune.run.signals import REPEAT_WINDOW_S
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
@@ -26,12 +29,13 @@ ADAPTER = "adapter_model.safetensors"
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step
 
 
-def write_config(directory: Path, model_dir: Path, **training) -> Path:
-    """A short LoRA run on the tiny model: 12 steps of 4 rows, a complete checkpoint every 4 steps."""
+def write_config(directory: Path, model_dir: Path, data: dict | None = None, **training) -> Path:
+    """A short LoRA run on the tiny model: 12 steps of 4 rows, a complete checkpoint every 4 steps; `data` adds to
+    the data section (no eval set unless it names one)."""
     config = {
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
         "data": {"train": str(DEMO_DATA / "train.jsonl"), "eval_split": 0, "max_seq_length": 128,
-                 "max_train_examples": 64},
+                 "max_train_examples": 64, **(data or {})},
         "training_config": {"output_dir": str(directory / "out"), "max_steps": 12, "learning_rate": 5e-3,
                             "per_device_train_batch_size": 4, "save_steps": 4, "save_total_limit": 10,
                             "logging_steps": 1, "seed": 0, "disable_tqdm": True, **training},
@@ -99,16 +103,17 @@ def last_line(text: str) -> str:
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    """The resume command is the one to copy: the config file and the --set options the run was started with."""
     config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
-    proc = start_train(config)
-    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc)
+    proc = start_train(config, "--set", "training_config.max_steps=400")
+    wait_for(lambda: TRAIN_LINE.search(proc.stderr_path.with_suffix(".out").read_text()), proc)
     proc.send_signal(signal.SIGTERM)
     code, stderr = finish(proc)
     assert code == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     message = last_line(stderr)
     assert message.startswith("error: stopped by SIGTERM at step ")
-    assert "phitune train CONFIG --resume" in message
+    assert f"Resume with: phitune train {config} --set training_config.max_steps=400 --resume" in message
     checkpoint = latest_complete_checkpoint(tmp_path / "out")
     assert checkpoint is not None and str(checkpoint) in message
     assert (checkpoint / ADAPTER).is_file() and (checkpoint / "optimizer.pt").is_file()
@@ -151,9 +156,12 @@ def test_a_signal_delivered_twice_at_once_is_one_graceful_stop(tiny_model_dir, t
 
 def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """Bitwise on CPU: the resumed run restores weights, optimizer, scheduler, RNG and the data order. The first run
-    is held after step 4: polling alone, on a loaded machine the 12 quick steps passed checkpoint-8 or -12 first."""
-    reference = start_train(write_config(tmp_path / "reference", tiny_model_dir))
-    config = write_config(tmp_path / "killed", tiny_model_dir)
+    is held after step 4: polling alone, on a loaded machine the 12 quick steps passed checkpoint-8 or -12 first.
+    The resumed run reports the whole run: the first attempt's evaluation at step 0 (eval loss before -> after) and
+    the training time of both attempts, as its token count has."""
+    held_out = {"eval": str(DEMO_DATA / "eval.jsonl"), "max_eval_examples": 8}
+    reference = start_train(write_config(tmp_path / "reference", tiny_model_dir, held_out))
+    config = write_config(tmp_path / "killed", tiny_model_dir, held_out)
     out = tmp_path / "killed" / "out"
     proc = start_train(config, hold_at=4)
     wait_for(lambda: latest_complete_checkpoint(out) is not None, proc)
@@ -176,6 +184,13 @@ def test_kill_9_then_resume_gives_the_adapter_of_an_uninterrupted_run(tiny_model
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert resumed[name].equal(tensor), name
+    metrics, straight = (json.loads((run / "metrics.json").read_text()) for run in (out, tmp_path / "reference" / "out"))
+    for key in ("eval_loss_before", "perplexity_before", "eval_loss_after"):
+        assert metrics[key] == straight[key], key
+    progress = [json.loads(line) for line in (out / PROGRESS_LOG).read_text().splitlines()]
+    begin, end = (next(e["time"] for e in reversed(progress) if e["event"] == event) for event in ("begin", "end"))
+    first_attempt = trained_seconds(complete)
+    assert first_attempt > 0 and metrics["train_runtime_s"] >= first_attempt + (end - begin), metrics
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):

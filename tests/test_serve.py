@@ -105,6 +105,23 @@ def test_a_port_in_use_is_one_line_before_any_model_loads(trained_run, capsys): 
     assert err.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and err.endswith("; pass another --port")
 
 
+def test_llama_cpp_loads_the_model_quietly_unless_debug(tmp_path):
+    """llama-cpp-python's server prints llama.cpp's whole load log (some 400 lines before the first request) unless
+    told `--verbose false`; `phitune --debug serve` asks for it (the slow test below checks the quiet output)."""
+    import gguf
+
+    from phitune.after.serve import llama_cpp_command
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
+    writer.add_context_length(4096)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    for verbose in (False, True):
+        command = llama_cpp_command(tmp_path / "m.gguf", "run", "127.0.0.1", 8000, verbose=verbose)
+        assert command[command.index("--verbose") + 1] == str(verbose).lower(), command
+
+
 # ---- slow: the real server and the official client -------------------------------------------------------------
 
 
@@ -186,12 +203,13 @@ def test_openai_client_gets_phitune_generates_answer_from_llama_cpp(trained_run,
     try:
         text, finish, streamed, stream_finish, tokens = ask_both_ways(port, trained_run.name)
     finally:
-        stop_server(server)
+        output = stop_server(server)
     assert expected and text.strip() == expected and streamed.strip() == expected
     assert finish == "stop" and stream_finish == "stop" and tokens < MAX_TOKENS  # ended at <|end|>, not the limit
     assert "<|end|>" not in text and "<|" not in streamed
     with pytest.raises(OSError):  # stopping phitune serve stopped the engine's process too: the port is closed
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    assert "llama_model_loader" not in output and len(output.splitlines()) < 100, output[-3000:]  # no load log
 
 
 @pytest.mark.vllm

@@ -21,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Help text as written: rich markup would take `[ui]` in `pip install -e ".[ui]"` for a style and drop it.
+    rich_markup_mode=None,
     help="Fine-tune Microsoft's Phi family (Phi-3, 3.5, 4, 4-mini, 4-multimodal) with LoRA and QLoRA: one YAML file "
     "in, a standard PEFT adapter out.",
 )
@@ -64,6 +66,9 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # `eval --benchmarks`: its set-up notes, per model
+        # llama-cpp-python's log callback prints llama.cpp's messages when this logger's own level lets them through:
+        # `export --quant` would print the quantiser's loader, some 80 lines (errors still show)
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
@@ -187,11 +192,13 @@ def chat(
 
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    if image:
+        from phitune.after.vision_eval import MediaChatSession, load_chat_media
+
+        media = load_chat_media(image)  # a missing picture is said before the model loads
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
     if image:
-        from phitune.after.vision_eval import MediaChatSession
-
-        session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, image)
+        session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, media)
     else:
         session = ChatSession(loaded, tokenizer, settings, system=system)
     interactive = sys.stdin.isatty()
@@ -312,7 +319,7 @@ def serve(
     the adapter as a LoRA module. Stops with Ctrl-C."""
     from phitune.after.serve import plan_serve, run_server, warn_if_public
 
-    plan = plan_serve(run_dir, engine, host, port, gguf)
+    plan = plan_serve(run_dir, engine, host, port, gguf, verbose=STATE["debug"])
     warn_if_public(host)
     try:  # from the first line on: a Ctrl-C right after it is the same stop
         print(f"serving {run_dir} with {plan.engine} at {plan.url} as model \"{plan.model_name}\"", flush=True)
@@ -389,6 +396,7 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 
 _USAGE_ERRORS = _click_exceptions("ClickException")
+_NO_COMMAND = _click_exceptions("NoArgsIsHelpError")  # `phitune` alone: its message is the help screen
 _ABORTS = _click_exceptions("Abort") + (typer.Abort,)
 
 
@@ -444,7 +452,8 @@ def _usage_error(exc) -> int:
     ctx = getattr(exc, "ctx", None)
     where = ctx.command_path if ctx is not None else "phitune"
     message = exc.format_message().strip().rstrip(".")
-    if not message:  # `phitune` alone: typer has just printed the help screen
+    if isinstance(exc, _NO_COMMAND) or not message:  # `phitune` alone: the help screen, then one line
+        print(exc.format_message(), end="", flush=True)
         message = "no command given; choose one of the commands above"
     _say(f"error: {message} (see: {where} --help)")
     return getattr(exc, "exit_code", 2)

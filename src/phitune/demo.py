@@ -15,7 +15,7 @@ import yaml
 from phitune.config.schema import load_config
 from phitune.errors import PhituneError
 from phitune.run.checkpoints import checkpoint_dirs
-from phitune.run.output_dir import run_state
+from phitune.run.output_dir import foreign_files, run_state
 from phitune.tiny.phi3 import ASSETS, DEMO_DATA, tiny_base_path
 
 log = logging.getLogger("phitune")
@@ -59,10 +59,16 @@ def replaces_earlier_demo(output_dir: Path) -> bool:
     """True when `output_dir` holds a finished or interrupted demo run: the demo starts again from scratch there (it
     has no --resume; its minute of training is not worth one). A run that is not a demo's is refused."""
     state = run_state(output_dir)
-    if state not in ("finished", "interrupted"):
-        return False  # empty, or foreign: run_training refuses the latter
+    if state == "empty":
+        return False
+    if state == "foreign":
+        raise PhituneError(f"{output_dir} is not empty and holds no phitune run; choose another --output-dir (phitune "
+                           "never deletes files it did not write)")
     if not is_demo_run(output_dir):
         raise PhituneError(f"{output_dir} holds a run that is not a demo run; choose another --output-dir")
+    if others := foreign_files(output_dir):
+        raise PhituneError(f"{output_dir} holds an earlier demo run and also {', '.join(others[:3])}, which the demo "
+                           "would not delete; move those out or choose another --output-dir")
     if state == "interrupted":
         log.warning("%s holds an interrupted demo run; the demo starts again from scratch", output_dir)
     return True

@@ -22,7 +22,7 @@ from phitune.config.schema import RunConfig, save_config
 from phitune.errors import PhituneError
 from phitune.recipes import grpo, preference, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_intact_checkpoint
-from phitune.run.lifecycle import RunResult, finish, fit
+from phitune.run.lifecycle import RunResult, finish, fit, resume_command
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
@@ -83,7 +83,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | Non
         save_config(cfg, output_dir / SAVED_CONFIG)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
-    metrics = fit(trainer, checkpoint)
+    metrics = fit(trainer, checkpoint, resume_command(cfg))
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
     metrics.update(recipe.data_metrics(cfg, data), machine=machine_description())
     finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)

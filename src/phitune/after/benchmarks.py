@@ -20,6 +20,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -75,6 +76,8 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             built = _build(spec, manager)
         except (FileNotFoundError, ValueError, KeyError) as exc:  # a missing data file, a malformed YAML
             raise PhituneError(f"benchmark {spec}: {str(exc).splitlines()[0]}") from None
+        except ConnectionError as exc:  # datasets' own, and huggingface_hub's OfflineModeIsEnabled
+            raise PhituneError(hub_unreachable(spec, str(exc))) from None
         tasks, groups = built["tasks"], built["groups"]
         children = {child for members in built["group_map"].values() for child in members}
         for top in [g for g in groups if g not in children] or list(tasks):
@@ -83,6 +86,16 @@ def load_benchmarks(names: list[str], manager) -> list[dict]:
             loaded.append(dict(name=top, objects=[item], leaves=leaves,
                                chat=any(t.config.output_type in CHAT_OUTPUT_TYPES for t in leaves.values())))
     return loaded
+
+
+def hub_unreachable(spec: str, said: str) -> str:
+    """What to do when a task's data must come from the hub and the hub cannot be reached (offline, or
+    HF_HUB_OFFLINE=1 with nothing cached): datasets says "Couldn't reach 'openai/gsm8k' on the Hub (...)"."""
+    found = re.search(r"'([^'\s]+)'", said)  # the name in quotes (not the one of "Couldn't")
+    dataset = f" ({found.group(1)})" if found else ""
+    return (f"benchmark {spec}: its data{dataset} is on the Hugging Face Hub, which cannot be reached; run it once "
+            "online to fill the datasets cache (HF_DATASETS_OFFLINE=1 then reads the cache), or name a local task "
+            "YAML file (docs/benchmarks.md)")
 
 
 def _build(spec: str, manager) -> dict:
@@ -257,20 +270,13 @@ def _metrics(entry: dict) -> dict:
 def write_benchmark_results(out: Path, table: dict, info: dict):
     """eval.json, report.md and eval.png; return the EvalResult. An earlier eval.json in `out` is kept (its
     metrics, samples and other benchmarks): a benchmark of the same name is replaced."""
-    from phitune.after.evaluate import CHART_PNG, EVAL_JSON, REPORT_MD, EvalResult
+    from phitune.after.evaluate import CHART_PNG, REPORT_MD, EvalResult, read_eval_json, save_eval_json
     from phitune.after.report import plot_eval_chart, write_eval_markdown
 
-    earlier = {}
-    if (out / EVAL_JSON).is_file():
-        try:
-            earlier = json.loads((out / EVAL_JSON).read_text(encoding="utf-8"))
-        except ValueError:
-            raise PhituneError(f"{out / EVAL_JSON} is not valid JSON; move it away or choose --output") from None
+    earlier = read_eval_json(out)
     result = EvalResult(metrics=earlier.get("metrics") or {}, samples=earlier.get("samples") or [],
-                        info={**info, **(earlier.get("info") or {})}, output_dir=out,
-                        benchmarks={**(earlier.get("benchmarks") or {}), **table})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+                        info={**info, **(earlier.get("info") or {})}, output_dir=out, benchmarks=table)
+    result.benchmarks = save_eval_json(result)
     plot_eval_chart(result.metrics, out / CHART_PNG, result.benchmarks)
     write_eval_markdown(result, out / REPORT_MD, CHART_PNG)
     return result

@@ -78,11 +78,32 @@ def run_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg: DataC
                 eval_examples=len(tokenized[0]),
                 generated=len(prompts), max_new_tokens=settings.max_new_tokens, quantized=bool(model_cfg.quantization))
     result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    plot_eval_chart(metrics, result.output_dir / CHART_PNG)
-    write_eval_markdown(result, result.output_dir / REPORT_MD, CHART_PNG)
+    written = replace(result, benchmarks=save_eval_json(result))  # the report keeps earlier benchmarks too
+    plot_eval_chart(metrics, result.output_dir / CHART_PNG, written.benchmarks)
+    write_eval_markdown(written, result.output_dir / REPORT_MD, CHART_PNG)
     return result
+
+
+def read_eval_json(out: Path) -> dict:
+    """The eval.json an earlier `phitune eval` left in `out` ({} when there is none)."""
+    if not (out / EVAL_JSON).is_file():
+        return {}
+    try:
+        return json.loads((out / EVAL_JSON).read_text(encoding="utf-8"))
+    except ValueError:
+        raise PhituneError(f"{out / EVAL_JSON} is not valid JSON; move it away or choose --output") from None
+
+
+def save_eval_json(result: EvalResult) -> dict:
+    """Write `result` to eval.json in its output_dir, keeping the lm-eval benchmarks an earlier `phitune eval
+    --benchmarks` wrote there (a benchmark of the same name is replaced): each kind of evaluation keeps the other's
+    results, whichever runs last. Return the benchmarks written."""
+    earlier = read_eval_json(result.output_dir).get("benchmarks") or {}
+    benchmarks = {**earlier, **result.benchmarks}
+    result.output_dir.mkdir(parents=True, exist_ok=True)
+    saved = replace(result, benchmarks=benchmarks).to_dict()
+    (result.output_dir / EVAL_JSON).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    return benchmarks
 
 
 def announce_eval_time(model, tokenized: tuple[list, list], num_generate: int, max_new_tokens: int,

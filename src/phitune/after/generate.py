@@ -157,7 +157,8 @@ def read_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise PhituneError(f"input file not found: {path}")
-    rows, _ = read_rows(str(path))  # the training reader: file:line on malformed JSON, a clear error on non-UTF-8
+    # the training reader: file:line on malformed JSON, a clear error on non-UTF-8 (data.on_bad_row is no option here)
+    rows, _ = read_rows(str(path), hint="")
     if not rows:
         raise PhituneError(f"{path}: no prompts")
     for number, row in rows:

@@ -27,22 +27,28 @@ def print_run_summary(result) -> None:
     console.print(f"adapter, tokenizer, metrics.json and loss.png are in [bold]{result.output_dir}[/bold]")
 
 
-# metrics.json keys shown as "before -> after" (key_before, key_after), with their label and format
+# metrics.json keys shown as "before -> after" (key_before, key_after), with their label and format; GRPO's
+# reward_NAME keys (one per reward function) follow its total reward
 BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity", "loss"),
                 ("preference_accuracy", "preference accuracy (held out)", "percent"),
                 ("reward_margin", "reward margin (held out)", "loss"), ("chosen_logp", "log p(chosen)", "loss"),
-                ("rejected_logp", "log p(rejected)", "loss")]
+                ("rejected_logp", "log p(rejected)", "loss"), ("pass_rate", "pass rate (held out)", "percent"),
+                ("reward", "reward (held out)", "loss")]
 
 
 def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
     """(label, value) rows of metrics.json for people: units, 4 significant digits, before -> after pairs; keys
-    without a row of their own follow under their own names."""
+    without a row of their own follow under their own names. GRPO's train loss is about 0 by construction: its
+    held-out pass rate and rewards lead, and the loss follows with the other keys."""
     m = dict(metrics)
     rows = [("method", str(m.pop("method")))] if "method" in m else []
     rows.append(("steps", f"{m.pop('global_step', 0):,}"))
-    if m.get("train_loss") is not None:  # None (nothing trained in a resumed run) follows as "train loss -"
+    # None (nothing trained in a resumed run) follows as "train loss -"
+    if m.get("train_loss") is not None and ("method", "grpo") not in rows:
         rows.append(("train loss", format_value(m.pop("train_loss"))))
-    for key, label, kind in BEFORE_AFTER:
+    rewards = [key[:-len("_after")] for key in m if key.startswith("reward_") and key.endswith("_after")
+               and key != "reward_margin_after"]
+    for key, label, kind in BEFORE_AFTER + [(key, f"{key.replace('_', ' ')} (held out)", "loss") for key in rewards]:
         before, after = m.pop(f"{key}_before", None), m.pop(f"{key}_after", None)
         if after is not None:
             rows.append((label, " -> ".join(format_value(v, kind) for v in (before, after) if v is not None)))

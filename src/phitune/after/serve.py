@@ -49,9 +49,9 @@ class ServePlan:
 
 
 def plan_serve(run_dir: Path, engine: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               gguf: Path | None = None) -> ServePlan:
+               gguf: Path | None = None, verbose: bool = False) -> ServePlan:
     """The server command for `run_dir` on `engine` (default: vLLM on a CUDA machine that has it, else llama.cpp);
-    every check runs here, before anything starts."""
+    every check runs here, before anything starts. `verbose` (--debug): llama.cpp's own log of loading the model."""
     run_dir = Path(run_dir)
     if not (run_dir / "phitune_config.yaml").is_file():
         raise PhituneError(f"{run_dir} is not a finished phitune run (no phitune_config.yaml)")
@@ -67,7 +67,7 @@ def plan_serve(run_dir: Path, engine: str | None = None, host: str = "127.0.0.1"
     if not engine_installed(engine):
         raise PhituneError(f"the {engine} engine is not installed: {INSTALL[engine]}"
                            + (" (it needs CUDA)" if engine == "vllm" else ""))
-    command = llama_cpp_command(gguf, name, host, port) if gguf else vllm_command(run_dir, name, host, port)
+    command = llama_cpp_command(gguf, name, host, port, verbose) if gguf else vllm_command(run_dir, name, host, port)
     return ServePlan(engine=engine, command=command, model_name=name, url=f"http://{_url_host(host)}:{port}/v1")
 
 
@@ -130,11 +130,12 @@ def check_port_free(host: str, port: int) -> None:
             raise PhituneError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port") from None
 
 
-def llama_cpp_command(gguf: Path, name: str, host: str, port: int) -> list[str]:
-    """llama-cpp-python's server on `gguf`, under `name`, with the template the GGUF carries."""
+def llama_cpp_command(gguf: Path, name: str, host: str, port: int, verbose: bool = False) -> list[str]:
+    """llama-cpp-python's server on `gguf`, under `name`, with the template the GGUF carries; llama.cpp's log of
+    loading the model (some 400 lines before the first request) only when `verbose`."""
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
             "--chat_format", "chat_template.default", "--n_ctx", str(_context_length(gguf)),
-            "--host", host, "--port", str(port)]
+            "--host", host, "--port", str(port), "--verbose", str(verbose).lower()]
 
 
 def _context_length(gguf: Path) -> int:

@@ -90,7 +90,7 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
                          num_generate: int, settings: SamplingSettings, batch_size: int, use_eval_split: bool):
     """The base model, then base + adapter: teacher-forced metrics on every eval row, exact match and ROUGE-L of
     the answers to the first `num_generate`; eval.json in `output_dir`."""
-    from phitune.after.evaluate import EVAL_JSON, EvalResult, generation_metrics
+    from phitune.after.evaluate import EvalResult, generation_metrics, save_eval_json
     from phitune.after.generate import attach_adapter, load_for_inference
     from phitune.data import training_chat_template
     from phitune.data.multimodal_batch import encode_media_rows
@@ -114,8 +114,7 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
     info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(encoded),
                 generated=len(pairs), max_new_tokens=settings.max_new_tokens)
     result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    save_eval_json(result)
     return result
 
 
@@ -195,27 +194,34 @@ def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], s
     return len(answers)
 
 
+def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
+    """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image`,
+    read before any weight loads, so a missing or unreadable file is an error at once."""
+    from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, load_audio, load_image
+    from phitune.data.readers import BadRow
+
+    media, prefix = [], ""
+    for path in media_paths:
+        audio = Path(path).suffix.lower() == ".wav"
+        load = load_audio if audio else load_image
+        try:
+            media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))
+        except BadRow as problem:
+            raise PhituneError(str(problem)) from None
+        prefix += AUDIO_PLACEHOLDER if audio else IMAGE_PLACEHOLDER
+    return media, prefix
+
+
 class MediaChatSession:
     """`phitune chat --image PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
     the command line attached to the first user turn. Replies come whole (one piece): the model generates in one
-    call, as evaluation does."""
+    call, as evaluation does. `media`: load_chat_media's answer."""
 
     def __init__(self, model, tokenizer, name_or_path: str, settings: SamplingSettings | None = None,
-                 system: str | None = None, media_paths: list[Path] = ()):
-        from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, load_audio, load_image
-        from phitune.data.readers import BadRow
-
+                 system: str | None = None, media: tuple[list, str] = ([], "")):
         self.model, self.tokenizer, self.settings, self.system = model, tokenizer, settings, system
         self.processor = media_processor(model, tokenizer, name_or_path)
-        self.media, self.prefix = [], ""
-        for path in media_paths:
-            audio = Path(path).suffix.lower() == ".wav"
-            load = load_audio if audio else load_image
-            try:
-                self.media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))
-            except BadRow as problem:
-                raise PhituneError(str(problem)) from None
-            self.prefix += AUDIO_PLACEHOLDER if audio else IMAGE_PLACEHOLDER
+        self.media, self.prefix = media
         self.reset()
 
     def reset(self) -> None:

@@ -143,7 +143,8 @@ class RunConfig:
     peft_config: dict[str, Any] | None = None
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     method: str = "sft"
-    source: str | None = None
+    source: str | None = None  # the YAML file it was read from, and the --set overrides applied to it
+    overrides: list[str] = field(default_factory=list)
     rewards: list[dict] | None = None  # method grpo: the reward functions (config_methods.check_rewards)
 
     @property
@@ -194,7 +195,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise PhituneError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS[:4])}")
     apply_overrides(raw, overrides or [])
     cfg = config_from_dict(raw)
-    cfg.source = str(path)
+    cfg.source, cfg.overrides = str(path), list(overrides or [])
     return cfg
 
 

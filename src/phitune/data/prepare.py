@@ -28,7 +28,7 @@ import numpy as np
 from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
 from phitune.data.formats import detect_format, to_messages
-from phitune.data.readers import BadRow, read_row_batches, read_rows, row_location
+from phitune.data.readers import SKIP_HINT, BadRow, read_row_batches, read_rows, row_location
 from phitune.errors import PhituneError, first_line
 
 ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
@@ -344,8 +344,7 @@ def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[l
     problems = list(checked.select(order)["problem"]) if len(order) else []
     error = None
     if problems:
-        suffix = " (set data.on_bad_row: skip to skip such rows)" if status[order[0]] == ROW_BAD else ""
-        error = problems[0] + suffix
+        error = problems[0] + SKIP_HINT
         if cfg.on_bad_row == "error":
             raise PhituneError(error)
     good = np.flatnonzero(status == OK)

@@ -20,6 +20,8 @@ BATCH_ROWS = 10_000  # rows per batch when reading a large source a batch at a t
 
 
 CHAT_ROWS = "rows of chat data"  # what a data file needs, said when it is empty; callers of other data name theirs
+# How to go on past a malformed line of training data (`phitune train --on-bad-row skip` sets data.on_bad_row)
+SKIP_HINT = " (pass --on-bad-row skip, or set data.on_bad_row: skip, to skip such rows)"
 
 
 class BadRow(Exception):
@@ -36,12 +38,15 @@ def row_location(source: str, number: int) -> str:
 
 
 def read_rows(source: str, split: str = "train", on_bad_row: str = "error",
-              needs: str = CHAT_ROWS) -> tuple[list[Row], list[BadRow]]:
+              needs: str = CHAT_ROWS, hint: str = SKIP_HINT) -> tuple[list[Row], list[BadRow]]:
     """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name. `needs`:
-    what the caller reads, for the message of an empty file."""
+    what the caller reads, for the message of an empty file; `hint`: what the error of a malformed JSON line adds
+    (how to skip such rows: "" where data.on_bad_row does not apply)."""
     path = Path(source)
     if _is_local(path, needs):
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path, on_bad_row, hint)
+        reader = {".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         return reader[path.suffix.lower()](path, on_bad_row)
     return [row for rows in _hub_batches(source, split, BATCH_ROWS) for row in rows], []
 
@@ -88,7 +93,7 @@ def _read_text(path: Path) -> str:
         raise PhituneError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _read_jsonl(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
+def _read_jsonl(path: Path, on_bad_row: str, hint: str) -> tuple[list[Row], list[BadRow]]:
     rows, bad = [], []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -100,7 +105,7 @@ def _read_jsonl(path: Path, on_bad_row: str) -> tuple[list[Row], list[BadRow]]:
         except ValueError as exc:
             problem = BadRow(f"{path}:{number}", f"malformed JSON line ({first_line(exc)})")
             if on_bad_row == "error":
-                raise PhituneError(str(problem)) from None
+                raise PhituneError(f"{problem}{hint}") from None
             bad.append(problem)
             continue
         rows.append((number, row))

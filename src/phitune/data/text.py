@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phitune.data.readers import SKIP_HINT as LINE_SKIP_HINT
 from phitune.data.readers import BadRow, _read_text, read_row_batches, read_rows, row_location
 from phitune.errors import PhituneError
 
@@ -75,7 +76,7 @@ def _file_batches(files: list[Path]):
 def _row_batches(source: str, split: str, on_bad_row: str):
     if Path(source).suffix.lower() in (".jsonl", ".json"):  # malformed lines: an error, or listed here to skip
         rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row, needs=TEXT_ROWS)
-        yield [], [str(problem) for problem in bad], ""  # said as read_rows raises it with on_bad_row: error
+        yield [], [str(problem) for problem in bad], LINE_SKIP_HINT  # said as read_rows raises it with on_bad_row: error
         batches = [rows[i:i + DOCS_PER_BATCH] for i in range(0, len(rows), DOCS_PER_BATCH)]
     else:
         batches = read_row_batches(source, split, DOCS_PER_BATCH, needs=TEXT_ROWS)

@@ -7,6 +7,7 @@ would be every eos); chat turns close with `<|end|>`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -61,21 +62,28 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
 
 
 SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
-_checked: set[str] = set()  # SentencePiece model files already compared in this process
+_checked: set[tuple[str, str]] = set()  # (tokenizer class, SentencePiece model's digest) compared in this process
 
 
 def warn_if_not_sentencepiece(tokenizer, cfg: ModelConfig) -> None:
     """Warn, once per process and model, when transformers tokenizes plain text otherwise than the model's own
-    SentencePiece model (`tokenizer.model`), which is also how llama.cpp and Ollama tokenize it.
+    SentencePiece model (`tokenizer.model`), which is also how llama.cpp and Ollama tokenize it. A model is known by
+    the file's content, not its path: an export loads the base's tokenizer and then the merged copy's, one warning.
 
     transformers 5 builds a Phi-3 tokenizer from its files alone as a Metaspace `LlamaTokenizer` (docs/export.md,
     "Train/serve parity"): the model would be fine-tuned on ids a GGUF runtime never feeds it. Without the file
     (a model that has none, a hub model offline) or without the `sentencepiece` package there is nothing to compare
     with, and nothing is said: this check never stops a command."""
     model_file = _sentencepiece_file(cfg)
-    if model_file is None or model_file in _checked:
+    if model_file is None:
         return
-    _checked.add(model_file)
+    try:
+        key = (type(tokenizer).__name__, hashlib.sha256(Path(model_file).read_bytes()).hexdigest())
+    except OSError:  # a file it cannot read: nothing to compare with
+        return
+    if key in _checked:
+        return
+    _checked.add(key)
     try:
         from sentencepiece import SentencePieceProcessor
 

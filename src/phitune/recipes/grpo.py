@@ -208,7 +208,7 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
     `settings.max_new_tokens` caps the completions. Writes eval.json."""
     from dataclasses import replace
 
-    from phitune.after.evaluate import EVAL_JSON, EvalResult
+    from phitune.after.evaluate import EvalResult, save_eval_json
     from phitune.after.generate import attach_adapter, load_for_inference
     from phitune.after.rewards import build_rewards, score_completions
     from phitune.config.schema import load_run_config
@@ -236,8 +236,7 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
                 metric="mean reward per function of greedy completions (reward: weighted total); pass_rate: share "
                        "of prompts whose completion earns the full answer reward")
     result = EvalResult(metrics=metrics, info=info, output_dir=Path(output_dir))
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    save_eval_json(result)
     return result
 
 

@@ -18,7 +18,6 @@ differs:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -219,7 +218,7 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
     --data. Writes eval.json."""
     from dataclasses import replace
 
-    from phitune.after.evaluate import EVAL_JSON, EvalResult
+    from phitune.after.evaluate import EvalResult, save_eval_json
     from phitune.after.generate import attach_adapter, load_for_inference
     from phitune.data.preference import load_preference_data
 
@@ -245,8 +244,7 @@ def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_
                 metric="preference accuracy: share of pairs with log p(chosen) > log p(rejected), answers' summed "
                        "token log-probabilities; reward_margin: mean of their difference (nats)")
     result = EvalResult(metrics=metrics, info=info, output_dir=Path(output_dir))
-    result.output_dir.mkdir(parents=True, exist_ok=True)
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    save_eval_json(result)
     return result
 
 

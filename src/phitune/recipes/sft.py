@@ -13,7 +13,8 @@ from pathlib import Path
 
 from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.run.lifecycle import load_model_for_training, trainer_settings, warn_if_fsdp_fell_back
+from phitune.run.lifecycle import (eval_loss_before_after, load_model_for_training, trainer_settings,
+                                   warn_if_fsdp_fell_back)
 from phitune.run.plan import RunPlan
 from phitune.run.trainer import PhituneTrainer
 
@@ -44,7 +45,8 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
 def evaluate_before(cfg: RunConfig, trainer, tokenizer, data, checkpoint: Path | None) -> dict:
     """Ask for the evaluation at step 0 inside `train()` (eval_on_start), after accelerate has wrapped the model: a
     `trainer.evaluate()` before `train()` marks the bare model as prepared, and the processes of a multi-process run
-    then train without synchronising their gradients. A resumed run has had its start."""
+    then train without synchronising their gradients. A resumed run has had its start (its first attempt's
+    evaluation comes back with the checkpoint's log history)."""
     trainer.args.eval_on_start = data[1] is not None and checkpoint is None
     return {}
 
@@ -53,7 +55,7 @@ def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> di
     """eval_loss before and after with their perplexities, when the run has an eval set."""
     if data[1] is None:
         return {}
-    return evaluation_metrics(trainer, evaluated_at_start=trainer.args.eval_on_start)
+    return eval_loss_before_after(trainer)
 
 
 def data_metrics(cfg: RunConfig, data) -> dict:
@@ -136,20 +138,6 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
     )
     warn_if_fsdp_fell_back(trainer)
     return trainer
-
-
-def evaluation_metrics(trainer, evaluated_at_start: bool) -> dict:
-    """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
-    the loop just did it), with their perplexities."""
-    from phitune.after.metrics import perplexity
-
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
-    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
-    if evaluated_at_start and evals and evals[0]["step"] == 0:
-        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
-    return metrics
 
 
 def dataset_metrics(train_set, eval_set) -> dict:

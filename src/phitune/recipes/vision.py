@@ -20,7 +20,7 @@ from pathlib import Path
 
 from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.run.lifecycle import load_model_for_training, trainer_settings
+from phitune.run.lifecycle import eval_loss_before_after, load_model_for_training, trainer_settings
 from phitune.run.plan import RunPlan
 from phitune.run.trainer import PhituneTrainer
 
@@ -131,17 +131,7 @@ def evaluate_before(cfg: RunConfig, trainer, tokenizer, data: VisionData, checkp
 
 def evaluate_after(cfg: RunConfig, trainer, tokenizer, data: VisionData, before: dict) -> dict:
     """eval_loss at step 0 and at the last step, with their perplexities."""
-    from phitune.after.metrics import perplexity
-
-    if data.eval is None:
-        return {}
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
-    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
-    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
-    if trainer.args.eval_on_start and evals and evals[0]["step"] == 0:
-        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
-    return metrics
+    return eval_loss_before_after(trainer) if data.eval is not None else {}
 
 
 def data_metrics(cfg: RunConfig, data: VisionData) -> dict:

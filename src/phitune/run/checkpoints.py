@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -126,13 +127,22 @@ class CompleteCheckpoints(TrainerCallback):
 
     def __init__(self, save_total_limit: int | None):
         self.save_total_limit = save_total_limit
+        self.started, self.earlier = time.perf_counter(), 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock; a resumed run (its trainer state loaded: global_step is the checkpoint's) adds the
+        seconds its checkpoint had trained."""
+        self.started = time.perf_counter()
+        self.earlier = trained_seconds(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_save(self, args, state, control, **kwargs):
         from transformers.trainer_utils import rotate_checkpoints
 
         barrier()
         if args.should_save:
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", batch_layout(args))
+            seconds = round(self.earlier + time.perf_counter() - self.started, 2)
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}",
+                          {**batch_layout(args), "train_runtime_s": seconds})
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint, use_mtime=False)
         barrier()  # nobody resumes work (or reads the directory) while rank 0 is still deleting
         return control
@@ -165,6 +175,19 @@ def check_resume_layout(checkpoint: Path, args) -> None:
         f"{_describe(now)}. Resume with the same global batch (processes x per_device_train_batch_size x "
         "gradient_accumulation_steps)"
     )
+
+
+
+def trained_seconds(checkpoint: Path | None) -> float:
+    """Seconds of training a run had behind it when `checkpoint` was saved, as its completion marker records them
+    (0 for no checkpoint, and for a marker from before phitune recorded them)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
+                     .get("train_runtime_s", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def _describe(layout: dict) -> str:

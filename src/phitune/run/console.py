@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -38,8 +39,27 @@ EVAL_FIELDS = [
 SFT_ONLY = ("mean_token_accuracy", "eval_mean_token_accuracy")
 
 
+# GRPO (TRL's GRPOTrainer) logs the weighted reward of its sampled completions (`reward`) and each reward's mean
+# (`rewards/NAME/mean`): what shows learning. Its loss is about 0 by construction (one pass per generation batch:
+# the policy ratio is 1), so a GRPO line leads with the rewards and leaves the loss out.
+GRPO_FIELDS = [("reward", "reward", "loss"), ("completions/mean_length", "completion length", "loss"),
+               ("grad_norm", "grad norm", "loss"), ("learning_rate", "lr", "rate")]
+REWARD_MEAN = re.compile(r"^rewards/(.+)/mean$")
+
+
+def is_grpo_log(logs: dict) -> bool:
+    """A log of GRPO's training: it holds the sampled completions' reward means."""
+    return any(REWARD_MEAN.match(key) for key in logs)
+
+
 def describe_log(logs: dict, fields: list[tuple[str, str, str]]) -> list[str]:
-    """The `label value` pieces of one log, in the fields' order; a preference log (reward keys) without SFT's."""
+    """The `label value` pieces of one log, in the fields' order; a preference log (reward keys) without SFT's; a
+    GRPO log as GRPO_FIELDS, each reward's mean after the total."""
+    if is_grpo_log(logs):
+        pieces = [f"{label} {format_value(logs[key], kind)}" for key, label, kind in GRPO_FIELDS if key in logs]
+        means = [f"{found.group(1)} {format_value(value)}" for key, value in logs.items()
+                 if (found := REWARD_MEAN.match(key))]
+        return pieces[:1] + means + pieces[1:]
     preference = any("rewards/" in key for key in logs)
     return [f"{label} {format_value(logs[key], kind)}" for key, label, kind in fields
             if key in logs and not (preference and key in SFT_ONLY)]
@@ -100,9 +120,11 @@ class TrainingConsole(TrainerCallback):
             self.progress = None
 
     def _remember(self, logs: dict) -> None:
+        if is_grpo_log(logs) and "loss" in self.stats:  # the bar too shows GRPO's reward, not its loss
+            self.stats = {"reward": "-", "lr": "-"}
         for key, label, kind in (("loss", "loss", "loss"), ("eval_loss", "eval loss", "loss"),
-                                 ("learning_rate", "lr", "rate")):
-            if key in logs:
+                                 ("reward", "reward", "loss"), ("learning_rate", "lr", "rate")):
+            if key in logs and label in self.stats:
                 self.stats[label] = format_value(logs[key], kind)
 
     def _speed(self, state) -> list[str]:

@@ -24,7 +24,8 @@ from phitune.after.report import plot_losses
 from phitune.config.schema import RunConfig, load_run_config, save_config
 from phitune.errors import PhituneError, first_line, is_write_failure, write_error
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
-from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint, write_atomically
+from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, latest_complete_checkpoint, trained_seconds,
+                                      write_atomically)
 from phitune.run.console import close_console
 from phitune.run.guard import NonFiniteLoss
 from phitune.run.plan import RunPlan
@@ -152,9 +153,19 @@ def warn_if_fsdp_fell_back(trainer) -> None:
                     "holding the whole model")
 
 
-def fit(trainer, checkpoint: Path | None) -> dict:
-    """Train (resuming from `checkpoint`); turn interruptions into clear errors. Any method's evaluation before and
-    after is its recipe's (evaluate_before / evaluate_after), not fit's."""
+def resume_command(cfg: RunConfig) -> str:
+    """The command that continues this run, as a person copies it: `phitune train` with the config file and the
+    --set overrides it was started with, and --resume."""
+    import shlex
+
+    sets = [part for override in cfg.overrides for part in ("--set", override)]
+    return shlex.join(["phitune", "train", cfg.source or "CONFIG", *sets, "--resume"])
+
+
+def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
+    """Train (resuming from `checkpoint`); turn interruptions into clear errors (`resume`: the command that
+    continues the run, see resume_command). Any method's evaluation before and after is its recipe's
+    (evaluate_before / evaluate_after), not fit's."""
     from phitune.models.loading import count_parameters
 
     trainable, total = count_parameters(trainer.model)
@@ -164,7 +175,7 @@ def fit(trainer, checkpoint: Path | None) -> dict:
         trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
     )
     start = time.perf_counter()
-    with GracefulStop(trainer) as stopper:
+    with GracefulStop(trainer, resume) as stopper:
         try:
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except NonFiniteLoss as exc:
@@ -185,7 +196,7 @@ def fit(trainer, checkpoint: Path | None) -> dict:
         finally:
             close_console(trainer)  # on an error the bar is still live, and the terminal's cursor hidden
     stopper.raise_if_stopped()
-    runtime = time.perf_counter() - start
+    runtime = time.perf_counter() - start + trained_seconds(checkpoint)  # the whole run's, as its tokens are
     tokens = trainer.state.num_input_tokens_seen
     resumed_at = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     metrics = dict(
@@ -218,6 +229,21 @@ def save_failure(exc: Exception, trainer) -> PhituneError | None:
     kept = f"the last complete checkpoint is {last}" if last else "no checkpoint is complete yet"
     unmarked = f"{saving.name} is not marked complete and " if partial else ""
     return PhituneError(f"{error}; {unmarked}{kept}; {AGAIN}")
+
+
+def eval_loss_before_after(trainer) -> dict:
+    """eval_loss_before (the evaluation at step 0) and eval_loss_after (the one at the last step, run now unless
+    the loop just did it), with their perplexities. A resumed run's step 0 was evaluated by its first attempt: that
+    evaluation comes back with the checkpoint's log history, so a resumed run reports its whole run."""
+    from phitune.after.metrics import perplexity
+
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    last = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else None
+    after = last["eval_loss"] if last else trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    metrics = {"eval_loss_after": after, "perplexity_after": perplexity(after)}
+    if evals and evals[0]["step"] == 0:
+        metrics.update(eval_loss_before=evals[0]["eval_loss"], perplexity_before=perplexity(evals[0]["eval_loss"]))
+    return metrics
 
 
 def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str | None,

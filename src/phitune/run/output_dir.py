@@ -110,12 +110,16 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
     if resume and latest_complete_checkpoint(output_dir) is None:
         instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
         raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
-    if overwrite:
-        others = sorted(child.name for child in _children(output_dir) if not is_run_file(child))
-        if others:
-            raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
-                               f"{', '.join(others[:3])}; move those out or choose another output_dir")
+    others = foreign_files(output_dir)
+    if overwrite and others:
+        raise PhituneError(f"--overwrite deletes only what a phitune run writes, and {output_dir} also holds "
+                           f"{', '.join(others[:3])}; move those out or choose another output_dir")
     return output_dir
+
+
+def foreign_files(output_dir: Path) -> list[str]:
+    """The names at the top of `output_dir` that no phitune run wrote, sorted: what replacing a run must keep."""
+    return sorted(child.name for child in _children(output_dir) if not is_run_file(child))
 
 
 def _asks_for_more(cfg, output_dir: Path) -> bool:
