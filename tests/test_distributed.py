@@ -78,8 +78,14 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     assert listing(multi_out) == expected_files
     for checkpoint in multi_out.glob("checkpoint-*"):
         marker = json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())
-        assert marker == {"processes": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+        layout = {key: marker[key] for key in ("processes", "per_device_train_batch_size",
+                                               "gradient_accumulation_steps", "global_batch")}
+        assert layout == {"processes": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
                           "global_batch": 4}
+        # marked after the barrier: every worker's files are recorded, rank 1's RNG state too
+        written = [path for path in checkpoint.rglob("*") if path.is_file() and path.name != CHECKPOINT_COMPLETE]
+        assert sorted(marker["files"]) == sorted(path.relative_to(checkpoint).as_posix() for path in written)
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])
         assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == int(checkpoint.name[11:])
     assert multi_metrics["global_step"] == 12
     assert multi_metrics["train_tokens"] == single_metrics["train_tokens"]  # both workers' tokens, counted once
