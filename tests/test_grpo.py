@@ -5,6 +5,7 @@ reloads in plain PEFT with the same scores, `phitune eval` and `phitune data` on
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from _resume import assert_resumed, assert_same_trained_adapter, watch_training
 from conftest import write_jsonl
 
 WORDS = ["red", "blue", "green", "black", "white", "brown"]
+GRPO_LINE = re.compile(r"^step +\d+/\d+  reward ", re.M)  # a GRPO run's line per logging step leads with the reward
 # A reward a user writes in their own file: the share of vowels among the completion's letters. Unlike the others on
 # a random model (never the answer, always too long) it differs between the completions of a group, so the advantages,
 # and the gradient, are not zero.
@@ -172,7 +174,7 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
     4), ending at the adapter of an uninterrupted run (test_reliability's launcher, GRPO config)."""
     from phitune.config.schema import save_config
     from phitune.run.checkpoints import latest_complete_checkpoint
-    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+    from test_reliability import finish, start_train, wait_for
 
     def config(name):
         cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / name / "out", data={"eval": None, "eval_split": 0},
@@ -191,7 +193,7 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
     assert latest_complete_checkpoint(out).name == "checkpoint-2" and not (out / "checkpoint-4").exists()
     code, stderr = finish(start_train(killed, "--resume"))
     assert code == 0, stderr[-3000:]
-    assert len(TRAIN_LINE.findall((tmp_path / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
+    assert len(GRPO_LINE.findall((tmp_path / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
     assert finish(reference)[0] == 0
     resumed = load_file(str(out / "adapter_model.safetensors"))
     uninterrupted = load_file(str(tmp_path / "reference" / "out" / "adapter_model.safetensors"))
@@ -204,13 +206,13 @@ def test_sigterm_stops_a_grpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir,
 
     from phitune.config.schema import save_config
     from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
-    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+    from test_reliability import finish, start_train, wait_for
 
     cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "out", data={"eval": None, "eval_split": 0},
                       training_config={"max_steps": 500, "save_steps": 1000})
     save_config(cfg, tmp_path / "run.yaml")
     proc = start_train(tmp_path / "run.yaml")
-    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
+    wait_for(lambda: GRPO_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
     proc.send_signal(signal.SIGTERM)
     code, stderr = finish(proc)
     assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
