@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from conftest import shared_build
@@ -269,15 +268,3 @@ def train_dpo_pair(tiny_model_dir: Path, tmp_path: Path) -> None:
                     str(write_dpo_config(tmp_path / "multi", tiny_model_dir, batch_size=2))], tmp_path / "multi")
     wait(multi, tmp_path / "multi")
     wait(single, tmp_path / "single")
-
-
-@pytest.fixture(scope="module")
-def one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    """The same 12 SFT steps with the default eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
-    return uninterrupted_sft_runs(tiny_model_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
-    """8 DPO steps with an eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
-    return uninterrupted_dpo_runs(tiny_model_dir, tmp_path_factory)

@@ -97,3 +97,20 @@ def make_config(tiny_model_dir, tmp_path):
         return config_from_dict(raw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """The torchrun tests' SFT pair: the same 12 steps with the default eval set, as 1 worker x batch 4 and as 2
+    workers x batch 2 (tests/_distributed.py)."""
+    from _distributed import uninterrupted_sft_runs
+
+    return uninterrupted_sft_runs(tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def dpo_one_and_two_workers(tiny_model_dir, tmp_path_factory):
+    """The torchrun tests' DPO pair: 8 steps with an eval set, as 1 worker x batch 4 and as 2 workers x batch 2."""
+    from _distributed import uninterrupted_dpo_runs
+
+    return uninterrupted_dpo_runs(tiny_model_dir, tmp_path_factory)

@@ -19,17 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _distributed import (  # noqa: F401  (fixtures one_and_two_workers, dpo_one_and_two_workers)
+from _distributed import (
     DPO_TOLERANCE,
     EVAL_LINE,
     SUMMARY_END,
     TRAIN_LINE,
     assert_same_adapter,
-    dpo_one_and_two_workers,
     free_port,
     launch,
     launcher,
-    one_and_two_workers,
     relative_difference,
     torchrun_command,
     wait,

@@ -9,17 +9,15 @@ from __future__ import annotations
 import sys
 
 import yaml
-from _distributed import (  # noqa: F401  (fixtures one_and_two_workers, dpo_one_and_two_workers)
+from _distributed import (
     DPO_TOLERANCE,
     SUMMARY_END,
     TRAIN_LINE,
     assert_resumed_under,
     assert_same_adapter,
-    dpo_one_and_two_workers,
     kill_after_checkpoint_4,
     launch,
     launcher,
-    one_and_two_workers,
     relative_difference,
     torchrun_command,
     wait,
