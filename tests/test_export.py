@@ -372,7 +372,11 @@ def test_export_quant_prints_llama_cpps_log_only_with_debug(trained_run, tmp_pat
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         said[bool(debug)] = done.stdout + done.stderr
-    assert "llama_model_loader" not in said[False] and len(said[False].splitlines()) <= 3, said[False][-3000:]
+    # what stays is llama.cpp's word on tensors it could not quantise as asked: the tiny model's 128-wide rows do not
+    # fill q4_K's 256-wide blocks (Phi-3-mini's 3072 do); a person needs to know that, so it is not silenced
+    own = [line for line in said[False].splitlines() if "falling back to" not in line
+           and "required fallback quantization" not in line]
+    assert "llama_model_loader" not in said[False] and len(own) <= 3, said[False][-3000:]
     assert "llama_model_loader" in said[True]
 
 
