@@ -180,6 +180,9 @@ def test_the_whole_loop_in_a_browser(page_url, browser, tmp_path):
 
     # Chat: the fine-tuned model answers as the data taught it; the base model does not
     page.get_by_role("tab", name="Chat").click()
+    # the tab offers the runs finished since the page loaded; a person sends once the run shows (a send before that
+    # asks the page to chat with no run)
+    page.wait_for_function("document.querySelector('#chat-run input')?.value.includes('outputs/demo')")
     page.locator("#chat-input textarea").fill("What noise does a cow make?")
     page.locator("#chat-send").click()
     page.wait_for_function("document.querySelector('#chat-tuned')?.innerText.includes('A cow says moo.')",

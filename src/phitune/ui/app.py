@@ -87,10 +87,14 @@ def _configure_tab(workspace: Workspace):
         except PhituneError as exc:
             return views.message_html([str(exc)])
 
-    example.change(pick, example, yaml_box)
-    open_button.click(open_file, path, [yaml_box, problems])
+    # The form follows the editor only when a person types in the editor (input) or a config is loaded, never when
+    # the form itself rewrote the YAML: a form refresh computed from an older YAML arrived after the person had
+    # cleared a field, put the old value back, and the next blur wrote it into the YAML again (a cleared max_steps
+    # came back and the run trained 12 steps).
+    example.change(pick, example, yaml_box).then(form_values, yaml_box, fields)
+    open_button.click(open_file, path, [yaml_box, problems]).then(form_values, yaml_box, fields)
     yaml_box.change(check, yaml_box, problems)
-    yaml_box.change(form_values, yaml_box, fields)
+    yaml_box.input(form_values, yaml_box, fields)
     for field in fields:  # a field a person leaves (Tab, a click elsewhere) or submits: the YAML follows
         field.blur(from_form, [yaml_box, *fields], yaml_box)
         field.submit(from_form, [yaml_box, *fields], yaml_box)
