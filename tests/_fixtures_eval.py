@@ -1,5 +1,5 @@
 """Trained runs shared by the test modules: one short LoRA run on the bundled tiny Phi-3 (the eval / generate /
-merge / hub tests) and the demo's own run (the demo, benchmark and UI tests).
+merge / hub tests) and the demo's own run (the demo and benchmark tests).
 
 Kept out of conftest.py; each test module imports the fixtures it needs. Each run is built once per test session,
 also under pytest-xdist (conftest.shared_build).
