@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def phi3_tokenizer_dir(tmp_path_factory) -> Path:
     """The bundled Phi-3 tokenizer files next to a Phi-3 config.json, as in the hub repository: transformers then
     loads tokenizer.json as it is (without config.json it builds a LlamaTokenizer that tokenizes differently)."""
-    import shutil
-
     from transformers import Phi3Config
 
     from phitune.tiny.phi3 import PHI3_TOKENIZER, PHI3_VOCAB_SIZE
@@ -62,8 +61,9 @@ def shared_build(tmp_path_factory, name: str, build: Callable[[Path], object]) -
         root = root.parent  # pytest-of-USER/pytest-N: the session's folder, above each worker's own
     folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
     with FileLock(f"{folder}.lock"):
-        if not done.is_file():
-            folder.mkdir(exist_ok=True)
+        if not done.is_file():  # never built, or a build that failed in another worker: start clean
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
             build(folder)
             done.touch()
     return folder
