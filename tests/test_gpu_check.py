@@ -48,7 +48,8 @@ def _summarise(work: Path) -> tuple[int, dict, str]:
 def test_a_full_check_where_every_gpu_test_skipped_fails(tmp_path):
     assert not torch.cuda.is_available()  # this suite's machine; on a GPU machine `pytest -m gpu` runs them
     work = _work_dir(tmp_path, card="CPU")
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+    # As gpu_check.sh runs it: without the addopts (two xdist workers, each importing the suite)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-m", "gpu", "-p", "no:cacheprovider",
                     f"--junitxml={work / 'pytest.xml'}", "tests/test_speed_gpu.py", "tests/test_distributed.py"],
                    cwd=ROOT, capture_output=True, timeout=300)
     code, report, said = _summarise(work)
