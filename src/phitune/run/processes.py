@@ -42,3 +42,15 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def restarts_reuse_the_store() -> bool:
+    """Whether torchrun will restart these workers (--max-restarts) with the store its agent shares across
+    attempts. Restarted workers then find the previous attempt's keys there, and gloo or NCCL can read a dead
+    worker's address instead of its successor's: the restart fails ("Gloo connectFullMesh failed ... Connection
+    refused") or waits on a connection that never comes (pytorch/pytorch#135712, #167288). Seen with torch 2.13 and
+    c10d rendezvous: both restarts failed so, on the previous attempt's port. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (set where torchrun starts) gives each attempt a store of its own; static rendezvous (--master-port) always
+    shares one."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
