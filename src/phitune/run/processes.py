@@ -37,6 +37,27 @@ def any_process(flag: bool, device) -> bool:
     return bool(ranks_where(flag, device))
 
 
+def failures_elsewhere(failure: Exception | None, device) -> list[Exception]:
+    """The errors other processes met where this one met `failure` (None: it succeeded), rebuilt here so that this
+    process stops as they do: an OSError keeps its errno, message and file (a full disk stays a full disk, for
+    lifecycle.save_failure's one line); any other error is a RuntimeError with its text and process. Every process
+    must call it at the same point; one small all-reduce, and a gather of the messages only when one failed."""
+    import torch.distributed as dist
+
+    failing = ranks_where(failure is not None, device)
+    if not failing or world_size() == 1:
+        return []
+    described: list = [None] * dist.get_world_size()
+    own = None if failure is None else (getattr(failure, "errno", None), getattr(failure, "strerror", None) or
+                                        str(failure), getattr(failure, "filename", None))
+    dist.all_gather_object(described, own)
+    rebuilt = []
+    for rank in (rank for rank in failing if rank != dist.get_rank()):
+        errno, text, filename = described[rank]
+        rebuilt.append(OSError(errno, text, filename) if errno else RuntimeError(f"{text} (on process {rank})"))
+    return rebuilt
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
