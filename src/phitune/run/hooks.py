@@ -15,6 +15,7 @@ import inspect
 from pathlib import Path
 
 from phitune.errors import PhituneError
+from phitune.run.processes import failures_elsewhere
 
 # Trainer method -> its parameters in the transformers versions phitune was tested with (5.x).
 PRIVATE_HOOKS = {
@@ -47,11 +48,10 @@ class AgreedCheckpointSaves:
     barrier until all have (CompleteCheckpoints). A process whose write failed (a full disk) left the run instead, so
     the others waited at that barrier until the process group broke ("Connection closed by peer" and a traceback on
     gloo; on NCCL, its timeout or torchrun's SIGKILL), and its one line was never printed: only process 0 speaks.
-    Now the processes agree after each save (one small all-reduce) and, when one failed, all raise its error."""
+    Now the processes agree after each save (one small all-reduce) and, when one failed, all raise its error. (A
+    failure inside a collective of the save itself, FSDP gathering a full state dict, still leaves the others there.)"""
 
     def _save_checkpoint(self, model, trial):
-        from phitune.run.processes import failures_elsewhere
-
         try:
             super()._save_checkpoint(model, trial)
             failure = None
