@@ -53,9 +53,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(command: list[str], directory: Path, log: str = "") -> subprocess.Popen:
-    """Start `command` in its own process group (so a test can kill torchrun and its workers together)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def launch(command: list[str], directory: Path, log: str = "", **env: str) -> subprocess.Popen:
+    """Start `command` in its own process group (so a test can kill torchrun and its workers together), with the
+    environment variables `env` added."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
     with open(directory / f"stdout{log}", "w") as out, open(directory / f"stderr{log}", "w") as err:
         return subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=directory, start_new_session=True)
 
@@ -63,6 +64,27 @@ def launch(command: list[str], directory: Path, log: str = "") -> subprocess.Pop
 def torchrun_command() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
+def elastic_torchrun_command(max_restarts: int = 2) -> list[str]:
+    """2 workers that torchrun restarts (up to `max_restarts` times) when one fails, with c10d rendezvous. Launch it
+    with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it every attempt shares the first one's store, and in this
+    test both restarts failed in gloo's connectFullMesh on the previous attempt's address (docs/scale-out.md)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """kill -9 `proc`, its process group and every process below it (torchrun starts each worker in a session of
+    its own, which killpg misses), and reap `proc`: for a test's `finally`, so nothing outlives a failed test."""
+    below = descendants(proc.pid) if proc.poll() is None else []
+    for kill, target in ((os.killpg, proc.pid), *((os.kill, pid) for pid in below)):
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=30)
 
 
 def wait(proc: subprocess.Popen, directory: Path, log: str = "", code: int = 0, timeout: int = 300) -> None:
@@ -103,15 +125,16 @@ if {scale_by_world!r}:  # the deliberate break: the loss's gradient times the pr
         return world * loss - (world - 1) * loss.detach()
 
     patch.setattr(PhituneTrainer, "compute_loss", scaled)
-if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last
-    import time
+if {hold_at!r}:  # the run stops moving once this step is reached, so a kill -9 finds checkpoint-{hold_at} the last;
+    import time  # only the ranks named, and never in workers that torchrun restarted (they must run on)
 
     from transformers import Trainer
 
     training_step = Trainer.training_step  # every method's trainer (SFT, DPO) runs it
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
     def held(self, *args, **kwargs):
-        if self.state.global_step >= {hold_at!r}:
+        if self.state.global_step >= {hold_at!r} and first_attempt and rank in {hold_ranks!r}:
             time.sleep(3600)
         return training_step(self, *args, **kwargs)
 
@@ -134,14 +157,15 @@ finally:
 
 
 def launcher(directory: Path, gradients: bool = False, scale_by_world: bool = False, watch: bool = False,
-             hold_at: int = 0) -> Path:
+             hold_at: int = 0, hold_ranks: tuple[str, ...] = ("0", "1")) -> Path:
     """A `phitune` entry point for the test's own processes, instrumented as asked (the breaks live here, in the
-    test, never in phitune). `hold_at`: the run waits before training that step, so that a kill -9 lands after
-    checkpoint-`hold_at` and before the next one however busy the machine (the tiny run's 12 steps take about a
-    second: a polling test on a loaded machine saw checkpoint-12, not 4)."""
-    path = directory / f"phitune_launcher{'_held' if hold_at else ''}.py"
-    path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients,
-                                    scale_by_world=scale_by_world, watch=watch, hold_at=hold_at), encoding="utf-8")
+    test, never in phitune). `hold_at`: the ranks in `hold_ranks` wait before training that step, so that a kill -9
+    lands after checkpoint-`hold_at` and before the next one however busy the machine (the tiny run's 12 steps take
+    about a second: a polling test on a loaded machine saw checkpoint-12, not 4); workers restarted by torchrun
+    (--max-restarts) are never held."""
+    path = directory / f"phitune_launcher{'_held' if hold_at else ''}{'_watched' if watch else ''}.py"
+    path.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), gradients=gradients, scale_by_world=scale_by_world,
+                                    watch=watch, hold_at=hold_at, hold_ranks=hold_ranks), encoding="utf-8")
     return path
 
 

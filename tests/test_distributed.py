@@ -229,6 +229,54 @@ def test_nan_on_one_worker_stops_every_worker_with_one_message(tiny_model_dir, t
     assert proc.returncode != 0
 
 
+FULL_DISK_ON_RANK_1 = """
+import errno, os, sys
+import torch
+
+save = torch.save
+
+
+def full_disk_on_rank_1(obj, f, *args, **kwargs):  # worker 1's part of checkpoint-8, its RNG state, finds no space
+    if os.environ["RANK"] == "1" and str(f).endswith(os.path.join("checkpoint-8", "rng_state_1.pth")):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+    return save(obj, f, *args, **kwargs)
+
+
+torch.save = full_disk_on_rank_1
+sys.argv[0] = "phitune"
+from phitune.cli import main
+
+main()
+"""
+
+
+def test_a_save_that_fails_on_one_worker_stops_every_worker_with_its_one_line(tiny_model_dir, tmp_path):
+    """Fault injection in the test's own launcher: a full disk on worker 1 only, while it writes its part of
+    checkpoint-8. Every worker stops there, and worker 0 (the one that speaks) says what worker 1 met, as a full disk
+    on one process is said. Before the fix, worker 0 waited at the marker's barrier for worker 1, which had left,
+    until gloo broke the group: a traceback, and worker 1's line never printed (on NCCL: a wait until a timeout)."""
+    from _distributed import kill_all
+
+    from phitune.run.checkpoints import latest_intact_checkpoint
+
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2, max_steps=8, eval_split=0)
+    (tmp_path / "full_disk_phitune.py").write_text(FULL_DISK_ON_RANK_1, encoding="utf-8")
+    proc = launch([*torchrun_command(), str(tmp_path / "full_disk_phitune.py"), "train", str(config)], tmp_path)
+    try:
+        proc.wait(timeout=240)  # a hang would time out here
+    finally:
+        kill_all(proc)
+    stderr, out = (tmp_path / "stderr").read_text(), tmp_path / "out"
+    errors = re.findall(r"^error: .*$", stderr, flags=re.M)
+    assert errors == [f"error: could not write {out}/checkpoint-8/rng_state_1.pth: No space left on device; "
+                      f"checkpoint-8 is not marked complete and the last complete checkpoint is {out}/checkpoint-4; "
+                      "free space, then run the same command with --auto-resume"], stderr[-3000:]
+    workers = stderr.split("torch/distributed/elastic")[0]  # then torchrun reports
+    assert "Traceback" not in workers
+    assert proc.returncode != 0
+    assert latest_intact_checkpoint(out) == out / "checkpoint-4"
+
+
 FSDP_SETTINGS = {"fsdp": "full_shard auto_wrap",
                  "fsdp_config": {"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"],
                                  "state_dict_type": "FULL_STATE_DICT", "use_orig_params": False}}

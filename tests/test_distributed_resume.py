@@ -6,7 +6,11 @@ The uninterrupted runs it compares with are tests/_distributed.py's, shared with
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import yaml
 from _distributed import (
@@ -15,7 +19,10 @@ from _distributed import (
     TRAIN_LINE,
     assert_resumed_under,
     assert_same_adapter,
+    descendants,
+    elastic_torchrun_command,
     kill_after_checkpoint_4,
+    kill_all,
     launch,
     launcher,
     relative_difference,
@@ -25,7 +32,7 @@ from _distributed import (
     write_dpo_config,
 )
 
-from phitune.run.checkpoints import latest_complete_checkpoint
+from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
 
 
 def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
@@ -100,3 +107,47 @@ def test_two_dpo_workers_killed_and_resumed_end_at_the_one_worker_adapter(dpo_on
     assert len(TRAIN_LINE.findall((tmp_path / "stdout.2").read_text())) == 8 - 4
     assert_resumed_under(tmp_path, checkpoint, max_steps=8)
     assert relative_difference(tmp_path / "out", dpo_one_and_two_workers / "single" / "out") < DPO_TOLERANCE
+
+
+def test_torchrun_restarts_the_workers_after_a_kill_9_and_auto_resume_ends_at_the_one_worker_adapter(
+        one_and_two_workers, tiny_model_dir, tmp_path):
+    """`torchrun --max-restarts 2 (c10d rendezvous) phitune train CONFIG --auto-resume`, with worker 0 (the holder of
+    the directory's lock) killed by kill -9 after checkpoint-4: torchrun restarts both workers with the same command,
+    the new worker 0 takes the dead one's lock over, both resume from checkpoint-4 and train only steps 5..12, and
+    the job exits 0 at the uninterrupted 1-worker adapter. Worker 0 is held before step 5 in the first attempt only,
+    so the kill lands between checkpoints 4 and 8 however busy the machine; worker 1 meanwhile waits in step 5's
+    gradient all-reduce, which fails when its peer dies."""
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
+    entry = launcher(tmp_path, watch=True, hold_at=4, hold_ranks=("0",))
+    job = launch([*elastic_torchrun_command(), str(entry), "train", str(config), "--auto-resume"], tmp_path,
+                 TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", COLUMNS="200")  # a store per attempt; unwrapped log lines
+    try:
+        marker = tmp_path / "out" / "checkpoint-4" / CHECKPOINT_COMPLETE
+        deadline = time.monotonic() + 240
+        while not marker.is_file():
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.05)
+        worker_0 = [pid for pid in descendants(job.pid) if _environ(pid).issuperset({b"RANK=0",
+                                                                                      b"TORCHELASTIC_RESTART_COUNT=0"})]
+        assert len(worker_0) == 1, worker_0
+        os.kill(worker_0[0], signal.SIGKILL)
+        wait(job, tmp_path, timeout=300)
+    finally:
+        kill_all(job)
+    stdout, stderr = ((tmp_path / name).read_text() for name in ("stdout", "stderr"))
+    said = " ".join((stderr + stdout).split())
+    assert "failed (exitcode: -9) local_rank: 0" in said  # torchrun saw the kill, and went on
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in said  # phitune's warning (run.plan) sees the store unshared
+    assert said.count("taking over the lock of a run that is gone") == 1  # the restarted worker 0 only
+    assert f"resuming from {tmp_path / 'out' / 'checkpoint-4'}" in said
+    assert len(TRAIN_LINE.findall(stdout)) == 4 + 8  # steps 1..4, then 5..12 after the restart: none trained twice
+    assert_resumed_under(tmp_path, tmp_path / "out" / "checkpoint-4", max_steps=12)  # each restarted worker
+    assert_same_adapter(tmp_path / "out", one_and_two_workers / "single" / "out")
+
+
+def _environ(pid: int) -> set[bytes]:
+    """A process's environment as a set of b"NAME=value" (empty for a process that is gone)."""
+    try:
+        return set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except OSError:
+        return set()

@@ -124,3 +124,16 @@ def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, m
             preference = make_config(method=method, speed=speed, **model,
                                      data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
             assert phitune.run.plan.plan_run(preference).attn_implementation == "sdpa", (method, model)
+
+
+@pytest.mark.parametrize(("shared", "warned"), [("True", True), ("False", False)])
+def test_the_plan_warns_when_torchrun_restarts_would_reuse_the_first_attempts_store(make_config, monkeypatch, caplog,
+                                                                                  shared, warned):
+    """torchrun --max-restarts sets these for its workers. With the agent's store shared across attempts (the default
+    of c10d rendezvous, always so with static rendezvous), both restarts of tests/test_distributed_resume.py's elastic
+    run failed on the first attempt's addresses; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (shared: False) made it pass."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+    phitune.run.plan.plan_run(make_config())
+    said = "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d"
+    assert (said in caplog.text) is warned

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, latest_complete_checkpoint, latest_intact_checkpoint,
-                                      trained_seconds)
+from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, checkpoint_dirs, checkpoint_problem,
+                                      latest_complete_checkpoint, latest_intact_checkpoint, trained_seconds)
 from phitune.run.console import PROGRESS_LOG
 from phitune.run.signals import REPEAT_WINDOW_S
 
@@ -349,6 +349,106 @@ def test_a_full_disk_stops_with_one_line_and_auto_resume_continues_once_space_is
         assert all(resumed[name].equal(tensor) for name, tensor in straight.items())
     finally:  # lazily: the adapter just compared is memory-mapped from the tmpfs until the test's frame goes
         subprocess.run(["umount", "--lazy", str(disk)])
+
+
+PREEMPTED_LAUNCHER = """
+import builtins, io, os, sys, time
+from pathlib import Path
+from transformers import Trainer
+
+training_step, real_open = Trainer.training_step, builtins.open
+
+
+def held(self, *args, **kwargs):  # before step {hold_at} + 1: wait until the test has sent SIGTERM and says go
+    if self.state.global_step == {hold_at}:
+        Path("held").touch()
+        while not Path("go").exists():
+            time.sleep(0.05)
+    return training_step(self, *args, **kwargs)
+
+
+class CutShort:  # the marker's first write: half of it reaches the disk, then the process waits for its SIGKILL
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, text):
+        self.handle.write(text[:len(text) // 2])
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        Path("marking").touch()
+        time.sleep(3600)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+
+def cut_short(file, mode="r", *args, **kwargs):  # any file named for checkpoint-{stop}'s marker, opened to write
+    handle = real_open(file, mode, *args, **kwargs)
+    path = Path(os.fsdecode(file)) if isinstance(file, (str, bytes, os.PathLike)) else None
+    if path and set(mode) & set("wax+") and "{marker}" in path.name and path.parent.name == "checkpoint-{stop}":
+        return CutShort(handle)
+    return handle
+
+
+Trainer.training_step, builtins.open, io.open = held, cut_short, cut_short
+sys.argv[0] = "phitune"
+from phitune.cli import main
+
+main()
+"""
+
+
+def test_sigkill_in_the_grace_after_sigterm_leaves_the_checkpoint_unmarked_and_auto_resume_finishes(
+        uninterrupted, tiny_model_dir, tmp_path):
+    """Pre-emption: SIGTERM, then SIGKILL when the grace period (30 s in SLURM and Kubernetes) runs out, here at the
+    worst instant: the checkpoint that SIGTERM asked for is on disk and half of its completion marker is written.
+    Every checkpoint left is then complete (its files match its marker) or unmarked, never half-marked, and the same
+    `--auto-resume` command continues from the last complete one to the uninterrupted adapter. (The test's launcher
+    cuts any write of a file named for the marker, wherever phitune writes it, so a marker written in place would be
+    found half-written here.)"""
+    config = write_config(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    (tmp_path / "phitune_preempted.py").write_text(
+        PREEMPTED_LAUNCHER.format(hold_at=4, stop=5, marker=CHECKPOINT_COMPLETE), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(tmp_path / "preempted.out", "w") as log, open(tmp_path / "preempted.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "phitune_preempted.py", "train", str(config), "--auto-resume"],
+                                stdout=log, stderr=err, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists() and latest_complete_checkpoint(out) is not None, proc)
+        proc.send_signal(signal.SIGTERM)  # pre-empted during step 5: it finishes the step and saves checkpoint-5
+        (tmp_path / "go").touch()
+        wait_for(lambda: (tmp_path / "marking").exists(), proc)
+        proc.kill()  # the grace is over
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    said = " ".join(((tmp_path / "preempted.out").read_text() + (tmp_path / "preempted.err").read_text()).split())
+    assert "SIGTERM received: saving a checkpoint after this step, then stopping" in said
+    assert [folder.name for folder in checkpoint_dirs(out)] == ["checkpoint-5", "checkpoint-4"]
+    assert (out / "checkpoint-5" / ADAPTER).is_file()  # the save had reached the marker
+    for folder in checkpoint_dirs(out):
+        if (folder / CHECKPOINT_COMPLETE).exists():
+            assert checkpoint_problem(folder) is None, folder
+            vouched = json.loads((folder / CHECKPOINT_COMPLETE).read_text())["files"]
+            assert {ADAPTER, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= vouched.keys()
+    assert latest_complete_checkpoint(out) == out / "checkpoint-4"
+
+    code, stderr = finish(start_train(config, "--auto-resume"))
+    assert code == 0, stderr[-3000:]
+    log = (tmp_path / "auto-resume.out").read_text()
+    assert f"resuming from {out / 'checkpoint-4'}" in " ".join((stderr + log).split())
+    assert len(TRAIN_LINE.findall(log)) == 12 - 4
+    resumed, straight = load_file(out / ADAPTER), load_file(uninterrupted / ADAPTER)
+    assert all(resumed[name].equal(tensor) for name, tensor in straight.items())
 
 
 def test_when_every_checkpoint_is_damaged_the_resume_stops_with_one_line(killed_after_8, tiny_model_dir, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from phitune.run.checkpoints import CompleteCheckpoints
 from phitune.run.console import use_console
-from phitune.run.hooks import check_private_hooks
+from phitune.run.hooks import SAVE_HOOKS, AgreedCheckpointSaves, check_private_hooks
 from phitune.run.processes import ranks_where, world_size
 
 
@@ -17,13 +17,16 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; raised before the optimizer step so no bad weights are saved."""
 
 
-class GuardedTraining:
+class GuardedTraining(AgreedCheckpointSaves):
     """What every phitune trainer (SFT, DPO, ORPO) adds to TRL's: a NaN guard that every process obeys, checkpoints
-    marked complete only once every process has written them, and no hub token pickled into checkpoints."""
+    marked complete only once every process has written them (a save that fails on one fails on all), and no hub
+    token pickled into checkpoints."""
 
     def __init__(self, *args, loralib: bool = False, **kwargs):
         if loralib:
             check_private_hooks()
+        if world_size() > 1:
+            check_private_hooks(hooks=SAVE_HOOKS, needed_by="training on several processes", instead="")
         self.loralib = loralib
         super().__init__(*args, **kwargs)
         keep_token_off_disk(self.args)

@@ -13,12 +13,15 @@ of them.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phitune.config.methods import PACKING_METHODS
 from phitune.config.schema import RunConfig
+
+log = logging.getLogger("phitune")
 
 if TYPE_CHECKING:  # for the field types only: importing torch here would slow every config error down
     import torch
@@ -51,8 +54,13 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     import torch
 
     from phitune.models.loading import check_target_modules, load_model_config, resolve_attn_implementation, resolve_dtype
+    from phitune.run.processes import restarts_reuse_the_store
     from phitune.speed import resolve_speed
 
+    if restarts_reuse_the_store():
+        log.warning("torchrun will restart these workers (--max-restarts) with the store of their first attempt, "
+                    "where a restarted worker can read a dead worker's address and fail or wait (pytorch issue "
+                    "135712); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and --rdzv-backend c10d")
     speed = resolve_speed(cfg.speed, quantized=bool(cfg.model.quantization), training_config=cfg.training_config)
     model_config = load_model_config(cfg.model)
     targets = cfg.peft_config.get("target_modules") if cfg.peft_config else None

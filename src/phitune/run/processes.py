@@ -37,8 +37,41 @@ def any_process(flag: bool, device) -> bool:
     return bool(ranks_where(flag, device))
 
 
+def failures_elsewhere(failure: Exception | None, device) -> list[Exception]:
+    """The errors other processes met where this one met `failure` (None: it succeeded), rebuilt here so that this
+    process stops as they do: an OSError keeps its errno, message and file (a full disk stays a full disk, for
+    lifecycle.save_failure's one line); any other error is a RuntimeError with its text and process. Every process
+    must call it at the same point; one small all-reduce, and a gather of the messages only when one failed."""
+    import torch.distributed as dist
+
+    failing = ranks_where(failure is not None, device)
+    if not failing or world_size() == 1:
+        return []
+    described: list = [None] * dist.get_world_size()
+    own = None if failure is None else (getattr(failure, "errno", None), getattr(failure, "strerror", None) or
+                                        str(failure), getattr(failure, "filename", None))
+    dist.all_gather_object(described, own)
+    rebuilt = []
+    for rank in (rank for rank in failing if rank != dist.get_rank()):
+        errno, text, filename = described[rank]
+        rebuilt.append(OSError(errno, text, filename) if errno else RuntimeError(f"{text} (on process {rank})"))
+    return rebuilt
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def restarts_reuse_the_store() -> bool:
+    """Whether torchrun will restart these workers (--max-restarts) with the store its agent shares across
+    attempts. Restarted workers then find the previous attempt's keys there, and gloo or NCCL can read a dead
+    worker's address instead of its successor's: the restart fails ("Gloo connectFullMesh failed ... Connection
+    refused") or waits on a connection that never comes (pytorch/pytorch#135712, #167288). Seen with torch 2.13 and
+    c10d rendezvous: both restarts failed so, on the previous attempt's port. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (set where torchrun starts) gives each attempt a store of its own; static rendezvous (--master-port) always
+    shares one."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
