@@ -130,6 +130,51 @@ def test_phitune_eval_on_a_kto_run_scores_base_start_and_tuned(kto_run, tmp_path
         assert by_cli[model] == pytest.approx(report.metrics[model], abs=1e-6)
 
 
+def test_a_kto_adapter_merges_into_a_model_plain_transformers_scores_the_same(kto_run, tmp_path):
+    """`phitune merge` (api.merge) on the KTO run: AutoModelForCausalLM alone gives the trained adapter's held-out
+    scores (the adapter trained from the SFT adapter merges like any PEFT adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    from phitune import api
+    from phitune.data.unpaired import load_unpaired_data
+    from phitune.models.loading import load_tokenizer
+    from phitune.recipes.kto import score_completions
+
+    cfg, result, _ = kto_run
+    merged = api.merge(result.output_dir, tmp_path / "merged").output_dir
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    scores = score_completions(model, load_tokenizer(cfg.model), load_unpaired_data(cfg.data).eval, 64)
+    assert scores["logp_margin"] == pytest.approx(result.metrics["logp_margin_after"], abs=1e-3)
+
+
+def test_qlora_kto_trains_a_lora_adapter_over_a_4_bit_base(tiny_model_dir, kto_files, tmp_path):
+    """The same quantization lines as SFT's QLoRA: the base loads in 4 bits, the adapter trains and is saved."""
+    from phitune.train import run_training
+
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    cfg = kto_config(tiny_model_dir, kto_files, tmp_path / "qlora", model={"quantization": quant},
+                     data={"eval": None, "eval_split": 0}, training_config={"max_steps": 2, "save_steps": 2})
+    result = run_training(cfg)
+    assert type(result.model.base_model.model.model.layers[0].self_attn.qkv_proj.base_layer).__name__ == "Linear4bit"
+    adapter = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it moved
+
+
+def test_a_nan_loss_stops_kto_and_keeps_the_last_good_checkpoint(tiny_model_dir, kto_files, tmp_path):
+    """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops KTO as it stops SFT."""
+    from phitune.run.checkpoints import latest_complete_checkpoint
+    from phitune.train import run_training
+
+    cfg = kto_config(tiny_model_dir, kto_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
+                     training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})
+    with pytest.raises(PhituneError, match=r"^the loss became NaN or infinite at step \d; training stopped and the "
+                                           r"last good checkpoint is"):
+        run_training(cfg)
+    good = latest_complete_checkpoint(tmp_path / "nan")
+    assert good is not None
+    assert all(torch.isfinite(t).all() for t in load_file(str(good / "adapter_model.safetensors")).values())
+
+
 def test_the_api_and_the_cli_train_a_kto_run_alike(tiny_model_dir, kto_files, tmp_path):
     """A fresh adapter (KTO's reference is then the adapter disabled, the base): `api.train` and `phitune train` on
     one config write the same metrics."""
