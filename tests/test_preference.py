@@ -321,6 +321,19 @@ def test_method_config_is_checked_against_the_methods_trl_config():
         config_from_dict({**base, "method": "dpo", "model": {"name_or_path": "m", "adapter": "runs/sft"}})
 
 
+def test_a_trl_without_the_experimental_trainer_is_one_line_at_config_time(monkeypatch):
+    """ORPO and SimPO live in trl.experimental: a TRL that moved them fails when the config is read, with one line."""
+    import sys
+
+    base = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "peft_config": {"r": 8},
+            "training_config": {"beta": 2.0}}
+    for method, module in (("simpo", "trl.experimental.cpo"), ("orpo", "trl.experimental.orpo")):
+        monkeypatch.setitem(sys.modules, module, None)  # what `import` finds for a package that is gone
+        with pytest.raises(PhituneError, match=rf"^method {method} needs {module}\.\w+Trainer, which TRL [\d.]+ does "
+                                               r"not have .*; install trl 1.16"):
+            config_from_dict({**base, "method": method})
+
+
 def test_every_preference_shape_becomes_the_same_pair():
     from phitune.data.preference import to_pair
 

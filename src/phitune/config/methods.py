@@ -2,8 +2,8 @@
 `training_config` holds, the rules DPO, ORPO, SimPO, KTO and GRPO add (GRPO's `rewards:` section too), and whether
 phitune builds (and may pack) its batches.
 
-It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune, so the config
-layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
+It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors, so
+the config layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
 a method is decided in one place above: phitune.train's RECIPES.
 """
 
@@ -73,19 +73,32 @@ def training_config_class(method: str):
 def orpo_classes():
     """(ORPOConfig, ORPOTrainer) from trl.experimental.orpo, without TRL's "experimental API" warning on every run
     (docs/preference.md says it once)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
+    return _experimental("orpo", "ORPOConfig", "ORPOTrainer")
 
 
 def cpo_classes():
     """(CPOConfig, CPOTrainer) from trl.experimental.cpo, where TRL 1.16 has SimPO (CPO's loss_type simpo), without
     TRL's "experimental API" warning on every run (docs/preference.md says it once)."""
+    return _experimental("cpo", "CPOConfig", "CPOTrainer")
+
+
+def _experimental(module: str, *names: str) -> tuple:
+    """Classes of trl.experimental.MODULE; a TRL release that moved or dropped them is one line, at config time."""
+    import importlib
+
+    from phitune.errors import PhituneError
+
+    method = {"orpo": "orpo", "cpo": "simpo"}[module]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-    return CPOConfig, CPOTrainer
+        try:
+            found = importlib.import_module(f"trl.experimental.{module}")
+            return tuple(getattr(found, name) for name in names)
+        except (ImportError, AttributeError) as exc:
+            import trl
+
+            raise PhituneError(f"method {method} needs trl.experimental.{module}.{names[1]}, which TRL {trl.__version__} "
+                               f"does not have ({exc}); install trl 1.16 (requirements/ci-constraints.txt)") from None
 
 
 # GRPO's built-in rewards (phitune.after.rewards) and the keys each takes besides `weight`; a user's own function is
