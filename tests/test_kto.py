@@ -1,7 +1,8 @@
 """KTO (phitune.recipes.kto, phitune.data.unpaired) on the tiny Phi-3: from an SFT adapter, KTO widens the held-out
 log-probability margin of desirable over undesirable completions; the adapter reloads in plain PEFT; `phitune eval`
-and the API agree with the CLI; a run killed with SIGKILL resumes to the uninterrupted adapter; bad rows and configs
-stop with one line; `phitune data` shows labelled completions.
+and the API agree with the CLI; a run killed with SIGKILL resumes to the uninterrupted adapter; SIGTERM saves and stops;
+it merges; QLoRA and the NaN guard hold; bad rows and configs stop with one line; `phitune data` shows labelled
+completions.
 
 The rows follow one rule a tiny model learns in a few steps: a desirable completion is a word from POSITIVE, an
 undesirable one a word from NEGATIVE; each row has one completion and its label, never a pair.
@@ -229,6 +230,26 @@ def test_a_kto_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tiny
     assert any(t.abs().sum() > 0 for k, t in uninterrupted.items() if "lora_B" in k)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_stops_a_kto_run_with_a_checkpoint_and_exit_130(tiny_model_dir, kto_files, tmp_path):
+    import signal
+
+    from phitune.config.schema import save_config
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+
+    cfg = kto_config(tiny_model_dir, kto_files, tmp_path / "out", data={"eval": None, "eval_split": 0},
+                     training_config={"max_steps": 500, "save_steps": 1000, "logging_steps": 1})
+    save_config(cfg, tmp_path / "run.yaml")
+    proc = start_train(tmp_path / "run.yaml")
+    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"Resume with: phitune train {tmp_path / 'run.yaml'} --resume" in stderr
+    assert latest_complete_checkpoint(tmp_path / "out") is not None
+    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
 
 
 def test_every_kto_shape_becomes_the_same_labelled_completion():
