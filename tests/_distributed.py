@@ -242,9 +242,10 @@ def train_sft_pair(tiny_model_dir: Path, tmp_path: Path) -> None:
     wait(single, tmp_path / "single")
 
 
-def write_dpo_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
-    """DPO with a held-out eval set evaluated every 4 steps (so the first evaluation comes before any training step),
-    8 steps, a checkpoint every 4; the reference model is the policy with the adapter disabled."""
+def write_dpo_config(directory: Path, model_dir: Path, batch_size: int, method: str = "dpo") -> Path:
+    """DPO (or another pair method) with a held-out eval set evaluated every 4 steps (so the first evaluation comes
+    before any training step), 8 steps, a checkpoint every 4; DPO's reference model is the policy with the adapter
+    disabled."""
     from conftest import write_jsonl
     from test_preference import make_pairs
 
@@ -252,7 +253,7 @@ def write_dpo_config(directory: Path, model_dir: Path, batch_size: int) -> Path:
     train = write_jsonl(directory / "train.jsonl", make_pairs(0, 64))
     evals = write_jsonl(directory / "eval.jsonl", make_pairs(1, 16))
     config = {
-        "method": "dpo",
+        "method": method,
         "model": {"name_or_path": str(model_dir), "torch_dtype": "float32"},
         "data": {"train": str(train), "eval": str(evals), "max_seq_length": 64},
         "training_config": {"output_dir": str(directory / "out"), "max_steps": 8, "learning_rate": 1e-2,
@@ -285,10 +286,10 @@ def uninterrupted_dpo_runs(tiny_model_dir: Path, tmp_path_factory) -> Path:
     return shared_build(tmp_path_factory, "distributed-dpo", lambda tmp_path: train_dpo_pair(tiny_model_dir, tmp_path))
 
 
-def train_dpo_pair(tiny_model_dir: Path, tmp_path: Path) -> None:
+def train_dpo_pair(tiny_model_dir: Path, tmp_path: Path, method: str = "dpo") -> None:
     single = launch([sys.executable, "-m", "phitune.cli", "train",
-                     str(write_dpo_config(tmp_path / "single", tiny_model_dir, batch_size=4))], tmp_path / "single")
+                     str(write_dpo_config(tmp_path / "single", tiny_model_dir, 4, method))], tmp_path / "single")
     multi = launch([*torchrun_command(), "-m", "phitune.cli", "train",
-                    str(write_dpo_config(tmp_path / "multi", tiny_model_dir, batch_size=2))], tmp_path / "multi")
+                    str(write_dpo_config(tmp_path / "multi", tiny_model_dir, 2, method))], tmp_path / "multi")
     wait(multi, tmp_path / "multi")
     wait(single, tmp_path / "single")

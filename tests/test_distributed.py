@@ -30,6 +30,7 @@ from _distributed import (
     launcher,
     relative_difference,
     torchrun_command,
+    train_dpo_pair,
     wait,
     write_config,
 )
@@ -352,6 +353,18 @@ def test_qlora_under_fsdp_on_two_gpus_trains(tiny_model_dir, tmp_path):
 
 
 # Preference tuning under torchrun: the same guarantees as SFT (issue: "2 processes equal 1", kill -9 and --resume).
+
+
+def test_two_simpo_workers_equal_one_with_an_eval_set(tiny_model_dir, tmp_path):
+    """SimPO (CPO's simpo loss: a mean over each device's pairs, no reference) under torchrun: 2 workers x 2 pairs end
+    at the adapter of 1 worker x 4 pairs, with the same held-out scores."""
+    train_dpo_pair(tiny_model_dir, tmp_path, method="simpo")
+    single_out, multi_out = (tmp_path / name / "out" for name in ("single", "multi"))
+    assert relative_difference(multi_out, single_out) < DPO_TOLERANCE
+    single, multi = (json.loads((out / "metrics.json").read_text()) for out in (single_out, multi_out))
+    assert multi["method"] == "simpo" and multi["preference_accuracy_after"] == single["preference_accuracy_after"]
+    for key in ("reward_margin_after", "eval_loss", "train_loss"):
+        assert abs(multi[key] - single[key]) <= DPO_TOLERANCE * abs(single[key]), (key, multi[key], single[key])
 
 
 def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):

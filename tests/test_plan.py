@@ -117,7 +117,7 @@ def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, m
     speed = {"padding_free": "true", "liger": "false", "activation": "full"}
     sft = make_config(model={"attn_implementation": "auto"}, speed=speed)
     assert phitune.run.plan.plan_run(sft).attn_implementation == "flex_attention"
-    for method in ("dpo", "orpo"):
+    for method in ("dpo", "orpo", "simpo", "kto"):
         fresh = dict(model={"attn_implementation": "auto"})
         from_sft = dict(model={"attn_implementation": "auto", "adapter": str(tmp_path)}, peft_config=None)
         for model in (fresh, from_sft):

@@ -1,5 +1,6 @@
 """Preference tuning (phitune.recipes.preference, phitune.data.preference) on the tiny Phi-3: DPO makes held-out pairs
-preferred, the adapter loads in plain PEFT, resume is exact, DPO starts from an SFT (QLoRA) adapter, ORPO trains.
+preferred, the adapter loads in plain PEFT, resume is exact, DPO starts from an SFT (QLoRA) adapter, ORPO trains,
+SimPO trains through CPO's simpo loss and resumes exactly.
 
 The pairs follow one rule a tiny model learns in a few steps: the chosen answer is a word from POSITIVE, the rejected
 one a word from NEGATIVE; prompts and pairings differ between train and eval, so held-out accuracy measures the rule.
@@ -239,10 +240,63 @@ def test_orpo_trains_an_adapter_that_prefers_the_chosen_answers(tiny_model_dir, 
     assert (result.output_dir / "adapter_model.safetensors").is_file()
 
 
+def test_simpo_trains_through_cpo_with_the_reference_free_length_normalised_loss(tiny_model_dir, pair_files,
+                                                                                tmp_path):
+    """method: simpo is TRL's CPOTrainer with loss_type simpo and no NLL term (cpo_alpha 0), at the SimPO paper's beta
+    and margin; it makes held-out pairs preferred, writes no reference copy, reloads in plain PEFT, and `phitune eval`
+    scores it as DPO's runs."""
+    from peft import PeftModel
+    from typer.testing import CliRunner
+
+    from phitune.cli import app
+    from phitune.data.preference import load_preference_data
+    from phitune.models.loading import load_base_model, load_tokenizer
+    from phitune.recipes.preference import score_pairs
+    from phitune.train import run_training
+
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "simpo", method="simpo",
+                            training_config={"max_steps": 8, "save_steps": 8})
+    result = run_training(cfg)
+    args = torch.load(result.output_dir / "training_args.bin", weights_only=False)
+    assert type(args).__name__ == "CPOConfig"
+    assert (args.loss_type, args.cpo_alpha, args.beta, args.simpo_gamma) == ("simpo", 0.0, 2.0, 1.0)
+    metrics = result.metrics
+    assert metrics["method"] == "simpo" and metrics["preference_accuracy_after"] >= 0.9
+    assert metrics["reward_margin_after"] > metrics["reward_margin_before"] + 1  # 8 steps: -0.12 -> 1.37 measured
+    assert not (result.output_dir / "ref").exists()
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, training=False), str(result.output_dir))
+    scores = score_pairs(reloaded, load_tokenizer(cfg.model), load_preference_data(cfg.data).eval, 64)
+    assert scores["reward_margin"] == pytest.approx(metrics["reward_margin_after"], abs=1e-3)
+    shown = CliRunner().invoke(app, ["eval", str(result.output_dir), "--output", str(tmp_path / "eval")])
+    assert shown.exit_code == 0, shown.output
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["metrics"]
+    assert evaluated["fine-tuned"]["preference_accuracy"] == metrics["preference_accuracy_after"]
+
+
+def test_simpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir, pair_files, tmp_path, monkeypatch):
+    from phitune.train import run_training
+
+    def run(name, steps, resume=False):
+        cfg = preference_config(tiny_model_dir, pair_files, tmp_path / name, method="simpo",
+                                data={"eval": None, "eval_split": 0},
+                                training_config={"max_steps": steps, "save_steps": 2, "lr_scheduler_type": "constant"})
+        return run_training(cfg, resume=resume).output_dir
+
+    straight = run("straight", 4)
+    runs = watch_training(monkeypatch)
+    run("resumed", 2)
+    resumed = run("resumed", 4, resume=True)
+    assert_resumed(runs[-1], resumed / "checkpoint-2", max_steps=4)
+    assert_same_trained_adapter(straight, resumed, rtol=1e-5, atol=1e-7)
+
+
 def test_method_config_is_checked_against_the_methods_trl_config():
     base = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "peft_config": {"r": 8}}
     config_from_dict({**base, "method": "dpo", "training_config": {"beta": 0.2, "loss_type": "ipo"}})
     config_from_dict({**base, "method": "orpo", "training_config": {"beta": 0.2}})
+    config_from_dict({**base, "method": "simpo", "training_config": {"beta": 2.5, "simpo_gamma": 1.2}})
+    with pytest.raises(PhituneError, match="method simpo trains CPO's simpo loss; training_config.loss_type 'hinge'"):
+        config_from_dict({**base, "method": "simpo", "training_config": {"loss_type": "hinge"}})
     with pytest.raises(PhituneError) as err:
         config_from_dict({**base, "method": "dpo", "training_config": {"betta": 0.2, "max_length": 9,
                                                                        "learning_rate": "fast"}})
@@ -261,10 +315,23 @@ def test_method_config_is_checked_against_the_methods_trl_config():
     with pytest.raises(PhituneError) as err:
         config_from_dict({**base, "method": "dpo", "peft_config": None, "model": {"name_or_path": "m"}})
     assert "method dpo trains a LoRA adapter" in str(err.value)
-    with pytest.raises(PhituneError, match="model.adapter .* needs method: dpo or orpo"):
+    with pytest.raises(PhituneError, match="model.adapter .* needs method: dpo, orpo, simpo, kto or grpo"):
         config_from_dict({**base, "model": {"name_or_path": "m", "adapter": "runs/sft"}})
     with pytest.raises(PhituneError, match="model.adapter brings its own LoRA shape"):
         config_from_dict({**base, "method": "dpo", "model": {"name_or_path": "m", "adapter": "runs/sft"}})
+
+
+def test_a_trl_without_the_experimental_trainer_is_one_line_at_config_time(monkeypatch):
+    """ORPO and SimPO live in trl.experimental: a TRL that moved them fails when the config is read, with one line."""
+    import sys
+
+    base = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "peft_config": {"r": 8},
+            "training_config": {"beta": 2.0}}
+    for method, module in (("simpo", "trl.experimental.cpo"), ("orpo", "trl.experimental.orpo")):
+        monkeypatch.setitem(sys.modules, module, None)  # what `import` finds for a package that is gone
+        with pytest.raises(PhituneError, match=rf"^method {method} needs {module}\.\w+Trainer, which TRL [\d.]+ does "
+                                               r"not have .*; install trl 1.16"):
+            config_from_dict({**base, "method": method})
 
 
 def test_every_preference_shape_becomes_the_same_pair():

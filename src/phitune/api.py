@@ -60,8 +60,9 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
              data: str | None = None, num_generate: int = 50, max_new_tokens: int = 64, batch_size: int = 8,
              output: str | Path | None = None, benchmarks: list[str] | None = None, limit: int | None = None):
     """Base and fine-tuned model side by side (`phitune eval`); returns an EvalResult whose `metrics` maps
-    "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO
-    run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp.
+    "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO /
+    SimPO run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp; for a KTO run, to desirable_logp,
+    undesirable_logp, logp_margin.
 
     `benchmarks` (`phitune eval --benchmarks`): lm-evaluation-harness task names or task YAML files instead, at
     most `limit` examples each; the scores are in the result's `benchmarks` (docs/benchmarks.md).

@@ -155,8 +155,9 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="with --benchmarks: at most N examples per task"),
 ):
     """Compare base and fine-tuned model as the run's method scores it: eval loss, perplexity, token accuracy,
-    ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo); reward means
-    and pass rate of greedy completions (grpo); with --benchmarks, lm-eval's tasks."""
+    ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo, simpo); the
+    log-probability margin of desirable over undesirable held-out completions (kto); reward means and pass rate of
+    greedy completions (grpo); with --benchmarks, lm-eval's tasks."""
     from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 

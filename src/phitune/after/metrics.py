@@ -61,3 +61,22 @@ def summarize(totals: torch.Tensor) -> dict:
 def perplexity(loss: float) -> float:
     """exp(loss), infinite beyond exp(50) rather than an overflow."""
     return math.exp(loss) if loss < 50 else float("inf")
+
+
+def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, max_seq_length: int):
+    """sum_t log p(answer_t | prompt, answer_<t) for each (prompt ids, answer ids), each sequence cut to
+    max_seq_length as in training; shape (len(sequences),). The score DPO, ORPO, SimPO and KTO runs report before and
+    after training (the tokens their trainers compare)."""
+    rows = [(prompt + answer)[:max_seq_length] for prompt, answer in sequences]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    scored = torch.zeros_like(ids, dtype=torch.bool)  # positions holding an answer token
+    for i, ((prompt, _), row) in enumerate(zip(sequences, rows)):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        scored[i, len(prompt) : len(row)] = True
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+    return (logps * scored[:, 1:].to(device)).sum(-1).cpu()

@@ -32,7 +32,9 @@ def print_run_summary(result) -> None:
 BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity", "loss"),
                 ("preference_accuracy", "preference accuracy (held out)", "percent"),
                 ("reward_margin", "reward margin (held out)", "loss"), ("chosen_logp", "log p(chosen)", "loss"),
-                ("rejected_logp", "log p(rejected)", "loss"), ("pass_rate", "pass rate (held out)", "percent"),
+                ("rejected_logp", "log p(rejected)", "loss"), ("logp_margin", "log-prob margin (held out)", "loss"),
+                ("desirable_logp", "log p(desirable)", "loss"), ("undesirable_logp", "log p(undesirable)", "loss"),
+                ("pass_rate", "pass rate (held out)", "percent"),
                 ("reward", "reward (held out)", "loss")]
 
 
@@ -102,7 +104,7 @@ def print_eval_table(result) -> None:
         print_benchmark_table(result)
         return
     names = list(result.metrics)
-    if {"preference_accuracy", "reward"} & set(result.metrics[names[0]]):  # DPO / ORPO or GRPO (recipes/)
+    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp"} & set(result.metrics[names[0]]):
         print_preference_eval(result)
         return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
@@ -152,7 +154,8 @@ def print_benchmark_table(result) -> None:
 
 def print_preference_eval(result) -> None:
     """The models side by side, one row per metric: preference accuracy, margin and summed log-probabilities (DPO /
-    ORPO), or each reward's mean and the pass rate of greedy completions (GRPO, whose info names its `unit`)."""
+    ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), or each
+    reward's mean and the pass rate of greedy completions (GRPO); KTO and GRPO name their `unit` in info."""
     names = list(result.metrics)
     unit = result.info.get("unit", "held-out preference pairs")
     table = Table(title=f"phitune eval: {result.info['eval_examples']} {unit}")

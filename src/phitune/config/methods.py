@@ -1,9 +1,9 @@
 """What the config layer knows of each training method: its name, the TRL config class whose keys
-`training_config` holds, the rules DPO, ORPO and GRPO add (GRPO's `rewards:` section too), and whether phitune builds
-(and may pack) its batches.
+`training_config` holds, the rules DPO, ORPO, SimPO, KTO and GRPO add (GRPO's `rewards:` section too), and whether
+phitune builds (and may pack) its batches.
 
-It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune, so the config
-layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
+It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors, so
+the config layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
 a method is decided in one place above: phitune.train's RECIPES.
 """
 
@@ -13,15 +13,17 @@ import difflib
 import re
 import warnings
 
-METHODS = ("sft", "dpo", "orpo", "grpo", "vision")  # the top-level `method` key: what the trainer optimises
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo", "vision")  # the top-level `method` key: what is optimised
+PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference)
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
 
 
 def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
-    """Config rules of dpo / orpo, appended to `problems` with the others."""
+    """Config rules of the methods that train a LoRA adapter on preferences or rewards (dpo, orpo, simpo, kto, grpo),
+    appended to `problems` with the others."""
     if model.adapter and method in ("sft", "vision"):
-        problems.append("model.adapter (start from a trained adapter) needs method: dpo or orpo, or grpo")
+        problems.append("model.adapter (start from a trained adapter) needs method: dpo, orpo, simpo, kto or grpo")
         return
     if method in ("sft", "vision"):  # vision: SFT on multimodal rows (recipes/vision.py)
         return
@@ -33,29 +35,70 @@ def check_preference_config(method: str, model, data, peft_cfg, problems: list[s
     if model.adapter and peft_cfg and any(key in peft_cfg for key in LORA_SHAPE_KEYS):
         problems.append("model.adapter brings its own LoRA shape (r, alpha, targets); remove peft_config")
     if data.format != "auto":
-        rows = "prompt rows" if method == "grpo" else "prompt/chosen/rejected rows"
+        rows = {"grpo": "prompt rows", "kto": "prompt/completion/label rows"}.get(method, "prompt/chosen/rejected rows")
         problems.append(f"method {method} reads {rows}; leave data.format at auto")
     if data.train_on != "assistant":
         problems.append(f"method {method} scores the answers only; data.train_on must be assistant")
 
 
+def check_method_training(method: str, training: dict, problems: list[str]) -> None:
+    """training_config values a method cannot train with, said now rather than by TRL once the model has loaded:
+    SimPO is CPO's `simpo` loss; KTO's KL estimate pairs each completion with its batch neighbour's prompt, so it needs
+    at least 2 rows per device batch and TRL's sequential sampling."""
+    if method == "simpo" and training.get("loss_type", "simpo") not in ("simpo", "alphapo"):
+        problems.append(f"method simpo trains CPO's simpo loss; training_config.loss_type {training['loss_type']!r} is "
+                        "another CPO loss (leave loss_type out, or use simpo / alphapo)")
+    if method != "kto" or training.get("loss_type", "kto") != "kto":
+        return  # apo_zero_unpaired estimates no KL term
+    if isinstance(training.get("per_device_train_batch_size"), int) and training["per_device_train_batch_size"] < 2:
+        problems.append("method kto needs training_config.per_device_train_batch_size of at least 2 (its KL estimate "
+                        "pairs each completion with another row's prompt in the same batch)")
+    if training.get("train_sampling_strategy", "sequential") != "sequential":
+        problems.append("method kto needs training_config.train_sampling_strategy: sequential (its KL pairs are "
+                        "fixed neighbours in batch order; phitune shuffles the rows once, with data.seed, instead)")
+
+
 def training_config_class(method: str):
-    """TRL's config dataclass of a method: SFTConfig, DPOConfig, GRPOConfig, or ORPOConfig (experimental in TRL
-    1.x)."""
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, KTOConfig, GRPOConfig, or the experimental
+    ORPOConfig and CPOConfig (SimPO) of TRL 1.x."""
     import trl  # import here: trl pulls in torch, and most config errors should be instant
 
     if method == "orpo":
         return orpo_classes()[0]
-    return {"dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
+    if method == "simpo":
+        return cpo_classes()[0]
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
 
 
 def orpo_classes():
     """(ORPOConfig, ORPOTrainer) from trl.experimental.orpo, without TRL's "experimental API" warning on every run
     (docs/preference.md says it once)."""
+    return _experimental("orpo", "ORPOConfig", "ORPOTrainer")
+
+
+def cpo_classes():
+    """(CPOConfig, CPOTrainer) from trl.experimental.cpo, where TRL 1.16 has SimPO (CPO's loss_type simpo), without
+    TRL's "experimental API" warning on every run (docs/preference.md says it once)."""
+    return _experimental("cpo", "CPOConfig", "CPOTrainer")
+
+
+def _experimental(module: str, *names: str) -> tuple:
+    """Classes of trl.experimental.MODULE; a TRL release that moved or dropped them is one line, at config time."""
+    import importlib
+
+    from phitune.errors import PhituneError
+
+    method = {"orpo": "orpo", "cpo": "simpo"}[module]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
+        try:
+            found = importlib.import_module(f"trl.experimental.{module}")
+            return tuple(getattr(found, name) for name in names)
+        except (ImportError, AttributeError) as exc:
+            import trl
+
+            raise PhituneError(f"method {method} needs trl.experimental.{module}.{names[1]}, which TRL {trl.__version__} "
+                               f"does not have ({exc}); install trl 1.16 (requirements/ci-constraints.txt)") from None
 
 
 # GRPO's built-in rewards (phitune.after.rewards) and the keys each takes besides `weight`; a user's own function is

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from phitune.config.methods import METHODS, check_preference_config, check_rewards, training_config_class
+from phitune.config.methods import (METHODS, check_method_training, check_preference_config, check_rewards,
+                                    training_config_class)
 from phitune.config.types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
@@ -60,7 +61,8 @@ class ModelConfig:
         default=None, metadata={"help": "bitsandbytes 4-bit settings for QLoRA, e.g. {load_in_4bit: true}"}
     )
     adapter: str | None = field(
-        default=None, metadata={"help": "dpo/orpo/grpo: a phitune run directory or PEFT adapter to start from (trained on)"}
+        default=None,
+        metadata={"help": "dpo/orpo/simpo/kto/grpo: a phitune run directory or PEFT adapter to start from (trained on)"},
     )
 
 
@@ -253,6 +255,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     _check_values(data, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
+    check_method_training(method, training, problems)
     if data.prompt_template is not None and method != "grpo":
         problems.append(f"data.prompt_template applies to method: grpo, not {method}")
     rewards = check_rewards(method, raw.get("rewards"), problems)

@@ -80,8 +80,8 @@ def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Message
 
 
 def rows_dataset(rows: list):
-    """A datasets.Dataset of the rows' `as_row()` dicts: TRL's conversational preference rows (PreferencePair) or
-    prompt rows with their other columns (PromptRow)."""
+    """A datasets.Dataset of the rows' `as_row()` dicts: TRL's conversational preference rows (PreferencePair),
+    unpaired preference rows (LabelledCompletion) or prompt rows with their other columns (PromptRow)."""
     import datasets
 
     return datasets.Dataset.from_list([row.as_row() for row in rows])

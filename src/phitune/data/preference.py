@@ -1,4 +1,4 @@
-"""Preference data for DPO and ORPO: rows of a prompt, a chosen and a rejected answer, normalised to conversations.
+"""Preference data for DPO, ORPO and SimPO: rows of a prompt, a chosen and a rejected answer, normalised to conversations.
 
 | shape          | a row looks like                                                                          |
 | -------------- | ----------------------------------------------------------------------------------------- |
@@ -162,6 +162,15 @@ def tokenize_pair(tokenizer, pair: PreferencePair) -> TokenizedPair:
     return TokenizedPair(prompt_ids[:start], full[0][start:], full[1][start:])
 
 
+def tokenize_answer(tokenizer, prompt: Messages, text: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one answer, as TRL's DPO and KTO trainers build them: the prompt rendered with the
+    generation prompt, the answer the tokens after prompt + answer (rendered whole) diverge from it."""
+    prompt_ids = _render(tokenizer, prompt, add_generation_prompt=True)
+    full = _render(tokenizer, prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+    start = _common_prefix(prompt_ids, full)
+    return prompt_ids[:start], full[start:]
+
+
 def _render(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             add_generation_prompt=add_generation_prompt)
@@ -260,14 +269,15 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     )
     report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
-    report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir, _report_key(cfg)) / HISTOGRAM_PNG)
+    report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir, report_key(cfg)) / HISTOGRAM_PNG)
     return report
 
 
-def _report_key(cfg) -> str:
-    """A data cache folder of these pairs' own (DPO/ORPO pairs are not cached): the data settings and the model."""
+def report_key(cfg, kind: str = "pairs") -> str:
+    """A data cache folder of this data's own for `phitune data`'s histogram (DPO, ORPO, SimPO pairs and KTO's
+    completions are not cached): the kind, the data settings and the model."""
     settings = json.dumps([asdict(cfg.data), cfg.model.name_or_path, cfg.model.revision], sort_keys=True, default=str)
-    return "pairs-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return f"{kind}-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
 
 
 def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad_row: str) -> list[str]:

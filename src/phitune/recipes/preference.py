@@ -1,5 +1,5 @@
-"""The preference recipe: `method: dpo` (TRL's DPOTrainer) and `method: orpo` (TRL's ORPOTrainer, experimental in
-TRL 1.x).
+"""The preference recipe: `method: dpo` (TRL's DPOTrainer), `method: orpo` (TRL's ORPOTrainer) and `method: simpo`
+(TRL's CPOTrainer with its SimPO loss; ORPO and CPO are experimental in TRL 1.x).
 
 The run goes through the lifecycle every method shares (phitune.run) with another trainer: the
 same output directory, checkpoints, SIGTERM / NaN / resume guarantees, PEFT adapter and phitune_config.yaml. What
@@ -10,7 +10,8 @@ differs:
 - the starting point: a fresh LoRA adapter (`peft_config`), or the adapter of an earlier run (`model.adapter`, usually
   the SFT run), which is trained further. DPO's reference model is the starting point, without a second copy of the
   base: for a fresh adapter TRL disables the adapter (LoRA B starts at 0, so that is the start); for `model.adapter`
-  TRL keeps a frozen copy of the starting adapter (a few MB) and switches to it. ORPO needs no reference;
+  TRL keeps a frozen copy of the starting adapter (a few MB) and switches to it. ORPO and SimPO need no reference
+  (SimPO's reward is the answer's mean token log-probability, beta / |y| * log p(y | x));
 - evaluation: on the held-out pairs, before and after training, preference accuracy = share of pairs where the summed
   log-probability of the chosen answer exceeds the rejected one's, and the mean margin
   log p(chosen | prompt) - log p(rejected | prompt), in nats (`score_pairs`).
@@ -21,10 +22,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from phitune.config.methods import orpo_classes, training_config_class
+from phitune.config.methods import cpo_classes, orpo_classes, training_config_class
 from phitune.config.schema import RunConfig
 from phitune.errors import PhituneError, first_line
-from phitune.run.lifecycle import load_policy, trainer_settings
+from phitune.run.lifecycle import drop_reference_adapter, load_policy, padded_trainer_settings
 from phitune.run.plan import RunPlan
 
 log = logging.getLogger("phitune")
@@ -73,8 +74,8 @@ def data_metrics(cfg: RunConfig, data) -> dict:
 
 
 def tidy_output(output_dir: Path) -> None:
-    """Drop DPO's frozen reference copy of a starting adapter (see keep_only_trained_adapter)."""
-    keep_only_trained_adapter(output_dir)
+    """Drop DPO's frozen reference copy of a starting adapter (see drop_reference_adapter)."""
+    drop_reference_adapter(output_dir)
 
 
 def preference_splits(cfg: RunConfig, tokenizer):
@@ -98,16 +99,20 @@ def preference_splits(cfg: RunConfig, tokenizer):
     return data, counts
 
 
+# SimPO through CPO: the paper's reference-free, length-normalised loss alone (cpo_alpha 0: no NLL term; CPO's own
+# default of 1 adds one), at the SimPO paper's beta 2.0 and margin gamma 1.0 (gamma / beta = 0.5) instead of CPO's
+# beta 0.1 and gamma 0.5, which on per-token averaged log-probabilities barely move the policy.
+SIMPO_DEFAULTS = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0, "simpo_gamma": 1.0}
+
+
 def build_preference_config(cfg: RunConfig, has_eval: bool, plan: RunPlan):
-    """DPOConfig / ORPOConfig: training_config over phitune's defaults (as for SFT), data.max_seq_length as
-    max_length, and activation checkpointing from the speed switches (the run's `plan.speed`) rather than TRL's
-    default of on."""
-    settings = trainer_settings(cfg, has_eval)
-    speed = plan.speed
-    checkpointing = {k: v for k, v in speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
-    settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
-    if cfg.method == "orpo" and "include_num_input_tokens_seen" not in cfg.training_config:
-        settings["include_num_input_tokens_seen"] = "no"  # ORPO's batches have no input_ids for the Trainer to count
+    """DPOConfig / ORPOConfig / CPOConfig (SimPO): training_config over phitune's defaults (as for SFT, see
+    padded_trainer_settings), and for SimPO the paper's loss and settings where training_config leaves them out."""
+    settings = padded_trainer_settings(cfg, has_eval, plan)
+    if cfg.method == "simpo":
+        settings.update({k: v for k, v in SIMPO_DEFAULTS.items() if k not in cfg.training_config})
+    if cfg.method in ("orpo", "simpo") and "include_num_input_tokens_seen" not in cfg.training_config:
+        settings["include_num_input_tokens_seen"] = "no"  # their batches have no input_ids for the Trainer to count
     try:
         return training_config_class(cfg.method)(**settings)
     except (TypeError, ValueError) as exc:
@@ -121,7 +126,7 @@ def build_preference_trainer(cfg: RunConfig, model, tokenizer, data, peft_config
     from phitune.data import rows_dataset
 
     datasets.disable_progress_bars()  # TRL tokenizes the pairs with one bar per step; phitune logs the counts instead
-    trainer_class = dpo_trainer_class() if cfg.method == "dpo" else orpo_trainer_class()
+    trainer_class = {"dpo": dpo_trainer_class, "orpo": orpo_trainer_class, "simpo": simpo_trainer_class}[cfg.method]()
     return trainer_class(
         model=model,
         args=args,
@@ -152,6 +157,15 @@ def orpo_trainer_class():
     return PhituneORPOTrainer
 
 
+def simpo_trainer_class():
+    from phitune.run.guard import GuardedTraining
+
+    class PhituneSimPOTrainer(GuardedTraining, cpo_classes()[1]):
+        """CPOTrainer (trl.experimental) with loss_type simpo, phitune's NaN guard and complete-marked checkpoints."""
+
+    return PhituneSimPOTrainer
+
+
 def final_trainer_eval(trainer) -> dict:
     """TRL's own held-out metrics at the last step (DPO: implicit-reward accuracy and margin, beta-scaled)."""
     evals = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
@@ -160,21 +174,12 @@ def final_trainer_eval(trainer) -> dict:
     return {key.replace("/", "_"): last[key] for key in keep if key in last}
 
 
-def keep_only_trained_adapter(output_dir: Path) -> None:
-    """DPO from model.adapter keeps a frozen reference copy as a second adapter named "ref", which PEFT saves in
-    a subdirectory; the run's adapter is the top-level one, so the copy goes."""
-    import shutil
-
-    reference = Path(output_dir) / "ref"
-    if (reference / "adapter_config.json").is_file():
-        shutil.rmtree(reference)
-
-
 def score_pairs(model, tokenizer, pairs, max_seq_length: int, batch_size: int = 8) -> dict:
     """Preference accuracy and margins of `model` on `pairs` (summed log-probabilities of each answer's tokens,
     sequences cut to max_seq_length as in training)."""
     import torch
 
+    from phitune.after.metrics import answer_logps
     from phitune.data.preference import tokenize_pair
 
     chosen, rejected = [], []
@@ -190,25 +195,6 @@ def score_pairs(model, tokenizer, pairs, max_seq_length: int, batch_size: int = 
     margins = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
     return {"preference_accuracy": (margins > 0).double().mean().item(), "reward_margin": margins.mean().item(),
             "chosen_logp": sum(chosen) / len(chosen), "rejected_logp": sum(rejected) / len(rejected)}
-
-
-def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, max_seq_length: int):
-    """sum_t log p(answer_t | prompt, answer_<t) for each (prompt ids, answer ids); shape (len(sequences),)."""
-    import torch
-
-    rows = [(prompt + answer)[:max_seq_length] for prompt, answer in sequences]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    scored = torch.zeros_like(ids, dtype=torch.bool)  # positions holding an answer token
-    for i, ((prompt, _), row) in enumerate(zip(sequences, rows)):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        scored[i, len(prompt) : len(row)] = True
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-    return (logps * scored[:, 1:].to(device)).sum(-1).cpu()
 
 
 def run_preference_evaluation(model_cfg, adapter: Path | None, data_cfg, output_dir: Path,

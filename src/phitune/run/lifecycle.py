@@ -79,6 +79,16 @@ def trainer_settings(cfg: RunConfig, has_eval: bool) -> dict:
     return settings
 
 
+def padded_trainer_settings(cfg: RunConfig, has_eval: bool, plan: RunPlan) -> dict:
+    """trainer_settings for the methods whose batches TRL pads and tokenizes itself (DPO, ORPO, SimPO, KTO):
+    data.max_seq_length as TRL's max_length, every column kept for TRL's collator, and activation checkpointing from
+    the speed switches (the run's `plan.speed`) rather than TRL's default of on."""
+    settings = trainer_settings(cfg, has_eval)
+    checkpointing = {k: v for k, v in plan.speed.sft_kwargs().items() if k.startswith("activation_checkpointing")}
+    settings.update(checkpointing, max_length=cfg.data.max_seq_length, remove_unused_columns=False)
+    return settings
+
+
 def load_model_for_training(cfg: RunConfig, plan: RunPlan):
     """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig.
 
@@ -129,6 +139,16 @@ def load_policy(cfg: RunConfig, plan: RunPlan):
     adapter = starting_adapter(cfg)
     base = load_base_model(cfg.model, training=True, dtype=plan.dtype, attn_implementation=plan.attn_implementation)
     return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None
+
+
+def drop_reference_adapter(output_dir: Path) -> None:
+    """DPO and KTO from model.adapter keep a frozen reference copy of the starting adapter as a second adapter named
+    "ref", which PEFT saves in a subdirectory; the run's adapter is the top-level one, so the copy goes."""
+    import shutil
+
+    reference = Path(output_dir) / "ref"
+    if (reference / "adapter_config.json").is_file():
+        shutil.rmtree(reference)
 
 
 def starting_adapter(cfg: RunConfig) -> Path:

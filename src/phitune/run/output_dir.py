@@ -46,7 +46,7 @@ RUN_FILES = (
 )
 # The folders a run writes, each known by what it holds, so a user's own folder of the same name is never taken for
 # one: checkpoint-N/ (the Trainer's), runs/ (TensorBoard: runs/DATE_HOST/events.out.tfevents.*, report_to:
-# tensorboard) and ref/ (DPO's frozen reference adapter, a PEFT adapter named "ref").
+# tensorboard) and ref/ (DPO's and KTO's frozen reference adapter, a PEFT adapter named "ref").
 TENSORBOARD_EVENTS = "events.out.tfevents.*"
 REFERENCE_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")
 
