@@ -22,6 +22,20 @@ torch.set_num_threads(THREADS)
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 
+# The files that take longest, longest first (measured with --durations=0; the rest keep their order after them).
+# pytest-xdist's loadfile hands files to the two workers in collection order, so a long file handed out last would
+# leave the other worker idle at the end. test_benchmarks builds the demo's run that test_promises and test_demo use
+# after it, while the other worker runs the notebook.
+LONGEST_FIRST = ["test_benchmarks.py", "test_notebook.py", "test_kto.py", "test_families.py", "test_errors.py",
+                 "test_grpo_tiny.py", "test_modeling_dtype.py", "test_safety.py", "test_console.py",
+                 "test_promises.py", "test_preference.py", "test_speed.py", "test_data_prepare.py",
+                 "test_data_text.py", "test_train.py", "test_vision_data.py", "test_grpo.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -29,7 +43,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     built once per test session: masks, evaluation, generation, merge, export and DPO see the real vocabulary."""
     from phitune.tiny.phi3 import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-phi3"), seed=0, real_tokenizer=True, hidden=64, layers=2)
+    return shared_build(tmp_path_factory, "tiny-phi3", lambda folder: build_tiny_model(
+        folder, seed=0, real_tokenizer=True, hidden=64, layers=2))
 
 
 @pytest.fixture(scope="session")

@@ -273,6 +273,7 @@ def test_fully_masked_examples_are_an_error_or_skipped(tmp_path, tokenizer):
     assert len(kept) == 1 and len(kept.skipped) == 1
 
 
+@pytest.mark.processes
 def test_processes_of_one_machine_prepare_once(tmp_path, tiny_model_dir):
     """Two processes started together (as torchrun starts ranks): one prepares, the other waits and reuses it."""
     path = write_jsonl(tmp_path / "d.jsonl", ROWS["messages"] * 20)

@@ -37,6 +37,8 @@ from _distributed import (
 
 from phitune.run.checkpoints import CHECKPOINT_COMPLETE
 
+pytestmark = pytest.mark.processes  # torchrun jobs and runs killed and resumed: pyproject.toml's marker
+
 
 def listing(out: Path) -> dict[str, list[str]]:
     """File names in the output directory and in each checkpoint."""

@@ -34,6 +34,8 @@ from _distributed import (
 
 from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
 
+pytestmark = pytest.mark.processes  # torchrun jobs and runs killed and resumed: pyproject.toml's marker
+
 
 def test_two_workers_killed_and_resumed_end_at_the_one_worker_adapter(one_and_two_workers, tiny_model_dir, tmp_path):
     """kill -9 of torchrun and both workers after the first complete checkpoint, then --resume under torchrun: the

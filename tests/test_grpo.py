@@ -169,6 +169,7 @@ def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir
     assert_same_trained_adapter(straight, resumed, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.processes
 def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path):
     """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps (not
     4), ending at the adapter of an uninterrupted run (test_reliability's launcher, GRPO config)."""
@@ -201,6 +202,7 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.processes
 def test_sigterm_stops_a_grpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir, prompt_files, tmp_path):
     import signal
 

@@ -198,6 +198,7 @@ def test_the_api_and_the_cli_train_a_kto_run_alike(tiny_model_dir, kto_files, tm
     assert by_api.metrics["logp_margin_after"] > by_api.metrics["logp_margin_before"]
 
 
+@pytest.mark.processes
 def test_a_kto_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tiny_model_dir, kto_files, tmp_path):
     """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps (not
     4), ending at the adapter of an uninterrupted run (test_reliability's launcher, KTO config)."""
@@ -232,6 +233,7 @@ def test_a_kto_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tiny
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.processes
 def test_sigterm_stops_a_kto_run_with_a_checkpoint_and_exit_130(tiny_model_dir, kto_files, tmp_path):
     import signal
 

@@ -489,6 +489,7 @@ def interrupt(stage, places: dict, cwd: Path) -> Outcome:
     return Outcome(proc.returncode, stdout, said + stderr)
 
 
+@pytest.mark.processes
 def test_an_interrupt_at_any_stage_exits_130_with_one_line(tiny_model_dir, finished_run, run_before,
                                                            tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupts")

@@ -24,6 +24,8 @@ from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, checkpoint_dirs, check
 from phitune.run.console import PROGRESS_LOG
 from phitune.run.signals import REPEAT_WINDOW_S
 
+pytestmark = pytest.mark.processes  # torchrun jobs and runs killed and resumed: pyproject.toml's marker
+
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 ADAPTER = "adapter_model.safetensors"
 TRAIN_LINE = re.compile(r"^step +\d+/\d+  loss ", re.M)  # phitune.run.console's line per logging step

@@ -42,6 +42,7 @@ def test_a_lock_whose_holder_died_is_taken_over_with_a_warning(tmp_path, caplog)
     assert not (out / LOCK_FILE).exists()
 
 
+@pytest.mark.processes
 def test_a_second_train_eval_into_a_run_being_trained_are_refused_and_a_dead_runs_lock_is_taken_over(
         tiny_model_dir, tmp_path, capsys):
     config = write_config(tmp_path, tiny_model_dir)

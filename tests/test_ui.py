@@ -97,6 +97,7 @@ def _wait(condition, seconds: float = 300) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.processes
 def test_a_run_started_stopped_and_resumed_like_the_page_does(make_config, tmp_path):
     """`phitune train` as a process: running while it trains, a graceful stop leaves a checkpoint and reads as
     interrupted, resume finishes it; the loss series has each step once (the resumed steps replace the old)."""
