@@ -83,6 +83,12 @@ USAGE = [
 
 TRAIN_SFT = [
     case("config_missing", ["train", "{d}/nope.yaml"], ["config file not found", "nope.yaml"]),
+    case("config_is_directory", ["train", "{d}/configs"], ["configs is a directory, not a config file"],
+         {"configs/": ""}),
+    case("config_file_empty", ["train", "{d}/run.yaml"], ["run.yaml: the file is empty", "model, data"],
+         {"run.yaml": ""}),
+    case("config_section_misspelled", ["train", "{d}/run.yaml"], ["unknown top-level key dta (did you mean 'data'?)"],
+         {"run.yaml": "model: {name_or_path: '{model}'}\ndta: {train: '{d}/train.jsonl'}\n"}),
     case("data_file_missing", train("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
     case("data_path_is_directory", train("data.train={d}/dir.jsonl"), ["is a directory"], {"dir.jsonl/": ""}),
     case("data_file_unreadable", train(), ["cannot read", "train.jsonl"], {"train.jsonl": UNREADABLE}),
@@ -163,6 +169,7 @@ TRAIN_DPO = [
 
 DATA = [
     case("data_config_missing", ["data", "{d}/nope.yaml"], ["config file not found"]),
+    case("data_config_is_directory", ["data", "{d}"], ["is a directory, not a config file"]),
     case("data_command_file_missing", ["data", "{d}/run.yaml", "--set", "data.train={d}/nope.jsonl"], ["data file not found"]),
     case("data_set_not_yaml", ["data", "{d}/run.yaml", "--set", "data.format=[x"], ["not valid YAML"]),
     case("data_example_negative", ["data", "{d}/run.yaml", "--example", "-1"], ["'--example'", "greater than or equal"]),
