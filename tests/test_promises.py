@@ -420,6 +420,22 @@ def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, 
     assert tree(tmp_path) == [] and tree(finished_run) == run_before
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["train", "nope.yaml"], ["config file not found"]),
+    (["data", "empty.yaml"], ["empty.yaml: the file is empty"]),
+    (["train", "broken.yaml"], ["broken.yaml: not valid YAML"]),
+], ids=["train_missing", "data_empty", "train_not_yaml"])
+def test_a_config_file_that_cannot_be_read_is_said_before_torch_is_imported(argv, words, tmp_path):
+    """cli.py's promise that config errors are instant: the command imports torch (seconds; a minute on a loaded
+    machine) only after its config file has been read."""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    proc = run_cli(argv, tmp_path, prelude="import atexit\natexit.register(lambda: print('torch' in sys.modules))")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(Outcome(proc.returncode, "", stderr), words)
+    assert stdout == "False\n"
+
+
 # Rows whose environment must be set before the libraries are imported (they read the hub's offline switch then):
 # each runs in a real process, where a spy on phitune's model loader says on stderr when weights would load.
 HUB_OFFLINE = {"HF_HUB_OFFLINE": "1"}  # as on a machine without network, whatever this one has

@@ -87,11 +87,12 @@ def train(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the adapter to this hub repo"),
 ):
     """Fine-tune as CONFIG says; writes the adapter, tokenizer, config, metrics.json and loss.png to output_dir."""
-    from phitune.after.report import print_run_summary
     from phitune.config.schema import load_config
-    from phitune.train import run_training
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
+    from phitune.after.report import print_run_summary  # after the config: a missing file is said before torch loads
+    from phitune.train import run_training
+
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub, auto_resume=auto_resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every worker ends the same run: rank 0 reports it
         return
@@ -340,11 +341,13 @@ def data(
     example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
-    from phitune.after.report import print_data_report
     from phitune.config.schema import load_config
+
+    cfg = load_config(config, set_)
+    from phitune.after.report import print_data_report  # after the config, as in train
     from phitune.train import inspect_run_data
 
-    print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
+    print_data_report(inspect_run_data(cfg, output, example_index=example))
 
 
 @app.command()
