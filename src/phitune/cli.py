@@ -90,7 +90,8 @@ def train(
     from phitune.config.schema import load_config
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
-    from phitune.after.report import print_run_summary  # after the config: a missing file is said before torch loads
+    # imported after the config is read, so a missing or broken file is said before torch loads
+    from phitune.after.report import print_run_summary
     from phitune.train import run_training
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub, auto_resume=auto_resume)
@@ -344,7 +345,8 @@ def data(
     from phitune.config.schema import load_config
 
     cfg = load_config(config, set_)
-    from phitune.after.report import print_data_report  # after the config, as in train
+    # after the config, as in train
+    from phitune.after.report import print_data_report
     from phitune.train import inspect_run_data
 
     print_data_report(inspect_run_data(cfg, output, example_index=example))
