@@ -192,6 +192,8 @@ INFERENCE = [
     case("chat_top_p_above_one", ["chat", "{run}", "--do-sample", "--top-p", "2"], ["--top-p must be in (0, 1]"]),
     case("generate_input_missing", ["generate", "{run}", "--input", "{d}/nope.jsonl", "--output", "{d}/a.jsonl"],
          ["input file not found"]),
+    case("generate_input_is_directory", ["generate", "{run}", "--input", "{d}/prompts", "--output", "{d}/a.jsonl"],
+         ["prompts is a directory, not a prompts file"], {"prompts/": ""}),
     case("generate_input_empty", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
          ["prompts.jsonl", "empty"], {"prompts.jsonl": ""}),
     case("generate_input_malformed", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
