@@ -139,7 +139,17 @@ def example_runs(tokenizer, messages: list[dict], template: str, train_on: str =
 def pad_token_warnings(cfg: RunConfig, tokenizer) -> list[str]:
     """pad == eos in the tokenizer as training uses it, or in the raw tokenizer config."""
     warnings = []
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+    vocab = tokenizer.get_vocab()
+    turn_end = next((t for t in (END_OF_TURN, "<|im_end|>") if t in vocab and t != tokenizer.eos_token), None)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id and turn_end:
+        # Phi-4-mini's case (docs/families.md): padding is masked by position, and a turn ends with its own token,
+        # whose training label_warnings checks; "add a pad token" would be advice about a model the user cannot fix
+        warnings.append(
+            f"the tokenizer pads with its eos token ({tokenizer.eos_token!r}; it has no unk token): safe for "
+            f"phitune's training, which masks padding by position and trains {turn_end} to end each turn; a tool "
+            "that masks padding by token id would never train the eos"
+        )
+    elif tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         warnings.append(
             f"the pad token is the eos token ({tokenizer.eos_token!r}) and the tokenizer has no unk token to pad "
             "with instead: eos is masked wherever it pads, so the model may never learn to stop; add a pad token "
