@@ -86,6 +86,18 @@ def test_flags_duplicates_leaks_empty_answers_truncation_and_missing_end(tmp_pat
     assert report.counts["skipped rows"] == 1
 
 
+def test_a_malformed_row_is_said_to_stop_training_unless_skipped(tmp_path):
+    """`phitune data` reads past a malformed line and counted it as skipped; `phitune train` stops at it. The
+    warning said only '1 other malformed row' (other than none; issue 35's stranger pass)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(_chat("What colour is grass?", "Grass is green.")) + "\n{\"messages\": [\n")
+    report = inspect_data(_config(tiny_base_path(), train, DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert ("1 malformed row (an error in training (set data.on_bad_row: skip)); first: " in report.warnings[0]
+            and "train.jsonl:2" in report.warnings[0]), report.warnings
+    skipping = inspect_data(_config(tiny_base_path(), train, DEMO_DATA / "eval.jsonl", on_bad_row="skip"), tmp_path)
+    assert "1 malformed row (skipped); first: " in skipping.warnings[0]
+
+
 def test_data_command_prints_the_report(tmp_path):
     from phitune.cli import app
 

@@ -191,14 +191,15 @@ def row_warnings(skipped: list[str], sets: dict, on_bad_row: str) -> list[str]:
     """
     warnings = []
     empty = [s for s in skipped if "(assistant) has empty content" in s]
+    fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
     if empty:
-        fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
         has = "row has" if len(empty) == 1 else "rows have"
         warnings.append(f"{len(empty)} {has} an empty assistant turn ({fate}); first: {empty[0]}")
     others = len(skipped) - len(empty)
-    if others:
+    if others:  # phitune data reads past them; say that phitune train stops at the first unless told to skip
         first = next(s for s in skipped if s not in empty)
-        warnings.append(f"{others} other malformed row{'s' if others != 1 else ''}; first: {first}")
+        other = "other " if empty else ""
+        warnings.append(f"{others} {other}malformed row{'s' if others != 1 else ''} ({fate}); first: {first}")
     train_keys = sets["train"].column("key")
     duplicates = len(train_keys) - len(np.unique(train_keys))
     if duplicates:
