@@ -304,7 +304,9 @@ def export(
     if result.kept_f16:
         print(f"kept f16 (shape does not fit {result.quant}): {len(result.kept_f16)} tensors, e.g. {result.kept_f16[0]}")
     if result.modelfile:
-        print(f"wrote {result.modelfile}; run: cd {result.modelfile.parent} && ollama create NAME -f Modelfile")
+        where = result.modelfile.parent  # no `cd .` when it is here; the model named after the file, not NAME
+        go = "" if where.resolve() == Path.cwd().resolve() else f"cd {where} && "
+        print(f"wrote {result.modelfile}; run: {go}ollama create {result.path.stem} -f Modelfile")
 
 
 @app.command()
