@@ -219,6 +219,10 @@ INFERENCE = [
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
 
+UI = [  # `pip install -e ".[ui]"` worked only from the repository root; the other extras' lines work anywhere
+    case("ui_without_the_extra", ["ui"], ["phitune ui needs the ui extra: pip install 'phitune[ui]'"], hide=("gradio",)),
+]
+
 DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"model: {{name_or_path: '{TINY_BASE}'}}\n"}
 DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not train's --overwrite or output_dir
     case("demo_output_dir_foreign", ["demo", "--output-dir", "{d}/out"], ["holds no phitune run", "--output-dir"],
@@ -227,7 +231,7 @@ DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not tra
          {**DEMO_RUN, "out/notes.txt": "mine\n"}),
 ]
 
-CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + DEMO
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + UI + DEMO
 
 
 def base_files(model_dir: Path) -> dict:

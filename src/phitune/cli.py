@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    # Help text as written: rich markup would take `[ui]` in `pip install -e ".[ui]"` for a style and drop it.
+    # Help text as written: rich markup would take `[ui]` in `pip install 'phitune[ui]'` for a style and drop it.
     rich_markup_mode=None,
     help="Fine-tune Microsoft's Phi family (Phi-3, 3.5, 4, 4-mini, 4-multimodal) with LoRA and QLoRA: one YAML file "
     "in, a standard PEFT adapter out.",
@@ -366,14 +366,14 @@ def ui(
                                            "trust_remote_code: true (a hub model's own code)"),
 ):
     """A local web page for the whole loop: configure, check the data, train, compare runs, chat (needs the ui
-    extra: pip install -e ".[ui]")."""
+    extra: pip install 'phitune[ui]')."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page's server
     try:
         from phitune.ui.app import launch, serve_until_stopped
     except ImportError as exc:
         if exc.name != "gradio":
             raise
-        raise PhituneError('phitune ui needs the ui extra: pip install -e ".[ui]" (gradio)') from None
+        raise PhituneError("phitune ui needs the ui extra: pip install 'phitune[ui]' (gradio)") from None
 
     if no_token:
         print("warning: --no-token: any program on this machine, and any web page a proxy in front lets through, can "
