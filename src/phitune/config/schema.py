@@ -274,7 +274,8 @@ def _suggest(key: str, valid) -> str:
 def _check_keys(section: dict, valid, where: str, problems: list[str]) -> None:
     for key in section:
         if key not in valid:
-            name = f"key {where}.{key}" if where else f"top-level key {key}"  # not `config.dta`: no section is named config
+            # a misspelled section is a top-level key, not `config.dta`: no section is named config
+            name = f"key {where}.{key}" if where else f"top-level key {key}"
             problems.append(f"unknown {name}{_suggest(key, valid)}")
 
 
