@@ -63,7 +63,8 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(PhituneError) as err:
         config_from_dict(raw)
     message = str(err.value)
-    for part in ("config.modle (did you mean 'model'?)", "data.max_seq_length must be int", "peft_config.r",
+    for part in ("unknown top-level key modle (did you mean 'model'?)", "data.max_seq_length must be int",
+                 "peft_config.r",
                  "data.train is required"):
         assert part in message
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from _fixtures_eval import demo_run  # noqa: F401  (the demo's run, trained once per session)
 
-from phitune.demo import run_demo
+from phitune.demo import replaces_earlier_demo, run_demo
 from phitune.errors import PhituneError
 
 STORED = json.loads((Path(__file__).parent / "data" / "demo_loss_curve.json").read_text())
@@ -72,3 +72,18 @@ def test_demo_refuses_an_interrupted_run_of_another_model(tmp_path):
     with pytest.raises(PhituneError, match="not a demo run"):
         run_demo(output_dir, [])
     assert (output_dir / "checkpoint-40" / "adapter_config.json").is_file()
+
+
+def test_demo_says_it_replaces_its_own_finished_run(tmp_path, caplog):
+    """A second `phitune demo` replaced the first run's adapter and eval results without a word (found by issue 35's
+    stranger pass, where the first demo had trained for 44 minutes on a loaded CPU)."""
+    from phitune.tiny.phi3 import tiny_base_path
+
+    output_dir = tmp_path / "demo"
+    output_dir.mkdir()
+    (output_dir / "phitune_complete").write_text("finished\n")
+    (output_dir / "phitune_config.yaml").write_text(f"model: {{name_or_path: '{tiny_base_path()}'}}\n")
+    with caplog.at_level("WARNING", logger="phitune"):
+        assert replaces_earlier_demo(output_dir)
+    assert "holds a finished demo run; the demo starts again from scratch and replaces it" in caplog.text
+    assert "--output-dir DIR keeps it" in caplog.text

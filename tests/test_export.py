@@ -208,16 +208,22 @@ def test_sentencepiece_tokenizer_is_written_as_phi3_does(sentencepiece_run, sent
     assert "tokenizer.ggml.add_space_prefix" in meta  # what HF does after <|user|>; the slow test runs it
 
 
-def test_ollama_modelfile_names_the_file_the_template_and_the_stops(trained_run, tmp_path):  # noqa: F811
+def test_ollama_modelfile_names_the_file_the_template_and_the_stops(trained_run, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "phi.gguf"
     result = run_export(str(trained_run), "--output", str(out), "--ollama")
     assert result.exit_code == 0, result.output
+    assert f"run: cd {tmp_path} && ollama create phi -f Modelfile" in " ".join(result.output.split())
     text = (tmp_path / "Modelfile").read_text()
     assert text.startswith("FROM ./phi.gguf\n")
     assert 'PARAMETER stop "<|end|>"' in text and 'PARAMETER stop "<|endoftext|>"' in text
     assert "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n" in text and "<|assistant|>\n" in text
     again = run_export(str(trained_run), "--output", str(tmp_path / "other.gguf"), "--ollama")
     assert isinstance(again.exception, PhituneError) and "Modelfile exists" in str(again.exception)
+    here = tmp_path / "here"  # the file written where the command runs: the line printed `cd . && ... NAME`
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = run_export(str(trained_run), "--output", "mine.gguf", "--ollama")
+    assert "run: ollama create mine -f Modelfile" in " ".join(result.output.split()), result.output
 
 
 def test_gguf_lora_carries_the_peft_matrices_under_llama_cpp_names(trained_run, tmp_path):  # noqa: F811

@@ -70,3 +70,21 @@ def test_hub_failure_is_one_actionable_line(tmp_path, monkeypatch):
     with pytest.raises(PhituneError, match=r"push to hub repo 'me/x' failed: .*401 Unauthorized") as caught:
         push_folder(tmp_path, "me/x")
     assert "\n" not in str(caught.value) and "more detail" not in str(caught.value)
+
+
+def test_an_unreachable_hub_is_said_so_and_the_run_is_said_to_be_saved(tmp_path):
+    """`phitune train ... --push-to-hub` offline trained, saved, then ended with only 'push to hub repo 'me/tiny'
+    failed: [Errno -2] Name or service not known' (issue 35's stranger pass). A real process with a hub address that
+    does not resolve: huggingface_hub's own client fails as it does offline."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom phitune.after.hub import push_folder\nfrom phitune.errors import PhituneError\n"
+            "try:\n    push_folder(sys.argv[1], 'me/x')\nexcept PhituneError as exc:\n    print(exc)\n")
+    env = {**os.environ, "HF_ENDPOINT": "http://hub.invalid", "HF_TOKEN": "hf_x"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                          check=False, timeout=120)
+    said = done.stdout.strip()
+    assert said.startswith("push to hub repo 'me/x' failed (the Hugging Face Hub cannot be reached): "), done
+    assert said.endswith(f"{tmp_path} is written and complete here, only the upload did not happen")

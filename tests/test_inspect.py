@@ -39,9 +39,14 @@ def _chat(question: str, answer: str) -> dict:
 
 
 def test_flags_pad_equal_to_eos_when_training_would_pad_with_eos(tmp_path):
+    """Said, but not as "the model may never learn to stop; add a pad token": padding is masked by position and
+    <|end|> ends each turn (docs/families.md). That advice was printed for the shipped tiny-phi4-mini-tools.yaml,
+    whose bundled tokenizer the user cannot change (issue 35's stranger pass)."""
     model = _tokenizer_dir(tmp_path, pad="<|endoftext|>", keep_unk=False)
     report = inspect_data(_config(model, DEMO_DATA / "train.jsonl", DEMO_DATA / "eval.jsonl"), tmp_path)
-    assert any("pad token is the eos token" in w for w in report.warnings)
+    assert any("pads with its eos token ('<|endoftext|>'; it has no unk token): safe for phitune's training" in w
+               and "trains <|end|> to end each turn" in w for w in report.warnings), report.warnings
+    assert not any("may never learn to stop" in w for w in report.warnings)
 
 
 def test_flags_raw_pad_equal_to_eos_that_phitune_replaces(tmp_path):
@@ -79,6 +84,18 @@ def test_flags_duplicates_leaks_empty_answers_truncation_and_missing_end(tmp_pat
     assert "train: 1 examples have no end-of-turn token" in text  # the long answer is cut before <|end|>
     assert report.truncated == {"train": 1, "eval": 0}
     assert report.counts["skipped rows"] == 1
+
+
+def test_a_malformed_row_is_said_to_stop_training_unless_skipped(tmp_path):
+    """`phitune data` reads past a malformed line and counted it as skipped; `phitune train` stops at it. The
+    warning said only '1 other malformed row' (other than none; issue 35's stranger pass)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(_chat("What colour is grass?", "Grass is green.")) + "\n{\"messages\": [\n")
+    report = inspect_data(_config(tiny_base_path(), train, DEMO_DATA / "eval.jsonl"), tmp_path)
+    assert ("1 malformed row (an error in training (set data.on_bad_row: skip)); first: " in report.warnings[0]
+            and "train.jsonl:2" in report.warnings[0]), report.warnings
+    skipping = inspect_data(_config(tiny_base_path(), train, DEMO_DATA / "eval.jsonl", on_bad_row="skip"), tmp_path)
+    assert "1 malformed row (skipped); first: " in skipping.warnings[0]
 
 
 def test_data_command_prints_the_report(tmp_path):

@@ -83,6 +83,12 @@ USAGE = [
 
 TRAIN_SFT = [
     case("config_missing", ["train", "{d}/nope.yaml"], ["config file not found", "nope.yaml"]),
+    case("config_is_directory", ["train", "{d}/configs"], ["configs is a directory, not a config file"],
+         {"configs/": ""}),
+    case("config_file_empty", ["train", "{d}/run.yaml"], ["run.yaml: the file is empty", "model, data"],
+         {"run.yaml": ""}),
+    case("config_section_misspelled", ["train", "{d}/run.yaml"], ["unknown top-level key dta (did you mean 'data'?)"],
+         {"run.yaml": "model: {name_or_path: '{model}'}\ndta: {train: '{d}/train.jsonl'}\n"}),
     case("data_file_missing", train("data.train={d}/nope.jsonl"), ["data file not found", "nope.jsonl"]),
     case("data_path_is_directory", train("data.train={d}/dir.jsonl"), ["is a directory"], {"dir.jsonl/": ""}),
     case("data_file_unreadable", train(), ["cannot read", "train.jsonl"], {"train.jsonl": UNREADABLE}),
@@ -163,6 +169,7 @@ TRAIN_DPO = [
 
 DATA = [
     case("data_config_missing", ["data", "{d}/nope.yaml"], ["config file not found"]),
+    case("data_config_is_directory", ["data", "{d}"], ["is a directory, not a config file"]),
     case("data_command_file_missing", ["data", "{d}/run.yaml", "--set", "data.train={d}/nope.jsonl"], ["data file not found"]),
     case("data_set_not_yaml", ["data", "{d}/run.yaml", "--set", "data.format=[x"], ["not valid YAML"]),
     case("data_example_negative", ["data", "{d}/run.yaml", "--example", "-1"], ["'--example'", "greater than or equal"]),
@@ -185,6 +192,8 @@ INFERENCE = [
     case("chat_top_p_above_one", ["chat", "{run}", "--do-sample", "--top-p", "2"], ["--top-p must be in (0, 1]"]),
     case("generate_input_missing", ["generate", "{run}", "--input", "{d}/nope.jsonl", "--output", "{d}/a.jsonl"],
          ["input file not found"]),
+    case("generate_input_is_directory", ["generate", "{run}", "--input", "{d}/prompts", "--output", "{d}/a.jsonl"],
+         ["prompts is a directory, not a prompts file"], {"prompts/": ""}),
     case("generate_input_empty", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
          ["prompts.jsonl", "empty"], {"prompts.jsonl": ""}),
     case("generate_input_malformed", ["generate", "{run}", "--input", "{d}/prompts.jsonl", "--output", "{d}/a.jsonl"],
@@ -210,6 +219,10 @@ INFERENCE = [
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
 
+UI = [  # `pip install -e ".[ui]"` worked only from the repository root; the other extras' lines work anywhere
+    case("ui_without_the_extra", ["ui"], ["phitune ui needs the ui extra: pip install 'phitune[ui]'"], hide=("gradio",)),
+]
+
 DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"model: {{name_or_path: '{TINY_BASE}'}}\n"}
 DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not train's --overwrite or output_dir
     case("demo_output_dir_foreign", ["demo", "--output-dir", "{d}/out"], ["holds no phitune run", "--output-dir"],
@@ -218,7 +231,7 @@ DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not tra
          {**DEMO_RUN, "out/notes.txt": "mine\n"}),
 ]
 
-CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + DEMO
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + UI + DEMO
 
 
 def base_files(model_dir: Path) -> dict:
@@ -411,6 +424,22 @@ def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, 
     assert_one_line_error(Outcome(proc.returncode, stdout, stderr), ["pip install 'phitune[export]'"])
     assert "torch" not in stderr and time.perf_counter() - start < 30
     assert tree(tmp_path) == [] and tree(finished_run) == run_before
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "nope.yaml"], ["config file not found"]),
+    (["data", "empty.yaml"], ["empty.yaml: the file is empty"]),
+    (["train", "broken.yaml"], ["broken.yaml: not valid YAML"]),
+], ids=["train_missing", "data_empty", "train_not_yaml"])
+def test_a_config_file_that_cannot_be_read_is_said_before_torch_is_imported(argv, words, tmp_path):
+    """cli.py's promise that config errors are instant: the command imports torch (seconds; a minute on a loaded
+    machine) only after its config file has been read."""
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    proc = run_cli(argv, tmp_path, prelude="import atexit\natexit.register(lambda: print('torch' in sys.modules))")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert_one_line_error(Outcome(proc.returncode, "", stderr), words)
+    assert stdout == "False\n"
 
 
 # Rows whose environment must be set before the libraries are imported (they read the hub's offline switch then):

@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    # Help text as written: rich markup would take `[ui]` in `pip install -e ".[ui]"` for a style and drop it.
+    # Help text as written: rich markup would take `[ui]` in `pip install 'phitune[ui]'` for a style and drop it.
     rich_markup_mode=None,
     help="Fine-tune Microsoft's Phi family (Phi-3, 3.5, 4, 4-mini, 4-multimodal) with LoRA and QLoRA: one YAML file "
     "in, a standard PEFT adapter out.",
@@ -87,11 +87,13 @@ def train(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="upload the adapter to this hub repo"),
 ):
     """Fine-tune as CONFIG says; writes the adapter, tokenizer, config, metrics.json and loss.png to output_dir."""
-    from phitune.after.report import print_run_summary
     from phitune.config.schema import load_config
-    from phitune.train import run_training
 
     cfg = load_config(config, [*set_, *([f"data.on_bad_row={on_bad_row}"] if on_bad_row else [])])
+    # imported after the config is read, so a missing or broken file is said before torch loads
+    from phitune.after.report import print_run_summary
+    from phitune.train import run_training
+
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub, auto_resume=auto_resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every worker ends the same run: rank 0 reports it
         return
@@ -303,7 +305,9 @@ def export(
     if result.kept_f16:
         print(f"kept f16 (shape does not fit {result.quant}): {len(result.kept_f16)} tensors, e.g. {result.kept_f16[0]}")
     if result.modelfile:
-        print(f"wrote {result.modelfile}; run: cd {result.modelfile.parent} && ollama create NAME -f Modelfile")
+        where = result.modelfile.parent  # no `cd .` when it is here; the model named after the file, not NAME
+        go = "" if where.resolve() == Path.cwd().resolve() else f"cd {where} && "
+        print(f"wrote {result.modelfile}; run: {go}ollama create {result.path.stem} -f Modelfile")
 
 
 @app.command()
@@ -341,11 +345,14 @@ def data(
     example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):
     """Show the data as training sees it: format, counts, lengths, one masked example, and warnings."""
-    from phitune.after.report import print_data_report
     from phitune.config.schema import load_config
+
+    cfg = load_config(config, set_)
+    # after the config, as in train
+    from phitune.after.report import print_data_report
     from phitune.train import inspect_run_data
 
-    print_data_report(inspect_run_data(load_config(config, set_), output, example_index=example))
+    print_data_report(inspect_run_data(cfg, output, example_index=example))
 
 
 @app.command()
@@ -360,14 +367,14 @@ def ui(
                                            "trust_remote_code: true (a hub model's own code)"),
 ):
     """A local web page for the whole loop: configure, check the data, train, compare runs, chat (needs the ui
-    extra: pip install -e ".[ui]")."""
+    extra: pip install 'phitune[ui]')."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page's server
     try:
         from phitune.ui.app import launch, serve_until_stopped
     except ImportError as exc:
         if exc.name != "gradio":
             raise
-        raise PhituneError('phitune ui needs the ui extra: pip install -e ".[ui]" (gradio)') from None
+        raise PhituneError("phitune ui needs the ui extra: pip install 'phitune[ui]' (gradio)") from None
 
     if no_token:
         print("warning: --no-token: any program on this machine, and any web page a proxy in front lets through, can "

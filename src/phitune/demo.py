@@ -69,8 +69,9 @@ def replaces_earlier_demo(output_dir: Path) -> bool:
     if others := foreign_files(output_dir):
         raise PhituneError(f"{output_dir} holds an earlier demo run and also {', '.join(others[:3])}, which the demo "
                            "would not delete; move those out or choose another --output-dir")
-    if state == "interrupted":
-        log.warning("%s holds an interrupted demo run; the demo starts again from scratch", output_dir)
+    # said for a finished run too: its adapter and any eval results go with it (on a loaded CPU, many minutes' work)
+    log.warning("%s holds %s demo run; the demo starts again from scratch and replaces it (--output-dir DIR keeps "
+                "it)", output_dir, "an interrupted" if state == "interrupted" else "a finished")
     return True
 
 

@@ -155,6 +155,8 @@ def read_prompts(path: str | Path) -> list[dict]:
     from phitune.data.readers import read_rows
 
     path = Path(path)
+    if path.is_dir():
+        raise PhituneError(f"{path} is a directory, not a prompts file; name the .jsonl file itself")
     if not path.is_file():
         raise PhituneError(f"input file not found: {path}")
     # the training reader: file:line on malformed JSON, a clear error on non-UTF-8 (data.on_bad_row is no option here)

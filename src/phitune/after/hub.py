@@ -24,5 +24,15 @@ def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:
             commit_message="Upload with phitune",
         )
     except Exception as exc:  # network, auth and permission errors all end the same way for the user
-        raise PhituneError(f"push to hub repo {repo_id!r} failed: {first_line(exc)}") from None
+        unreachable = " (the Hugging Face Hub cannot be reached)" if _unreachable(exc) else ""
+        raise PhituneError(f"push to hub repo {repo_id!r} failed{unreachable}: {first_line(exc)}; {folder} is "
+                           "written and complete here, only the upload did not happen") from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def _unreachable(exc: Exception) -> bool:
+    """A connection that failed (no network, a name that does not resolve, a timeout), as huggingface_hub's HTTP
+    client (httpx: ConnectError, ConnectTimeout) or the OS raises it; not a refusal by the Hub (401, 403)."""
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    return isinstance(exc, OSError) or any(n in ("NetworkError", "TimeoutException", "OfflineModeIsEnabled")
+                                           for n in names)

@@ -288,7 +288,11 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (assistant tokens)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
+    else:  # a run shorter than logging_steps with no evaluation: say so, not matplotlib's warning on stderr
+        ax.text(0.5, 0.5, "no loss was logged: the run had fewer steps than logging_steps", ha="center",
+                va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -187,12 +187,16 @@ def _strip_secrets(value: Any) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply `section.key=value` overrides, validate everything, and return a RunConfig."""
     path = Path(path)
+    if path.is_dir():
+        raise PhituneError(f"{path} is a directory, not a config file; name the YAML file itself")
     if not path.is_file():
         raise PhituneError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise PhituneError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    if raw is None:  # else the one problem named would be `data.train is required`, of a file that holds nothing
+        raise PhituneError(f"{path}: the file is empty; it needs the sections {', '.join(SECTIONS[:4])}")
     if not isinstance(raw, dict):
         raise PhituneError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS[:4])}")
     apply_overrides(raw, overrides or [])
@@ -242,7 +246,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     """Build and validate a RunConfig from a plain dictionary; every problem is reported in one error."""
     problems: list[str] = []
     raw = coerce_numbers(raw)
-    _check_keys(raw, (*SECTIONS, "method"), "config", problems)
+    _check_keys(raw, (*SECTIONS, "method"), "", problems)
     method = raw.get("method") or "sft"
     if method not in METHODS:  # every later rule depends on the method: checked against a guess, they only mislead
         raise PhituneError(f"invalid config: method must be one of {', '.join(METHODS)}, got {method!r}"
@@ -273,7 +277,9 @@ def _suggest(key: str, valid) -> str:
 def _check_keys(section: dict, valid, where: str, problems: list[str]) -> None:
     for key in section:
         if key not in valid:
-            problems.append(f"unknown key {where}.{key}{_suggest(key, valid)}")
+            # a misspelled section is a top-level key, not `config.dta`: no section is named config
+            name = f"key {where}.{key}" if where else f"top-level key {key}"
+            problems.append(f"unknown {name}{_suggest(key, valid)}")
 
 
 def _build_section(cls, values, where: str, problems: list[str]):

@@ -139,7 +139,17 @@ def example_runs(tokenizer, messages: list[dict], template: str, train_on: str =
 def pad_token_warnings(cfg: RunConfig, tokenizer) -> list[str]:
     """pad == eos in the tokenizer as training uses it, or in the raw tokenizer config."""
     warnings = []
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+    vocab = tokenizer.get_vocab()
+    turn_end = next((t for t in (END_OF_TURN, "<|im_end|>") if t in vocab and t != tokenizer.eos_token), None)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id and turn_end:
+        # Phi-4-mini's case (docs/families.md): padding is masked by position, and a turn ends with its own token,
+        # whose training label_warnings checks; "add a pad token" would be advice about a model the user cannot fix
+        warnings.append(
+            f"the tokenizer pads with its eos token ({tokenizer.eos_token!r}; it has no unk token): safe for "
+            f"phitune's training, which masks padding by position and trains {turn_end} to end each turn; a tool "
+            "that masks padding by token id would never train the eos"
+        )
+    elif tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         warnings.append(
             f"the pad token is the eos token ({tokenizer.eos_token!r}) and the tokenizer has no unk token to pad "
             "with instead: eos is masked wherever it pads, so the model may never learn to stop; add a pad token "
@@ -181,14 +191,15 @@ def row_warnings(skipped: list[str], sets: dict, on_bad_row: str) -> list[str]:
     """
     warnings = []
     empty = [s for s in skipped if "(assistant) has empty content" in s]
+    fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
     if empty:
-        fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
         has = "row has" if len(empty) == 1 else "rows have"
         warnings.append(f"{len(empty)} {has} an empty assistant turn ({fate}); first: {empty[0]}")
     others = len(skipped) - len(empty)
-    if others:
+    if others:  # phitune data reads past them; say that phitune train stops at the first unless told to skip
         first = next(s for s in skipped if s not in empty)
-        warnings.append(f"{others} other malformed row{'s' if others != 1 else ''}; first: {first}")
+        other = "other " if empty else ""
+        warnings.append(f"{others} {other}malformed row{'s' if others != 1 else ''} ({fate}); first: {first}")
     train_keys = sets["train"].column("key")
     duplicates = len(train_keys) - len(np.unique(train_keys))
     if duplicates:
