@@ -257,6 +257,8 @@ def print_data_report(report) -> None:
     for key, value in report.summary().items():
         table.add_row(key, _fmt(value))
     console.print(table)
+    if getattr(report, "sources", None):
+        console.print(sources_table(report.sources))
     text = Text()
     for piece, trained in report.example:
         text.append(piece, style="bold green" if trained else "dim")
@@ -267,6 +269,21 @@ def print_data_report(report) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if not report.warnings:
         console.print("[green]no warnings[/green]")
+
+
+def sources_table(shares) -> Table:
+    """`phitune data` on a mixture: per source, its training rows, the rows it gives the mixture (used) and their
+    tokens, its eval rows, the share of the training rows asked and got, truncated rows, capped or repeated."""
+    table = Table(title="sources")
+    for column in ("source", "rows", "used", "eval", "tokens", "asked", "got", "truncated", "note"):
+        table.add_column(column, justify="left" if column in ("source", "note") else "right")
+    for share in shares:
+        note = ("repeated" if share.used > share.available else "capped" if share.used < share.available else "")
+        table.add_row(share.name, f"{share.available:,}", f"{share.used:,}", f"{share.eval_rows:,}",
+                      "-" if share.tokens is None else f"{share.tokens:,}",
+                      "all" if share.asked is None else f"{share.asked:.1%}", f"{share.got:.1%}",
+                      "-" if share.truncated is None else f"{share.truncated:,}", note)
+    return table
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:

@@ -18,7 +18,7 @@ from phitune.data.encode import (  # IGNORE_INDEX, render_with_mask, training_ch
     training_chat_template,
 )
 from phitune.data.formats import Messages, detect_format, to_messages
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 __all__ = ["IGNORE_INDEX", "Conversations", "TokenizedSet", "load_conversations", "render_with_mask", "split_eval",
@@ -47,7 +47,12 @@ def load_conversations(cfg: DataConfig) -> Conversations:
 def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
     """(train, eval, format, skipped rows) of cfg's data, for any kind of row: `read(source, split, cfg)` gives a
     file's items, their format and its skipped rows. data.eval_split is held out of train when no eval file is
-    given, then the max_train_examples / max_eval_examples caps apply."""
+    given, then the max_train_examples / max_eval_examples caps apply. A list of sources is read source by source
+    and mixed (phitune.data.mixture)."""
+    if cfg.is_mixture:
+        from phitune.data.mixture import load_mixture
+
+        return load_mixture(cfg, read)[:4]
     train, fmt, skipped = read(cfg.train, cfg.split, cfg)
     if cfg.eval:
         evals, _, eval_skipped = read(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
@@ -62,7 +67,7 @@ def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
 
 
 def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Messages], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0][1], f"{source}:{rows[0][0]}")

@@ -42,6 +42,7 @@ class DataReport:
     example: list[tuple[str, bool]]  # one rendered example, exactly, in (text, trained?) runs
     histogram: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # a mixture: phitune.data.mixture.SourceShare per source
 
     def summary(self) -> dict:
         lengths = np.sort(self.lengths)  # numpy throughout: a million lengths are 4 MB, not 36 MB of Python ints
@@ -63,7 +64,7 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     tokenizer = load_tokenizer(cfg.model)
     prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)
     if prepared.format == "text":
-        return text_report(cfg, tokenizer, prepared, output_dir, example_index)
+        return with_sources(text_report(cfg, tokenizer, prepared, output_dir, example_index), cfg, prepared.shares)
     sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
     limit = cfg.data.max_seq_length
     sample = prepared.samples[min(example_index, len(prepared.samples) - 1)]
@@ -82,6 +83,16 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
+    return with_sources(report, cfg, prepared.shares)
+
+
+def with_sources(report, cfg: RunConfig, shares: list):
+    """The report of a mixture (data.train a list): named by its sources, with their table and warnings."""
+    if cfg.data.is_mixture:
+        from phitune.data.mixture import mixture_warnings, source_label
+
+        report.source, report.sources = source_label(cfg.data), shares
+        report.warnings = mixture_warnings(shares) + report.warnings
     return report
 
 

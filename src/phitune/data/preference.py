@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from phitune.config.schema import DataConfig
 from phitune.data import load_splits
 from phitune.data.formats import Messages, check_conversation
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -71,7 +71,7 @@ def load_preference_data(cfg: DataConfig) -> PreferenceData:
 
 
 def _read_pairs(source: str, split: str, cfg: DataConfig) -> tuple[list[PreferencePair], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from phitune.config.schema import DataConfig
 from phitune.data import load_splits
 from phitune.data.formats import Messages
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 PROMPT_KEYS = ("prompt", "messages")
@@ -60,7 +60,7 @@ def load_prompt_data(cfg: DataConfig) -> PromptData:
 
 
 def _read_prompts(source: str, split: str, cfg: DataConfig) -> tuple[list[PromptRow], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row,
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg),
                           needs="prompt rows (a prompt column, or messages ending with a user turn)")
     if not rows:
         raise PhituneError(f"{source}: no rows")
