@@ -52,6 +52,8 @@ def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
         before, after = m.pop(f"{key}_before", None), m.pop(f"{key}_after", None)
         if after is not None:
             rows.append((label, " -> ".join(format_value(v, kind) for v in (before, after) if v is not None)))
+    for name, loss in (m.pop("eval_loss_after_by_source", None) or {}).items():  # a mixture's sources
+        rows.append((f"eval loss after ({name})", format_value(loss, "loss")))
     if "train_runtime_s" in m:
         rows.append(("training time", format_duration(m.pop("train_runtime_s"))))
     tokens, speed = m.pop("train_tokens", None), m.pop("tokens_per_second", None)

@@ -44,6 +44,15 @@ def load_conversations(cfg: DataConfig) -> Conversations:
     return Conversations(train=train, eval=evals, format=fmt, skipped=skipped)
 
 
+def load_splits_and_shares(cfg: DataConfig, read) -> tuple[list, list, str, list[str], list]:
+    """load_splits, and what each source of a mixture gave (phitune.data.mixture.SourceShare; [] for one source)."""
+    if cfg.is_mixture:
+        from phitune.data.mixture import load_mixture
+
+        return load_mixture(cfg, read)
+    return (*load_splits(cfg, read), [])
+
+
 def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
     """(train, eval, format, skipped rows) of cfg's data, for any kind of row: `read(source, split, cfg)` gives a
     file's items, their format and its skipped rows. data.eval_split is held out of train when no eval file is

@@ -196,6 +196,8 @@ def prepare_mixture(cfg, tokenizer):
                                        cfg.max_eval_examples)
     evals = _gather(held_sets, eval_which, eval_rows, cfg.max_seq_length) if len(eval_rows) else None
     counts = np.bincount(eval_which, minlength=len(held_sets))
+    if evals is not None:
+        evals.groups = [(name, np.flatnonzero(eval_which == i)) for i, name in enumerate(held_names) if counts[i]]
     if not eval_sources:
         for share, count in zip(shares, counts):
             share.eval_rows = int(count)
@@ -209,8 +211,7 @@ def prepare_mixture(cfg, tokenizer):
     return PreparedData(train=train, eval=evals, format=mixed_format([p.format for p in parts]),
                         skipped=[problem for p in everything for problem in p.skipped],
                         samples=[sample for p in parts for sample in p.samples], fingerprint=fingerprint,
-                        reused=all(p.reused for p in everything), stats=stats, shares=shares,
-                        eval_groups=[(name, int(n)) for name, n in zip(held_names, counts) if n])
+                        reused=all(p.reused for p in everything), stats=stats, shares=shares)
 
 
 def json_text(*values) -> str:

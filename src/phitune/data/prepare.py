@@ -47,6 +47,7 @@ class PreparedSet:
     skipped: list[str] = field(default_factory=list)  # fully-masked examples dropped by on_bad_row: skip
     format: str = ""  # set by recipes.sft.tokenize_splits for metrics.json
     skipped_rows: int = 0
+    groups: list = field(default_factory=list)  # a mixture's eval set: (source name, its row numbers here)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -79,7 +80,6 @@ class PreparedData:
     reused: bool  # loaded from the cache, not made by this process
     stats: dict = field(default_factory=dict)  # data.format: text: {"documents": {"train": n, "eval": m}}
     shares: list = field(default_factory=list)  # a mixture (phitune.data.mixture): what each source gave
-    eval_groups: list = field(default_factory=list)  # a mixture: (source name, eval rows), in the eval set's order
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
@@ -466,4 +466,5 @@ def training_set(prepared: PreparedSet, name: str, on_bad_row: str) -> PreparedS
     if len(masked) == len(prepared):
         raise PhituneError(f"the {name} set is empty after skipping {len(masked)} fully-masked examples")
     keep = np.setdiff1d(np.arange(len(prepared)), masked)
-    return PreparedSet(prepared.rows.select(keep), prepared.max_seq_length, problems)
+    groups = [(name, np.searchsorted(keep, rows[np.isin(rows, keep)])) for name, rows in prepared.groups]
+    return PreparedSet(prepared.rows.select(keep), prepared.max_seq_length, problems, groups=groups)

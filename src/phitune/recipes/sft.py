@@ -55,7 +55,21 @@ def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> di
     """eval_loss before and after with their perplexities, when the run has an eval set."""
     if data[1] is None:
         return {}
-    return eval_loss_before_after(trainer)
+    return {**eval_loss_before_after(trainer), **eval_loss_by_source(trainer, data[1])}
+
+
+def eval_loss_by_source(trainer, eval_set) -> dict:
+    """A mixture's eval loss after training, per source (the overall one is eval_loss_after): each source's
+    held-out rows (or eval source) scored on their own."""
+    groups = getattr(eval_set, "groups", None)
+    if not groups:
+        return {}
+    dataset = eval_set.to_dataset()
+    losses = {}
+    for number, (name, rows) in enumerate(groups):
+        prefix = f"eval_source{number}"
+        losses[name] = trainer.evaluate(eval_dataset=dataset.select(rows), metric_key_prefix=prefix)[f"{prefix}_loss"]
+    return {"eval_loss_after_by_source": losses}
 
 
 def data_metrics(cfg: RunConfig, data) -> dict:
