@@ -146,7 +146,7 @@ def test_the_gsm8k_example_reads_the_hub_config_directly(tmp_path):
 
 def test_weights_give_their_shares_of_10000_rows_within_two_percent(tmp_path):
     from phitune.config.schema import load_config
-    from phitune.data.prepare import prepare_data
+    from phitune.data.prepare_mixture import prepare_sources
     from phitune.models.loading import load_tokenizer
 
     own = write_jsonl(tmp_path / "own.jsonl", chats("own", 2_500))
@@ -162,7 +162,7 @@ def test_weights_give_their_shares_of_10000_rows_within_two_percent(tmp_path):
     assert "weights cap the mixture at 10,000 rows" in result.output  # general: 1,500 rows left unused, said
     cfg = load_config(config)  # the rows training gets, counted by their text
     tokenizer = load_tokenizer(cfg.model)
-    train = prepare_data(cfg.data, tokenizer).train.rows
+    train = prepare_sources(cfg.data, tokenizer).train.rows
     texts = tokenizer.batch_decode(train[:]["input_ids"])
     assert len(texts) == 10_000
     own_share = sum("own question" in text for text in texts) / len(texts)

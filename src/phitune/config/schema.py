@@ -94,7 +94,7 @@ class DataConfig:
     train_on: Literal["assistant", "all"] = field(
         default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle"})
+    seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle and of a mixture's rows"})
     on_bad_row: Literal["error", "skip"] = field(
         default="error", metadata={"help": "error | skip: what to do with a malformed row"}
     )

@@ -58,11 +58,11 @@ class DataReport:
 
 def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: int = 0) -> DataReport:
     """Prepare (or reuse) the data of `cfg` as training does; statistics come from its Arrow columns, streamed."""
-    from phitune.data.prepare import prepare_data
+    from phitune.data.prepare_mixture import prepare_sources
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)
+    prepared = prepare_sources(replace(cfg.data, on_bad_row="skip"), tokenizer)
     if prepared.format == "text":
         return with_sources(text_report(cfg, tokenizer, prepared, output_dir, example_index), cfg, prepared.shares)
     sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}

@@ -86,10 +86,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     """Prepared train and eval sets of `cfg`, from the cache when another run or process already made them."""
     from filelock import FileLock
 
-    if cfg.is_mixture:  # each source its own entry, below; then mixed by index
-        from phitune.data.mixture import prepare_mixture
-
-        return prepare_mixture(cfg, tokenizer)
+    if cfg.is_mixture:
+        raise ValueError("prepare_data prepares one source; a list of sources goes to data.prepare_mixture")
     # raw text (phitune.data.text) has no turns to render: a base model without a chat template can read it
     template = "" if cfg.format == "text" else training_chat_template(tokenizer, cfg.train_on)
     cache = cache_root(cfg)

@@ -90,13 +90,14 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
     `plan` gives the model's context length.
     """
     from phitune.data import tokenize_conversations
-    from phitune.data.prepare import prepare_data, training_set
+    from phitune.data.prepare import training_set
+    from phitune.data.prepare_mixture import prepare_sources
 
     context = plan.context
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
     if conversations is None:
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_sources(cfg.data, tokenizer)
         log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
         fmt, skipped = data.format, list(data.skipped)
         train_set = training_set(data.train, "train", cfg.data.on_bad_row)
