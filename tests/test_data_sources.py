@@ -78,7 +78,9 @@ class Result:
 
 @pytest.fixture(autouse=True)
 def _capture(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+    from phitune.terminal import console
+
+    monkeypatch.setattr(console, "_width", 200)  # rich's console, whatever an earlier test left it at: tables uncut
     CAPTURE["capsys"] = capsys
 
 

@@ -277,8 +277,9 @@ def sources_table(shares) -> Table:
     """`phitune data` on a mixture: per source, its training rows, the rows it gives the mixture (used) and their
     tokens, its eval rows, the share of the training rows asked and got, truncated rows, capped or repeated."""
     table = Table(title="sources")
-    for column in ("source", "rows", "used", "eval", "tokens", "asked", "got", "truncated", "note"):
-        table.add_column(column, justify="left" if column in ("source", "note") else "right")
+    table.add_column("source", no_wrap=True, min_width=max(len(share.name) for share in shares))  # never cut
+    for column in ("rows", "used", "eval", "tokens", "asked", "got", "truncated", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
     for share in shares:
         note = ("repeated" if share.used > share.available else "capped" if share.used < share.available else "")
         table.add_row(share.name, f"{share.available:,}", f"{share.used:,}", f"{share.eval_rows:,}",

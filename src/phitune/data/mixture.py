@@ -194,3 +194,14 @@ def source_label(cfg) -> str:
     if not cfg.is_mixture:
         return str(cfg.train)
     return " + ".join(source.name for source in cfg.train_sources())
+
+
+def log_mixture(log, shares: list[SourceShare]) -> None:
+    """Training's log of a mixture: each source's rows and share, then its warnings (`phitune data` shows both as a
+    table)."""
+    if not shares:
+        return
+    log.info("data mixture: %s", "; ".join(f"{s.name} {s.used:,} of {s.available:,} rows ({s.got:.1%})"
+                                            for s in shares))
+    for warning in mixture_warnings(shares):
+        log.warning("%s", warning)

@@ -90,6 +90,7 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
     `plan` gives the model's context length.
     """
     from phitune.data import tokenize_conversations
+    from phitune.data.mixture import log_mixture
     from phitune.data.prepare import training_set
     from phitune.data.prepare_mixture import prepare_sources
 
@@ -99,6 +100,7 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
     if conversations is None:
         data = prepare_sources(cfg.data, tokenizer)
         log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
+        log_mixture(log, data.shares)
         fmt, skipped = data.format, list(data.skipped)
         train_set = training_set(data.train, "train", cfg.data.on_bad_row)
         eval_set = training_set(data.eval, "eval", cfg.data.on_bad_row) if data.eval is not None else None
