@@ -265,3 +265,11 @@ def test_a_mixture_trains_and_reports_the_eval_loss_per_source(tmp_path):
     assert "eval loss after (own)" in result.output
     saved = yaml.safe_load((tmp_path / "run" / "phitune_config.yaml").read_text())
     assert [Path(s["path"]).is_absolute() for s in saved["data"]["train"]] == [True, True]
+
+
+def test_preference_and_grpo_sources_keep_their_format_detected(tmp_path):
+    sources = [{"path": "pairs.jsonl", "format": "messages"}, {"path": "more.jsonl", "prompt_template": "{q}"}]
+    result = phitune("train", str(config_file(tmp_path, {"train": sources}, method="dpo")))
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert ("data.prompt_template applies to method: grpo, not dpo; method dpo detects its rows itself; leave each "
+            "source's format at auto") in result.output
