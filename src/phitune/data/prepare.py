@@ -56,7 +56,9 @@ class PreparedSet:
         return self.rows.select_columns(["input_ids", "labels"])
 
     def column(self, name: str) -> np.ndarray:
-        return self.rows.with_format("arrow", columns=[name])[:][name].to_numpy()  # one column, no Python rows
+        """One column, no Python rows; of a mixture's index over its sources (select), only that column is
+        gathered (with_format's `columns` would gather every column first, token ids and all)."""
+        return self.rows.select_columns([name]).with_format("arrow")[:][name].to_numpy()
 
     @property
     def truncated(self) -> int:
