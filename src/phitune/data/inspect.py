@@ -24,6 +24,7 @@ import numpy as np
 from phitune.config.schema import RunConfig
 from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
+from phitune.data.mixture import with_sources
 
 HISTOGRAM_PNG = "data_lengths.png"
 EXAMPLE_TOKENS = 512  # of a text block shown by `phitune data`: a 4k-token block would fill the terminal
@@ -84,16 +85,6 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
     return with_sources(report, cfg, prepared.shares)
-
-
-def with_sources(report, cfg: RunConfig, shares: list):
-    """The report of a mixture (data.train a list): named by its sources, with their table and warnings."""
-    if cfg.data.is_mixture:
-        from phitune.data.mixture import mixture_warnings, source_label
-
-        report.source, report.sources = source_label(cfg.data), shares
-        report.warnings = mixture_warnings(shares) + report.warnings
-    return report
 
 
 def text_report(cfg: RunConfig, tokenizer, prepared, output_dir: Path | None, example_index: int) -> DataReport:

@@ -205,3 +205,11 @@ def log_mixture(log, shares: list[SourceShare]) -> None:
                                             for s in shares))
     for warning in mixture_warnings(shares):
         log.warning("%s", warning)
+
+
+def with_sources(report, cfg, shares: list):
+    """The report of a mixture (data.train a list): named by its sources, with their table and warnings."""
+    if cfg.data.is_mixture:
+        report.source, report.sources = source_label(cfg.data), shares
+        report.warnings = mixture_warnings(shares) + report.warnings
+    return report

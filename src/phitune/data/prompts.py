@@ -182,7 +182,8 @@ def inspect_prompt_data(cfg, output_dir=None, example_index: int = 0, budget: in
     that a chosen reward needs and the data lacks, malformed rows."""
     from dataclasses import replace
 
-    from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir, with_sources
+    from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
+    from phitune.data.mixture import with_sources
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)

@@ -201,10 +201,10 @@ def _hub_batches(name: str, split: str, batch_rows: int, hub: dict | None = None
     """A hub dataset's (or a dataset folder's) rows through datasets.load_dataset, `hub` its name (the subset),
     data_dir and data_files."""
     import datasets
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets import utils as progress
 
-    hub, was_off = hub or {}, are_progress_bars_disabled()
-    disable_progress_bars()  # the CLI's output is phitune's lines, not a bar per split generated
+    hub, was_off = hub or {}, progress.are_progress_bars_disabled()
+    progress.disable_progress_bars()  # the CLI's output is phitune's lines, not a bar per split generated
     try:
         ds = datasets.load_dataset(name, split=split, **hub)
     except Exception as exc:  # network, missing dataset, config or split: all end in one message
@@ -216,7 +216,7 @@ def _hub_batches(name: str, split: str, batch_rows: int, hub: dict | None = None
         ) from None
     finally:
         if not was_off:
-            enable_progress_bars()
+            progress.enable_progress_bars()
     number = 0
     for columns in ds.iter(batch_size=batch_rows):  # the memory-mapped Arrow table, one slice at a time
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
