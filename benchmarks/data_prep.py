@@ -3,6 +3,7 @@
     python benchmarks/data_prep.py --conversations 100000            # both, side by side, first and second run
     python benchmarks/data_prep.py --conversations 1000000 --only phitune --no-second
     python benchmarks/data_prep.py --conversations 1000000 --only phitune --no-second --pairs 1 --length-scale 0.2
+    python benchmarks/data_prep.py --conversations 1000000 --only phitune --pairs 1 --length-scale 0.2 --sources 2
 
 Each measured preparation runs in a fresh child process; its peak memory is the largest sum of PSS over that
 process and its workers (sampled every 0.2 s; RSS sum and anonymous PSS are shown too, see `measure`), so
@@ -12,6 +13,8 @@ command on the now-warm caches.
 
 - phitune: `tokenize_splits(cfg, None, tokenizer, plan)`, i.e. read, validate, split, render, tokenize and mask into the
   fingerprinted Arrow cache with `data.num_proc` processes (default: the cores available), as `phitune train` does.
+- `--sources K`: the same number of conversations as K files (seeds 0..K-1), given to phitune as a data.train list
+  with equal weights: a mixture (phitune.data.mixture), each file prepared as its own cache entry, then mixed.
 - TRL: `datasets.load_dataset("json")` and `SFTTrainer(...)` with TRL's Phi-3 training template,
   `assistant_only_loss=True`, `max_length`, one process: the trainer's own dataset preparation (the bundled tiny
   Phi-3 model, so the model load is negligible).
@@ -66,15 +69,17 @@ def write_conversations(path: Path, n: int, seed: int = 0, pairs: int = PAIRS, s
     return path
 
 
-def prepare_phitune(data: Path, cache: Path, max_length: int, num_proc: int | None) -> dict:
-    """phitune's preparation, as `phitune train` runs it; the counts of what it made."""
+def prepare_phitune(data: list[Path], cache: Path, max_length: int, num_proc: int | None) -> dict:
+    """phitune's preparation, as `phitune train` runs it, of one file or a mixture of several (equal weights); the
+    counts of what it made."""
     from phitune.config.schema import config_from_dict
     from phitune.models.loading import load_tokenizer
     from phitune.recipes.sft import tokenize_splits
     from phitune.run.plan import plan_run
     from phitune.tiny.phi3 import tiny_base_path
 
-    settings = {"train": str(data), "eval_split": 0, "max_seq_length": max_length, "cache_dir": str(cache)}
+    train = str(data[0]) if len(data) == 1 else [{"path": str(path), "weight": 1} for path in data]
+    settings = {"train": train, "eval_split": 0, "max_seq_length": max_length, "cache_dir": str(cache)}
     if num_proc:
         settings["num_proc"] = num_proc
     cfg = config_from_dict({"model": {"name_or_path": str(tiny_base_path())}, "data": settings})
@@ -106,7 +111,7 @@ def prepare_trl(data: Path, output: Path, max_length: int) -> dict:
     return {"examples": len(prepared), "tokens": tokens}
 
 
-def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int | None,
+def measure(side: str, data: list[Path], workdir: Path, max_length: int, num_proc: int | None,
             limit_gib: float = 8.0) -> dict:
     """Run one preparation in a fresh child process: wall time, CPU time and peak memory of its process tree.
 
@@ -122,7 +127,7 @@ def measure(side: str, data: Path, workdir: Path, max_length: int, num_proc: int
     import psutil
 
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf-cache"), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, __file__, "--child", side, "--data", str(data), "--workdir", str(workdir),
+    command = [sys.executable, __file__, "--child", side, "--data", *map(str, data), "--workdir", str(workdir),
                "--max-length", str(max_length), "--num-proc", str(num_proc or 0)]
     cpu_before = _children_cpu(resource)
     start, load = time.perf_counter(), [os.getloadavg()[0]]
@@ -183,24 +188,32 @@ def main() -> None:
     parser.add_argument("--no-second", action="store_true", help="skip the second (cached) runs")
     parser.add_argument("--limit-gib", type=float, default=8.0, help="kill a side whose anonymous PSS passes this")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--data", type=Path, nargs="+", default=None)
+    parser.add_argument("--sources", type=int, default=1, help="phitune: the conversations as this many files, mixed")
     parser.add_argument("--child", choices=["phitune", "trl"], default=None)
     args = parser.parse_args()
     if args.child:
         if args.child == "phitune":
             result = prepare_phitune(args.data, args.workdir / "phitune-cache", args.max_length, args.num_proc)
         else:
-            result = prepare_trl(args.data, args.workdir / "trl-out", args.max_length)
+            result = prepare_trl(args.data[0], args.workdir / "trl-out", args.max_length)
         print(json.dumps(result))
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="phitune-data-prep-"))
     workdir.mkdir(parents=True, exist_ok=True)
     shape = "" if (args.pairs, args.length_scale) == (PAIRS, 1.0) else f"-{args.pairs}x{args.length_scale:g}"
-    data = args.data or workdir / f"chat-{args.conversations}{shape}.jsonl"
-    if not data.exists():
-        start = time.perf_counter()
-        write_conversations(data, args.conversations, pairs=args.pairs, scale=args.length_scale)
-        print(f"wrote {data} ({data.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.sources > 1 and args.only != "phitune":
+        parser.error("--sources reads a mixture, which only phitune does: add --only phitune")
+    k = args.sources
+    data = args.data or [workdir / (f"chat-{args.conversations}{shape}.jsonl" if k == 1 else
+                                    f"chat-{args.conversations}{shape}-{i + 1}of{k}.jsonl") for i in range(k)]
+    for index, path in enumerate(data):
+        if not path.exists():
+            start = time.perf_counter()
+            count = args.conversations // k + (index < args.conversations % k)
+            write_conversations(path, count, seed=index, pairs=args.pairs, scale=args.length_scale)
+            print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.0f} s",
+                  flush=True)
     sides = [args.only] if args.only else ["trl", "phitune"]
     rows = []
     for run in ("first", "second")[: 1 if args.no_second else 2]:
@@ -208,7 +221,7 @@ def main() -> None:
             rows.append({"run": run, **measure(side, data, workdir, args.max_length, args.num_proc or None,
                                                   args.limit_gib)})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.conversations:,} conversations, {os.cpu_count()} cores, load average during each run\n")
+    print(f"\n{args.conversations:,} conversations in {k} source(s), {os.cpu_count()} cores, load average during each run\n")
     print("| run | side | seconds | CPU seconds | peak PSS (GiB) | peak anon PSS | peak RSS sum | load | examples "
           "| tokens |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for row in rows:

@@ -52,6 +52,11 @@ def test_the_checker_lists_every_problem_with_its_suggestion(tmp_path):
     assert workspace.check(yaml.safe_dump(demo))[1] == [
         f"/etc/eval.jsonl is outside the folders this page was started with ({tmp_path}); start phitune ui with "
         "its folder too"]
+    demo["data"]["eval"] = None  # a mixture: every source's path is checked
+    demo["data"]["train"] = [{"path": demo["data"]["train"], "weight": 1}, {"path": "/etc/general.jsonl", "weight": 1}]
+    assert workspace.check(yaml.safe_dump(demo))[1] == [
+        (f"/etc/general.jsonl is outside the folders this page was started with ({tmp_path}); start phitune ui "
+         "with its folder too")]
     html = views.message_html(["unknown key x"])
     assert 'data-problems="1"' in html and "error: unknown key x" in html
 

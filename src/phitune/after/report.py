@@ -54,6 +54,8 @@ def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
         before, after = m.pop(f"{key}_before", None), m.pop(f"{key}_after", None)
         if after is not None:
             rows.append((label, " -> ".join(format_value(v, kind) for v in (before, after) if v is not None)))
+    for name, loss in (m.pop("eval_loss_after_by_source", None) or {}).items():  # a mixture's sources
+        rows.append((f"eval loss after ({name})", format_value(loss, "loss")))
     if "train_runtime_s" in m:
         rows.append(("training time", format_duration(m.pop("train_runtime_s"))))
     tokens, speed = m.pop("train_tokens", None), m.pop("tokens_per_second", None)
@@ -260,6 +262,8 @@ def print_data_report(report) -> None:
     for key, value in report.summary().items():
         table.add_row(key, _fmt(value))
     console.print(table)
+    if getattr(report, "sources", None):
+        console.print(sources_table(report.sources))
     text = Text()
     for piece, trained in report.example:
         text.append(piece, style="bold green" if trained else "dim")
@@ -270,6 +274,22 @@ def print_data_report(report) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if not report.warnings:
         console.print("[green]no warnings[/green]")
+
+
+def sources_table(shares) -> Table:
+    """`phitune data` on a mixture: per source, its training rows, the rows it gives the mixture (used) and their
+    tokens, its eval rows, the share of the training rows asked and got, truncated rows, capped or repeated."""
+    table = Table(title="sources")
+    table.add_column("source", no_wrap=True, min_width=max(len(share.name) for share in shares))  # never cut
+    for column in ("rows", "used", "eval", "tokens", "asked", "got", "truncated", "note"):
+        table.add_column(column, justify="left" if column == "note" else "right")
+    for share in shares:
+        note = ("repeated" if share.used > share.available else "capped" if share.used < share.available else "")
+        table.add_row(share.name, f"{share.available:,}", f"{share.used:,}", f"{share.eval_rows:,}",
+                      "-" if share.tokens is None else f"{share.tokens:,}",
+                      "all" if share.asked is None else f"{share.asked:.1%}", f"{share.got:.1%}",
+                      "-" if share.truncated is None else f"{share.truncated:,}", note)
+    return table
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from phitune.config.methods import (METHODS, check_method_training, check_preference_config, check_rewards,
                                     training_config_class)
+from phitune.config.sources import Source, default_name, parse_sources
 from phitune.config.types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
@@ -70,11 +71,23 @@ class ModelConfig:
 class DataConfig:
     """Where the chat data comes from and how it becomes training tokens."""
 
-    train: str | None = field(default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet file or hub dataset"})
-    eval: str | None = field(default=None, metadata={"help": "eval file or hub dataset; else eval_split is used"})
-    eval_split: float = field(default=0.05, metadata={"help": "fraction of train held out when eval is not given"})
+    train: str | list | None = field(
+        default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet file, dataset folder or hub dataset; or a "
+                                        "list of sources {path, subset, split, format, weight | rows, ...} to mix"}
+    )
+    eval: str | list | None = field(
+        default=None, metadata={"help": "eval file or hub dataset, or a list of sources; else eval_split is used"}
+    )
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of train (of each source) held out when eval "
+                                                              "is not given"})
     split: str = field(default="train", metadata={"help": "split name for hub datasets"})
     eval_hub_split: str | None = field(default=None, metadata={"help": "split name of the hub eval set"})
+    subset: str | None = field(default=None, metadata={"help": "the hub dataset's config name (`main` of "
+                                                               "openai/gsm8k): load_dataset's `name`"})
+    data_dir: str | None = field(default=None, metadata={"help": "hub dataset: the folder of the repository to read"})
+    data_files: str | list | dict | None = field(
+        default=None, metadata={"help": "hub dataset: the files to read (a path, a list, or {split: paths})"}
+    )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = field(
         default="auto", metadata={"help": "auto | messages | sharegpt | alpaca | prompt_completion | text (raw "
                                           "documents: .txt files or a `text` column, packed, every token trained)"}
@@ -83,7 +96,7 @@ class DataConfig:
     train_on: Literal["assistant", "all"] = field(
         default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle"})
+    seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle and of a mixture's rows"})
     on_bad_row: Literal["error", "skip"] = field(
         default="error", metadata={"help": "error | skip: what to do with a malformed row"}
     )
@@ -99,6 +112,35 @@ class DataConfig:
         default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
                                         "(default: the row's prompt or messages)"}
     )
+
+    @property
+    def is_mixture(self) -> bool:
+        """data.train (or data.eval) is a list of sources."""
+        return isinstance(self.train, list) or isinstance(self.eval, list)
+
+    def train_sources(self) -> list[Source]:
+        """data.train as sources: the list's, or one made of train, split, subset, data_dir, data_files."""
+        if isinstance(self.train, list):
+            return parse_sources(self.train, "data.train", [], mixing=True)
+        return [self._single(self.train, self.split)]
+
+    def eval_sources(self) -> list[Source]:
+        """data.eval as sources (none when eval_split holds rows out of each training source instead)."""
+        if isinstance(self.eval, list):
+            return parse_sources(self.eval, "data.eval", [], mixing=False)
+        return [self._single(self.eval, self.eval_hub_split or self.split)] if self.eval else []
+
+    def _single(self, path: str, split: str) -> Source:
+        return Source(path=path, name=default_name(path, self.subset), subset=self.subset, data_dir=self.data_dir,
+                      data_files=self.data_files, split=split)
+
+    def for_source(self, source: Source, eval_split: float) -> DataConfig:
+        """The settings of one source read on its own (as a one-source config): its path, split, hub options, format
+        and prompt; `eval_split` of it held out; no caps (they apply to the mixture)."""
+        return replace(self, train=source.path, eval=None, split=source.split, subset=source.subset,
+                       data_dir=source.data_dir, data_files=source.data_files, eval_split=eval_split,
+                       format=source.format or self.format, max_train_examples=None, max_eval_examples=None,
+                       prompt_template=source.prompt_template or self.prompt_template)
 
     def whole_file_as_eval(self) -> "DataConfig":
         """`phitune eval RUN --data FILE`: every row of `train` (FILE) is read as the train split, nothing held out,
@@ -260,8 +302,12 @@ def config_from_dict(raw: dict) -> RunConfig:
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
     check_method_training(method, training, problems)
-    if data.prompt_template is not None and method != "grpo":
+    prompts = [data.prompt_template] + [s.get("prompt_template") for s in _listed(data) if isinstance(s, dict)]
+    if any(prompt is not None for prompt in prompts) and method != "grpo":
         problems.append(f"data.prompt_template applies to method: grpo, not {method}")
+    if method in ("dpo", "orpo", "simpo", "kto", "grpo") and any(isinstance(s, dict) and s.get("format") not in (None, "auto")
+                                                 for s in _listed(data)):
+        problems.append(f"method {method} detects its rows itself; leave each source's format at auto")
     rewards = check_rewards(method, raw.get("rewards"), problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))
@@ -402,9 +448,19 @@ def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
     return dict(values)
 
 
+def _listed(data: DataConfig) -> list:
+    return [*(data.train if isinstance(data.train, list) else []), *(data.eval if isinstance(data.eval, list) else [])]
+
+
 def _check_values(data: DataConfig, problems: list[str]) -> None:
     if data.train is None:
         problems.append("data.train is required (a local file or a hub dataset name)")
+    for key, mixing in (("train", True), ("eval", False)):
+        if isinstance(getattr(data, key), list):
+            parse_sources(getattr(data, key), f"data.{key}", problems, mixing=mixing)
+    if isinstance(data.train, list) and (data.subset or data.data_dir or data.data_files):
+        problems.append("data.subset, data_dir and data_files apply to a single data.train; with a list, give each "
+                        "source its own")
     if not 0 <= data.eval_split < 1:
         problems.append(f"data.eval_split must be in [0, 1), got {data.eval_split}")
     if isinstance(data.max_seq_length, int) and data.max_seq_length < 8:
@@ -429,7 +485,13 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
             return value
         return os.path.abspath(value)  # not resolve(): a path through a symlink stays the path the user chose
 
-    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval),
+    def absolute_sources(value):
+        if not isinstance(value, list):
+            return absolute(value)
+        return [dict(item, path=absolute(item.get("path"))) if isinstance(item, dict) else absolute(item)
+                for item in value]
+
+    data = dataclasses.replace(cfg.data, train=absolute_sources(cfg.data.train), eval=absolute_sources(cfg.data.eval),
                                cache_dir=absolute(cfg.data.cache_dir, must_exist=False))
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                 adapter=absolute(cfg.model.adapter))

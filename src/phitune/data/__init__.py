@@ -6,7 +6,6 @@ fully-masked rows caught before training, and padding-free batching applied with
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from phitune.config.schema import DataConfig
@@ -18,7 +17,8 @@ from phitune.data.encode import (  # IGNORE_INDEX, render_with_mask, training_ch
     training_chat_template,
 )
 from phitune.data.formats import Messages, detect_format, to_messages
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.mixture import load_mixture, split_eval
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 __all__ = ["IGNORE_INDEX", "Conversations", "TokenizedSet", "load_conversations", "render_with_mask", "split_eval",
@@ -44,10 +44,20 @@ def load_conversations(cfg: DataConfig) -> Conversations:
     return Conversations(train=train, eval=evals, format=fmt, skipped=skipped)
 
 
+def load_splits_and_shares(cfg: DataConfig, read) -> tuple[list, list, str, list[str], list]:
+    """load_splits, and what each source of a mixture gave (phitune.data.mixture.SourceShare; [] for one source)."""
+    if cfg.is_mixture:
+        return load_mixture(cfg, read)
+    return (*load_splits(cfg, read), [])
+
+
 def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
     """(train, eval, format, skipped rows) of cfg's data, for any kind of row: `read(source, split, cfg)` gives a
     file's items, their format and its skipped rows. data.eval_split is held out of train when no eval file is
-    given, then the max_train_examples / max_eval_examples caps apply."""
+    given, then the max_train_examples / max_eval_examples caps apply. A list of sources is read source by source
+    and mixed (phitune.data.mixture)."""
+    if cfg.is_mixture:
+        return load_mixture(cfg, read)[:4]
     train, fmt, skipped = read(cfg.train, cfg.split, cfg)
     if cfg.eval:
         evals, _, eval_skipped = read(cfg.eval, cfg.eval_hub_split or cfg.split, cfg)
@@ -62,7 +72,7 @@ def load_splits(cfg: DataConfig, read) -> tuple[list, list, str, list[str]]:
 
 
 def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Messages], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0][1], f"{source}:{rows[0][0]}")
@@ -85,20 +95,6 @@ def rows_dataset(rows: list):
     import datasets
 
     return datasets.Dataset.from_list([row.as_row() for row in rows])
-
-
-def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out `fraction` of the conversations (at least one when fraction > 0), shuffled with `seed`."""
-    if fraction <= 0:
-        return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(conversations) * fraction))
-    if n_eval >= len(conversations):
-        raise PhituneError(f"data.eval_split {fraction} leaves no training rows out of {len(conversations)}")
-    held = set(order[:n_eval])
-    train = [c for i, c in enumerate(conversations) if i not in held]
-    return train, [conversations[i] for i in sorted(held)]
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 from phitune.config.schema import RunConfig
 from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
+from phitune.data.mixture import with_sources
 
 HISTOGRAM_PNG = "data_lengths.png"
 EXAMPLE_TOKENS = 512  # of a text block shown by `phitune data`: a 4k-token block would fill the terminal
@@ -42,6 +43,7 @@ class DataReport:
     example: list[tuple[str, bool]]  # one rendered example, exactly, in (text, trained?) runs
     histogram: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # a mixture: phitune.data.mixture.SourceShare per source
 
     def summary(self) -> dict:
         lengths = np.sort(self.lengths)  # numpy throughout: a million lengths are 4 MB, not 36 MB of Python ints
@@ -57,13 +59,13 @@ class DataReport:
 
 def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: int = 0) -> DataReport:
     """Prepare (or reuse) the data of `cfg` as training does; statistics come from its Arrow columns, streamed."""
-    from phitune.data.prepare import prepare_data
+    from phitune.data.prepare_mixture import prepare_sources
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_data(replace(cfg.data, on_bad_row="skip"), tokenizer)
+    prepared = prepare_sources(replace(cfg.data, on_bad_row="skip"), tokenizer)
     if prepared.format == "text":
-        return text_report(cfg, tokenizer, prepared, output_dir, example_index)
+        return with_sources(text_report(cfg, tokenizer, prepared, output_dir, example_index), cfg, prepared.shares)
     sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
     limit = cfg.data.max_seq_length
     sample = prepared.samples[min(example_index, len(prepared.samples) - 1)]
@@ -82,7 +84,7 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
-    return report
+    return with_sources(report, cfg, prepared.shares)
 
 
 def text_report(cfg: RunConfig, tokenizer, prepared, output_dir: Path | None, example_index: int) -> DataReport:

@@ -18,7 +18,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError, first_line
 
 IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER = "<|image|>", "<|audio|>"  # in rendered text; swapped for the model's tokens
@@ -70,7 +70,7 @@ def is_multimodal_row(row: dict) -> bool:
 
 def read_media_rows(source: str, split: str, cfg) -> tuple[list[MediaRow], str, list[str]]:
     """(rows, "messages", skipped rows) of one data file, for data.load_splits: every image checked now."""
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     base = Path(source).parent

@@ -22,9 +22,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from phitune.config.schema import DataConfig
-from phitune.data import load_splits
+from phitune.data import load_splits_and_shares
 from phitune.data.formats import Messages, check_conversation
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -53,6 +53,7 @@ class PreferenceData:
     eval: list[PreferencePair]
     format: str
     skipped: list[str] = field(default_factory=list)
+    shares: list = field(default_factory=list)  # a mixture: what each source gave (phitune.data.mixture)
 
 
 def is_preference_row(row: dict) -> bool:
@@ -66,12 +67,12 @@ def row_shape(row: dict) -> str:
 
 def load_preference_data(cfg: DataConfig) -> PreferenceData:
     """Read train (and eval) pairs; hold out data.eval_split of train when no eval file is given."""
-    train, evals, fmt, skipped = load_splits(cfg, _read_pairs)
-    return PreferenceData(train=train, eval=evals, format=fmt, skipped=skipped)
+    train, evals, fmt, skipped, shares = load_splits_and_shares(cfg, _read_pairs)
+    return PreferenceData(train=train, eval=evals, format=fmt, skipped=skipped, shares=shares)
 
 
 def _read_pairs(source: str, split: str, cfg: DataConfig) -> tuple[list[PreferencePair], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]
@@ -227,6 +228,7 @@ class PreferenceDataReport:
     example: list[tuple[str, bool]]  # (token text, trained?) of one pair: prompt, chosen, then rejected
     histogram: object = None
     warnings: list[str] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # a mixture: phitune.data.mixture.SourceShare per source
 
     def summary(self) -> dict:
         rows = {"format": self.format, **self.counts}
@@ -245,6 +247,7 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     from dataclasses import replace
 
     from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
+    from phitune.data.mixture import with_sources
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -270,7 +273,7 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
     report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir, report_key(cfg)) / HISTOGRAM_PNG)
-    return report
+    return with_sources(report, cfg, data.shares)
 
 
 def report_key(cfg, kind: str = "pairs") -> str:

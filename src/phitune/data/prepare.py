@@ -28,7 +28,7 @@ import numpy as np
 from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
 from phitune.data.formats import detect_format, to_messages
-from phitune.data.readers import SKIP_HINT, BadRow, read_row_batches, read_rows, row_location
+from phitune.data.readers import SKIP_HINT, BadRow, hub_options, read_row_batches, read_rows, row_location
 from phitune.errors import PhituneError, first_line
 
 ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
@@ -47,6 +47,7 @@ class PreparedSet:
     skipped: list[str] = field(default_factory=list)  # fully-masked examples dropped by on_bad_row: skip
     format: str = ""  # set by recipes.sft.tokenize_splits for metrics.json
     skipped_rows: int = 0
+    groups: list = field(default_factory=list)  # a mixture's eval set: (source name, its row numbers here)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,7 +56,9 @@ class PreparedSet:
         return self.rows.select_columns(["input_ids", "labels"])
 
     def column(self, name: str) -> np.ndarray:
-        return self.rows.with_format("arrow", columns=[name])[:][name].to_numpy()  # one column, no Python rows
+        """One column, no Python rows; of a mixture's index over its sources (select), only that column is
+        gathered (with_format's `columns` would gather every column first, token ids and all)."""
+        return self.rows.select_columns([name]).with_format("arrow")[:][name].to_numpy()
 
     @property
     def truncated(self) -> int:
@@ -78,12 +81,15 @@ class PreparedData:
     fingerprint: str
     reused: bool  # loaded from the cache, not made by this process
     stats: dict = field(default_factory=dict)  # data.format: text: {"documents": {"train": n, "eval": m}}
+    shares: list = field(default_factory=list)  # a mixture (phitune.data.mixture): what each source gave
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     """Prepared train and eval sets of `cfg`, from the cache when another run or process already made them."""
     from filelock import FileLock
 
+    if cfg.is_mixture:
+        raise ValueError("prepare_data prepares one source; a list of sources goes to data.prepare_mixture")
     # raw text (phitune.data.text) has no turns to render: a base model without a chat template can read it
     template = "" if cfg.format == "text" else training_chat_template(tokenizer, cfg.train_on)
     cache = cache_root(cfg)
@@ -171,9 +177,10 @@ def _source_identity(source: str, cfg: DataConfig) -> list:
     if path.is_file():
         stat = path.stat()
         return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    if path.is_dir():  # a folder of .txt documents (data.format: text): each file's identity
-        return [_source_identity(str(f), cfg) for f in sorted(path.iterdir()) if f.is_file()]
-    return [source, cfg.split, cfg.eval_hub_split]
+    if path.is_dir():  # .txt documents (data.format: text) or a dataset repository: each file's identity
+        return [_source_identity(str(f), cfg) for f in sorted(path.rglob("*")) if f.is_file()] + [
+            cfg.split, cfg.eval_hub_split, hub_options(cfg)]
+    return [source, cfg.split, cfg.eval_hub_split, hub_options(cfg)]
 
 
 def _make(cfg: DataConfig, tokenizer, template: str, work: Path) -> None:
@@ -239,9 +246,9 @@ def _raw_rows(source: str, split: str, cfg: DataConfig, folder: Path):
         if not len(raw):  # not a line: said as readers.py says it for eval and generate
             raise PhituneError(f"{source}: the file is empty (0 bytes); it needs rows of chat data")
     elif suffix != ".json":  # .parquet, .csv and hub datasets: a batch of rows at a time
-        raw = datasets.Dataset.from_file(str(_batches_to_arrow(read_row_batches(source, split), folder / "rows.arrow")))
+        raw = datasets.Dataset.from_file(str(_batches_to_arrow(read_row_batches(source, split, hub=hub_options(cfg)), folder / "rows.arrow")))
     else:  # .json (one JSON value, parsed whole): read in memory, then kept as Arrow
-        rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+        rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
         lines = [n for n, _ in rows] + [_bad_line(b) for b in bad]
         texts = [json.dumps(r, ensure_ascii=False, default=str) for _, r in rows] + [None] * len(bad)
         problems = [None] * len(rows) + [str(b) for b in bad]
@@ -459,4 +466,5 @@ def training_set(prepared: PreparedSet, name: str, on_bad_row: str) -> PreparedS
     if len(masked) == len(prepared):
         raise PhituneError(f"the {name} set is empty after skipping {len(masked)} fully-masked examples")
     keep = np.setdiff1d(np.arange(len(prepared)), masked)
-    return PreparedSet(prepared.rows.select(keep), prepared.max_seq_length, problems)
+    groups = [(name, np.searchsorted(keep, rows[np.isin(rows, keep)])) for name, rows in prepared.groups]
+    return PreparedSet(prepared.rows.select(keep), prepared.max_seq_length, problems, groups=groups)

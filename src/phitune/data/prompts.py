@@ -22,9 +22,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from phitune.config.schema import DataConfig
-from phitune.data import load_splits
+from phitune.data import load_splits_and_shares
 from phitune.data.formats import Messages
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 PROMPT_KEYS = ("prompt", "messages")
@@ -51,16 +51,17 @@ class PromptData:
     eval: list[PromptRow]
     format: str
     skipped: list[str] = field(default_factory=list)
+    shares: list = field(default_factory=list)  # a mixture: what each source gave (phitune.data.mixture)
 
 
 def load_prompt_data(cfg: DataConfig) -> PromptData:
     """Read train (and eval) prompts; hold out data.eval_split of train when no eval file is given."""
-    train, evals, fmt, skipped = load_splits(cfg, _read_prompts)
-    return PromptData(train=train, eval=evals, format=fmt, skipped=skipped)
+    train, evals, fmt, skipped, shares = load_splits_and_shares(cfg, _read_prompts)
+    return PromptData(train=train, eval=evals, format=fmt, skipped=skipped, shares=shares)
 
 
 def _read_prompts(source: str, split: str, cfg: DataConfig) -> tuple[list[PromptRow], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row,
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg),
                           needs="prompt rows (a prompt column, or messages ending with a user turn)")
     if not rows:
         raise PhituneError(f"{source}: no rows")
@@ -163,6 +164,7 @@ class PromptDataReport:
     example: list[tuple[str, bool]]  # (text, trained?): the rendered prompt, then its columns
     histogram: object = None
     warnings: list[str] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # a mixture: phitune.data.mixture.SourceShare per source
 
     def summary(self) -> dict:
         rows = {"format": self.format, **self.counts, "columns for the rewards": ", ".join(self.columns) or "none"}
@@ -181,6 +183,7 @@ def inspect_prompt_data(cfg, output_dir=None, example_index: int = 0, budget: in
     from dataclasses import replace
 
     from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
+    from phitune.data.mixture import with_sources
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -198,7 +201,7 @@ def inspect_prompt_data(cfg, output_dir=None, example_index: int = 0, budget: in
         example=example)
     report.warnings = prompt_warnings(data, lengths, budget, needed_columns, cfg.data.on_bad_row)
     report.histogram = plot_lengths(lengths, budget, report_dir(cfg, output_dir, _report_key(cfg)) / HISTOGRAM_PNG)
-    return report
+    return with_sources(report, cfg, data.shares)
 
 
 def prompt_warnings(data: PromptData, lengths: list[int], budget: int, needed_columns, on_bad_row: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Readers: a local file or a hub dataset in, a list of (line number, row dict) out, or batches of them for sources
+"""Readers: a local file, a dataset folder or a hub dataset in, a list of (line number, row dict) out, or batches of them for sources
 too large for a list (read_row_batches: parquet, CSV and hub; JSONL is copied line by line by phitune.data.prepare).
 
 Line numbers are kept so that a bad row is reported as `file:line`, which is what a person needs to fix row 40,000.
@@ -37,22 +37,30 @@ def row_location(source: str, number: int) -> str:
     return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
+def hub_options(cfg) -> dict:
+    """datasets.load_dataset's `name`, `data_dir` and `data_files` as a data config (data.subset, ...) sets them."""
+    options = {"name": getattr(cfg, "subset", None), "data_dir": getattr(cfg, "data_dir", None),
+               "data_files": getattr(cfg, "data_files", None)}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def read_rows(source: str, split: str = "train", on_bad_row: str = "error",
-              needs: str = CHAT_ROWS, hint: str = SKIP_HINT) -> tuple[list[Row], list[BadRow]]:
-    """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a datasets-hub name. `needs`:
-    what the caller reads, for the message of an empty file; `hint`: what the error of a malformed JSON line adds
-    (how to skip such rows: "" where data.on_bad_row does not apply)."""
+              needs: str = CHAT_ROWS, hint: str = SKIP_HINT, hub: dict | None = None) -> tuple[list[Row], list[BadRow]]:
+    """Read every row of `source`: local .jsonl/.json/.csv/.parquet by suffix, else a dataset folder or a
+    datasets-hub name, read by load_dataset with `hub` (hub_options). `needs`: what the caller reads, for the
+    message of an empty file; `hint`: what the error of a malformed JSON line adds (how to skip such rows: "" where
+    data.on_bad_row does not apply)."""
     path = Path(source)
     if _is_local(path, needs):
         if path.suffix.lower() == ".jsonl":
             return _read_jsonl(path, on_bad_row, hint)
         reader = {".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
         return reader[path.suffix.lower()](path, on_bad_row)
-    return [row for rows in _hub_batches(source, split, BATCH_ROWS) for row in rows], []
+    return [row for rows in _hub_batches(source, split, BATCH_ROWS, hub) for row in rows], []
 
 
 def read_row_batches(source: str, split: str = "train", batch_rows: int | None = None,
-                     needs: str = CHAT_ROWS) -> Iterator[list[Row]]:
+                     needs: str = CHAT_ROWS, hub: dict | None = None) -> Iterator[list[Row]]:
     """The rows of a .parquet or .csv file or a hub dataset, `batch_rows` at a time, numbered as read_rows numbers them.
 
     What the Arrow preparation reads these sources with, so a dataset larger than memory never becomes a list.
@@ -63,11 +71,12 @@ def read_row_batches(source: str, split: str = "train", batch_rows: int | None =
         if batches is None:
             raise ValueError(f"{source}: read_row_batches reads .parquet and .csv files and hub datasets")
         return batches(path, batch_rows or BATCH_ROWS)
-    return _hub_batches(source, split, batch_rows or BATCH_ROWS)
+    return _hub_batches(source, split, batch_rows or BATCH_ROWS, hub)
 
 
 def _is_local(path: Path, needs: str = CHAT_ROWS) -> bool:
-    """A local data file by its suffix (checked to exist), or False for a hub name."""
+    """A local data file by its suffix (checked to exist), or False for a hub name or a dataset folder (one laid out
+    as a hub repository: a README.md with `configs:`, or data files, which load_dataset reads as it reads the hub)."""
     if path.suffix.lower() in LOCAL_SUFFIXES:
         if path.is_dir():
             raise PhituneError(f"{path} is a directory, not a data file; name the file itself")
@@ -76,11 +85,19 @@ def _is_local(path: Path, needs: str = CHAT_ROWS) -> bool:
         if path.stat().st_size == 0:  # each reader would say it differently, one in a library's traceback
             raise PhituneError(f"{path}: the file is empty (0 bytes); it needs {needs}")
         return True
+    if path.is_dir() and is_dataset_folder(path):
+        return False
     if path.exists():
         raw_text = path.suffix.lower() == ".txt" or path.is_dir()
         hint = " (raw text for continued pre-training: set data.format: text)" if raw_text else ""
         raise PhituneError(f"{path}: unsupported data file type; use one of {', '.join(LOCAL_SUFFIXES)}{hint}")
     return False
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder load_dataset reads: a dataset card (README.md) or data files of a kind phitune reads, at any depth."""
+    return (path / "README.md").is_file() or any(
+        f.suffix.lower() in LOCAL_SUFFIXES for f in path.rglob("*") if f.is_file() and ".git" not in f.parts)
 
 
 def _read_text(path: Path) -> str:
@@ -180,16 +197,26 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[list[Row]]:
         raise PhituneError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
 
 
-def _hub_batches(name: str, split: str, batch_rows: int) -> Iterator[list[Row]]:
+def _hub_batches(name: str, split: str, batch_rows: int, hub: dict | None = None) -> Iterator[list[Row]]:
+    """A hub dataset's (or a dataset folder's) rows through datasets.load_dataset, `hub` its name (the subset),
+    data_dir and data_files."""
     import datasets
+    from datasets import utils as progress
 
+    hub, was_off = hub or {}, progress.are_progress_bars_disabled()
+    progress.disable_progress_bars()  # the CLI's output is phitune's lines, not a bar per split generated
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # network, missing dataset, missing split: all end in one message
+        ds = datasets.load_dataset(name, split=split, **hub)
+    except Exception as exc:  # network, missing dataset, config or split: all end in one message
+        subset = f", subset {hub['name']!r}" if hub.get("name") else ""
+        where = "from the hub" if not Path(name).is_dir() else "from its folder"
+        hint = "" if Path(name).is_dir() else f". For a local file use a path ending in {', '.join(LOCAL_SUFFIXES)}"
         raise PhituneError(
-            f"cannot load dataset {name!r} (split {split!r}) from the hub: {first_line(exc)}. "
-            f"For a local file use a path ending in {', '.join(LOCAL_SUFFIXES)}"
+            f"cannot load dataset {name!r} (split {split!r}{subset}) {where}: {first_line(exc)}{hint}"
         ) from None
+    finally:
+        if not was_off:
+            progress.enable_progress_bars()
     number = 0
     for columns in ds.iter(batch_size=batch_rows):  # the memory-mapped Arrow table, one slice at a time
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]

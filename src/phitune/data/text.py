@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from phitune.data.readers import SKIP_HINT as LINE_SKIP_HINT
-from phitune.data.readers import BadRow, _read_text, read_row_batches, read_rows, row_location
+from phitune.data.readers import BadRow, _read_text, hub_options, read_row_batches, read_rows, row_location
 from phitune.errors import PhituneError
 
 TEXT_SUFFIX = ".txt"
@@ -50,11 +50,12 @@ def text_files(source: str) -> list[Path] | None:
 TEXT_ROWS = "rows with a `text` field (or use .txt documents)"
 
 
-def read_documents(source: str, split: str, on_bad_row: str) -> Iterator[tuple[list[str], list[str], str | None]]:
+def read_documents(source: str, split: str, on_bad_row: str,
+                   hub: dict | None = None) -> Iterator[tuple[list[str], list[str], str | None]]:
     """(documents, problems, stop) a batch at a time: an empty .txt file, a malformed line or a row without text is a
     problem; `stop` is what on_bad_row: error stops with for the batch's first one (raised here with error)."""
     files = text_files(source)
-    batches = _file_batches(files) if files is not None else _row_batches(source, split, on_bad_row)
+    batches = _file_batches(files) if files is not None else _row_batches(source, split, on_bad_row, hub)
     for documents, problems, why in batches:
         stop = problems[0] + why if problems else None
         if stop and on_bad_row == "error":
@@ -73,13 +74,13 @@ def _file_batches(files: list[Path]):
                SKIP_HINT)
 
 
-def _row_batches(source: str, split: str, on_bad_row: str):
+def _row_batches(source: str, split: str, on_bad_row: str, hub: dict | None = None):
     if Path(source).suffix.lower() in (".jsonl", ".json"):  # malformed lines: an error, or listed here to skip
-        rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row, needs=TEXT_ROWS)
+        rows, bad = read_rows(source, split=split, on_bad_row=on_bad_row, needs=TEXT_ROWS, hub=hub)
         yield [], [str(problem) for problem in bad], LINE_SKIP_HINT  # said as read_rows raises it with on_bad_row: error
         batches = [rows[i:i + DOCS_PER_BATCH] for i in range(0, len(rows), DOCS_PER_BATCH)]
     else:
-        batches = read_row_batches(source, split, DOCS_PER_BATCH, needs=TEXT_ROWS)
+        batches = read_row_batches(source, split, DOCS_PER_BATCH, needs=TEXT_ROWS, hub=hub)
     first = True
     for rows in batches:
         if first and rows and "text" not in rows[0][1]:
@@ -172,7 +173,7 @@ def _write_blocks(source: str, split: str, cfg, tokenizer, target: Path, found: 
 
     def tokenized():
         nonlocal count
-        for documents, bad, stop in read_documents(source, split, cfg.on_bad_row):
+        for documents, bad, stop in read_documents(source, split, cfg.on_bad_row, hub_options(cfg)):
             found["skipped"].extend(bad)
             found["error"] = found["error"] or stop
             count += len(documents)

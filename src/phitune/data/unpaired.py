@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from phitune.config.schema import DataConfig
-from phitune.data import load_splits
+from phitune.data import load_splits_and_shares
 from phitune.data.formats import Messages, check_conversation
 from phitune.data.preference import PreferenceDataReport, report_key, tokenize_answer
-from phitune.data.readers import BadRow, read_rows, row_location
+from phitune.data.mixture import with_sources
+from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
 
 TRUE, FALSE = ("true", "1", "yes", "desirable"), ("false", "0", "no", "undesirable")
@@ -51,16 +52,17 @@ class UnpairedData:
     eval: list[LabelledCompletion]
     format: str
     skipped: list[str] = field(default_factory=list)
+    shares: list = field(default_factory=list)  # a mixture: what each source gave (phitune.data.mixture)
 
 
 def load_unpaired_data(cfg: DataConfig) -> UnpairedData:
     """Read train (and eval) completions; hold out data.eval_split of train when no eval file is given."""
-    train, evals, fmt, skipped = load_splits(cfg, _read_completions)
-    return UnpairedData(train=train, eval=evals, format=fmt, skipped=skipped)
+    train, evals, fmt, skipped, shares = load_splits_and_shares(cfg, _read_completions)
+    return UnpairedData(train=train, eval=evals, format=fmt, skipped=skipped, shares=shares)
 
 
 def _read_completions(source: str, split: str, cfg: DataConfig) -> tuple[list[LabelledCompletion], str, list[str]]:
-    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row)
+    rows, bad = read_rows(source, split=split, on_bad_row=cfg.on_bad_row, hub=hub_options(cfg))
     if not rows:
         raise PhituneError(f"{source}: no rows")
     first = rows[0][1]
@@ -194,7 +196,7 @@ def inspect_unpaired_data(cfg, output_dir=None, example_index: int = 0) -> Prefe
     report.warnings = unpaired_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + c for p, c in zip(*report.lengths.values())]
     report.histogram = plot_lengths(totals, limit, report_dir(cfg, output_dir, report_key(cfg, "unpaired")) / HISTOGRAM_PNG)
-    return report
+    return with_sources(report, cfg, data.shares)
 
 
 def unpaired_warnings(data: UnpairedData, problems: dict, limit: int, on_bad_row: str) -> list[str]:

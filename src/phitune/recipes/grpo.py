@@ -182,6 +182,7 @@ def prompt_budget(cfg: RunConfig) -> int:
 
 def prompt_splits(cfg: RunConfig, tokenizer):
     """Train and eval prompts, those over the prompt budget handled per data.on_bad_row; counts for metrics.json."""
+    from phitune.data.mixture import log_mixture
     from phitune.data.prompts import check_prompt_lengths, load_prompt_data
 
     budget = prompt_budget(cfg)
@@ -189,6 +190,7 @@ def prompt_splits(cfg: RunConfig, tokenizer):
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} leaves no room for a prompt beside "
                            f"max_completion_length {cfg.data.max_seq_length - budget}; raise data.max_seq_length")
     data = load_prompt_data(cfg.data)
+    log_mixture(log, data.shares)
     skipped = list(data.skipped)
     for name in ("train", "eval"):
         kept, dropped = check_prompt_lengths(getattr(data, name), tokenizer, budget, cfg.data.on_bad_row, name)

@@ -34,9 +34,11 @@ log = logging.getLogger("phitune")
 
 def load_data(cfg: RunConfig, tokenizer, plan: RunPlan):
     """(UnpairedData, counts): train and eval completions checked against data.max_seq_length, train shuffled."""
+    from phitune.data.mixture import log_mixture
     from phitune.data.unpaired import check_lengths, label_counts, load_unpaired_data
 
     data = load_unpaired_data(cfg.data)
+    log_mixture(log, data.shares)
     limit, skipped, truncated = cfg.data.max_seq_length, list(data.skipped), 0
     for name in ("train", "eval"):
         examples = getattr(data, name)

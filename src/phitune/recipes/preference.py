@@ -80,9 +80,11 @@ def tidy_output(output_dir: Path) -> None:
 
 def preference_splits(cfg: RunConfig, tokenizer):
     """Train and eval pairs with too-long prompts handled per data.on_bad_row; counts for metrics.json."""
+    from phitune.data.mixture import log_mixture
     from phitune.data.preference import check_lengths, load_preference_data
 
     data = load_preference_data(cfg.data)
+    log_mixture(log, data.shares)
     limit, skipped, truncated = cfg.data.max_seq_length, list(data.skipped), 0
     for name in ("train", "eval"):
         pairs = getattr(data, name)

@@ -55,7 +55,21 @@ def evaluate_after(cfg: RunConfig, trainer, tokenizer, data, before: dict) -> di
     """eval_loss before and after with their perplexities, when the run has an eval set."""
     if data[1] is None:
         return {}
-    return eval_loss_before_after(trainer)
+    return {**eval_loss_before_after(trainer), **eval_loss_by_source(trainer, data[1])}
+
+
+def eval_loss_by_source(trainer, eval_set) -> dict:
+    """A mixture's eval loss after training, per source (the overall one is eval_loss_after): each source's
+    held-out rows (or eval source) scored on their own."""
+    groups = getattr(eval_set, "groups", None)
+    if not groups:
+        return {}
+    dataset = eval_set.to_dataset()
+    losses = {}
+    for number, (name, rows) in enumerate(groups):
+        prefix = f"eval_source{number}"
+        losses[name] = trainer.evaluate(eval_dataset=dataset.select(rows), metric_key_prefix=prefix)[f"{prefix}_loss"]
+    return {"eval_loss_after_by_source": losses}
 
 
 def data_metrics(cfg: RunConfig, data) -> dict:
@@ -76,14 +90,17 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
     `plan` gives the model's context length.
     """
     from phitune.data import tokenize_conversations
-    from phitune.data.prepare import prepare_data, training_set
+    from phitune.data.mixture import log_mixture
+    from phitune.data.prepare import training_set
+    from phitune.data.prepare_mixture import prepare_sources
 
     context = plan.context
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
     if conversations is None:
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_sources(cfg.data, tokenizer)
         log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
+        log_mixture(log, data.shares)
         fmt, skipped = data.format, list(data.skipped)
         train_set = training_set(data.train, "train", cfg.data.on_bad_row)
         eval_set = training_set(data.eval, "eval", cfg.data.on_bad_row) if data.eval is not None else None

@@ -129,7 +129,9 @@ class Workspace:
     def _paths_of(self, cfg: RunConfig) -> list[tuple[str, bool]]:
         """(path, may be a shipped file) for every local path of `cfg`: data, output directory, a local model, a
         reward file (which runs as code: never a shipped file)."""
-        paths = [(cfg.data.train, True), (cfg.data.eval, True), (str(cfg.output_dir), False)]
+        data = ([s.path for s in (*cfg.data.train_sources(), *cfg.data.eval_sources())] if cfg.data.is_mixture
+                else [cfg.data.train, cfg.data.eval])  # every source of a mixture
+        paths = [*((path, True) for path in data), (str(cfg.output_dir), False)]
         paths += [(entry["function"].rpartition(":")[0], False) for entry in cfg.rewards or []
                   if str(entry.get("function", "")).rpartition(":")[0].endswith(".py")]
         for model_path in (cfg.model.name_or_path, cfg.model.adapter):
