@@ -97,6 +97,10 @@ class DataConfig:
         default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
                                         "(default: the row's prompt or messages)"}
     )
+    streaming: bool = field(
+        default=False, metadata={"help": "read, check and tokenize rows as training consumes them, in bounded "
+                                         "memory, no cache on disk (sft chats and raw text; needs max_steps)"}
+    )
 
     def whole_file_as_eval(self) -> "DataConfig":
         """`phitune eval RUN --data FILE`: every row of `train` (FILE) is read as the train split, nothing held out,
@@ -251,6 +255,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     training = _validate_training(raw.get("training_config"), problems, method)
     peft_cfg = _validate_peft(raw, problems)
     _check_values(data, problems)
+    _check_streaming(data, training, method, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
     if data.prompt_template is not None and method != "grpo":
@@ -404,6 +409,24 @@ def _check_values(data: DataConfig, problems: list[str]) -> None:
         value = getattr(data, key)
         if isinstance(value, int) and value < 1:  # a cap of -1 would silently drop the last row (a slice)
             problems.append(f"data.{key} must be at least 1 (or null for no limit), got {value}")
+
+
+def _check_streaming(data: DataConfig, training: dict, method: str, problems: list[str]) -> None:
+    """data.streaming: a stream has no length, so the run's length is max_steps; only SFT (chats and raw text)
+    reads its rows through phitune's own encoding, a batch at a time (DPO, ORPO, GRPO and vision hand whole sets to
+    TRL's trainers, which prepare them whole)."""
+    if not data.streaming:
+        return
+    if method != "sft":
+        problems.append(f"data.streaming applies to method: sft (chats and raw text), not {method}: its rows are "
+                        "prepared whole by TRL; leave streaming off")
+    steps = training.get("max_steps")
+    if not (_number(steps) and steps > 0):
+        problems.append("data.streaming needs training_config.max_steps (a stream has no length, so no epoch "
+                        "count can say when to stop)")
+    if data.train and str(data.train).lower().endswith(".json"):
+        problems.append(f"data.streaming reads .jsonl, .csv, .parquet, .txt or a hub dataset; {data.train} is one "
+                        "JSON value, read whole (write it as one JSON object per line to stream it)")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
