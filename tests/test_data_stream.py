@@ -77,6 +77,11 @@ def test_a_streamed_run_trains_through_the_cli_without_a_cache(tiny_model_dir, t
     assert metrics["streaming"] is True and metrics["train_examples"] == 8 * 4 and metrics["eval_examples"] == 8
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert not (tmp_path / "cache").exists()
+    scored = phitune("eval", str(tmp_path / "out"), "--num-generate", "1", "--max-new-tokens", "2")
+    assert scored.returncode == 0, scored.stderr[-2000:]  # the same 8 held-out rows, the file not read whole
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["info"]["eval_examples"] == 8, report["info"]
+    assert report["metrics"]["fine-tuned"]["loss"] == pytest.approx(metrics["eval_loss_after"], rel=1e-4)
 
 
 def test_a_killed_streamed_run_resumes_at_the_right_row_to_the_uninterrupted_adapter(tiny_model_dir, tmp_path):

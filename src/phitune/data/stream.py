@@ -363,6 +363,26 @@ def stream_splits(cfg: DataConfig, tokenizer):
     return StreamedSet(stream=train, counts=counts, format=fmt), evals
 
 
+def held_out_conversations(cfg: DataConfig) -> list:
+    """`phitune eval` on a streamed run: the conversations of its eval set as training chose them (the first
+    max_eval_examples good rows of data.eval, or of data.train without it), read from the head of the source."""
+    if cfg.format == "text":
+        from phitune.data import load_conversations
+
+        return load_conversations(cfg).eval  # says in one line that a text run's held-out loss is in metrics.json
+    if not cfg.eval and cfg.eval_split <= 0:
+        return []
+    source, split = (cfg.eval, cfg.eval_hub_split or cfg.split) if cfg.eval else (cfg.train, cfg.split)
+    fmt = detect_stream_format(source, split, cfg)
+    conversations = []
+    for row in raw_rows(source, split, fmt):
+        if len(conversations) == held_out_count(cfg):
+            break
+        if row["text"].strip() and check_chat_row(row["where"], row["text"], fmt) is None:
+            conversations.append(to_messages(json.loads(row["text"]), fmt, row["where"]))
+    return conversations
+
+
 def in_memory(stream, count: int | None, max_seq_length: int):
     """The first `count` examples of `stream` (None: all of a finite one) as a PreparedSet (what evaluation and
     `phitune data` read)."""
