@@ -149,3 +149,46 @@ def test_what_streaming_cannot_do_is_one_line(tiny_model_dir, tmp_path, change, 
     result = phitune("train", str(config))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert expected in result.stderr
+
+
+def sharegpt(rows: list[dict]) -> list[dict]:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in row["messages"]]}
+            for row in rows]
+
+
+def test_weighted_sources_interleave_by_weight_each_in_its_own_format(tmp_path, tokenizer):
+    """data.train as a list: each source is encoded in its own format (messages, sharegpt), then examples are drawn
+    3:1 by weight, the same sequence for the same data.seed (what a resume replays) and another for another seed."""
+    from phitune.data.stream import StreamCounts, encoded, train_stream
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    first = write_jsonl(tmp_path / "a.jsonl", rows[:300])
+    second = write_jsonl(tmp_path / "b.jsonl", sharegpt(rows[300:]))
+    settings = {"max_seq_length": 64, "streaming": True, "eval_split": 0}
+    keys = {name: {e["key"] for e in encoded(str(path), "train", DataConfig(train=str(path), **settings), tokenizer)[0]}
+            for name, path in (("a", first), ("b", second))}
+
+    def drawn(seed: int) -> list[str]:
+        cfg = DataConfig(train=[{"path": str(first), "weight": 3}, str(second)], seed=seed, **settings)
+        stream, fmt = train_stream(cfg, tokenizer, StreamCounts())
+        assert fmt == "messages+sharegpt"
+        return ["a" if e["key"] in keys["a"] else "b" for e in stream.take(400)]
+
+    order = drawn(0)
+    assert 0.69 <= order.count("a") / len(order) <= 0.81, order.count("a")
+    assert drawn(0) == order and drawn(1) != order
+
+
+def test_a_streamed_mixture_trains_through_the_cli_and_a_list_needs_streaming(tiny_model_dir, tmp_path):
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()[:200]]
+    first = write_jsonl(tmp_path / "a.jsonl", rows[:100])
+    second = write_jsonl(tmp_path / "b.jsonl", sharegpt(rows[100:]))
+    mixture = [{"path": str(first), "weight": 2}, str(second)]
+    config = write_config(tmp_path, tiny_model_dir, {**STREAM, "train": mixture}, max_steps=3)
+    code, stderr = finish(start_train(config))
+    assert code == 0, stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["data_format"] == "messages+sharegpt"
+    plain = write_config(tmp_path / "plain", tiny_model_dir, {"train": mixture})
+    result = phitune("train", str(plain))
+    assert result.returncode == 2 and "data.train as a list of sources is read with data.streaming" in result.stderr

@@ -68,7 +68,10 @@ class ModelConfig:
 class DataConfig:
     """Where the chat data comes from and how it becomes training tokens."""
 
-    train: str | None = field(default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet file or hub dataset"})
+    train: str | list | None = field(
+        default=None, metadata={"help": "local .jsonl/.json/.csv/.parquet file or hub dataset; with streaming, also a "
+                                        "list of sources interleaved by weight: paths, or {path, weight}"}
+    )
     eval: str | None = field(default=None, metadata={"help": "eval file or hub dataset; else eval_split is used"})
     eval_split: float = field(default=0.05, metadata={"help": "fraction of train held out when eval is not given"})
     split: str = field(default="train", metadata={"help": "split name for hub datasets"})
@@ -256,6 +259,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     peft_cfg = _validate_peft(raw, problems)
     _check_values(data, problems)
     _check_streaming(data, training, method, problems)
+    _check_source_list(data, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
     if data.prompt_template is not None and method != "grpo":
@@ -424,9 +428,38 @@ def _check_streaming(data: DataConfig, training: dict, method: str, problems: li
     if not (_number(steps) and steps > 0):
         problems.append("data.streaming needs training_config.max_steps (a stream has no length, so no epoch "
                         "count can say when to stop)")
-    if data.train and str(data.train).lower().endswith(".json"):
-        problems.append(f"data.streaming reads .jsonl, .csv, .parquet, .txt or a hub dataset; {data.train} is one "
-                        "JSON value, read whole (write it as one JSON object per line to stream it)")
+    for path in source_paths(data.train):
+        if str(path).lower().endswith(".json"):
+            problems.append(f"data.streaming reads .jsonl, .csv, .parquet, .txt or a hub dataset; {path} is one JSON "
+                            "value, read whole (write it as one JSON object per line to stream it)")
+
+
+def source_paths(train) -> list:
+    """The paths data.train names: itself, or each source of a list."""
+    if not isinstance(train, list):
+        return [train] if train else []
+    return [entry.get("path") if isinstance(entry, dict) else entry for entry in train]
+
+
+def _check_source_list(data: DataConfig, problems: list[str]) -> None:
+    """data.train as a list (streaming only, on this branch): each entry a path, or {path, weight > 0}."""
+    if not isinstance(data.train, list):
+        return
+    if not data.streaming:
+        problems.append("data.train as a list of sources is read with data.streaming: true (set it, or name one file)")
+    if not data.train:
+        problems.append("data.train is an empty list; name at least one source")
+    for index, entry in enumerate(data.train):
+        where = f"data.train[{index}]"
+        if isinstance(entry, str):
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            problems.append(f"{where} must be a path or {{path: ..., weight: ...}}, got {entry!r}")
+            continue
+        _check_keys(entry, ("path", "weight"), where, problems)
+        weight = entry.get("weight", 1)
+        if not _number(weight) or weight <= 0:
+            problems.append(f"{where}.weight must be a positive number, got {weight!r}")
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
@@ -443,7 +476,12 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
             return value
         return os.path.abspath(value)  # not resolve(): a path through a symlink stays the path the user chose
 
-    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval),
+    train = cfg.data.train
+    if isinstance(train, list):
+        train = [absolute(e) if isinstance(e, str) else {**e, "path": absolute(e["path"])} for e in train]
+    else:
+        train = absolute(train)
+    data = dataclasses.replace(cfg.data, train=train, eval=absolute(cfg.data.eval),
                                cache_dir=absolute(cfg.data.cache_dir, must_exist=False))
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                 adapter=absolute(cfg.model.adapter))

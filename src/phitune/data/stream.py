@@ -36,7 +36,6 @@ from phitune.errors import PhituneError, first_line
 BATCH = 256  # rows encoded per call: batch tokenization, and the most rows (or documents) held at once
 HELD_OUT = 100  # examples (blocks) of data.train held out for eval when data.max_eval_examples is not set
 PREVIEW_ROWS = 1_000  # rows `phitune data` reads of a streamed source when data.max_train_examples is not set
-PREPARED_COLUMNS = ["input_ids", "labels", "length", "truncated", "masked", "stop", "key"]
 log = logging.getLogger(__name__)
 
 
@@ -302,19 +301,42 @@ def _check_text_column(source: str, text: str) -> None:
                            "column or .txt files")
 
 
-def encoded(source: str, split: str, cfg: DataConfig, tokenizer, counts: StreamCounts | None = None):
+def encoded(source: str, split: str, cfg: DataConfig, tokenizer, counts: StreamCounts | None = None,
+            rows: int | None = None):
     """(IterableDataset of prepared examples of one source, its format): read, checked and encoded BATCH rows at a
-    time as it is iterated."""
+    time as it is iterated; `rows`: only the source's first rows."""
     fmt = detect_stream_format(source, split, cfg)
+    raw = raw_rows(source, split, fmt)
+    raw = raw.take(rows) if rows is not None else raw
     encoder = Encoder(cfg, tokenizer, fmt, counts)
-    rows = raw_rows(source, split, fmt).map(encoder, batched=True, batch_size=BATCH, remove_columns=["where", "text"])
-    return rows, fmt
+    return raw.map(encoder, batched=True, batch_size=BATCH, remove_columns=["where", "text"],
+                   features=prepared_features()), fmt
+
+
+def prepared_features():
+    """The prepared columns' types, given: inferred from a row, the 64-bit duplicate key would not fit an int64."""
+    import datasets
+
+    from phitune.data.text import block_schema
+
+    return datasets.Features.from_arrow_schema(block_schema())
+
+
+def train_stream(cfg: DataConfig, tokenizer, counts: StreamCounts, rows: int | None = None):
+    """(the examples of data.train, its format): one source's, or several sources' interleaved by weight (`mix`),
+    each read and encoded in its own format; `rows`: each source's first rows only."""
+    sources = train_sources(cfg)
+    streams, formats = zip(*(encoded(source, split, cfg, tokenizer, counts, rows) for source, split, _ in sources))
+    return mix(list(streams), [weight for _, _, weight in sources], cfg.seed), "+".join(dict.fromkeys(formats))
 
 
 def train_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
-    """(source, split, weight) of each stream to train on. One source today; a list of weighted sources (data.train
-    as a list) gives one entry each, and `mix` interleaves them."""
-    return [(cfg.train, cfg.split, 1.0)]
+    """(source, split, weight) of each stream to train on: data.train, or each entry of its list (a path, weight 1,
+    or {path, weight}); `mix` interleaves them."""
+    if not isinstance(cfg.train, list):
+        return [(cfg.train, cfg.split, 1.0)]
+    return [(entry, cfg.split, 1.0) if isinstance(entry, str) else
+            (entry["path"], cfg.split, float(entry.get("weight", 1.0))) for entry in cfg.train]
 
 
 def mix(streams: list, weights: list[float], seed: int):
@@ -340,10 +362,8 @@ def stream_splits(cfg: DataConfig, tokenizer):
     first max_eval_examples examples (default HELD_OUT), or without data.eval, the first max_eval_examples examples
     (blocks, for raw text) of data.train, held out: training starts after them. eval_split: 0 means no eval."""
     counts = StreamCounts()
-    sources = train_sources(cfg)
-    streams, formats = zip(*(encoded(source, split, cfg, tokenizer, counts) for source, split, _ in sources))
-    train = mix(list(streams), [weight for _, _, weight in sources], cfg.seed)
-    evals, fmt = None, formats[0]
+    train, fmt = train_stream(cfg, tokenizer, counts)
+    evals = None
     if cfg.eval:
         eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
         evals = in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
@@ -372,6 +392,9 @@ def held_out_conversations(cfg: DataConfig) -> list:
         return load_conversations(cfg).eval  # says in one line that a text run's held-out loss is in metrics.json
     if not cfg.eval and cfg.eval_split <= 0:
         return []
+    if not cfg.eval and len(train_sources(cfg)) > 1:
+        raise PhituneError("a streamed mixture's held-out examples are encoded examples of several sources; to score "
+                           "conversations set data.eval, or pass --data FILE")
     source, split = (cfg.eval, cfg.eval_hub_split or cfg.split) if cfg.eval else (cfg.train, cfg.split)
     fmt = detect_stream_format(source, split, cfg)
     conversations = []
@@ -407,11 +430,7 @@ def preview_data(cfg: DataConfig, tokenizer):
     cfg = replace(cfg, on_bad_row="skip")  # a report lists bad rows rather than stopping at the first
     rows = cfg.max_train_examples or PREVIEW_ROWS
     counts = StreamCounts(keep=rows)
-    source, split, _ = train_sources(cfg)[0]
-    fmt = detect_stream_format(source, split, cfg)
-    head = raw_rows(source, split, fmt).take(rows)
-    prepared = head.map(Encoder(cfg, tokenizer, fmt, counts), batched=True, batch_size=BATCH,
-                        remove_columns=["where", "text"])
+    prepared, fmt = train_stream(cfg, tokenizer, counts, rows)
     evals = None
     if cfg.eval:
         eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
@@ -421,11 +440,13 @@ def preview_data(cfg: DataConfig, tokenizer):
         prepared = prepared.skip(len(evals))
     counts.restart()
     train = in_memory(prepared, None, cfg.max_seq_length)
-    samples = [] if fmt == "text" else [to_messages(json.loads(r["text"]), fmt, r["where"])
-                                        for r in head.take(64)
-                                        if r["text"].strip() and check_chat_row(r["where"], r["text"], fmt) is None]
-    fingerprint = hashlib.sha256(json.dumps([source, split, rows, fmt, cfg.max_seq_length, cfg.train_on])
+    source, split, _ = train_sources(cfg)[0]
+    head = raw_rows(source, split, fmt.split("+")[0]).take(64)
+    samples = [] if fmt == "text" else [to_messages(json.loads(r["text"]), fmt.split("+")[0], r["where"])
+                                        for r in head if r["text"].strip()
+                                        and check_chat_row(r["where"], r["text"], fmt.split("+")[0]) is None]
+    fingerprint = hashlib.sha256(json.dumps([train_sources(cfg), rows, fmt, cfg.max_seq_length, cfg.train_on])
                                  .encode()).hexdigest()[:20]
     return PreparedData(train=train, eval=evals, format=fmt, skipped=list(counts.skipped), samples=samples[:16],
                         fingerprint=f"stream-{fingerprint}", reused=False,
-                        stats={"streamed_rows": rows, "documents": {"train": counts.rows}})
+                        stats={"streamed_rows": rows * len(train_sources(cfg)), "documents": {"train": counts.rows}})
