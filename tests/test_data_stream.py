@@ -211,3 +211,17 @@ def test_streamed_raw_text_trains_through_the_cli_on_held_out_blocks(tiny_model_
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["data_format"] == "text" and metrics["eval_examples"] == 4 and metrics["streaming"] is True
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+
+
+def test_a_batch_of_bad_rows_only_is_skipped_whole(tmp_path, tokenizer):
+    """With on_bad_row: skip, a stretch of bad rows longer than a batch gives an empty batch, not a crash; the stream
+    goes on to the good rows after it and counts each bad row once."""
+    from phitune.data.stream import BATCH, stream_splits
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()[:20]]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": "not a list"}] * (BATCH + 10) + rows)
+    cfg = DataConfig(train=str(train), max_seq_length=64, eval_split=0, streaming=True, on_bad_row="skip")
+    streamed, _ = stream_splits(cfg, tokenizer)
+    assert len(list(streamed.to_dataset().take(40))) == 40  # two passes over the 20 good rows
+    assert streamed.counts.skipped_rows == BATCH + 10
+    assert streamed.counts.skipped[0].startswith(f"{train}:1: ")

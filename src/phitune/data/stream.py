@@ -209,6 +209,10 @@ class Encoder:
             else:
                 good.append(text)
                 good_where.append(where)
+        if not good:  # a batch of bad or blank rows only: nothing to tokenize
+            from phitune.data.text import block_schema
+
+            return block_schema().empty_table(), good_where, problems
         return tokenize_batch({"text": good}, **self.settings), good_where, problems
 
     def _blocks(self, wheres: list[str], texts: list[str]):
@@ -383,6 +387,20 @@ def stream_splits(cfg: DataConfig, tokenizer):
     return StreamedSet(stream=train, counts=counts, format=fmt), evals
 
 
+def first_conversations(cfg: DataConfig, rows: int, wanted: int = 16) -> list:
+    """The first `wanted` good conversations among the first `rows` rows of data.train's first source: the examples
+    `phitune data` can show."""
+    source, split, _ = train_sources(cfg)[0]
+    fmt = detect_stream_format(source, split, cfg)
+    found = []
+    for row in raw_rows(source, split, fmt).take(rows):
+        if len(found) == wanted:
+            break
+        if row["text"].strip() and check_chat_row(row["where"], row["text"], fmt) is None:
+            found.append(to_messages(json.loads(row["text"]), fmt, row["where"]))
+    return found
+
+
 def held_out_conversations(cfg: DataConfig) -> list:
     """`phitune eval` on a streamed run: the conversations of its eval set as training chose them (the first
     max_eval_examples good rows of data.eval, or of data.train without it), read from the head of the source."""
@@ -440,13 +458,12 @@ def preview_data(cfg: DataConfig, tokenizer):
         prepared = prepared.skip(len(evals))
     counts.restart()
     train = in_memory(prepared, None, cfg.max_seq_length)
-    source, split, _ = train_sources(cfg)[0]
-    head = raw_rows(source, split, fmt.split("+")[0]).take(64)
-    samples = [] if fmt == "text" else [to_messages(json.loads(r["text"]), fmt.split("+")[0], r["where"])
-                                        for r in head if r["text"].strip()
-                                        and check_chat_row(r["where"], r["text"], fmt.split("+")[0]) is None]
+    if not len(train):
+        first = f"; the first bad one: {counts.skipped[0]}" if counts.skipped else ""
+        raise PhituneError(f"{cfg.train}: no training examples in its first {rows:,} rows{first}")
+    samples = [] if fmt == "text" else first_conversations(cfg, rows)
     fingerprint = hashlib.sha256(json.dumps([train_sources(cfg), rows, fmt, cfg.max_seq_length, cfg.train_on])
                                  .encode()).hexdigest()[:20]
-    return PreparedData(train=train, eval=evals, format=fmt, skipped=list(counts.skipped), samples=samples[:16],
+    return PreparedData(train=train, eval=evals, format=fmt, skipped=list(counts.skipped), samples=samples,
                         fingerprint=f"stream-{fingerprint}", reused=False,
                         stats={"streamed_rows": rows * len(train_sources(cfg)), "documents": {"train": counts.rows}})
