@@ -197,13 +197,19 @@ def evaluation_data(run_dir: Path | None, data: str | None) -> tuple[DataConfig,
 
 
 def eval_conversations(data_cfg: DataConfig, use_eval_split: bool) -> list:
-    """The held-out conversations of a run (its eval file or the same eval_split), or every row of --data."""
+    """The held-out conversations of a run (its eval file or the same eval_split; a streamed run's first rows, as
+    training held them out), or every row of --data."""
     from phitune.data import load_conversations
 
     if not use_eval_split:  # --data FILE: the whole file is the eval set
         data_cfg = data_cfg.whole_file_as_eval()
         return load_conversations(data_cfg).train
-    conversations = load_conversations(data_cfg).eval
+    if data_cfg.streaming:  # the examples training held out, without reading the whole stream
+        from phitune.data.stream import held_out_conversations
+
+        conversations = held_out_conversations(data_cfg)
+    else:
+        conversations = load_conversations(data_cfg).eval
     if not conversations:
         raise PhituneError("the run has no eval set (data.eval_split is 0 and no data.eval); pass --data FILE")
     return conversations

@@ -64,7 +64,8 @@ def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
     trainable, total = m.pop("trainable_parameters", None), m.pop("total_parameters", None)
     if trainable is not None and total:
         rows.append(("trainable parameters", f"{trainable:,} of {total:,} ({trainable / total:.2%})"))
-    rows.append(("examples", f"{m.pop('train_examples', 0):,} train, {m.pop('eval_examples', 0):,} eval "
+    streamed = " streamed" if m.pop("streaming", False) else ""
+    rows.append(("examples", f"{m.pop('train_examples', 0):,}{streamed} train, {m.pop('eval_examples', 0):,} eval "
                              f"({m.pop('data_format', '?')} format)"))
     rows += [(key.replace("_", " "), _fmt(value)) for key, value in m.items()]
     return rows

@@ -112,6 +112,10 @@ class DataConfig:
         default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
                                         "(default: the row's prompt or messages)"}
     )
+    streaming: bool = field(
+        default=False, metadata={"help": "read, check and tokenize rows as training consumes them, in bounded "
+                                         "memory, no cache on disk (sft chats and raw text; needs max_steps)"}
+    )
 
     @property
     def is_mixture(self) -> bool:
@@ -299,6 +303,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     training = _validate_training(raw.get("training_config"), problems, method)
     peft_cfg = _validate_peft(raw, problems)
     _check_values(data, problems)
+    _check_streaming(data, training, method, problems)
     if method != "sft" or model.adapter:
         check_preference_config(method, model, data, peft_cfg, problems)
     check_method_training(method, training, problems)
@@ -469,6 +474,42 @@ def _check_values(data: DataConfig, problems: list[str]) -> None:
         value = getattr(data, key)
         if isinstance(value, int) and value < 1:  # a cap of -1 would silently drop the last row (a slice)
             problems.append(f"data.{key} must be at least 1 (or null for no limit), got {value}")
+
+
+def _check_streaming(data: DataConfig, training: dict, method: str, problems: list[str]) -> None:
+    """data.streaming: a stream has no length, so the run's length is max_steps; only SFT (chats and raw text)
+    reads its rows through phitune's own encoding, a batch at a time (DPO, ORPO, GRPO and vision hand whole sets to
+    TRL's trainers, which prepare them whole)."""
+    if not data.streaming:
+        return
+    if method != "sft":
+        problems.append(f"data.streaming applies to method: sft (chats and raw text), not {method}: its rows are "
+                        "prepared whole by TRL; leave streaming off")
+    steps = training.get("max_steps")
+    if not (_number(steps) and steps > 0):
+        problems.append("data.streaming needs training_config.max_steps (a stream has no length, so no epoch "
+                        "count can say when to stop)")
+    for path in source_paths(data.train):
+        if str(path).lower().endswith(".json"):
+            problems.append(f"data.streaming reads .jsonl, .csv, .parquet, .txt or a hub dataset; {path} is one JSON "
+                            "value, read whole (write it as one JSON object per line to stream it)")
+    if isinstance(data.eval, list):
+        problems.append("data.streaming reads data.eval as one source (a path or hub dataset), not a list")
+    if data.subset or data.data_dir or data.data_files:
+        problems.append("data.streaming does not pass subset, data_dir or data_files to the hub yet; leave streaming "
+                        "off for such a dataset")
+    for index, entry in enumerate(data.train if isinstance(data.train, list) else []):
+        extra = sorted(set(entry) - {"path", "weight", "name", "split"}) if isinstance(entry, dict) else []
+        if extra:
+            problems.append(f"data.train[{index}]: a streamed source takes path, weight, name and split, not "
+                            f"{', '.join(extra)} (rows needs the whole source's length; leave streaming off for it)")
+
+
+def source_paths(train) -> list:
+    """The paths data.train names: itself, or each source of a list."""
+    if not isinstance(train, list):
+        return [train] if train else []
+    return [entry.get("path") if isinstance(entry, dict) else entry for entry in train]
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -63,9 +63,15 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     from phitune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_sources(replace(cfg.data, on_bad_row="skip"), tokenizer)
+    if cfg.data.streaming:
+        from phitune.data.stream import preview_data
+
+        prepared = preview_data(cfg.data, tokenizer)
+    else:
+        prepared = prepare_sources(replace(cfg.data, on_bad_row="skip"), tokenizer)
     if prepared.format == "text":
-        return with_sources(text_report(cfg, tokenizer, prepared, output_dir, example_index), cfg, prepared.shares)
+        report = text_report(cfg, tokenizer, prepared, output_dir, example_index)
+        return streamed(with_sources(report, cfg, getattr(prepared, "shares", [])), prepared)
     sets = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval is not None else {})}
     limit = cfg.data.max_seq_length
     sample = prepared.samples[min(example_index, len(prepared.samples) - 1)]
@@ -84,7 +90,20 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
     report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
-    return with_sources(report, cfg, prepared.shares)
+    return streamed(with_sources(report, cfg, getattr(prepared, "shares", [])), prepared)
+
+
+def streamed(report: DataReport, prepared) -> DataReport:
+    """A report on a stream's first rows says so, first among its counts and in a warning: its numbers are those of
+    the rows read, not of the whole set (reading it all is what streaming avoids)."""
+    rows = prepared.stats.get("streamed_rows")
+    if rows is None:
+        return report
+    report.counts = {"streamed: rows read": rows, **report.counts}
+    report.warnings.insert(0, f"data.streaming: this report covers the first {rows:,} rows of {report.source} only "
+                              "(data.max_train_examples sets how many); bad rows further on stop training when it "
+                              "reaches them (or are skipped with data.on_bad_row: skip)")
+    return report
 
 
 def text_report(cfg: RunConfig, tokenizer, prepared, output_dir: Path | None, example_index: int) -> DataReport:

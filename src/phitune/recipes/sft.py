@@ -73,8 +73,16 @@ def eval_loss_by_source(trainer, eval_set) -> dict:
 
 
 def data_metrics(cfg: RunConfig, data) -> dict:
-    """Counts for metrics.json: format, examples, truncated and skipped rows."""
-    return dataset_metrics(*data)
+    """Counts for metrics.json: format, examples, truncated and skipped rows. A streamed run trained max_steps global
+    batches of examples."""
+    metrics = dataset_metrics(*data)
+    if metrics.get("streaming"):
+        from phitune.run.processes import world_size
+
+        settings = cfg.training_config
+        metrics["train_examples"] = (settings["max_steps"] * settings.get("per_device_train_batch_size", 8)
+                                     * settings.get("gradient_accumulation_steps", 1) * world_size())
+    return metrics
 
 
 def tidy_output(output_dir: Path) -> None:
@@ -97,7 +105,16 @@ def tokenize_splits(cfg: RunConfig, conversations, tokenizer, plan: RunPlan):
     context = plan.context
     if context and cfg.data.max_seq_length > context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of {context}")
-    if conversations is None:
+    if conversations is None and cfg.data.streaming:
+        from phitune.data.stream import stream_splits
+
+        train_set, eval_set = stream_splits(cfg.data, tokenizer)
+        log.info("data streamed from %s (%s): rows are read, checked and tokenized as training takes them",
+                 cfg.data.train, train_set.format)
+        fmt, skipped = train_set.format, []
+        if eval_set is not None:
+            eval_set = training_set(eval_set, "eval", cfg.data.on_bad_row)
+    elif conversations is None:
         data = prepare_sources(cfg.data, tokenizer)
         log.info("data %s (%s)", data.fingerprint, "reused from the cache" if data.reused else "prepared")
         log_mixture(log, data.shares)
@@ -158,7 +175,14 @@ def build_trainer(cfg: RunConfig, model, tokenizer, train_set, eval_set, peft_co
 
 
 def dataset_metrics(train_set, eval_set) -> dict:
-    """Counts for metrics.json; `train_set` as tokenize_splits returns it (it carries format and skipped_rows)."""
+    """Counts for metrics.json; `train_set` as tokenize_splits returns it (it carries format and skipped_rows). A
+    streamed set counts skipped and truncated rows in what training read (its read-ahead included)."""
+    counts = getattr(train_set, "counts", None)
+    if counts is not None:
+        return {"data_format": train_set.format, "streaming": True,
+                "eval_examples": len(eval_set) if eval_set is not None else 0,
+                "truncated_examples": counts.truncated + (eval_set.truncated if eval_set is not None else 0),
+                "skipped_rows": counts.skipped_rows}
     return {
         "data_format": train_set.format,
         "train_examples": len(train_set),

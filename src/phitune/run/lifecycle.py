@@ -189,9 +189,11 @@ def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
     from phitune.models.loading import count_parameters
 
     trainable, total = count_parameters(trainer.model)
+    examples = trainer.train_dataset
     log.info(
-        "training %s of %s parameters (%.2f%%) on %d examples; output: %s%s",
-        f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), len(trainer.train_dataset),
+        "training %s of %s parameters (%.2f%%) on %s; output: %s%s",
+        f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+        f"{len(examples):,} examples" if hasattr(examples, "__len__") else "a stream of examples",
         trainer.args.output_dir, f"; resuming from {checkpoint}" if checkpoint else "",
     )
     start = time.perf_counter()
