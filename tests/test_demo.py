@@ -87,3 +87,20 @@ def test_demo_says_it_replaces_its_own_finished_run(tmp_path, caplog):
         assert replaces_earlier_demo(output_dir)
     assert "holds a finished demo run; the demo starts again from scratch and replaces it" in caplog.text
     assert "--output-dir DIR keeps it" in caplog.text
+
+
+def test_demo_refuses_to_replace_a_run_that_was_evaluated(tmp_path):
+    """`phitune eval` (with benchmarks, many minutes on a CPU) wrote eval.json and report.md into the demo's run: a
+    second `phitune demo` there says so in one line and deletes nothing (it used to delete them with the run)."""
+    from phitune.tiny.phi3 import tiny_base_path
+
+    output_dir = tmp_path / "demo"
+    output_dir.mkdir()
+    (output_dir / "phitune_complete").write_text("finished\n")
+    (output_dir / "phitune_config.yaml").write_text(f"model: {{name_or_path: '{tiny_base_path()}'}}\n")
+    (output_dir / "eval.json").write_text('{"benchmarks": {}}\n')
+    (output_dir / "report.md").write_text("# report\n")
+    before = sorted(p.name for p in output_dir.iterdir())
+    with pytest.raises(PhituneError, match=r"holds an evaluated demo run \(eval.json, report.md\), which a new demo"):
+        run_demo(output_dir, [])
+    assert sorted(p.name for p in output_dir.iterdir()) == before
