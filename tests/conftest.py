@@ -22,7 +22,7 @@ torch.set_num_threads(THREADS)
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 
-# The files that take longest, longest first (measured with --durations=0; the rest keep their order after them).
+# The files that take longest, longest first (from --durations=0 of the suite; the rest keep their order after them).
 # pytest-xdist's loadfile hands files to the two workers in collection order, so a long file handed out last would
 # leave the other worker idle at the end. test_benchmarks builds the demo's run that test_promises and test_demo use
 # after it, while the other worker runs the notebook.
