@@ -357,6 +357,18 @@ def held_out_count(cfg: DataConfig) -> int:
     return cfg.max_eval_examples or HELD_OUT
 
 
+def hold_out(cfg: DataConfig, tokenizer, train):
+    """(train, eval PreparedSet or None): data.eval's first max_eval_examples examples, or without data.eval those
+    of `train`, held out (the stream then starts after them); None when eval_split is 0."""
+    if cfg.eval:
+        eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
+        return train, in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
+    if cfg.eval_split > 0:
+        evals = in_memory(train, held_out_count(cfg), cfg.max_seq_length)
+        return train.skip(len(evals)), evals
+    return train, None
+
+
 def stream_splits(cfg: DataConfig, tokenizer):
     """(StreamedSet for training, eval PreparedSet or None).
 
@@ -365,13 +377,7 @@ def stream_splits(cfg: DataConfig, tokenizer):
     (blocks, for raw text) of data.train, held out: training starts after them. eval_split: 0 means no eval."""
     counts = StreamCounts()
     train, fmt = train_stream(cfg, tokenizer, counts)
-    evals = None
-    if cfg.eval:
-        eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
-        evals = in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
-    elif cfg.eval_split > 0:
-        evals = in_memory(train, held_out_count(cfg), cfg.max_seq_length)
-        train = train.skip(len(evals))
+    train, evals = hold_out(cfg, tokenizer, train)
     if evals is not None and not len(evals):
         raise PhituneError(f"{cfg.eval or cfg.train}: no eval examples in its first rows")
     if cfg.max_train_examples:
@@ -447,13 +453,7 @@ def preview_data(cfg: DataConfig, tokenizer):
     rows = cfg.max_train_examples or PREVIEW_ROWS
     counts = StreamCounts(keep=rows)
     prepared, fmt = train_stream(cfg, tokenizer, counts, rows)
-    evals = None
-    if cfg.eval:
-        eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
-        evals = in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
-    elif cfg.eval_split > 0:
-        evals = in_memory(prepared, held_out_count(cfg), cfg.max_seq_length)
-        prepared = prepared.skip(len(evals))
+    prepared, evals = hold_out(cfg, tokenizer, prepared)
     counts.restart()
     train = in_memory(prepared, None, cfg.max_seq_length)
     if not len(train):
