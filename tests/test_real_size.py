@@ -1,7 +1,7 @@
 """Phi-3-mini at its real size (3.8 B parameters, randomly initialised, stored in bf16): what tiny models cannot show.
 
 Run with `python -m pytest -q -m slow tests/test_real_size.py` (CI runs it as its own step). Peak RSS 15.7 GB (half
-of it mmapped checkpoint pages), 8 GB of disk; the time on 2 CPU cores is in the README's measured numbers. Checks:
+of it mmapped checkpoint pages), 16 GB of disk (the base and its merge, 7.6 GB each; checked first); the time on 2 CPU cores is in the README's measured numbers. Checks:
 2 LoRA steps lower the loss; on the QLoRA path the LoRA gradients are the same after phitune's evaluation as without
 it (on an AVX512-BF16 CPU, bitsandbytes would otherwise train through its inference-only packed path) and 2 steps
 lower the loss; a merge writes a model of the base's dtype and size; the module stays well inside 24 GiB.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import threading
 
 import pytest
@@ -33,6 +34,7 @@ PHI3_MINI_4K = dict(  # microsoft/Phi-3-mini-4k-instruct's config.json, the numb
 PARAMETERS = 3_821_079_552
 N_LAYERS = PHI3_MINI_4K["num_hidden_layers"]
 MEMORY_LIMIT_GIB = 20  # the CI machine has 24 GiB; leave room for the OS and the test runner
+DISK_NEEDED_GB = 17  # the bf16 base (7.6 GB), its merge (7.6 GB), the runs' checkpoints and pytest's other folders
 
 
 @pytest.fixture(scope="module", autouse=True)  # autouse: it starts before the module's other fixtures
@@ -74,6 +76,10 @@ def real_base(tmp_path_factory):
     from phitune.tiny.phi3 import tiny_base_path
 
     out = tmp_path_factory.mktemp("phi3-mini-random")
+    free_gb = shutil.disk_usage(out).free / 1e9  # a full disk midway fails deep in a merge (CI once did), not here
+    if free_gb < DISK_NEEDED_GB:
+        pytest.fail(f"the real-size tests need {DISK_NEEDED_GB} GB free where pytest writes ({out.parent}); "
+                    f"{free_gb:.1f} GB are", pytrace=False)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
