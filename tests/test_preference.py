@@ -290,6 +290,57 @@ def test_simpo_resume_ends_at_the_adapter_of_an_uninterrupted_run(tiny_model_dir
     assert_same_trained_adapter(straight, resumed, rtol=1e-5, atol=1e-7)
 
 
+def test_qlora_simpo_trains_over_a_4_bit_base_and_its_adapter_merges(tiny_model_dir, pair_files, tmp_path):
+    """SimPO with the same quantization lines as SFT's QLoRA: the base loads in 4 bits and the adapter trains; a
+    float32 SimPO run merges (api.merge) into a model that plain transformers scores as the adapter scored."""
+    from transformers import AutoModelForCausalLM
+
+    from phitune import api
+    from phitune.data.preference import load_preference_data
+    from phitune.models.loading import load_tokenizer
+    from phitune.recipes.preference import score_pairs
+    from phitune.train import run_training
+
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "qlora", method="simpo",
+                            model={"quantization": quant}, data={"eval": None, "eval_split": 0},
+                            training_config={"max_steps": 2, "save_steps": 2})
+    result = run_training(cfg)
+    assert type(result.model.base_model.model.model.layers[0].self_attn.qkv_proj.base_layer).__name__ == "Linear4bit"
+    adapter = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0: it moved
+
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "simpo", method="simpo",
+                            training_config={"max_steps": 4, "save_steps": 4})
+    result = run_training(cfg)
+    merged = api.merge(result.output_dir, tmp_path / "merged").output_dir
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    scores = score_pairs(model, load_tokenizer(cfg.model), load_preference_data(cfg.data).eval, 64)
+    assert scores["reward_margin"] == pytest.approx(result.metrics["reward_margin_after"], abs=1e-3)
+
+
+@pytest.mark.processes
+def test_sigterm_stops_a_simpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir, pair_files, tmp_path):
+    import signal
+
+    from phitune.config.schema import save_config
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "out", method="simpo",
+                            data={"eval": None, "eval_split": 0},
+                            training_config={"max_steps": 500, "save_steps": 1000, "logging_steps": 1})
+    save_config(cfg, tmp_path / "run.yaml")
+    proc = start_train(tmp_path / "run.yaml")
+    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"Resume with: phitune train {tmp_path / 'run.yaml'} --resume" in stderr
+    assert latest_complete_checkpoint(tmp_path / "out") is not None
+    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
+
+
 def test_method_config_is_checked_against_the_methods_trl_config():
     base = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "peft_config": {"r": 8}}
     config_from_dict({**base, "method": "dpo", "training_config": {"beta": 0.2, "loss_type": "ipo"}})
@@ -402,12 +453,15 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
     assert api.inspect_data(cfg, output=tmp_path).summary() == summary  # the driver picks the pairs' inspection
 
 
-def test_a_nan_loss_stops_dpo_and_keeps_the_last_good_checkpoint(tiny_model_dir, pair_files, tmp_path):
-    """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops DPO as it stops SFT."""
+@pytest.mark.parametrize("method", ["dpo", "simpo"])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, pair_files, tmp_path, method):
+    """learning_rate 1e30 blows the adapter up after one step; phitune's guard stops DPO and SimPO (CPO's trainer)
+    as it stops SFT."""
     from phitune.run.checkpoints import latest_complete_checkpoint
     from phitune.train import run_training
 
-    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "nan", data={"eval": None, "eval_split": 0},
+    cfg = preference_config(tiny_model_dir, pair_files, tmp_path / "nan", method=method,
+                            data={"eval": None, "eval_split": 0},
                             training_config={"max_steps": 4, "save_steps": 1, "learning_rate": 1e30})
     with pytest.raises(PhituneError, match=r"^the loss became NaN or infinite at step \d; training stopped and the "
                                            r"last good checkpoint is"):
