@@ -273,3 +273,36 @@ def test_preference_and_grpo_sources_keep_their_format_detected(tmp_path):
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
     assert ("data.prompt_template applies to method: grpo, not dpo; method dpo detects its rows itself; leave each "
             "source's format at auto") in result.output
+
+
+def test_vision_sources_mix_and_show_their_table(tmp_path, caplog):
+    """method vision reads a list of sources as the other methods do: each source's audio rows read and held out
+    on its own, mixed by weight, the mixture logged by `phitune train` and tabled by `phitune data`."""
+    import wave
+
+    import numpy as np
+
+    from phitune.tiny.vision import build_tiny_multimodal_model
+
+    model = build_tiny_multimodal_model(tmp_path / "tiny-mm", ["Which tone? low high"])
+    for name, hz, n in (("low", 220, 12), ("high", 880, 6)):
+        pcm = (0.5 * np.sin(2 * np.pi * hz * np.arange(4000) / 16000) * 32767).astype(np.int16)
+        with wave.open(str(tmp_path / f"{name}.wav"), "wb") as clip:
+            clip.setnchannels(1), clip.setsampwidth(2), clip.setframerate(16000), clip.writeframes(pcm.tobytes())
+        parts = [{"type": "audio", "path": f"{name}.wav"}, {"type": "text", "text": "Which tone?"}]
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": [{"role": "user", "content": parts},
+                                                               {"role": "assistant", "content": name}]}] * n)
+    config = config_file(tmp_path, {"train": [{"path": str(tmp_path / "low.jsonl"), "weight": 2},
+                                              {"path": str(tmp_path / "high.jsonl"), "weight": 1}],
+                                    "eval_split": 0.2, "max_seq_length": 256},
+                         method="vision", model={"name_or_path": str(model), "torch_dtype": "float32"})
+    shown = phitune_data(config, tmp_path)
+    assert shown.exit_code == 0, shown.output
+    table = source_rows(shown.output)
+    assert set(table) == {"low", "high"}
+    assert re.search(r"train examples\s*│\s*15\b", shown.output)  # 10 of low's 10 and 5 of high's 5: 2 to 1 exactly
+    trained = phitune("train", str(config))
+    assert trained.exit_code == 0, trained.output
+    assert "data mixture: low 10 of 10 rows (66.7%); high 5 of 5 rows (33.3%)" in caplog.text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_audio"] == 15 and metrics["global_step"] == 2

@@ -124,8 +124,9 @@ def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int =
     the run's directory)."""
     import numpy as np
 
-    from phitune.data import load_splits, training_chat_template
+    from phitune.data import load_splits_and_shares, training_chat_template
     from phitune.data.inspect import DataReport, plot_lengths, report_dir
+    from phitune.data.mixture import source_label, with_sources
     from phitune.data.multimodal import read_media_rows
     from phitune.data.multimodal_batch import MediaProcessor, encode_media_rows
     from phitune.models.loading import load_model_config, load_tokenizer
@@ -133,24 +134,25 @@ def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int =
     model_config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     processor = MediaProcessor(cfg.model.name_or_path, model_config, tokenizer, cfg.model.trust_remote_code)
-    train, evals, _, skipped = load_splits(cfg.data, read_media_rows)
+    train, evals, _, skipped, shares = load_splits_and_shares(cfg.data, read_media_rows)
     limit = 1 << 30  # lengths before truncation: the histogram shows what max_seq_length would cut
     encoded = encode_media_rows(train, tokenizer, processor, training_chat_template(tokenizer, cfg.data.train_on),
                                 train_on=cfg.data.train_on, max_seq_length=limit, on_bad_row="skip")
     if not len(encoded):
-        raise PhituneError(f"{cfg.data.train}: no usable rows")
+        raise PhituneError(f"{source_label(cfg.data)}: no usable rows")
     lengths = np.asarray([len(e["input_ids"]) for e in encoded.examples])
     example = encoded.examples[min(example_index, len(encoded) - 1)]
     entry = "vision-" + hashlib.sha256(f"{cfg.model.name_or_path}|{cfg.data.train}".encode()).hexdigest()[:16]
     histogram = plot_lengths(lengths, cfg.data.max_seq_length, report_dir(cfg, output, entry) / "data_lengths.png")
     images = sum(len(e["media"]) for e in encoded.examples)
-    return DataReport(source=cfg.data.train, format="messages (multimodal)",
-                      counts={"train examples": len(encoded), "eval examples": len(evals), "images and audio": images},
-                      lengths=lengths, max_seq_length=cfg.data.max_seq_length,
-                      truncated={"train": int((lengths > cfg.data.max_seq_length).sum())},
-                      example=example_media_runs(tokenizer, processor, example), histogram=histogram,
-                      warnings=[f"skipped {len(skipped) + len(encoded.skipped)} bad rows"]
-                      if skipped or encoded.skipped else [])
+    counts = {"train examples": len(encoded), "eval examples": len(evals), "images and audio": images}
+    report = DataReport(source=cfg.data.train, format="messages (multimodal)", counts=counts,
+                        lengths=lengths, max_seq_length=cfg.data.max_seq_length,
+                        truncated={"train": int((lengths > cfg.data.max_seq_length).sum())},
+                        example=example_media_runs(tokenizer, processor, example), histogram=histogram,
+                        warnings=[f"skipped {len(skipped) + len(encoded.skipped)} bad rows"]
+                        if skipped or encoded.skipped else [])
+    return with_sources(report, cfg, shares)  # a mixture: its per-source table
 
 
 def example_media_runs(tokenizer, processor, example: dict) -> list[tuple[str, bool]]:

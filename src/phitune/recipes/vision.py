@@ -41,7 +41,8 @@ class VisionData:
 
 def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     """Read, check and encode the train and eval rows; log truncated and skipped rows."""
-    from phitune.data import load_splits, training_chat_template
+    from phitune.data import load_splits_and_shares, training_chat_template
+    from phitune.data.mixture import log_mixture, source_label
     from phitune.data.multimodal import read_media_rows
     from phitune.data.multimodal_batch import (MediaProcessor, check_multimodal_model, encode_media_rows,
                                                require_torchvision)
@@ -50,7 +51,9 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     if plan.context and cfg.data.max_seq_length > plan.context:
         raise PhituneError(f"data.max_seq_length {cfg.data.max_seq_length} exceeds the model's context of "
                            f"{plan.context}")
-    train, evals, _, skipped = load_splits(cfg.data, read_media_rows)  # a bad picture fails before torchvision is used
+    # a bad picture fails before torchvision is used; a mixture logs what each source gave
+    train, evals, _, skipped, shares = load_splits_and_shares(cfg.data, read_media_rows)
+    log_mixture(log, shares)
     if any(media.kind == "image" for row in [*train, *evals] for media in row.media):
         require_torchvision()  # now, before any weight loads: the one pip line that fits this torch
     processor = MediaProcessor(cfg.model.name_or_path, plan.model_config, tokenizer, cfg.model.trust_remote_code)
@@ -65,7 +68,7 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     if skipped:
         log.warning("skipped %d bad rows; first: %s", len(skipped), "; ".join(skipped[:3]))
     if not len(train_set):
-        raise PhituneError(f"{cfg.data.train}: no usable rows")
+        raise PhituneError(f"{source_label(cfg.data)}: no usable rows")
     train_set.skipped_rows = len(skipped)
     return VisionData(train_set, eval_set, processor)
 
