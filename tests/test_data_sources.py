@@ -299,7 +299,7 @@ def test_vision_sources_mix_and_show_their_table(tmp_path, caplog):
     shown = phitune_data(config, tmp_path)
     assert shown.exit_code == 0, shown.output
     table = source_rows(shown.output)
-    assert set(table) == {"low", "high"}
+    assert table["low"][:5] == ["10", "10", "2", "-", "66.7%"] and table["high"][:5] == ["5", "5", "1", "-", "33.3%"]
     assert re.search(r"train examples\s*│\s*15\b", shown.output)  # 10 of low's 10 and 5 of high's 5: 2 to 1 exactly
     trained = phitune("train", str(config))
     assert trained.exit_code == 0, trained.output
