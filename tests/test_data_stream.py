@@ -54,6 +54,34 @@ def test_a_streamed_example_is_the_cached_example(tmp_path, tokenizer):
     assert [e["input_ids"] for e in again] == rows["input_ids"][5:8]
 
 
+def test_a_hub_dataset_streams_through_load_dataset_as_the_cache_reads_it(tmp_path, tokenizer):
+    """A dataset repository laid out as on the hub (a README with `configs:`, parquet shards in data/, as
+    `huggingface-cli download` leaves it) streams through datasets.load_dataset(..., streaming=True), the same call a
+    hub name takes: the same examples as the Arrow cache's non-streamed read, in order, each row named `repo: row N`."""
+    import datasets
+
+    from phitune.data.prepare import prepare_data
+    from phitune.data.stream import raw_rows, stream_splits
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()][:30]
+    repo = tmp_path / "chats-repo"
+    (repo / "data").mkdir(parents=True)
+    for shard in range(2):  # two shards: the stream reads them in order
+        datasets.Dataset.from_list(rows[shard * 15:(shard + 1) * 15]).to_parquet(
+            str(repo / "data" / f"train-0000{shard}-of-00002.parquet"))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/train-*\n---\n# chats\n", encoding="utf-8")
+    first = next(iter(raw_rows(str(repo), "train", "messages")))
+    assert first["where"] == f"{repo}: row 1" and json.loads(first["text"])["messages"] == rows[0]["messages"]
+    cached = prepare_data(DataConfig(train=str(repo), eval_split=0, max_seq_length=64, cache_dir=str(tmp_path / "c")),
+                          tokenizer)
+    streamed, evals = stream_splits(DataConfig(train=str(repo), max_seq_length=64, max_eval_examples=5,
+                                               streaming=True), tokenizer)
+    assert len(cached.train) == 30
+    assert [e["input_ids"] for e in streamed.to_dataset().take(25)] == cached.train.rows["input_ids"][5:]
+    assert evals.rows["input_ids"] == cached.train.rows["input_ids"][:5]
+
+
 def test_streamed_text_blocks_are_the_cached_blocks_within_a_batch(tmp_path, tokenizer):
     from phitune.data.prepare import prepare_data
     from phitune.data.stream import stream_splits
