@@ -208,19 +208,11 @@ def label_warnings(sets: dict) -> list[str]:
     return warnings
 
 
-def notes(prepared) -> np.ndarray:
-    """The `notes` column of a prepared set (phitune.data.reasoning.row_notes); zeros for a cache written before
-    phitune kept it."""
-    if "notes" not in prepared.rows.column_names:
-        return np.zeros(len(prepared), dtype=np.uint8)
-    return prepared.column("notes")
-
-
 def trace_warnings(sets: dict) -> list[str]:
     """Reasoning traces that never close, close unopened, are empty, or come after the answer, counted per set."""
     warnings = []
     for name, prepared in sets.items():
-        found = notes(prepared)
+        found = prepared.column("notes")  # phitune.data.reasoning.row_notes, per example
         for bit, problem in TRACE_PROBLEMS.items():
             count = int((found & bit).astype(bool).sum())
             if count:
@@ -231,23 +223,23 @@ def trace_warnings(sets: dict) -> list[str]:
 def system_turn_warnings(tokenizer, sets: dict) -> list[str]:
     """Rows with their own system turn, where the chat template drops it or puts it in place of the reasoning
     model's own system prompt (without which, users report, its traces may never close)."""
-    own = sum(int((notes(prepared) & OWN_SYSTEM).astype(bool).sum()) for prepared in sets.values())
+    own = sum(int((prepared.column("notes") & OWN_SYSTEM).astype(bool).sum()) for prepared in sets.values())
     effect = system_turn_effect(tokenizer.chat_template or "") if own else None
     if effect is None:
         return []
     rows = f"{own} example{'s' if own != 1 else ''} (train and eval)"
     if effect == "dropped":
-        return [f"{rows} have a system turn of their own, which this model's chat template drops without a word "
-                "(it always writes its own system prompt): that text is neither seen nor trained; move it into the "
-                "first user turn"]
-    return [f"{rows} have a system turn of their own, which this model's chat template renders in place of the "
-            "reasoning system prompt it was trained with: without that prompt its traces may not close; drop the "
-            "system turn to keep the model's own (docs/reasoning.md)"]
+        return [(f"{rows} have a system turn of their own, which this model's chat template drops without a word: "
+                 "that text is neither seen nor trained; move it into the first user turn")]
+    return [(f"{rows} have a system turn of their own, which this model's chat template renders in place of the "
+             "reasoning system prompt it was trained with: without that prompt its traces may not close; drop the "
+             "system turn to keep the model's own (docs/reasoning.md)")]
 
 
 def system_turn_effect(template: str) -> str | None:
     """'dropped' when the template renders no system turn of the conversation, 'replaces' when a conversation's own
     system turn takes the place of a reasoning system prompt the template writes by default, else None."""
+    from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
 
     def render(messages: list[dict]) -> str:
@@ -257,7 +249,7 @@ def system_turn_effect(template: str) -> str | None:
     answer = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     try:
         alone, with_own = render(answer), render([{"role": "system", "content": marker}, *answer])
-    except Exception:  # a template that needs other arguments: nothing to say about it
+    except (TemplateError, TypeError, KeyError):  # a template that refuses this probe: nothing to say about it
         return None
     if marker not in with_own:
         return "dropped"

@@ -27,9 +27,9 @@ import numpy as np
 
 from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
-from phitune.data.reasoning import row_notes
 from phitune.data.formats import detect_format, to_messages
 from phitune.data.readers import SKIP_HINT, BadRow, hub_options, read_row_batches, read_rows, row_location
+from phitune.data.reasoning import row_notes
 from phitune.errors import PhituneError, first_line
 
 ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
@@ -159,7 +159,7 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: str) -> str:
     an entry keeps every good row and the list of bad ones, and _load applies on_bad_row."""
     code = b"".join((Path(__file__).parent / name).read_bytes()
                     for name in ("prepare.py", "encode.py", "formats.py", "readers.py", "__init__.py", "text.py",
-                                 "tools.py"))
+                                 "tools.py", "reasoning.py"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = {
         "sources": [_source_identity(s, cfg) for s in (cfg.train, cfg.eval) if s],
