@@ -229,3 +229,29 @@ def test_the_grpo_example_rewards_a_closed_trace_and_a_right_answer():
     got = {name: func(["q"] * len(completions), list(completions), answer=["3 + 4 = 7 #### 7"] * len(completions))
            for name, func in rewards.items()}
     assert list(zip(got["format"], got["answer"])) == list(completions.values())
+
+
+def test_a_reasoning_run_trains_the_answers_only_and_phitune_data_shows_it(tmp_path):
+    """End to end on the bundled tiny Phi-4-mini with Phi-4-mini-reasoning's template: `train_on: answer` trains,
+    and the example `phitune data` shows has exactly the answers and their <|end|> trained, every trace dim."""
+    import numpy as np
+
+    from phitune.api import inspect_data
+    from phitune.config.schema import config_from_dict
+    from phitune.train import run_training
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text((json.dumps(ROW, ensure_ascii=False) + "\n") * 8, encoding="utf-8")
+    raw = {"model": {"name_or_path": str(tokenizer_folder(tmp_path, "phi-4-mini-reasoning")), "torch_dtype": "float32"},
+           "data": {"train": str(data), "eval_split": 0, "max_seq_length": 256, "train_on": "answer",
+                    "cache_dir": str(tmp_path / "cache")},
+           "training_config": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-2,
+                               "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
+                               "eval_strategy": "no", "seed": 0, "report_to": "none", "disable_tqdm": True},
+           "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}}
+    result = run_training(config_from_dict(json.loads(json.dumps(raw))))
+    assert np.isfinite(result.metrics["train_loss"]) and result.metrics["global_step"] == 2
+    example = inspect_data(raw).example
+    assert [text for text, trained in example if trained] == ["\n\n12 × 3 = **36**.<|end|>", "\n\n40.<|end|>",
+                                                              "You're welcome.<|end|>"]
+    assert "<think>\n36 + 4 = 40.\n</think>" in "".join(text for text, trained in example if not trained)
