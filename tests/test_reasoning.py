@@ -255,3 +255,24 @@ def test_a_reasoning_run_trains_the_answers_only_and_phitune_data_shows_it(tmp_p
     assert [text for text, trained in example if trained] == ["\n\n12 × 3 = **36**.<|end|>", "\n\n40.<|end|>",
                                                               "You're welcome.<|end|>"]
     assert "<think>\n36 + 4 = 40.\n</think>" in "".join(text for text, trained in example if not trained)
+
+
+@pytest.mark.parametrize("name, prompt, turn", [
+    ("phi-4-mini-reasoning", PHI4_MINI_REASONING_SYSTEM_PROMPT, "<|{{ .Role }}|>{{ .Content }}<|end|>"),
+    ("phi-4-reasoning", PHI4_REASONING_SYSTEM_PROMPT, "<|im_start|>{{ .Role }}<|im_sep|>{{ .Content }}<|im_end|>")])
+def test_the_ollama_modelfile_of_a_reasoning_model_carries_its_system_prompt(tmp_path, name, prompt, turn):
+    """Ollama runs its own Go template, not the GGUF's Jinja one, so the prompt the Jinja template writes by default
+    must become the Modelfile's SYSTEM. The GGUF here holds only the chat template (what write_modelfile reads)."""
+    import gguf
+
+    from phitune.after.export.ollama import write_modelfile
+
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_chat_template(TEMPLATES[name][1])
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    text = write_modelfile(path).read_text()
+    assert f'SYSTEM """{prompt}"""' in text and turn in text
+    assert 'SYSTEM """mine"""' in write_modelfile(path, system="mine").read_text()  # a user's own wins
