@@ -76,7 +76,7 @@ def test_wrong_types_and_enum_values():
         config_from_dict(raw)
     message = str(err.value)
     assert "model.trust_remote_code must be bool" in message
-    assert "data.train_on must be one of assistant, all, got 'assistants' (did you mean 'assistant'?)" in message
+    assert "data.train_on must be one of assistant, answer, all, got 'assistants' (did you mean 'assistant'?)" in message
 
 
 def test_keys_phitune_owns_are_redirected():

@@ -93,8 +93,10 @@ class DataConfig:
                                           "documents: .txt files or a `text` column, packed, every token trained)"}
     )
     max_seq_length: int = field(default=2048, metadata={"help": "tokens per example; longer ones are truncated"})
-    train_on: Literal["assistant", "all"] = field(
-        default="assistant", metadata={"help": "assistant (loss on assistant turns) | all"}
+    train_on: Literal["assistant", "answer", "all"] = field(
+        default="assistant", metadata={"help": "assistant (loss on assistant turns, <think> traces included) | answer "
+                                               "(assistant turns less their <think> trace, which stays in the "
+                                               "context) | all"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the eval_split shuffle and of a mixture's rows"})
     on_bad_row: Literal["error", "skip"] = field(

@@ -137,7 +137,7 @@ def tokenize_conversations(
     """
     template = training_chat_template(tokenizer, train_on)
     out = TokenizedSet(input_ids=[], labels=[])
-    encoded = encode_with_masks(tokenizer, conversations, template) if conversations else []
+    encoded = encode_with_masks(tokenizer, conversations, template, train_on) if conversations else []
     for index, (ids, mask) in enumerate(encoded):
         ids, labels, length, masked = label_tokens(ids, mask, train_on, max_seq_length)
         out.truncated += length > max_seq_length

@@ -12,6 +12,7 @@ from itertools import chain
 
 import numpy as np
 
+from phitune.data.reasoning import answer_spans
 from phitune.data.templates import template_family
 from phitune.data.tools import render_for_template
 from phitune.errors import PhituneError
@@ -24,8 +25,8 @@ END_OF_TURN = "<|end|>"  # Phi-3's end of a turn: trained on, so the model learn
 
 
 def label_tokens(ids: np.ndarray, mask: np.ndarray, train_on: str, max_seq_length: int):
-    """(ids, labels, length before truncation, fully masked): labels are the ids on tokens inside {% generation %}
-    spans (or every token, train_on: all) and IGNORE_INDEX elsewhere; both cut to max_seq_length. A row is fully
+    """(ids, labels, length before truncation, fully masked): labels are the ids where `mask` is set (the tokens of
+    {% generation %} spans, less each reasoning trace with train_on: answer), or every id with train_on: all and IGNORE_INDEX elsewhere; both cut to max_seq_length. A row is fully
     masked when no label after the first token is kept (the first token is never predicted)."""
     labels = ids if train_on == "all" else np.where(mask, ids, IGNORE_INDEX)
     length = len(ids)
@@ -33,13 +34,13 @@ def label_tokens(ids: np.ndarray, mask: np.ndarray, train_on: str, max_seq_lengt
     return ids, labels, length, not (labels[1:] != IGNORE_INDEX).any()
 
 
-def encode_with_masks(tokenizer, conversations: list, template: str):
+def encode_with_masks(tokenizer, conversations: list, template: str, train_on: str = "assistant"):
     """(ids, assistant mask) per conversation, as numpy arrays; `rendered_with_offsets` gives the texts too."""
-    for _, ids, _, mask in rendered_with_offsets(tokenizer, conversations, template):
+    for _, ids, _, mask in rendered_with_offsets(tokenizer, conversations, template, train_on):
         yield ids, mask
 
 
-def rendered_with_offsets(tokenizer, conversations: list, template: str):
+def rendered_with_offsets(tokenizer, conversations: list, template: str, train_on: str = "assistant"):
     """(text, ids, own-text character offsets, assistant mask) per conversation.
 
     Three steps, as in `apply_chat_template(..., return_assistant_tokens_mask=True)`: render with the template (which
@@ -49,13 +50,17 @@ def rendered_with_offsets(tokenizer, conversations: list, template: str):
     then marks `<|assistant|>` when the answer starts with a space or a newline. Here only the token's own
     characters count (`_own_offsets`). The walk is vectorised: a token's span is the first one that ends after the
     token starts, never moving back (the running maximum), and the token is marked when it ends after that span
-    starts. The batch encode itself is about 85% of the CPU.
+    starts. The batch encode itself is about 85% of the CPU. With train_on: answer each span starts after the
+    reasoning trace that opens it (phitune.data.reasoning.answer_spans), by the same rule: a token is trained when its
+    own text overlaps the answer.
     """
     from transformers.utils.chat_template_utils import render_jinja_template
 
     conversations = render_for_template(conversations, template_family(template))  # tool calls, Phi-4-mini's way
     texts, spans = render_jinja_template(conversations=conversations, chat_template=template,
                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    if train_on == "answer":
+        spans = [answer_spans(text, row_spans) for text, row_spans in zip(texts, spans)]
     encoded = tokenizer(texts, add_special_tokens=False)
     stripping = _stripping_added_tokens(tokenizer)
     for text, encoding, row_spans in zip(texts, encoded.encodings, spans):

@@ -4,6 +4,7 @@
 | ----------------- | ------------------------------------------------------------------ |
 | messages          | {"messages": [{"role": "system"|"user"|"assistant", "content": ..}]} |
 |                   | (tool calls: "tools", "tool_calls" and "tool" turns, see phitune.data.tools) |
+|                   | (reasoning: an assistant's "reasoning_content", see phitune.data.reasoning) |
 | sharegpt          | {"conversations": [{"from": "human"|"gpt"|"system", "value": ..}]}   |
 | alpaca            | {"instruction": .., "input": .. (optional), "output": ..}           |
 | prompt_completion | {"prompt": .., "completion": ..}                                     |
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 from phitune.data.readers import BadRow
+from phitune.data.reasoning import BadTrace, join_trace
 from phitune.data.tools import BadToolField, definitions_text, normalise_calls
 from phitune.errors import PhituneError
 
@@ -43,7 +45,7 @@ def to_messages(row: dict, fmt: str, where: str) -> Messages:
         messages = CONVERTERS[fmt](row)
     except (KeyError, TypeError, AttributeError) as exc:
         raise BadRow(where, f"row does not match the {fmt} format (missing or wrong field {exc})") from None
-    except BadToolField as exc:
+    except (BadToolField, BadTrace) as exc:
         raise BadRow(where, str(exc)) from None
     check_conversation(messages, where)
     return messages
@@ -63,8 +65,11 @@ def _from_messages(row: dict) -> Messages:
 
 def _message(m: dict) -> dict:
     """role and content; a system turn's tool definitions kept as JSON text, an assistant's `tool_calls` as
-    [{"name", "arguments"}] (phitune.data.tools renders both in the template family's format)."""
+    [{"name", "arguments"}] (phitune.data.tools renders both in the template family's format), an assistant's
+    `reasoning_content` written before its answer as a <think> trace (phitune.data.reasoning)."""
     message = {"role": str(m["role"]), "content": m["content"]}
+    if m.get("reasoning_content") is not None and message["role"] == "assistant":
+        message["content"] = join_trace(m["reasoning_content"], m["content"])
     if m.get("tools") is not None:
         message["tools"] = definitions_text(m["tools"])
     if m.get("tool_calls"):

@@ -25,6 +25,8 @@ from phitune.config.schema import RunConfig
 from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 from phitune.data.mixture import with_sources
+from phitune.data.reasoning import OWN_SYSTEM, TRACE_PROBLEMS
+from phitune.data.templates import SYSTEM_PROMPTS
 
 HISTOGRAM_PNG = "data_lengths.png"
 EXAMPLE_TOKENS = 512  # of a text block shown by `phitune data`: a 4k-token block would fill the terminal
@@ -87,7 +89,8 @@ def inspect_data(cfg: RunConfig, output_dir: Path | None = None, example_index: 
         example=example_runs(tokenizer, sample, training_chat_template(tokenizer, cfg.data.train_on),
                              cfg.data.train_on),
     )
-    report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets)
+    report.warnings = (pad_token_warnings(cfg, tokenizer) + label_warnings(sets) + trace_warnings(sets)
+                       + system_turn_warnings(tokenizer, sets)
                        + row_warnings(prepared.skipped, sets, cfg.data.on_bad_row))
     report.histogram = plot_lengths(lengths, limit, report_dir(cfg, output_dir, prepared.fingerprint) / HISTOGRAM_PNG)
     return streamed(with_sources(report, cfg, getattr(prepared, "shares", [])), prepared)
@@ -146,7 +149,7 @@ def example_runs(tokenizer, messages: list[dict], template: str, train_on: str =
 
     A character is trained when a trained token's own text covers it (the whitespace a Phi-3 chat token swallows is
     not its own text); joined, the runs are the rendered text exactly."""
-    [(text, _, offsets, mask)] = rendered_with_offsets(tokenizer, [messages], template)
+    [(text, _, offsets, mask)] = rendered_with_offsets(tokenizer, [messages], template, train_on)
     if train_on == "all":
         return [(text, True)]
     depth = np.zeros(len(text) + 1, dtype=np.int64)  # +1 where a trained token starts, -1 where it ends
@@ -203,6 +206,55 @@ def label_warnings(sets: dict) -> list[str]:
             warnings.append(f"{name}: {missing} examples have no end-of-turn token ({END_OF_TURN} or eos) among "
                             "their trained tokens (cut off by max_seq_length, or a chat template without it)")
     return warnings
+
+
+def trace_warnings(sets: dict) -> list[str]:
+    """Reasoning traces that never close, close unopened, are empty, or come after the answer, counted per set."""
+    warnings = []
+    for name, prepared in sets.items():
+        found = prepared.column("notes")  # phitune.data.reasoning.row_notes, per example
+        for bit, problem in TRACE_PROBLEMS.items():
+            count = int((found & bit).astype(bool).sum())
+            if count:
+                warnings.append(f"{name}: {count} example{'s' if count != 1 else ''} {problem}")
+    return warnings
+
+
+def system_turn_warnings(tokenizer, sets: dict) -> list[str]:
+    """Rows with their own system turn, where the chat template drops it or puts it in place of the reasoning
+    model's own system prompt (without which, users report, its traces may never close)."""
+    own = sum(int((prepared.column("notes") & OWN_SYSTEM).astype(bool).sum()) for prepared in sets.values())
+    effect = system_turn_effect(tokenizer.chat_template or "") if own else None
+    if effect is None:
+        return []
+    rows = f"{own} example{'s' if own != 1 else ''} (train and eval)"
+    if effect == "dropped":
+        return [(f"{rows} have a system turn of their own, which this model's chat template drops without a word: "
+                 "that text is neither seen nor trained; move it into the first user turn")]
+    return [(f"{rows} have a system turn of their own, which this model's chat template renders in place of the "
+             "reasoning system prompt it was trained with: without that prompt its traces may not close; drop the "
+             "system turn to keep the model's own (docs/reasoning.md)")]
+
+
+def system_turn_effect(template: str) -> str | None:
+    """'dropped' when the template renders no system turn of the conversation, 'replaces' when a conversation's own
+    system turn takes the place of a reasoning system prompt the template writes by default, else None."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(messages: list[dict]) -> str:
+        return render_jinja_template(conversations=[messages], chat_template=template)[0][0]
+
+    marker = "phitune-probe-7d1e"
+    answer = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    try:
+        alone, with_own = render(answer), render([{"role": "system", "content": marker}, *answer])
+    except (TemplateError, TypeError, KeyError):  # a template that refuses this probe: nothing to say about it
+        return None
+    if marker not in with_own:
+        return "dropped"
+    lost = [p for p in SYSTEM_PROMPTS if p in alone and p not in with_own]
+    return "replaces" if lost else None
 
 
 def row_warnings(skipped: list[str], sets: dict, on_bad_row: str) -> list[str]:

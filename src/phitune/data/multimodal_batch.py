@@ -198,7 +198,7 @@ def encode_media_row(row: MediaRow, tokenizer, processor: MediaProcessor, templa
     """({"input_ids", "labels", "media", "media_tokens"}, whether it was truncated): placeholders expanded to each
     item's tokens, labels only on the assistant's text."""
     messages = [{"role": m["role"], "content": processor.render(m["content"])} for m in row.messages]
-    _, ids, _, mask = next(rendered_with_offsets(tokenizer, [messages], template))
+    _, ids, _, mask = next(rendered_with_offsets(tokenizer, [messages], template, train_on))
     _, counts = processor.inputs(row.media) if row.media else ({}, [])
     ids, mask = expand_placeholders(ids, mask, row, processor.token_ids, counts)
     media_ids = list(processor.token_ids.values())

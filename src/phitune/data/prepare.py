@@ -29,6 +29,7 @@ from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN, IGNORE_INDEX, encode_with_masks, label_tokens, training_chat_template
 from phitune.data.formats import detect_format, to_messages
 from phitune.data.readers import SKIP_HINT, BadRow, hub_options, read_row_batches, read_rows, row_location
+from phitune.data.reasoning import row_notes
 from phitune.errors import PhituneError, first_line
 
 ROWS_PER_PROCESS = 2_000  # below this, worker start-up costs more than it saves
@@ -158,7 +159,7 @@ def data_fingerprint(cfg: DataConfig, tokenizer, template: str) -> str:
     an entry keeps every good row and the list of bad ones, and _load applies on_bad_row."""
     code = b"".join((Path(__file__).parent / name).read_bytes()
                     for name in ("prepare.py", "encode.py", "formats.py", "readers.py", "__init__.py", "text.py",
-                                 "tools.py"))
+                                 "tools.py", "reasoning.py"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     settings = {
         "sources": [_source_identity(s, cfg) for s in (cfg.train, cfg.eval) if s],
@@ -423,13 +424,14 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
 
     The encoding and labels are phitune.data.encode's, as for tokenize_conversations (tests/test_data_prepare.py
     holds the two equal): labels are the ids on tokens inside {% generation %} spans (or every token, train_on: all)
-    and IGNORE_INDEX elsewhere.
+    and IGNORE_INDEX elsewhere. `notes` holds what `phitune data` warns about each conversation's text
+    (phitune.data.reasoning.row_notes).
     """
     import pyarrow as pa
 
     conversations = [_messages(text, fmt) for text in batch["text"]]
     ids_out, labels_out, lengths, flags = [], [], [], {"truncated": [], "masked": [], "stop": []}
-    for ids, mask in encode_with_masks(tokenizer, conversations, template):
+    for ids, mask in encode_with_masks(tokenizer, conversations, template, train_on):
         ids, labels, length, masked = label_tokens(ids, mask, train_on, max_seq_length)
         trained = labels != IGNORE_INDEX
         lengths.append(length)
@@ -442,7 +444,7 @@ def tokenize_batch(batch: dict, fmt: str, tokenizer, template: str, max_seq_leng
                                            digest_size=8).digest(), "little") for c in conversations]
     return pa.table({"input_ids": _list_array(ids_out), "labels": _list_array(labels_out),
                      "length": pa.array(lengths, pa.int32()), **{k: pa.array(v, pa.bool_()) for k, v in flags.items()},
-                     "key": pa.array(keys, pa.uint64())})
+                     "key": pa.array(keys, pa.uint64()), "notes": pa.array(map(row_notes, conversations), pa.uint8())})
 
 
 def _list_array(arrays: list[np.ndarray]):

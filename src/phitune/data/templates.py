@@ -73,6 +73,64 @@ PHI4_MINI_TRAINING_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# The reasoning models' templates, as public verbatim copies of their tokenizer_config.json give them (not downloaded:
+# the hubs are out of reach here; docs/reasoning.md says where each copy is). Phi-4-reasoning always opens with its
+# system prompt and has no branch for a system turn of the conversation: a row's own system turn is dropped.
+PHI4_REASONING_SYSTEM_PROMPT = (
+    "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant involves thoroughly "
+    "exploring questions through a systematic thinking process before providing the final precise and accurate "
+    "solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, reassessment, "
+    "reflection, backtracing, and iteration to develop well-considered thinking process. Please structure your "
+    "response into two main sections: Thought and Solution using the specified format: <think> {Thought section} "
+    "</think> {Solution section}. In the Thought section, detail your reasoning process in steps. Each step should "
+    "include detailed considerations such as analysing questions, summarizing relevant findings, brainstorming new "
+    "ideas, verifying the accuracy of the current steps, refining any errors, and revisiting previous steps. In the "
+    "Solution section, based on various attempts, explorations, and reflections from the Thought section, "
+    "systematically present the final solution that you deem correct. The Solution section should be logical, "
+    "accurate, and concise and detail necessary steps needed to reach the conclusion. Now, try to solve the "
+    "following question through the above guidelines:"
+)
+PHI4_REASONING_CHAT_TEMPLATE = (
+    "<|im_start|>system<|im_sep|>" + PHI4_REASONING_SYSTEM_PROMPT + "<|im_end|>"
+    "{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>'}}"
+    "{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+# The revision copied with a system branch: its prompt only when the conversation has no system turn of its own.
+PHI4_REASONING_SYSTEM_BRANCH_TEMPLATE = (
+    "{% if messages|length == 0 or messages[0]['role'] != 'system' %}"
+    "{{'<|im_start|>system<|im_sep|>" + PHI4_REASONING_SYSTEM_PROMPT + "<|im_end|>'}}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') %}"
+    "{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>'}}"
+    "{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+# Phi-4-mini-reasoning: Phi-4-mini's format, one system turn always opened with its own sentence, a row's system text
+# (and tools) after it, then every other turn.
+PHI4_MINI_REASONING_SYSTEM_PROMPT = "Your name is Phi, an AI math expert developed by Microsoft."
+_MINI_REASONING_TURNS = ("{% if message['role'] != 'system' %}"
+                         "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}")
+_MINI_REASONING_TRAINING_TURNS = (
+    "{% if message['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% elif message['role'] != 'system' %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}"
+)
+PHI4_MINI_REASONING_CHAT_TEMPLATE = (
+    "{{ '<|system|>" + PHI4_MINI_REASONING_SYSTEM_PROMPT + "' }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %} {{ message['content'] }}"
+    "{% if 'tools' in message and message['tools'] is not none %}{{ '<|tool|>' + message['tools'] + '<|/tool|>' }}"
+    "{% endif %}{% endif %}{% endfor %}{{ '<|end|>' }}"
+    "{% for message in messages %}" + _MINI_REASONING_TURNS + "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+SYSTEM_PROMPTS = (PHI4_REASONING_SYSTEM_PROMPT, PHI4_MINI_REASONING_SYSTEM_PROMPT)  # what `phitune data` looks for
+
 TRAINING_TEMPLATES = {"phi-3": PHI3_TRAINING_TEMPLATE, "phi-4": PHI4_TRAINING_TEMPLATE,
                       "phi-4-mini": PHI4_MINI_TRAINING_TEMPLATE}
 
@@ -107,7 +165,7 @@ def training_template_for(tokenizer) -> str | None:
     family = template_family(tokenizer.chat_template or "")
     if family is None:
         return None
-    training = TRAINING_TEMPLATES[family]
+    training = training_variant(family, tokenizer.chat_template)
     for add_generation_prompt in (False, True):
         probe = PROBE[:-1] if add_generation_prompt else PROBE
         own, ours = (tokenizer.apply_chat_template(probe, chat_template=t, tokenize=False,
@@ -119,3 +177,11 @@ def training_template_for(tokenizer) -> str | None:
             raise ValueError(f"the tokenizer's chat template looks like {family}'s but renders differently from "
                              f"phitune's training variant ({own[:80]!r} vs {ours[:80]!r})")
     return training
+
+
+def training_variant(family: str, template: str) -> str:
+    """phitune's training variant of a `family` template; Phi-4-mini-reasoning's is its own text with markers put
+    around the assistant turns, so a fine-tune that reworded the system sentence keeps its own."""
+    if family == "phi-4-mini" and _MINI_REASONING_TURNS in template:
+        return template.replace(_MINI_REASONING_TURNS, _MINI_REASONING_TRAINING_TURNS)
+    return TRAINING_TEMPLATES[family]

@@ -205,13 +205,14 @@ def block_schema():
 
     ids = pa.list_(pa.int32())
     return pa.schema({"input_ids": ids, "labels": ids, "length": pa.int32(), "truncated": pa.bool_(),
-                      "masked": pa.bool_(), "stop": pa.bool_(), "key": pa.uint64()})
+                      "masked": pa.bool_(), "stop": pa.bool_(), "key": pa.uint64(), "notes": pa.uint8()})
 
 
 def _block_columns(blocks: list[np.ndarray], eos: int) -> dict:
     """Blocks as rows of prepared chat data: labels are the ids (every token trained), never truncated or masked,
-    `stop` when a block holds an eos, `key` a hash of its ids (the duplicate and leak checks of `phitune data`)."""
+    `stop` when a block holds an eos, `key` a hash of its ids (the duplicate and leak checks of `phitune data`), no
+    `notes` (a block has no conversation to note)."""
     keys = [int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little") for ids in blocks]
     return {"input_ids": blocks, "labels": blocks, "length": [len(ids) for ids in blocks],
             "truncated": [False] * len(blocks), "masked": [False] * len(blocks),
-            "stop": [bool((ids == eos).any()) for ids in blocks], "key": keys}
+            "stop": [bool((ids == eos).any()) for ids in blocks], "key": keys, "notes": [0] * len(blocks)}

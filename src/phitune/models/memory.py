@@ -71,6 +71,8 @@ SHAPES = {
     "microsoft/Phi-3-medium-128k-instruct": Shape(5120, 40, 40, 10, 17920, 32064),
     "microsoft/Phi-4-mini-instruct": Shape(3072, 32, 24, 8, 8192, 200064, tied=True),
     "microsoft/phi-4": Shape(5120, 40, 40, 10, 17920, 100352),
+    "microsoft/Phi-4-mini-reasoning": Shape(3072, 32, 24, 8, 8192, 200064, tied=True),  # Phi-4-mini's shapes
+    "microsoft/Phi-4-reasoning": Shape(5120, 40, 40, 10, 17920, 100352),  # Phi-4's, fine-tuned
     "microsoft/Phi-3.5-MoE-instruct": Shape(4096, 32, 32, 8, 6400, 32064, experts=16, top_k=2),
 }
 

@@ -5,7 +5,9 @@ message as `<|role|>\\n{content}<|end|>\\n` and opens `<|assistant|>\\n` after t
 template (and phitune's training format) produce. `<|end|>` is the stop that ends a turn; the others stop a model
 that starts writing the next turn itself. Phi-4-mini (`<|role|>{content}<|end|>`, no newlines) and Phi-4
 (`<|im_start|>role<|im_sep|>{content}<|im_end|>`) get theirs, chosen from the chat template the GGUF carries
-(phitune.data.templates.template_family).
+(phitune.data.templates.template_family). The reasoning models' templates write a system prompt of their own when
+a conversation has none; the Go templates do not, so the Modelfile carries it as its default `SYSTEM` (without it,
+users report traces that never close).
 """
 
 from __future__ import annotations
@@ -50,13 +52,16 @@ def modelfile_text(gguf_name: str, system: str | None = None, family: str | None
 
 
 def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
-    """Write `Modelfile` next to the GGUF file; return its path."""
+    """Write `Modelfile` next to the GGUF file; return its path. `system` (else the system prompt the GGUF's chat
+    template writes by default, a reasoning model's) is the Modelfile's SYSTEM."""
     import gguf
 
-    from phitune.data.templates import template_family
+    from phitune.data.templates import SYSTEM_PROMPTS, template_family
 
     field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
-    family = template_family(field.contents()) if field is not None else None
+    template = field.contents() if field is not None else ""
+    family = template_family(template) if field is not None else None
+    system = system or next((prompt for prompt in SYSTEM_PROMPTS if prompt in template), None)
     path = gguf_path.parent / "Modelfile"
     path.write_text(modelfile_text(gguf_path.name, system, family), encoding="utf-8")
     return path
