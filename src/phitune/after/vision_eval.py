@@ -197,12 +197,12 @@ def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], s
 def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
     """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image`,
     read before any weight loads, so a missing or unreadable file is an error at once."""
-    from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, load_audio, load_image
+    from phitune.data.multimodal import AUDIO_PLACEHOLDER, AUDIO_SUFFIXES, IMAGE_PLACEHOLDER, load_audio, load_image
     from phitune.data.readers import BadRow
 
     media, prefix = [], ""
     for path in media_paths:
-        audio = Path(path).suffix.lower() == ".wav"
+        audio = Path(path).suffix.lower() in AUDIO_SUFFIXES
         load = load_audio if audio else load_image
         try:
             media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))

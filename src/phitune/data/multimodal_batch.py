@@ -80,11 +80,20 @@ class MediaProcessor:
 
     def audio_inputs(self, clips: list) -> tuple[dict, list[int]]:
         """(model inputs, tokens per clip) for (samples, sampling rate) pairs, in order (16 kHz: the rows' reader
-        refused any other rate)."""
-        out = self.audio([samples for samples, _ in clips], sampling_rate=clips[0][1], return_tensors="pt")
-        inputs = {key: out[key] for key in ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
-                  if key in out}
-        return inputs, [int(n) for n in out["audio_embed_sizes"]]
+        resampled them). Each clip goes through the feature extractor alone, as in the model's original unbatched
+        code, and the log-mel frames are padded here: transformers 5.24's batched extraction fails on clips whose
+        lengths differ by less than a frame or so (a RuntimeError of mismatched sizes in its padding mask)."""
+        import torch
+
+        outs = [self.audio(samples, sampling_rate=rate, return_tensors="pt") for samples, rate in clips]
+        frames = [out["audio_input_features"][0] for out in outs]  # (frames, 80 mel bins) each
+        features = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        inputs = {"audio_input_features": features,
+                  "audio_embed_sizes": torch.cat([out["audio_embed_sizes"] for out in outs])}
+        if len(frames) > 1:  # as the extractor does: a mask only for a batch
+            lengths = torch.tensor([len(f) for f in frames])
+            inputs["audio_attention_mask"] = torch.arange(features.shape[1])[None] < lengths[:, None]
+        return inputs, [int(n) for n in inputs["audio_embed_sizes"]]
 
     def inputs(self, media: list) -> tuple[dict, list[int]]:
         """(model inputs, tokens per item) for Media items in order; images and audio each keep their order."""
