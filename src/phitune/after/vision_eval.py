@@ -194,15 +194,16 @@ def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], s
     return len(answers)
 
 
-def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
-    """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image`,
-    read before any weight loads, so a missing or unreadable file is an error at once."""
+def load_chat_media(pictures: list[Path], clips: list[Path] = ()) -> tuple[list, str]:
+    """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image /
+    --audio`, read before any weight loads, so a missing or unreadable file is an error at once. A `--image` whose
+    suffix is an audio file's is taken as a clip."""
     from phitune.data.multimodal import AUDIO_PLACEHOLDER, AUDIO_SUFFIXES, IMAGE_PLACEHOLDER, load_audio, load_image
     from phitune.data.readers import BadRow
 
     media, prefix = [], ""
-    for path in media_paths:
-        audio = Path(path).suffix.lower() in AUDIO_SUFFIXES
+    for path, given_as_audio in [*((p, False) for p in pictures), *((p, True) for p in clips)]:
+        audio = given_as_audio or Path(path).suffix.lower() in AUDIO_SUFFIXES
         load = load_audio if audio else load_image
         try:
             media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))
@@ -213,7 +214,7 @@ def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
 
 
 class MediaChatSession:
-    """`phitune chat --image PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
+    """`phitune chat --image PATH` / `--audio PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
     the command line attached to the first user turn. Replies come whole (one piece): the model generates in one
     call, as evaluation does. `media`: load_chat_media's answer."""
 

@@ -45,9 +45,9 @@ class RowModes:
         self.present = frozenset(self.rows.unique().tolist())  # one sync a forward, not one a layer
 
 
-def find_built_in_loras(cfg: ModelConfig) -> dict[str, Path]:
+def find_built_in_loras(cfg: ModelConfig, warn: bool = True) -> dict[str, Path]:
     """{mode: folder} of the built-in adapters the checkpoint has (a local folder or the hub cache); a warning for
-    each it lacks: its rows then go through the language model without it."""
+    each it lacks (unless `warn` is False): its rows then go through the language model without it."""
     from transformers.utils import cached_file
 
     found = {}
@@ -58,11 +58,11 @@ def find_built_in_loras(cfg: ModelConfig) -> dict[str, Path]:
                                _raise_exceptions_for_connection_errors=False)
         except Exception:  # noqa: BLE001 - a hub problem: no built-in adapter found, said below
             path = None
-        if path is None:
+        if path is None and warn:
             log.warning("%s has no %s folder: rows with %s go through the language model without Phi-4-multimodal's "
                         "built-in %s adapter", cfg.name_or_path, folder,
                         "pictures" if mode == "vision" else "audio only", mode)
-        else:
+        elif path is not None:
             found[mode] = Path(path).parent
     return found
 
