@@ -261,3 +261,26 @@ def test_merge_keeps_the_built_in_adapters_beside_the_merged_weights(speech_run,
         expected = tuned(**batch).logits
         torch.testing.assert_close(ours(**batch).logits, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(plain(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_speech_metrics_are_jiwers_word_error_rate_and_sacrebleus_bleu():
+    from phitune.after.vision_eval import speech_metrics
+
+    same = speech_metrics(["The cat sat on the mat."], ["the cat sat on the mat"])
+    assert same["wer"] == 0.0 and same["bleu"] > 40  # case and punctuation ignored by WER, not by BLEU
+    half = speech_metrics(["the dog", "a cat sat"], ["the cat", "a cat sat"])
+    assert half["wer"] == pytest.approx(1 / 5)  # one substitution in five reference words (jiwer's corpus WER)
+    assert speech_metrics(["le chat est assis sur le tapis"], ["le chat est assis sur le tapis"])["bleu"] == 100.0
+
+
+def test_eval_scores_word_error_rate_and_bleu_base_vs_tuned(speech_run, tmp_path):
+    root, _, _ = speech_run
+    result = CliRunner().invoke(app, ["eval", str(root / "run"), "--num-generate", "8", "--max-new-tokens", "3",
+                                      "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "word error rate (generated, audio rows)" in result.output and "BLEU (generated, audio rows)" in result.output
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    base, tuned = metrics["base"], metrics["fine-tuned"]
+    assert tuned["wer"] <= 0.1 < base["wer"]
+    assert "bleu" in tuned and "bleu" in base  # 0 for one-word answers: BLEU counts up to 4-grams
+    assert tuned["exact_match"] >= 0.9 > base["exact_match"]

@@ -109,13 +109,36 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
         metrics[name] = teacher_forced_media_metrics(model, tokenizer, processor, encoded, batch_size)
         answers[name] = [answer_media_row(model, tokenizer, processor, prompt, settings) for prompt, _ in pairs]
         metrics[name].update(generation_metrics(answers[name], [ref for _, ref in pairs]))
-    samples = [dict(prompt=p.messages[-1]["content"], images=[m.name for m in p.media], reference=r,
+        heard = [(answer, ref) for answer, (prompt, ref) in zip(answers[name], pairs)
+                 if any(m.kind == "audio" for m in prompt.media)]
+        metrics[name].update(speech_metrics(*zip(*heard)) if heard else {})
+    samples = [dict(prompt=p.messages[-1]["content"], media=[m.name for m in p.media], reference=r,
                     **{n: answers[n][i] for n in names}) for i, (p, r) in enumerate(pairs)]
     info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(encoded),
                 generated=len(pairs), max_new_tokens=settings.max_new_tokens)
     result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
     save_eval_json(result)
     return result
+
+
+def speech_metrics(answers: list[str], references: list[str]) -> dict:
+    """Word error rate (jiwer; lower case, punctuation removed: the transcription figure) and corpus BLEU
+    (sacrebleu, 0 to 100, its default 13a tokenizer: the speech-translation figure) of the answers to rows with
+    audio. Both are given for every such row: which one fits is the task's (a dataset of both is scored per task
+    with --data)."""
+    try:
+        import jiwer
+        import sacrebleu
+    except ImportError as exc:
+        raise PhituneError(f"scoring answers to audio needs jiwer and sacrebleu ({exc}): pip install jiwer "
+                           "sacrebleu (the vision extra has them)") from None
+    words = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(),
+                           jiwer.ReduceToListOfListOfWords()])
+    pairs = [(ref, ans) for ans, ref in zip(answers, references) if ref.strip()]  # WER is undefined on no words
+    wer = jiwer.wer([r for r, _ in pairs], [a for _, a in pairs], reference_transform=words,
+                    hypothesis_transform=words) if pairs else None
+    bleu = sacrebleu.corpus_bleu(list(answers), [list(references)]).score
+    return {"wer": wer, "bleu": bleu} if wer is not None else {"bleu": bleu}
 
 
 def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int = 0):

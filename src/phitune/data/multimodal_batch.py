@@ -30,7 +30,7 @@ def check_multimodal_model(model_config, trust_remote_code: bool) -> None:
     if model_type == "phi3_v":
         raise PhituneError("Phi-3.5-vision (phi3_v) runs only as its own remote code, whose processor and inputs "
                            "differ from Phi-4-multimodal's; phitune trains Phi-4-multimodal's native class only (see "
-                           "docs/vision.md)" if trust_remote_code else
+                           "docs/multimodal.md)" if trust_remote_code else
                            "Phi-3.5-vision is remote code only (phi3_v, never merged into transformers); set "
                            "model.trust_remote_code: true to run the model's own code")
     if model_type != "phi4_multimodal":
@@ -154,7 +154,7 @@ def image_processor(model_path: str):
 
 def audio_feature_extractor():
     """transformers' Phi4MultimodalFeatureExtractor (log-mel features) with its defaults (16 kHz, 80 mel bins, 8x
-    compression); a checkpoint's own audio settings are not read (not tried on real weights: docs/vision.md)."""
+    compression); a checkpoint's own audio settings are not read (not tried on real weights: docs/multimodal.md)."""
     from transformers import Phi4MultimodalFeatureExtractor
 
     return Phi4MultimodalFeatureExtractor()

@@ -9,7 +9,7 @@ names repeat the language model's), and on a vision or audio part only when name
 applies them (phitune.models.built_in_lora): `vision-lora` for rows with pictures, `speech-lora` for rows with audio
 only, neither for text; they stay active under the user's LoRA, in training and at inference alike, and a merged
 model keeps them in their folders. Training, checkpoints, resume, the NaN guard and evaluation at step 0
-and at the end are the SFT trainer's (phitune.run.trainer). docs/vision.md says what was run and what was not.
+and at the end are the SFT trainer's (phitune.run.trainer). docs/multimodal.md says what was run and what was not.
 """
 
 from __future__ import annotations
