@@ -210,7 +210,8 @@ def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_p
     result = CliRunner().invoke(app, ["merge", str(root / "run"), "--output", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     merged = tmp_path / "merged"
-    assert (merged / "preprocessor_config.json").is_file() and (merged / "vision-lora" / "adapter_config.json").is_file()
+    assert (merged / "preprocessor_config.json").is_file()
+    assert (merged / "vision-lora" / "adapter_config.json").is_file()
     from peft import PeftModel
 
     standalone = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)  # plain transformers and PEFT,

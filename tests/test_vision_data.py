@@ -38,7 +38,7 @@ def write_rows(path: Path, rows: list) -> Path:
 
 
 needs_soundfile = pytest.mark.skipif(importlib.util.find_spec("soundfile") is None,
-                                     reason="audio is read with soundfile: pip install soundfile (the test extra has it)")
+                                     reason="audio is read with soundfile: pip install soundfile (the test extra)")
 
 
 @pytest.fixture(scope="module")

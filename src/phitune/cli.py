@@ -189,8 +189,8 @@ def chat(
     top_k: int = TOP_K_OPT,
     seed: int = SEED_OPT,
     image: list[Path] = typer.Option([], "--image", help="a picture for the first turn; repeatable (Phi-4-multimodal)"),
-    audio: list[Path] = typer.Option([], "--audio", help="an audio clip (WAV, FLAC, MP3, OGG) for the first turn, after "
-                                     "the pictures; repeatable (Phi-4-multimodal)"),
+    audio: list[Path] = typer.Option([], "--audio", help="an audio clip (WAV, FLAC, MP3, OGG) for the first turn, "
+                                     "after the pictures; repeatable (Phi-4-multimodal)"),
 ):
     """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
     from phitune.after.generate import ChatSession, chat_command, load_for_inference, resolve_model_source

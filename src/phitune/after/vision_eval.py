@@ -237,9 +237,9 @@ def load_chat_media(pictures: list[Path], clips: list[Path] = ()) -> tuple[list,
 
 
 class MediaChatSession:
-    """`phitune chat --image PATH` / `--audio PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
-    the command line attached to the first user turn. Replies come whole (one piece): the model generates in one
-    call, as evaluation does. `media`: load_chat_media's answer."""
+    """`phitune chat --image PATH` / `--audio PATH`: ChatSession's interface (reset, stream_reply) with pictures or
+    clips given on the command line attached to the first user turn. Replies come whole (one piece): the model
+    generates in one call, as evaluation does. `media`: load_chat_media's answer."""
 
     def __init__(self, model, tokenizer, name_or_path: str, settings: SamplingSettings | None = None,
                  system: str | None = None, media: tuple[list, str] = ([], "")):
