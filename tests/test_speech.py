@@ -168,11 +168,33 @@ def test_each_row_gets_the_built_in_adapter_the_original_model_gives_it(speech_r
             torch.testing.assert_close(logits[row], reference(folder)(input_ids=ids[row:row + 1]).logits[0])
         assert (reference("vision-lora")(input_ids=ids[:1]).logits - reference(None)(input_ids=ids[:1]).logits
                 ).abs().max() > 0.05  # the adapters do change the logits: the equalities above say something
+        # generation: each one-token step keeps the adapter its prompt chose (the audio row's speech-lora)
+        settings = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True,
+                    "eos_token_id": None, "pad_token_id": 0}
+        ours.config.use_cache = True
+        mine, theirs = ours.generate(ids[1:2], **settings), reference("speech-lora").generate(ids[1:2], **settings)
+        assert mine.sequences.tolist() == theirs.sequences.tolist()
+        torch.testing.assert_close(torch.stack(mine.logits), torch.stack(theirs.logits))
     bare_dir = build_tiny_multimodal_model(tmp_path / "bare", [QUESTION], built_in_loras=False)
     with caplog.at_level(logging.WARNING, logger="phitune"):
         bare = load_base_model(ModelConfig(name_or_path=str(bare_dir), torch_dtype="float32"), training=False)
     assert "has no vision-lora folder" in caplog.text and "has no speech-lora folder" in caplog.text
     assert not any(name.startswith("built_in_") for name, _ in bare.named_buffers())
+
+
+def test_a_run_mixing_pictures_with_audio_only_rows_warns_about_the_shared_audio_projector(caplog):
+    from phitune.config.schema import RunConfig
+    from phitune.data.multimodal import Media, MediaRow
+    from phitune.recipes.vision import warn_mixed_batches
+
+    picture, clip = MediaRow([], [Media("image")]), MediaRow([], [Media("audio")])
+    both = MediaRow([], [Media("image"), Media("audio")])
+    with caplog.at_level(logging.WARNING, logger="phitune"):
+        warn_mixed_batches([picture, both], RunConfig())  # every clip comes with a picture: as the original
+        warn_mixed_batches([picture, clip], RunConfig(training_config={"per_device_train_batch_size": 1}))
+        assert not caplog.records
+        warn_mixed_batches([picture, clip], RunConfig())
+    assert "projects every row's audio with the vision-speech projector" in caplog.text
 
 
 def test_audio_files_are_read_mixed_to_mono_resampled_and_held_to_max_audio_seconds(tmp_path, monkeypatch):
