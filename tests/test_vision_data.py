@@ -269,7 +269,7 @@ def test_a_vision_run_resumes_from_its_checkpoint_to_the_same_adapter(tiny_multi
 @needs_soundfile
 def test_qlora_trains_on_a_4bit_multimodal_base(tiny_multimodal, tmp_path):
     """QLoRA on the CPU (bitsandbytes): every linear layer of the base in NF4, encoders included, the built-in
-    built-in speech-lora added to the audio rows by its own unquantised terms, the LoRA trained in fp32."""
+    speech-lora added to the audio rows by its own unquantised terms, the LoRA trained in fp32."""
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
