@@ -6,7 +6,9 @@ It lets the tests run the same loading, data, training, chat, evaluation and mer
 microsoft/Phi-4-multimodal-instruct (converted to the native transformers class), offline and on a CPU. Phi-4-multimodal
 facts kept: the image and audio placeholder tokens (`<|image|>`, `<|audio|>`; ids in config.vision_config /
 config.audio_config), `<|user|>...<|end|><|assistant|>...<|end|>` turns, crops of `crop_size` pixels cut into
-`patch_size` patches, 2x2-pooled into image tokens.
+`patch_size` patches, 2x2-pooled into image tokens. Its audio encoder is calibrated as a trained one is
+(calibrate_audio_encoder), so a LoRA can learn from sound, and it has random built-in `vision-lora/` and `speech-lora/`
+adapters laid out as the real checkpoint's.
 """
 
 from __future__ import annotations
