@@ -29,7 +29,7 @@ DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_cha
 LONGEST_FIRST = ["test_benchmarks.py", "test_notebook.py", "test_kto.py", "test_families.py", "test_errors.py",
                  "test_grpo_tiny.py", "test_modeling_dtype.py", "test_safety.py", "test_console.py",
                  "test_promises.py", "test_preference.py", "test_speed.py", "test_data_prepare.py",
-                 "test_data_text.py", "test_train.py", "test_vision_data.py", "test_grpo.py"]
+                 "test_data_text.py", "test_train.py", "test_speech.py", "test_vision_data.py", "test_grpo.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -210,8 +210,12 @@ def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_p
     result = CliRunner().invoke(app, ["merge", str(root / "run"), "--output", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     merged = tmp_path / "merged"
-    assert (merged / "preprocessor_config.json").is_file() and not (merged / "vision-lora").exists()
-    standalone = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()  # plain transformers
+    assert (merged / "preprocessor_config.json").is_file()
+    assert (merged / "vision-lora" / "adapter_config.json").is_file()
+    from peft import PeftModel
+
+    standalone = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)  # plain transformers and PEFT,
+    standalone = PeftModel.from_pretrained(standalone, merged / "vision-lora").eval()  # as the model card loads it
     tuned, tokenizer = load_for_inference(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"),
                                           adapter=root / "run")
     processor = media_processor(tuned, tokenizer, str(model_dir))
@@ -228,14 +232,15 @@ def test_merge_writes_a_standalone_model_that_answers_the_same(vision_run, tmp_p
     assert "assistant> blue\n" in result.output, result.output
 
 
-def test_the_built_in_vision_lora_stays_active_under_the_users_adapter(vision_run):
+def test_the_built_in_vision_lora_is_active_on_rows_with_pictures(vision_run):
     from transformers import AutoModelForCausalLM
 
     from phitune.config.schema import ModelConfig
     from phitune.models.loading import load_base_model
 
     _, model_dir, _ = vision_run
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    image = AutoModelForCausalLM.from_pretrained(model_dir).config.vision_config.image_token_id
+    ids = torch.tensor([[5, 6, image, 8, 9]])  # a picture's token: the row takes vision-lora
     with torch.no_grad():
         ours = load_base_model(ModelConfig(name_or_path=str(model_dir), torch_dtype="float32"), training=False)
         from peft import PeftModel

@@ -188,19 +188,21 @@ def chat(
     top_p: float = TOP_P_OPT,
     top_k: int = TOP_K_OPT,
     seed: int = SEED_OPT,
-    image: list[Path] = typer.Option([], "--image", help="a picture (or .wav clip) for the first turn; repeatable (Phi-4-multimodal)"),
+    image: list[Path] = typer.Option([], "--image", help="a picture for the first turn; repeatable (Phi-4-multimodal)"),
+    audio: list[Path] = typer.Option([], "--audio", help="an audio clip (WAV, FLAC, MP3, OGG) for the first turn, "
+                                     "after the pictures; repeatable (Phi-4-multimodal)"),
 ):
     """Talk to the model; replies stream as they are generated. /help lists the commands (/reset, /exit)."""
     from phitune.after.generate import ChatSession, chat_command, load_for_inference, resolve_model_source
 
     settings = _sampling(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
-    if image:
+    if image or audio:
         from phitune.after.vision_eval import MediaChatSession, load_chat_media
 
-        media = load_chat_media(image)  # a missing picture is said before the model loads
+        media = load_chat_media(image, audio)  # a missing picture or clip is said before the model loads
     loaded, tokenizer = load_for_inference(model_cfg, adapter_dir)
-    if image:
+    if image or audio:
         session = MediaChatSession(loaded, tokenizer, model_cfg.name_or_path, settings, system, media)
     else:
         session = ChatSession(loaded, tokenizer, settings, system=system)

@@ -1,5 +1,8 @@
 """Merge: fold a LoRA adapter into its base model and save a standalone model, loadable without PEFT or phitune.
 
+Phi-4-multimodal keeps its built-in `vision-lora/` and `speech-lora/` folders beside the merged weights, as the
+original checkpoint does (its model card loads them with `model.load_adapter(..., subfolder=...)`).
+
 Merging computes W = W0 + (alpha/r) B A for every adapted layer (PEFT's merge_and_unload with safe_merge=True,
 which refuses to write non-finite weights). A QLoRA adapter was trained against 4-bit weights, but 4-bit weights
 cannot absorb a full-precision update, so its base is reloaded unquantised and merged there.
@@ -88,6 +91,8 @@ def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> 
         merged.save_pretrained(work, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(work)
         copy_tokenizer_files(model_cfg, work)
+        if getattr(merged.config, "model_type", "") == "phi4_multimodal":
+            copy_built_in_loras(model_cfg, work)
         move_into_place(work, output_dir)
     except BaseException as exc:
         failed = write_error(exc, output_dir) if is_write_failure(exc) else None
@@ -162,6 +167,19 @@ def copy_tokenizer_files(model_cfg: ModelConfig, output_dir: Path) -> list[str]:
             shutil.copyfile(source, output_dir / name)
             copied.append(name)
     return copied
+
+
+def copy_built_in_loras(model_cfg: ModelConfig, output_dir: Path) -> list[str]:
+    """Copy Phi-4-multimodal's built-in `vision-lora/` and `speech-lora/` beside the merged model: the user's LoRA
+    is folded into the base weights, the built-in ones stay adapters chosen per row (phitune.models.built_in_lora),
+    as in the original checkpoint. LoRA terms add up, so W0 + the user's update, then a built-in adapter on top, is
+    exactly what the run trained and evaluated."""
+    from phitune.models.built_in_lora import find_built_in_loras
+
+    folders = find_built_in_loras(model_cfg, warn=False)
+    for folder in folders.values():
+        shutil.copytree(folder, output_dir / folder.name)
+    return [folder.name for folder in folders.values()]
 
 
 def set_generation_stops(model, tokenizer) -> None:

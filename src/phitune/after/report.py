@@ -98,7 +98,10 @@ EVAL_ROWS = [  # (metric key, label, higher is better)
     ("token_accuracy", "token accuracy", True),
     ("rougeL_f1", "ROUGE-L F1 (generated)", True),
     ("exact_match", "exact match (generated)", True),
+    ("wer", "word error rate (generated, audio rows)", False),  # method vision, rows with audio: transcription
+    ("bleu", "BLEU (generated, audio rows)", True),  # ... and speech translation; 0 to 100, so not in the chart
 ]
+OPTIONAL_ROWS = ("wer", "bleu")  # shown only where a model has them
 
 
 def print_eval_table(result) -> None:
@@ -117,6 +120,8 @@ def print_eval_table(result) -> None:
         table.add_column(name, justify="right")
     for key, label, higher in EVAL_ROWS:
         values = [result.metrics[n].get(key) for n in names]
+        if key in OPTIONAL_ROWS and all(v is None for v in values):
+            continue
         best = _best(values, higher) if len(names) > 1 else None
         table.add_row(label, *[f"[bold]{_fmt(v)}[/bold]" if i == best else _fmt(v) for i, v in enumerate(values)])
     console.print(table)
@@ -187,7 +192,7 @@ def plot_eval_chart(metrics: dict[str, dict[str, float]], path, benchmarks: dict
     import matplotlib.pyplot as plt
 
     keys = [(k, label.split(" (")[0]) for k, label, _ in EVAL_ROWS
-            if k != "perplexity" and any(k in m for m in metrics.values())]
+            if k not in ("perplexity", "bleu") and any(k in m for m in metrics.values())]
     bars = {name: [values.get(k, 0.0) for k, _ in keys] for name, values in metrics.items()}
     names, rows = benchmark_rows(benchmarks or {})
     for name in list(bars) + [n for n in names if n not in bars]:
@@ -217,6 +222,8 @@ def write_eval_markdown(result, path, chart_name: str, max_samples: int = 5) -> 
                   f"{result.info.get('max_new_tokens')} new tokens).", "",
                   "| metric | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
         for key, label, _ in EVAL_ROWS:
+            if key in OPTIONAL_ROWS and all(result.metrics[n].get(key) is None for n in names):
+                continue
             lines.append(f"| {label} | " + " | ".join(_fmt(result.metrics[n].get(key)) for n in names) + " |")
     lines += benchmark_markdown(getattr(result, "benchmarks", None) or {})
     lines += ["", f"![metrics]({chart_name})"] + (["", "## Sample answers", ""] if result.samples else [])

@@ -109,13 +109,36 @@ def run_media_evaluation(model_cfg: ModelConfig, adapter: Path | None, data_cfg:
         metrics[name] = teacher_forced_media_metrics(model, tokenizer, processor, encoded, batch_size)
         answers[name] = [answer_media_row(model, tokenizer, processor, prompt, settings) for prompt, _ in pairs]
         metrics[name].update(generation_metrics(answers[name], [ref for _, ref in pairs]))
-    samples = [dict(prompt=p.messages[-1]["content"], images=[m.name for m in p.media], reference=r,
+        heard = [(answer, ref) for answer, (prompt, ref) in zip(answers[name], pairs)
+                 if any(m.kind == "audio" for m in prompt.media)]
+        metrics[name].update(speech_metrics(*zip(*heard)) if heard else {})
+    samples = [dict(prompt=p.messages[-1]["content"], media=[m.name for m in p.media], reference=r,
                     **{n: answers[n][i] for n in names}) for i, (p, r) in enumerate(pairs)]
     info = dict(model=model_cfg.name_or_path, adapter=str(adapter) if adapter else None, eval_examples=len(encoded),
                 generated=len(pairs), max_new_tokens=settings.max_new_tokens)
     result = EvalResult(metrics=metrics, samples=samples, info=info, output_dir=Path(output_dir))
     save_eval_json(result)
     return result
+
+
+def speech_metrics(answers: list[str], references: list[str]) -> dict:
+    """Word error rate (jiwer; lower case, punctuation removed: the transcription figure) and corpus BLEU
+    (sacrebleu, 0 to 100, its default 13a tokenizer: the speech-translation figure) of the answers to rows with
+    audio. Both are given for every such row: which one fits is the task's (a dataset of both is scored per task
+    with --data)."""
+    try:
+        import jiwer
+        import sacrebleu
+    except ImportError as exc:
+        raise PhituneError(f"scoring answers to audio needs jiwer and sacrebleu ({exc}): pip install jiwer "
+                           "sacrebleu (the vision extra has them)") from None
+    words = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip(),
+                           jiwer.ReduceToListOfListOfWords()])
+    pairs = [(ref, ans) for ans, ref in zip(answers, references) if ref.strip()]  # WER is undefined on no words
+    wer = jiwer.wer([r for r, _ in pairs], [a for _, a in pairs], reference_transform=words,
+                    hypothesis_transform=words) if pairs else None
+    bleu = sacrebleu.corpus_bleu(list(answers), [list(references)]).score
+    return {"wer": wer, "bleu": bleu} if wer is not None else {"bleu": bleu}
 
 
 def inspect_media_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
@@ -196,15 +219,16 @@ def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], s
     return len(answers)
 
 
-def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
-    """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image`,
-    read before any weight loads, so a missing or unreadable file is an error at once."""
-    from phitune.data.multimodal import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, load_audio, load_image
+def load_chat_media(pictures: list[Path], clips: list[Path] = ()) -> tuple[list, str]:
+    """(the pictures and clips, the placeholders that go before the first user turn) of `phitune chat --image /
+    --audio`, read before any weight loads, so a missing or unreadable file is an error at once. A `--image` whose
+    suffix is an audio file's is taken as a clip."""
+    from phitune.data.multimodal import AUDIO_PLACEHOLDER, AUDIO_SUFFIXES, IMAGE_PLACEHOLDER, load_audio, load_image
     from phitune.data.readers import BadRow
 
     media, prefix = [], ""
-    for path in media_paths:
-        audio = Path(path).suffix.lower() == ".wav"
+    for path, given_as_audio in [*((p, False) for p in pictures), *((p, True) for p in clips)]:
+        audio = given_as_audio or Path(path).suffix.lower() in AUDIO_SUFFIXES
         load = load_audio if audio else load_image
         try:
             media.append(load({"path": str(Path(path).resolve())}, Path.cwd(), str(path)))
@@ -215,9 +239,9 @@ def load_chat_media(media_paths: list[Path]) -> tuple[list, str]:
 
 
 class MediaChatSession:
-    """`phitune chat --image PATH`: ChatSession's interface (reset, stream_reply) with pictures or clips given on
-    the command line attached to the first user turn. Replies come whole (one piece): the model generates in one
-    call, as evaluation does. `media`: load_chat_media's answer."""
+    """`phitune chat --image PATH` / `--audio PATH`: ChatSession's interface (reset, stream_reply) with pictures or
+    clips given on the command line attached to the first user turn. Replies come whole (one piece): the model
+    generates in one call, as evaluation does. `media`: load_chat_media's answer."""
 
     def __init__(self, model, tokenizer, name_or_path: str, settings: SamplingSettings | None = None,
                  system: str | None = None, media: tuple[list, str] = ([], "")):

@@ -114,6 +114,14 @@ class DataConfig:
         default=None, metadata={"help": "grpo: the user prompt built from a row's columns, e.g. '{question}' "
                                         "(default: the row's prompt or messages)"}
     )
+    max_audio_seconds: float = field(
+        default=40.0, metadata={"help": "method vision: the longest audio clip, in seconds (Phi-4-multimodal was "
+                                        "trained on up to 40 s for transcription and translation)"}
+    )
+    long_audio: Literal["error", "cut"] = field(
+        default="error", metadata={"help": "error | cut: a clip over max_audio_seconds is a bad row (file:line; "
+                                           "on_bad_row: skip skips it) or is cut to that length"}
+    )
     streaming: bool = field(
         default=False, metadata={"help": "read, check and tokenize rows as training consumes them, in bounded "
                                          "memory, no cache on disk (sft chats and raw text; needs max_steps)"}
@@ -470,6 +478,8 @@ def _check_values(data: DataConfig, problems: list[str]) -> None:
                         "source its own")
     if not 0 <= data.eval_split < 1:
         problems.append(f"data.eval_split must be in [0, 1), got {data.eval_split}")
+    if isinstance(data.max_audio_seconds, (int, float)) and not data.max_audio_seconds > 0:
+        problems.append(f"data.max_audio_seconds must be above 0, got {data.max_audio_seconds}")
     if isinstance(data.max_seq_length, int) and data.max_seq_length < 8:
         problems.append(f"data.max_seq_length must be at least 8, got {data.max_seq_length}")
     for key in ("max_train_examples", "max_eval_examples", "num_proc"):

@@ -133,7 +133,7 @@ def check_conversation(messages: Messages, where: str) -> None:
         may_be_empty = "tool_calls" in message or "tools" in message  # a call alone; definitions alone
         if isinstance(content, list):  # content parts: text, image, audio (phitune.data.multimodal)
             raise BadRow(where, f"turn {index + 1} ({message['role']}) is a list of content parts (images, audio): "
-                                "train Phi-4-multimodal on it with method: vision (docs/vision.md)")
+                                "train Phi-4-multimodal on it with method: vision (docs/multimodal.md)")
         if not isinstance(content, str) or not (content.strip() or may_be_empty):
             raise BadRow(where, f"turn {index + 1} ({message['role']}) has empty content")
     roles = [m["role"] for m in messages]

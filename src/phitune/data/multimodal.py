@@ -1,7 +1,9 @@
 """Multimodal chat rows (Phi-4-multimodal): messages whose content is a list of text, image and audio parts.
 
 A part is `{"type": "text", "text": ...}`, `{"type": "image", "path" | "url" | "image": ...}` (OpenAI's
-`{"type": "image_url", "image_url": {"url": ...}}` too) or `{"type": "audio", "path": ...}`. Relative paths are
+`{"type": "image_url", "image_url": {"url": ...}}` too) or `{"type": "audio", "path": ...}` (WAV, FLAC, MP3 or OGG,
+read by soundfile, mixed to mono and resampled to 16 kHz with scipy's polyphase filter; a clip over
+data.max_audio_seconds is a bad row or is cut, as data.long_audio says). Relative paths are
 resolved against the data file's folder; a url may be `file://...` or a `data:image/...;base64,` URL (phitune
 never fetches from the network while it trains). Every picture is opened and decoded once when the rows are read, so
 a missing or unreadable one is a `file:line` error (or a skipped row with `on_bad_row: skip`) before any weight
@@ -24,6 +26,7 @@ from phitune.errors import PhituneError, first_line
 IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER = "<|image|>", "<|audio|>"  # in rendered text; swapped for the model's tokens
 ROLES = ("system", "user", "assistant")
 AUDIO_RATE = 16000  # samples per second Phi-4-multimodal's audio feature extractor takes
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")  # what `phitune chat --image` takes as a clip, not a picture
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Media:
     kind: str  # "image" | "audio"
     path: str | None = None
     data: bytes | None = None
-    size: tuple[int, int] | None = None  # image (width, height) in pixels; audio: (samples, sampling rate)
+    size: tuple[int, int] | None = None  # image (width, height) in pixels; audio: (samples, sampling rate) as used
+    cut_to: int | None = None  # audio: samples at 16 kHz kept of a clip cut to data.max_audio_seconds
 
     @property
     def name(self) -> str:
@@ -43,11 +47,24 @@ class Media:
         """The picture as an RGB PIL image, or the audio as (float32 samples, sampling rate)."""
         source = self.path if self.path else io.BytesIO(self.data)
         if self.kind == "audio":
-            return read_wav(source)
+            samples, rate = read_audio(source)
+            return samples[: self.cut_to] if self.cut_to else samples, rate
         from PIL import Image
 
         with Image.open(source) as image:
             return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class AudioLimit:
+    """data.max_audio_seconds and data.long_audio: how long a clip may be, and what happens to a longer one."""
+
+    seconds: float = 40.0
+    long_audio: str = "error"  # "error": a bad row | "cut": its first `seconds` kept
+
+    @classmethod
+    def of(cls, cfg) -> AudioLimit:
+        return cls(cfg.max_audio_seconds, cfg.long_audio)
 
 
 @dataclass
@@ -78,7 +95,7 @@ def read_media_rows(source: str, split: str, cfg) -> tuple[list[MediaRow], str, 
     for number, row in rows:
         where = row_location(source, number)
         try:
-            parsed.append(parse_row(row, base, where))
+            parsed.append(parse_row(row, base, where, audio=AudioLimit.of(cfg)))
         except BadRow as problem:
             if cfg.on_bad_row == "error":
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
@@ -88,7 +105,8 @@ def read_media_rows(source: str, split: str, cfg) -> tuple[list[MediaRow], str, 
     return parsed, "messages", [str(b) for b in bad]
 
 
-def parse_row(row: dict, base: Path, where: str, ends_with: str = "assistant") -> MediaRow:
+def parse_row(row: dict, base: Path, where: str, ends_with: str = "assistant",
+              audio: AudioLimit = AudioLimit()) -> MediaRow:
     """A MediaRow from one `{"messages": [...]}` row (or a prompt row, `{"prompt": ...}`, ending with a user turn);
     raise BadRow naming what is wrong. `ends_with`: assistant for training rows, user for prompts to answer."""
     messages = row.get("messages")
@@ -102,7 +120,7 @@ def parse_row(row: dict, base: Path, where: str, ends_with: str = "assistant") -
             raise BadRow(where, f"each message needs a role of {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(_part_text(part, base, where, out.media) for part in content)
+            content = "".join(_part_text(part, base, where, out.media, audio) for part in content)
         elif not isinstance(content, str):
             raise BadRow(where, "a message's content is a string or a list of parts")
         out.messages.append({"role": message["role"], "content": content})
@@ -112,7 +130,7 @@ def parse_row(row: dict, base: Path, where: str, ends_with: str = "assistant") -
     return out
 
 
-def _part_text(part, base: Path, where: str, media: list[Media]) -> str:
+def _part_text(part, base: Path, where: str, media: list[Media], audio: AudioLimit) -> str:
     """The text a part renders as (a placeholder for media, which is appended to `media`)."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
@@ -121,7 +139,7 @@ def _part_text(part, base: Path, where: str, media: list[Media]) -> str:
         media.append(load_image(part, base, where))
         return IMAGE_PLACEHOLDER
     if kind in ("audio", "input_audio"):
-        media.append(load_audio(part, base, where))
+        media.append(load_audio(part, base, where, audio))
         return AUDIO_PLACEHOLDER
     raise BadRow(where, f"unknown content part {part!r:.80}; parts are text, image (path, url or image) and audio")
 
@@ -145,18 +163,25 @@ def load_image(part: dict, base: Path, where: str) -> Media:
     return media
 
 
-def load_audio(part: dict, base: Path, where: str) -> Media:
-    """Resolve and read an audio part (a WAV file) once, keeping its length and sampling rate."""
+def load_audio(part: dict, base: Path, where: str, limit: AudioLimit = AudioLimit()) -> Media:
+    """Resolve and read an audio part once, keeping its length at 16 kHz; a clip over `limit.seconds` is a bad row
+    or is cut (limit.long_audio)."""
     ref = part.get("path") or part.get("url") or part.get("audio")
     if not isinstance(ref, str) or not ref:
-        raise BadRow(where, "an audio part needs a path (a .wav file) or a data: URL")
+        raise BadRow(where, "an audio part needs a path (a .wav, .flac, .mp3 or .ogg file) or a data: URL")
     media = _locate(ref, base, where, "audio")
     try:
         samples, rate = media.open()
-    except (OSError, EOFError, ValueError) as exc:
-        raise BadRow(where, f"audio {media.name}: cannot read it as WAV ({first_line(exc)})") from None
-    if rate != AUDIO_RATE:  # transformers' feature extractor raises mid-training on any other rate
-        raise BadRow(where, f"audio {media.name}: {rate} Hz; Phi-4-multimodal takes {AUDIO_RATE} Hz, resample it")
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+        raise BadRow(where, f"audio {media.name}: cannot read it ({first_line(exc)})") from None
+    longest = int(limit.seconds * AUDIO_RATE)
+    if len(samples) > longest:
+        if limit.long_audio != "cut":
+            raise BadRow(where, f"audio {media.name}: {len(samples) / AUDIO_RATE:.1f} s, over data.max_audio_seconds "
+                                f"{limit.seconds:g} (data.long_audio: cut keeps its start)")
+        media.cut_to, samples = longest, samples[:longest]
+    if not len(samples):
+        raise BadRow(where, f"audio {media.name}: the clip is empty")
     media.size = (len(samples), rate)
     return media
 
@@ -177,18 +202,29 @@ def _locate(ref: str, base: Path, where: str, kind: str) -> Media:
     return Media(kind, path=str(path))
 
 
-def read_wav(source) -> tuple:
-    """(float32 mono samples in [-1, 1], sampling rate) of a PCM WAV file (the standard library reads it)."""
-    import wave
+def read_audio(source) -> tuple:
+    """(float32 mono samples, 16000) of an audio file or file-like object: read by soundfile (libsndfile: WAV,
+    FLAC, MP3, OGG), channels averaged, resampled to 16 kHz by scipy's polyphase filter when it was not."""
+    from math import gcd
 
     import numpy as np
 
-    with wave.open(source, "rb") as wav:
-        width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-        frames = wav.readframes(wav.getnframes())
-    if width not in (1, 2, 4):
-        raise ValueError(f"{8 * width}-bit samples; save it as 16-bit PCM")
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    samples = np.frombuffer(frames, dtype=dtype).astype(np.float32)
-    samples = (samples - 128) / 128 if width == 1 else samples / float(2 ** (8 * width - 1))
-    return samples.reshape(-1, channels).mean(axis=1), rate
+    soundfile = require_soundfile()
+    samples, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (frames, channels)
+    samples = samples.mean(axis=1)
+    if rate != AUDIO_RATE:
+        from scipy.signal import resample_poly
+
+        common = gcd(rate, AUDIO_RATE)
+        samples = resample_poly(samples, AUDIO_RATE // common, rate // common).astype(np.float32)
+    return samples, AUDIO_RATE
+
+
+def require_soundfile():
+    """The soundfile module, or one line saying how to get it: phitune reads audio with it (its wheels carry
+    libsndfile)."""
+    try:
+        import soundfile
+    except (ImportError, OSError) as exc:  # OSError: the module is there, libsndfile is not
+        raise PhituneError(f"audio needs soundfile ({first_line(exc)}): pip install soundfile") from None
+    return soundfile

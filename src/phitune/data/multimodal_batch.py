@@ -30,7 +30,7 @@ def check_multimodal_model(model_config, trust_remote_code: bool) -> None:
     if model_type == "phi3_v":
         raise PhituneError("Phi-3.5-vision (phi3_v) runs only as its own remote code, whose processor and inputs "
                            "differ from Phi-4-multimodal's; phitune trains Phi-4-multimodal's native class only (see "
-                           "docs/vision.md)" if trust_remote_code else
+                           "docs/multimodal.md)" if trust_remote_code else
                            "Phi-3.5-vision is remote code only (phi3_v, never merged into transformers); set "
                            "model.trust_remote_code: true to run the model's own code")
     if model_type != "phi4_multimodal":
@@ -80,11 +80,20 @@ class MediaProcessor:
 
     def audio_inputs(self, clips: list) -> tuple[dict, list[int]]:
         """(model inputs, tokens per clip) for (samples, sampling rate) pairs, in order (16 kHz: the rows' reader
-        refused any other rate)."""
-        out = self.audio([samples for samples, _ in clips], sampling_rate=clips[0][1], return_tensors="pt")
-        inputs = {key: out[key] for key in ("audio_input_features", "audio_embed_sizes", "audio_attention_mask")
-                  if key in out}
-        return inputs, [int(n) for n in out["audio_embed_sizes"]]
+        resampled them). Each clip goes through the feature extractor alone, as in the model's original unbatched
+        code, and the log-mel frames are padded here: transformers 5.24's batched extraction fails on clips whose
+        lengths differ by less than a frame or so (a RuntimeError of mismatched sizes in its padding mask)."""
+        import torch
+
+        outs = [self.audio(samples, sampling_rate=rate, return_tensors="pt") for samples, rate in clips]
+        frames = [out["audio_input_features"][0] for out in outs]  # (frames, 80 mel bins) each
+        features = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        inputs = {"audio_input_features": features,
+                  "audio_embed_sizes": torch.cat([out["audio_embed_sizes"] for out in outs])}
+        if len(frames) > 1:  # as the extractor does: a mask only for a batch
+            lengths = torch.tensor([len(f) for f in frames])
+            inputs["audio_attention_mask"] = torch.arange(features.shape[1])[None] < lengths[:, None]
+        return inputs, [int(n) for n in inputs["audio_embed_sizes"]]
 
     def inputs(self, media: list) -> tuple[dict, list[int]]:
         """(model inputs, tokens per item) for Media items in order; images and audio each keep their order."""
@@ -145,7 +154,7 @@ def image_processor(model_path: str):
 
 def audio_feature_extractor():
     """transformers' Phi4MultimodalFeatureExtractor (log-mel features) with its defaults (16 kHz, 80 mel bins, 8x
-    compression); a checkpoint's own audio settings are not read (not tried on real weights: docs/vision.md)."""
+    compression); a checkpoint's own audio settings are not read (not tried on real weights: docs/multimodal.md)."""
     from transformers import Phi4MultimodalFeatureExtractor
 
     return Phi4MultimodalFeatureExtractor()

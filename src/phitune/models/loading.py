@@ -220,41 +220,14 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
         else:
             _use_generic_cpu_4bit(model)
     if getattr(model.config, "model_type", "") == "phi4_multimodal":
-        merge_built_in_vision_lora(model, cfg)
+        from phitune.models.built_in_lora import attach_built_in_loras
+
+        attach_built_in_loras(model, cfg)  # vision-lora for rows with pictures, speech-lora for audio-only rows
     if training:
         refuse_dropped_gradients()
         name_experts_for_trl(model.config.get_text_config())
     model.config.use_cache = not training
     return model
-
-
-BUILT_IN_VISION_LORA = "vision-lora"  # Phi-4-multimodal's image adapter of the language model, in its own folder
-
-
-def merge_built_in_vision_lora(model, cfg: ModelConfig) -> bool:
-    """Merge a converted Phi-4-multimodal checkpoint's `vision-lora` (a PEFT adapter of the language model, which
-    the model needs for pictures) into the base weights as it loads; True if there was one.
-
-    Merged, it stays active under a user's own LoRA (never replaced by it, ms-swift#5811), in training, chat and
-    evaluation alike, and `phitune merge` writes it into the standalone model, which then has no `vision-lora`
-    folder to apply twice. The speech adapter (`speech-lora`) is not merged: the model uses one or the other."""
-    from transformers.utils import cached_file
-
-    try:
-        found = cached_file(cfg.name_or_path, f"{BUILT_IN_VISION_LORA}/adapter_config.json", revision=cfg.revision,
-                            _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-    except Exception:  # noqa: BLE001 - a hub problem: no built-in adapter found, said below
-        found = None
-    if found is None:
-        log.warning("%s has no %s folder: images go through the vision tower without Phi-4-multimodal's built-in "
-                    "vision adapter", cfg.name_or_path, BUILT_IN_VISION_LORA)
-        return False
-    from peft import PeftModel
-
-    PeftModel.from_pretrained(model, str(Path(found).parent)).merge_and_unload()  # merged in place, layers unwrapped
-    log.info("merged the built-in %s of %s into the base", BUILT_IN_VISION_LORA, cfg.name_or_path)
-    return True
 
 
 def name_experts_for_trl(config) -> None:

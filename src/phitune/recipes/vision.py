@@ -5,10 +5,11 @@ expands each picture's placeholder to its tokens, masks every label but the assi
 pictures through the model's own image processor. Model: the native `Phi4MultimodalForCausalLM`; the LoRA goes on
 the language model's layers (`all-linear` means those, never the vision tower or the audio encoder, whose layer
 names repeat the language model's), and on a vision or audio part only when named by its path (see
-`language_model_targets`). A converted checkpoint's built-in `vision-lora` adapter is merged into the base as it
-loads (phitune.models.loading.merge_built_in_vision_lora), so it stays active under the user's LoRA, in training and at
-inference alike, and a merged model keeps it. Training, checkpoints, resume, the NaN guard and evaluation at step 0
-and at the end are the SFT trainer's (phitune.run.trainer). docs/vision.md says what was run and what was not.
+`language_model_targets`). A converted checkpoint's built-in adapters are applied row by row as the original model
+applies them (phitune.models.built_in_lora): `vision-lora` for rows with pictures, `speech-lora` for rows with audio
+only, neither for text; they stay active under the user's LoRA, in training and at inference alike, and a merged
+model keeps them in their folders. Training, checkpoints, resume, the NaN guard and evaluation at step 0
+and at the end are the SFT trainer's (phitune.run.trainer). docs/multimodal.md says what was run and what was not.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
     log_mixture(log, shares)
     if any(media.kind == "image" for row in [*train, *evals] for media in row.media):
         require_torchvision()  # now, before any weight loads: the one pip line that fits this torch
+    warn_mixed_batches(train, cfg)
     processor = MediaProcessor(cfg.model.name_or_path, plan.model_config, tokenizer, cfg.model.trust_remote_code)
     template = training_chat_template(tokenizer, cfg.data.train_on)
     kwargs = dict(train_on=cfg.data.train_on, max_seq_length=cfg.data.max_seq_length, on_bad_row=cfg.data.on_bad_row)
@@ -71,6 +73,18 @@ def load_data(cfg: RunConfig, tokenizer, plan: RunPlan) -> VisionData:
         raise PhituneError(f"{source_label(cfg.data)}: no usable rows")
     train_set.skipped_rows = len(skipped)
     return VisionData(train_set, eval_set, processor)
+
+
+def warn_mixed_batches(rows: list, cfg: RunConfig) -> None:
+    """Say when pictures and audio-only rows may share a batch: transformers' Phi-4-multimodal picks the audio
+    projector per batch (the vision-speech one whenever the batch has a picture), so such a row's sound is projected
+    as if a picture came with it. The built-in adapters are chosen per row and are not affected."""
+    kinds = [{m.kind for m in row.media} for row in rows]
+    batch = cfg.training_config.get("per_device_train_batch_size", 8)
+    if batch > 1 and any("image" in k for k in kinds) and any(k == {"audio"} for k in kinds):
+        log.warning("the data mixes rows with pictures and rows with audio only: in a batch with a picture, "
+                    "transformers projects every row's audio with the vision-speech projector; "
+                    "per_device_train_batch_size: 1 keeps each row as the model serves it")
 
 
 def build_config(cfg: RunConfig, data: VisionData, plan: RunPlan):
@@ -91,13 +105,13 @@ def build_config(cfg: RunConfig, data: VisionData, plan: RunPlan):
 
 
 def load_model(cfg: RunConfig, plan: RunPlan):
-    """(model, PEFT LoraConfig): the base (its built-in vision LoRA merged), the LoRA aimed at the language model."""
+    """(model, PEFT LoraConfig): the base (its built-in adapters per row), the LoRA aimed at the language model."""
     if cfg.peft_config is not None and cfg.backend == "peft":
         targets = language_model_targets(cfg.peft_config.get("target_modules"))
         cfg = replace(cfg, peft_config={**cfg.peft_config, "target_modules": targets})
     elif cfg.backend == "loralib":
         raise PhituneError("method vision trains with peft_config.backend: peft (loralib wraps Phi-3's layers only)")
-    return load_model_for_training(cfg, plan)  # modeling.load_base_model merges the built-in vision LoRA
+    return load_model_for_training(cfg, plan)  # models.loading.load_base_model attaches the built-in adapters
 
 
 def language_model_targets(targets) -> str:

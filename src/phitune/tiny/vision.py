@@ -6,7 +6,9 @@ It lets the tests run the same loading, data, training, chat, evaluation and mer
 microsoft/Phi-4-multimodal-instruct (converted to the native transformers class), offline and on a CPU. Phi-4-multimodal
 facts kept: the image and audio placeholder tokens (`<|image|>`, `<|audio|>`; ids in config.vision_config /
 config.audio_config), `<|user|>...<|end|><|assistant|>...<|end|>` turns, crops of `crop_size` pixels cut into
-`patch_size` patches, 2x2-pooled into image tokens.
+`patch_size` patches, 2x2-pooled into image tokens. Its audio encoder is calibrated as a trained one is
+(calibrate_audio_encoder), so a LoRA can learn from sound, and it has random built-in `vision-lora/` and `speech-lora/`
+adapters laid out as the real checkpoint's.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def build_tiny_multimodal_tokenizer(texts: list[str], vocab_size: int = 512):
     return tokenizer
 
 
-def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: int = 0, vision_lora: bool = True,
-                                **shape) -> Path:
+def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: int = 0,
+                                built_in_loras: bool = True, **shape) -> Path:
     """Write a randomly initialised tiny Phi4MultimodalForCausalLM, its tokenizer and its image processor config
     (preprocessor_config.json, read by phitune.data.multimodal_batch) to `output_dir`; return the directory.
 
-    vision_lora: also a random built-in `vision-lora/` adapter of the language model, laid out as in a converted
-    Phi-4-multimodal checkpoint (its B matrices non-zero, so whether it is applied shows in the logits)."""
+    built_in_loras: also random built-in `vision-lora/` and `speech-lora/` adapters of the language model, laid out
+    as in a converted Phi-4-multimodal checkpoint. The audio encoder is calibrated (calibrate_audio_encoder) so that
+    the sound reaches the language model, as in a trained one."""
     import torch
     from transformers import Phi4MultimodalForCausalLM
 
@@ -69,19 +72,54 @@ def build_tiny_multimodal_model(output_dir: str | Path, texts: list[str], seed: 
     config = tiny_multimodal_config(len(tokenizer), *ids, **shape)
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     model = Phi4MultimodalForCausalLM(config)
+    calibrate_audio_encoder(model)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(output_dir)
     processor = {"image_processor_type": "Phi4MultimodalImageProcessor", "size": {"height": CROP, "width": CROP},
                  "patch_size": 14, "dynamic_hd": 4, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
-    if vision_lora:
-        write_vision_lora(model, output_dir / "vision-lora")
+    if built_in_loras:
+        write_built_in_lora(model, output_dir / "vision-lora")
+        write_built_in_lora(model, output_dir / "speech-lora")
     return output_dir
 
 
-def write_vision_lora(model, folder: Path) -> None:
-    """A random PEFT LoRA on the language model's four projections (Phi-4-multimodal's vision-lora: r 256)."""
+def calibrate_audio_encoder(model) -> None:
+    """Give the random audio encoder what a trained one has, so that sound reaches the language model.
+
+    With transformers' init (every weight N(0, 0.02)) each of the Conformer's subsampling convolutions shrinks its
+    input about tenfold: the encoder's input is 1e-5 of the features and its output is the same for every clip,
+    so no LoRA can learn from sound (the 60-step two-tone run at chance). A trained checkpoint keeps the signal,
+    and its input layer holds the log-mel statistics of its training audio (Phi4MultimodalAudioMeanVarianceNormLayer).
+    Here: PyTorch's own scale-keeping init for the encoder's convolutions and linear layers, and the mean and
+    inverse deviation of each mel bin over tones of 110 Hz to 3.5 kHz and white noise."""
+    import numpy as np
+    import torch
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    encoder = model.model.embed_tokens_extend.audio_embed.encoder
+    with torch.random.fork_rng():  # the weights drawn after it (the built-in LoRAs) stay as they were
+        torch.manual_seed(0)
+        for module in encoder.modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+                module.reset_parameters()
+    rate, time = 16000, np.arange(16000) / 16000
+    clips = [0.5 * np.sin(2 * np.pi * hz * time) for hz in (110, 220, 440, 880, 1760, 3520)]
+    clips.append(0.1 * np.random.default_rng(0).standard_normal(rate))
+    features = Phi4MultimodalFeatureExtractor()([c.astype(np.float32) for c in clips], sampling_rate=rate,
+                                                return_tensors="pt")["audio_input_features"]
+    features = features.reshape(-1, features.shape[-1])  # (clips x frames, 80 mel bins)
+    norm = encoder.encoder_embedding
+    with torch.no_grad():
+        norm.global_mean.copy_(features.mean(0))
+        norm.global_invstd.copy_(1 / features.std(0).clamp_min(1e-3))
+
+
+def write_built_in_lora(model, folder: Path) -> None:
+    """A random PEFT LoRA on the language model's four projections, laid out as a converted Phi-4-multimodal
+    checkpoint's `vision-lora/` (r 256, alpha 512) and `speech-lora/` (r 320, alpha 640) are; its B matrices
+    non-zero, so whether it is applied shows in the logits."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -91,6 +129,7 @@ def write_vision_lora(model, folder: Path) -> None:
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
     adapted.save_pretrained(folder)
+    adapted.unload()  # the layers unwrapped: the next adapter starts from the bare model
 
 
 def shape_picture(path: Path, colour: str | None, size: int = CROP) -> Path:
