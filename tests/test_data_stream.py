@@ -200,8 +200,8 @@ def test_weighted_sources_interleave_by_weight_each_in_its_own_format(tmp_path, 
 
     def drawn(seed: int) -> list[str]:
         cfg = DataConfig(train=[{"path": str(first), "weight": 3}, str(second)], seed=seed, **settings)
-        stream, fmt = train_stream(cfg, tokenizer, StreamCounts())
-        assert fmt == "messages+sharegpt"
+        stream, _, fmt = train_stream(cfg, tokenizer, StreamCounts())
+        assert fmt == "mixed (messages, sharegpt)"
         return ["a" if e["key"] in keys["a"] else "b" for e in stream.take(400)]
 
     order = drawn(0)
@@ -209,15 +209,60 @@ def test_weighted_sources_interleave_by_weight_each_in_its_own_format(tmp_path, 
     assert drawn(0) == order and drawn(1) != order
 
 
+def test_a_streamed_mixture_never_trains_its_held_out_examples(tmp_path, tokenizer):
+    """Each source holds out its own first examples (max_eval_examples shared by weight) before the sources are
+    mixed: a small source that ends first and starts over in the mixture never brings its held-out examples back
+    (they were the mixture's first examples, and came back, when the held-out set was cut from the mixed stream).
+    The eval set keeps each source's examples together for the eval loss per source."""
+    from phitune.data.stream import stream_splits
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    small = write_jsonl(tmp_path / "small.jsonl", rows[:12])
+    large = write_jsonl(tmp_path / "large.jsonl", rows[12:112])
+    cfg = DataConfig(train=[{"path": str(small), "weight": 3}, {"path": str(large), "weight": 1}], max_seq_length=64,
+                     streaming=True, max_eval_examples=8)
+    train, evals = stream_splits(cfg, tokenizer)
+    held = set(evals.rows["key"])
+    assert [(name, len(rows)) for name, rows in evals.groups] == [("small", 6), ("large", 2)]
+    trained = [e["input_ids"] for e in train.stream.take(600)]  # the small source starts over many times in these
+    held_ids = {tuple(ids) for ids in evals.rows["input_ids"]}
+    assert len(held) == 8 and not held_ids & {tuple(ids) for ids in trained}
+
+
+def test_phitune_data_on_a_small_streamed_mixture_reads_each_row_once_and_says_what_it_read(tmp_path, tokenizer):
+    """The report counts the rows it read (not the cap), each source's rows once (training's mixture repeats a
+    source that ends first; a report that did so showed duplicates the files do not have), and a set the held-out
+    examples take whole is refused as training refuses it."""
+    from phitune.data.stream import preview_data
+    from phitune.errors import PhituneError
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    small = write_jsonl(tmp_path / "small.jsonl", rows[:12])
+    large = write_jsonl(tmp_path / "large.jsonl", rows[12:32])
+    cfg = DataConfig(train=[{"path": str(small), "weight": 3}, {"path": str(large), "weight": 1}], max_seq_length=64,
+                     streaming=True, max_eval_examples=4, max_train_examples=None)
+    prepared = preview_data(cfg, tokenizer)
+    assert prepared.stats["streamed_rows"] == 32 and len(prepared.eval) == 4
+    assert len(prepared.train) == 28 and len(set(prepared.train.rows["key"])) == 28
+    with pytest.raises(PhituneError, match=r"small.jsonl: no training examples left after the 12 held out for eval"):
+        preview_data(DataConfig(train=str(small), max_seq_length=64, streaming=True), tokenizer)
+
+
 def test_a_streamed_mixture_trains_through_the_cli_and_a_source_with_rows_is_refused(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()[:200]]
     first = write_jsonl(tmp_path / "a.jsonl", rows[:100])
     second = write_jsonl(tmp_path / "b.jsonl", sharegpt(rows[100:]))
+    with open(second, "a", encoding="utf-8") as out:
+        out.write('{"conversations": "not a list"}\n')  # read in the first batch: counted once, though mixed
     mixture = [{"path": str(first), "weight": 2}, {"path": str(second), "weight": 1}]
-    config = write_config(tmp_path, tiny_model_dir, {**STREAM, "train": mixture}, max_steps=3)
+    config = write_config(tmp_path, tiny_model_dir, {**STREAM, "train": mixture, "eval_split": 0.05,
+                                                     "max_eval_examples": 6, "on_bad_row": "skip"}, max_steps=3)
     code, stderr = finish(start_train(config))
     assert code == 0, stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["data_format"] == "messages+sharegpt"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["data_format"] == "mixed (messages, sharegpt)"
+    assert set(metrics["eval_loss_after_by_source"]) == {"a", "b"}  # each source's own held-out examples
+    assert metrics["skipped_rows"] == 1  # counted through the mixture (it copies each source's pipeline)
     counted = [{"path": str(first), "rows": 50}, {"path": str(second), "rows": 50}]  # a count needs the whole source
     refused = write_config(tmp_path / "rows", tiny_model_dir, {**STREAM, "train": counted}, max_steps=3)
     result = phitune("train", str(refused))

@@ -13,8 +13,9 @@ block closes each batch), and the rows train in the source's order (no shuffle).
 A resumed run continues at the right row because the stream is deterministic: the Trainer reads the batches the run
 had trained again and drops them before training on (no model work, but every such row is read and tokenized again).
 
-Several sources plug in at `mix`: each source is encoded on its own (its own format), then interleaved by weight
-(datasets.interleave_datasets with the probabilities and data.seed).
+Several sources plug in at `mix`: each source is encoded on its own (its own format) and holds out its own eval
+examples, then the rest are interleaved by weight (datasets.interleave_datasets with the probabilities and
+data.seed).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN
 from phitune.data.formats import detect_format, to_messages
+from phitune.data.mixture import mixed_format, source_label
 from phitune.data.readers import SKIP_HINT, BadRow, read_row_batches, row_location
 from phitune.errors import PhituneError, first_line
 
@@ -165,6 +167,12 @@ class Encoder:
             self.settings = {"fmt": fmt, "tokenizer": tokenizer, "max_seq_length": cfg.max_seq_length,
                              "template": training_chat_template(tokenizer, cfg.train_on), "train_on": cfg.train_on,
                              "stops": sorted(stops)}
+
+    def __deepcopy__(self, memo):
+        """The encoder itself: datasets.interleave_datasets deep-copies each source's pipeline, and a copy would count
+        the rows training reads into a StreamCounts nobody reads (and copy the tokenizer). Nothing here changes but
+        the counts, which are the run's."""
+        return self
 
     def __call__(self, batch: dict) -> dict:
         table, wheres, problems = self.encode(batch["where"], batch["text"])
@@ -326,12 +334,16 @@ def prepared_features():
     return datasets.Features.from_arrow_schema(block_schema())
 
 
-def train_stream(cfg: DataConfig, tokenizer, counts: StreamCounts, rows: int | None = None):
-    """(the examples of data.train, its format): one source's, or several sources' interleaved by weight (`mix`),
-    each read and encoded in its own format; `rows`: each source's first rows only."""
+def train_stream(cfg: DataConfig, tokenizer, counts: StreamCounts, rows: int | None = None, once: bool = False):
+    """(the examples of data.train, eval PreparedSet or None, format): one source's, or several sources' interleaved
+    by weight (`mix`), each read and encoded in its own format, with the eval examples held out of each (`hold_out`)
+    before they are mixed; `rows`: each source's first rows only; `once`: a mixture reads each row once (`phitune
+    data`'s report), where training repeats a source that ends before the others."""
     sources = train_sources(cfg)
     streams, formats = zip(*(encoded(source, split, cfg, tokenizer, counts, rows) for source, split, _ in sources))
-    return mix(list(streams), [weight for _, _, weight in sources], cfg.seed), "+".join(dict.fromkeys(formats))
+    weights = [weight for _, _, weight in sources]
+    streams, evals = hold_out(cfg, tokenizer, list(streams), weights)
+    return mix(streams, weights, cfg.seed, once), evals, mixed_format(list(formats))
 
 
 def train_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
@@ -341,32 +353,64 @@ def train_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
             for source in cfg.train_sources()]
 
 
-def mix(streams: list, weights: list[float], seed: int):
+def mix(streams: list, weights: list[float], seed: int, once: bool = False):
     """One stream of several: each next example drawn from source i with probability weight_i / sum(weights)
-    (seeded, so a resumed run draws the same sequence), until every source has been read to its end once."""
+    (seeded, so a resumed run draws the same sequence), until every source has been read to its end once (a source
+    that ends first starts over meanwhile, unless `once`)."""
     if len(streams) == 1:
         return streams[0]
     import datasets
 
     total = float(sum(weights))
     return datasets.interleave_datasets(streams, probabilities=[w / total for w in weights], seed=seed,
-                                        stopping_strategy="all_exhausted")
+                                        stopping_strategy="all_exhausted_without_replacement" if once
+                                        else "all_exhausted")
 
 
 def held_out_count(cfg: DataConfig) -> int:
     return cfg.max_eval_examples or HELD_OUT
 
 
-def hold_out(cfg: DataConfig, tokenizer, train):
-    """(train, eval PreparedSet or None): data.eval's first max_eval_examples examples, or without data.eval those
-    of `train`, held out (the stream then starts after them); None when eval_split is 0."""
+def held_out_shares(count: int, weights: list[float]) -> list[int]:
+    """How many of `count` held-out examples each source gives: its weight's share (largest remainders), at least one
+    each while there are enough."""
+    total = float(sum(weights))
+    exact = [count * w / total for w in weights]
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - shares[i], reverse=True)[:count - sum(shares)]:
+        shares[i] += 1
+    for i, share in enumerate(shares):  # a light source still gets an example, taken from the heaviest
+        heaviest = max(range(len(shares)), key=shares.__getitem__)
+        if share == 0 and shares[heaviest] > 1:
+            shares[i], shares[heaviest] = 1, shares[heaviest] - 1
+    return shares
+
+
+def hold_out(cfg: DataConfig, tokenizer, streams: list, weights: list[float]):
+    """(train streams, eval PreparedSet or None): data.eval's first max_eval_examples examples, or without data.eval
+    the first examples of each train source (max_eval_examples in all, shared by weight), held out: each source's
+    stream then starts after its own, so no held-out example is trained on, even when a source that ends first
+    starts over in the mixture. A mixture's eval set keeps each source's examples together (its `groups`, for the
+    eval loss per source). None when eval_split is 0."""
     if cfg.eval:
         eval_stream, _ = encoded(cfg.eval, cfg.eval_hub_split or cfg.split, cfg, tokenizer)
-        return train, in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
-    if cfg.eval_split > 0:
-        evals = in_memory(train, held_out_count(cfg), cfg.max_seq_length)
-        return train.skip(len(evals)), evals
-    return train, None
+        return streams, in_memory(eval_stream, held_out_count(cfg), cfg.max_seq_length)
+    if cfg.eval_split <= 0:
+        return streams, None
+    parts = [in_memory(stream, count, cfg.max_seq_length)
+             for stream, count in zip(streams, held_out_shares(held_out_count(cfg), weights))]
+    streams = [stream.skip(len(part)) for stream, part in zip(streams, parts)]
+    if len(parts) == 1:
+        return streams, parts[0]
+    import datasets
+
+    from phitune.data.prepare import PreparedSet
+
+    evals = PreparedSet(datasets.concatenate_datasets([part.rows for part in parts]), cfg.max_seq_length)
+    starts = np.cumsum([0] + [len(part) for part in parts])
+    evals.groups = [(source.name, np.arange(start, start + len(part)))
+                    for source, start, part in zip(cfg.train_sources(), starts, parts) if len(part)]
+    return streams, evals
 
 
 def stream_splits(cfg: DataConfig, tokenizer):
@@ -376,19 +420,24 @@ def stream_splits(cfg: DataConfig, tokenizer):
     first max_eval_examples examples (default HELD_OUT), or without data.eval, the first max_eval_examples examples
     (blocks, for raw text) of data.train, held out: training starts after them. eval_split: 0 means no eval."""
     counts = StreamCounts()
-    train, fmt = train_stream(cfg, tokenizer, counts)
-    train, evals = hold_out(cfg, tokenizer, train)
+    train, evals, fmt = train_stream(cfg, tokenizer, counts)
     if evals is not None and not len(evals):
-        raise PhituneError(f"{cfg.eval or cfg.train}: no eval examples in its first rows")
+        raise PhituneError(f"{cfg.eval or source_label(cfg)}: no eval examples in its first rows")
     if cfg.max_train_examples:
         train = train.take(cfg.max_train_examples)
     if next(iter(train.take(1)), None) is None:
-        held = f" after the {len(evals)} held out for eval (set data.eval, or lower data.max_eval_examples)" \
-            if evals is not None and not cfg.eval else ""
-        raise PhituneError(f"{cfg.train}: no training examples left{held}")
+        raise PhituneError(no_training_examples(cfg, evals))
     counts.restart()  # what training reads from here on
     train = train.select_columns(["input_ids", "labels"]).repeat(None)
     return StreamedSet(stream=train, counts=counts, format=fmt), evals
+
+
+def no_training_examples(cfg: DataConfig, evals, where: str = "") -> str:
+    """The one line for a stream with nothing left to train on: after the held-out examples, when those took all."""
+    if evals is not None and not cfg.eval and len(evals):
+        return (f"{source_label(cfg)}: no training examples left after the {len(evals)} held out for eval (set "
+                "data.eval, or lower data.max_eval_examples)")
+    return f"{source_label(cfg)}: no training examples{where or ' left'}"
 
 
 def first_conversations(cfg: DataConfig, rows: int, wanted: int = 16) -> list:
@@ -452,16 +501,15 @@ def preview_data(cfg: DataConfig, tokenizer):
     cfg = replace(cfg, on_bad_row="skip")  # a report lists bad rows rather than stopping at the first
     rows = cfg.max_train_examples or PREVIEW_ROWS
     counts = StreamCounts(keep=rows)
-    prepared, fmt = train_stream(cfg, tokenizer, counts, rows)
-    prepared, evals = hold_out(cfg, tokenizer, prepared)
+    prepared, evals, fmt = train_stream(cfg, tokenizer, counts, rows, once=True)
     counts.restart()
     train = in_memory(prepared, None, cfg.max_seq_length)
     if not len(train):
         first = f"; the first bad one: {counts.skipped[0]}" if counts.skipped else ""
-        raise PhituneError(f"{cfg.train}: no training examples in its first {rows:,} rows{first}")
+        raise PhituneError(no_training_examples(cfg, evals, f" in its first {rows:,} rows{first}"))
     samples = [] if fmt == "text" else first_conversations(cfg, rows)
     fingerprint = hashlib.sha256(json.dumps([train_sources(cfg), rows, fmt, cfg.max_seq_length, cfg.train_on])
                                  .encode()).hexdigest()[:20]
     return PreparedData(train=train, eval=evals, format=fmt, skipped=list(counts.skipped), samples=samples,
                         fingerprint=f"stream-{fingerprint}", reused=False,
-                        stats={"streamed_rows": rows * len(train_sources(cfg)), "documents": {"train": counts.rows}})
+                        stats={"streamed_rows": counts.rows, "documents": {"train": counts.rows}})
