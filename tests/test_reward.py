@@ -140,7 +140,7 @@ def test_grpo_driven_by_the_reward_model_raises_its_score_and_phitune_eval_repor
     })
     result = run_training(cfg)
     metrics = result.metrics
-    # measured -1.82 -> 3.98 (seed 0); asked: a rise of at least 1, a quarter of it
+    # measured -2.14 -> 3.92 (seed 0; 16 held-out prompts); asked: a rise of at least 1, a sixth of it
     assert metrics["reward_model_after"] > metrics["reward_model_before"] + 1
     logged = json.loads((result.output_dir / "checkpoint-20" / "trainer_state.json").read_text())["log_history"]
     assert any("rewards/model/mean" in entry for entry in logged)
