@@ -13,7 +13,8 @@ import difflib
 import re
 import warnings
 
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision")  # the top-level `method` key: what is optimised
+# the top-level `method` key: what is optimised
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision")
 PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference; reward too)
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
@@ -65,8 +66,8 @@ def check_method_training(method: str, training: dict, problems: list[str]) -> N
 
 
 def training_config_class(method: str):
-    """TRL's config dataclass of a method: SFTConfig, DPOConfig, KTOConfig, RewardConfig, GRPOConfig, or the experimental
-    ORPOConfig and CPOConfig (SimPO) of TRL 1.x."""
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, KTOConfig, RewardConfig, GRPOConfig, or the
+    experimental ORPOConfig and CPOConfig (SimPO) of TRL 1.x."""
     import trl  # import here: trl pulls in torch, and most config errors should be instant
 
     if method == "orpo":

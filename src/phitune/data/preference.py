@@ -192,7 +192,8 @@ def check_whole_lengths(pairs: list[PreferencePair], tokenizer, max_seq_length: 
         if longest <= max_seq_length:
             kept.append(pair)
             continue
-        message = f"{pair.where or name}: the pair is {longest} tokens, longer than data.max_seq_length {max_seq_length}"
+        message = (f"{pair.where or name}: the pair is {longest} tokens, longer than data.max_seq_length "
+                   f"{max_seq_length}")
         if on_bad_row == "error":
             raise PhituneError(message + "; raise data.max_seq_length or set data.on_bad_row: skip")
         skipped.append(message)
