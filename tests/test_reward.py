@@ -278,6 +278,9 @@ def test_reward_configs_are_checked_before_anything_loads(reward_run, tmp_path):
     sft = tmp_path / "sft"
     sft.mkdir()
     (sft / "phitune_config.yaml").write_text("method: sft\n")
+    stopped = tmp_path / "stopped"  # a reward run before its first adapter: config saved, nothing trained yet
+    stopped.mkdir()
+    (stopped / "phitune_config.yaml").write_text((rm.output_dir / "phitune_config.yaml").read_text())
     grpo = {"method": "grpo", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "peft_config": {"r": 8}}
     assert config_from_dict({**grpo, "rewards": [{"model": str(rm.output_dir), "weight": 0.5}]}).rewards
     cases = {
@@ -285,6 +288,8 @@ def test_reward_configs_are_checked_before_anything_loads(reward_run, tmp_path):
                                    "first",
         str(tmp_path): f"rewards[0].model: {tmp_path} is not a phitune run (no phitune_config.yaml)",
         str(sft): f"rewards[0].model: {sft} is a method sft run, not a reward model (method: reward)",
+        str(stopped): f"rewards[0].model: {stopped} holds no adapter (adapter_config.json is missing): its training "
+                      "has not finished",
     }
     for path, expected in cases.items():
         with pytest.raises(PhituneError, match="^invalid config: " + re.escape(expected)):

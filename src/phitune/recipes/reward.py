@@ -88,6 +88,10 @@ def make_trainer(cfg: RunConfig, model, tokenizer, data, peft_config, args):
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    dropped = len(pairs.train) - len(trainer.train_dataset)
+    if dropped:  # load_data's length check is TRL's own filter, so this is a bug, not a data problem: say so loudly
+        raise PhituneError(f"TRL's RewardTrainer dropped {dropped} train pairs longer than max_length that phitune's "
+                           "length check kept; report it with phitune --debug")
     if cfg.model.quantization:
         head_in_hidden_dtype(trainer.model)
     return trainer
