@@ -357,3 +357,32 @@ def test_commands_that_need_text_refuse_a_reward_model_with_one_line(reward_run,
     with pytest.raises(PhituneError, match=expected):
         api.generate(["Hi?"], rm.output_dir)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_reward_model_reads_each_padded_row_at_its_own_last_token_whatever_the_config_names(tmp_path):
+    """Real Phi-3 configs name `<|endoftext|>` as pad_token_id while phitune pads with `<unk>`; the score head finds
+    each row's last token by config.pad_token_id. load_score_model sets it to the tokenizer's, so a right-padded
+    batch scores each row as it scores alone; with the config's own id it would not (checked too, so this test can
+    tell)."""
+    import shutil
+
+    from phitune.after.reward_model import score_sequences
+    from phitune.config.schema import ModelConfig
+    from phitune.data.preference import conversation_ids
+    from phitune.models.loading import load_score_model, load_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_path(), base)
+    config = json.loads((base / "config.json").read_text())
+    cfg = ModelConfig(name_or_path=str(base), torch_dtype="float32")
+    tokenizer = load_tokenizer(cfg)
+    config["pad_token_id"] = tokenizer.eos_token_id  # as Phi-3-mini's config.json: 32000, <|endoftext|>
+    (base / "config.json").write_text(json.dumps(config))
+    model = load_score_model(cfg, tokenizer, seed=0)
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    sequences = [conversation_ids(tokenizer, [{"role": "user", "content": "Hi?"}], answer)
+                 for answer in ("Hello there, how are you today?", "No.", "Yes, I am.")]
+    alone = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size=1)
+    assert score_sequences(model, sequences, tokenizer.pad_token_id, batch_size=3) == pytest.approx(alone, abs=1e-5)
+    model.config.pad_token_id = tokenizer.eos_token_id  # the config's own id: padded rows read at the wrong token
+    assert score_sequences(model, sequences, tokenizer.pad_token_id, batch_size=3) != pytest.approx(alone, abs=1e-5)
