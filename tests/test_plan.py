@@ -124,6 +124,9 @@ def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, m
             preference = make_config(method=method, speed=speed, **model,
                                      data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
             assert phitune.run.plan.plan_run(preference).attn_implementation == "sdpa", (method, model)
+    reward = make_config(method="reward", speed=speed, model={"attn_implementation": "auto"},
+                         data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
+    assert phitune.run.plan.plan_run(reward).attn_implementation == "sdpa"  # padded chosen / rejected batches
 
 
 @pytest.mark.parametrize(("shared", "warned"), [("True", True), ("False", False)])

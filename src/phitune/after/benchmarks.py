@@ -168,11 +168,12 @@ def run_benchmarks(run_dir: Path | None, model: str | None, adapter: Path | None
 
     Checks every name before any weight is loaded. The results of an earlier `phitune eval` in the same
     directory (its metrics, other benchmarks) are kept: a benchmark of the same name is replaced."""
-    from phitune.after.generate import resolve_model_source
+    from phitune.after.generate import refuse_reward_model, resolve_model_source
 
     manager = task_manager(names)
     check_benchmark_names(names, manager)
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
+    refuse_reward_model(adapter_dir)
     benchmarks = load_benchmarks(names, manager)
     stop_at_end_of_turn(benchmarks, end_of_turn_strings(model_cfg))
     models = ("base", "fine-tuned") if adapter_dir is not None else ("model",)

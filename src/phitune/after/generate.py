@@ -55,6 +55,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
 
     from phitune.models.loading import load_base_model, load_tokenizer
 
+    refuse_reward_model(adapter)  # before the base loads
     tokenizer = load_tokenizer(model_cfg, padding_side="left")
     model = load_base_model(model_cfg, training=False)
     if torch.cuda.is_available() and not model_cfg.quantization:  # 4-bit models are placed on the GPU as they load
@@ -66,13 +67,28 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | Path | None = None
 
 
 def attach_adapter(model, adapter: str | Path):
-    """Wrap `model` with the PEFT adapter saved in `adapter`."""
+    """Wrap `model` with the PEFT adapter saved in `adapter` (a language model's: see refuse_reward_model)."""
     from peft import PeftModel
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise PhituneError(f"{adapter} holds no PEFT adapter (adapter_config.json is missing)")
+    refuse_reward_model(adapter)
     return PeftModel.from_pretrained(model, str(adapter))
+
+
+def refuse_reward_model(adapter: Path | None) -> None:
+    """One line for a reward model's adapter (method reward: PEFT task_type SEQ_CLS, a score head instead of the
+    language-model head) where a model that writes text is needed: chat, generate, merge, export, serve, benchmarks."""
+    import json
+
+    config = Path(adapter) / "adapter_config.json" if adapter is not None else None
+    if config is None or not config.is_file():
+        return
+    if json.loads(config.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS":
+        raise PhituneError(f"{adapter} is a reward model (method reward): it scores conversations and writes no text; "
+                           f"use it as a GRPO reward (rewards: [{{model: {adapter}}}]) or score its held-out pairs "
+                           f"with phitune eval {adapter}")
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], settings: SamplingSettings | None = None,

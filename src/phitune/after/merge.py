@@ -53,11 +53,12 @@ def merge_adapter(model_cfg: ModelConfig, adapter: Path | None, output_dir: Path
                   push_to_hub: str | None = None, dtype: str = "auto") -> MergeResult:
     """Load the base unquantised in the merge dtype, apply and merge the adapter, save model + tokenizer + generation
     config; `dtype` auto keeps the base checkpoint's dtype."""
-    from phitune.after.generate import attach_adapter
+    from phitune.after.generate import attach_adapter, refuse_reward_model
     from phitune.models.loading import load_base_model, load_tokenizer, untie_embeddings_for
 
     if adapter is None:
         raise PhituneError("nothing to merge: the run holds a full model, not an adapter")
+    refuse_reward_model(adapter)
     output_dir = Path(output_dir).resolve()  # `.` or `..` name no folder: the work folder is named after this one
     check_empty_output(output_dir)
     plain_cfg = replace(model_cfg, quantization=None, torch_dtype=merge_dtype(model_cfg, dtype))

@@ -34,6 +34,9 @@ BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity",
                 ("reward_margin", "reward margin (held out)", "loss"), ("chosen_logp", "log p(chosen)", "loss"),
                 ("rejected_logp", "log p(rejected)", "loss"), ("logp_margin", "log-prob margin (held out)", "loss"),
                 ("desirable_logp", "log p(desirable)", "loss"), ("undesirable_logp", "log p(undesirable)", "loss"),
+                ("pairwise_accuracy", "pairwise accuracy (held out)", "percent"),
+                ("score_margin", "score margin (held out)", "loss"), ("chosen_score", "score of chosen", "loss"),
+                ("rejected_score", "score of rejected", "loss"),
                 ("pass_rate", "pass rate (held out)", "percent"),
                 ("reward", "reward (held out)", "loss")]
 
@@ -110,7 +113,8 @@ def print_eval_table(result) -> None:
         print_benchmark_table(result)
         return
     names = list(result.metrics)
-    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp"} & set(result.metrics[names[0]]):
+    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp", "pairwise_accuracy"} & set(
+            result.metrics[names[0]]):
         print_preference_eval(result)
         return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
@@ -162,8 +166,9 @@ def print_benchmark_table(result) -> None:
 
 def print_preference_eval(result) -> None:
     """The models side by side, one row per metric: preference accuracy, margin and summed log-probabilities (DPO /
-    ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), or each
-    reward's mean and the pass rate of greedy completions (GRPO); KTO and GRPO name their `unit` in info."""
+    ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), a reward
+    model's pairwise accuracy and score margin (reward), or each reward's mean and the pass rate of greedy completions
+    (GRPO); KTO, reward and GRPO name their `unit` in info."""
     names = list(result.metrics)
     unit = result.info.get("unit", "held-out preference pairs")
     table = Table(title=f"phitune eval: {result.info['eval_examples']} {unit}")

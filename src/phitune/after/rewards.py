@@ -15,6 +15,10 @@ A completion is a string, or (conversational prompts) a one-message list `[{"rol
 | `format` | 1.0 when `re.search(pattern, completion, re.DOTALL)` matches (anchor with ^...$ for the whole).    |
 | `json`   | 1.0 when the completion (or its ```json fenced block) parses and, with `schema`, validates.        |
 | `length` | 0.0 up to `max_tokens` completion tokens, then -(tokens - max_tokens) / max_tokens, at least -1.  |
+
+`{model: RUN_DIR}` (optional `batch_size`, default 8) is a reward model, a method reward run: its adapter is loaded
+once on the base its config names (phitune.after.reward_model), and each completion's score is the model's output on
+prompt + completion, scored `batch_size` at a time without gradients. It logs as `rewards/model/mean`.
 """
 
 from __future__ import annotations
@@ -193,14 +197,28 @@ def length_reward(max_tokens: int) -> Callable:
 BUILDERS = {"answer": answer_reward, "format": format_reward, "json": json_reward, "length": length_reward}
 
 
+def model_reward(path: str, batch_size: int = 8) -> Callable:
+    """The `{model: RUN_DIR}` reward: the reward run's score of each completion after its prompt, loaded once now."""
+    from phitune.after.reward_model import load_reward_model
+
+    scorer = load_reward_model(path)
+
+    def model(prompts, completions, **columns):
+        return scorer.score(prompts, [completion_text(c) for c in completions], batch_size)
+    return model
+
+
 def build_rewards(entries: list[dict]) -> list[Reward]:
     """The run's rewards from its `rewards:` entries (checked by config_methods.check_rewards), each wrapped so that
-    a function that raises or returns the wrong number of values stops the run with one line naming it."""
+    a function that raises or returns the wrong number of values stops the run with one line naming it. A reward
+    model is loaded here, once per entry."""
     rewards, seen = [], {}
     for index, entry in enumerate(entries):
-        options = {k: v for k, v in entry.items() if k not in ("name", "function", "weight")}
+        options = {k: v for k, v in entry.items() if k not in ("name", "function", "model", "weight")}
         if "function" in entry:
             func, builtin = load_function(entry["function"], f"rewards[{index}].function"), None
+        elif "model" in entry:
+            func, builtin = model_reward(entry["model"], **options), None
         else:
             func, builtin = BUILDERS[entry["name"]](**options), entry["name"]
         name = getattr(func, "__name__", f"reward{index}")

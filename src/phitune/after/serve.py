@@ -52,10 +52,13 @@ def plan_serve(run_dir: Path, engine: str | None = None, host: str = "127.0.0.1"
                gguf: Path | None = None, verbose: bool = False) -> ServePlan:
     """The server command for `run_dir` on `engine` (default: vLLM on a CUDA machine that has it, else llama.cpp);
     every check runs here, before anything starts. `verbose` (--debug): llama.cpp's own log of loading the model."""
+    from phitune.after.generate import refuse_reward_model
+
     run_dir = Path(run_dir)
     if not (run_dir / "phitune_config.yaml").is_file():
         raise PhituneError(f"{run_dir} is not a finished phitune run (no phitune_config.yaml)")
     refuse_while_training(run_dir)  # whichever engine: the run's adapter and GGUF are about to change
+    refuse_reward_model(run_dir)
     if engine is not None and engine not in ENGINES:
         raise PhituneError(f"--engine {engine} is not one of: {', '.join(ENGINES)}")
     if not 0 < port < 65536:

@@ -1,6 +1,6 @@
 """What the config layer knows of each training method: its name, the TRL config class whose keys
-`training_config` holds, the rules DPO, ORPO, SimPO, KTO and GRPO add (GRPO's `rewards:` section too), and whether
-phitune builds (and may pack) its batches.
+`training_config` holds, the rules DPO, ORPO, SimPO, KTO, reward and GRPO add (GRPO's `rewards:` section too), and
+whether phitune builds (and may pack) its batches.
 
 It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors, so
 the config layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
@@ -13,18 +13,25 @@ import difflib
 import re
 import warnings
 
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo", "vision")  # the top-level `method` key: what is optimised
-PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference)
+# the top-level `method` key: what is optimised
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision")
+PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference; reward too)
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
 
 
 def check_preference_config(method: str, model, data, peft_cfg, problems: list[str]) -> None:
-    """Config rules of the methods that train a LoRA adapter on preferences or rewards (dpo, orpo, simpo, kto, grpo),
-    appended to `problems` with the others."""
+    """Config rules of the methods that train a LoRA adapter on preferences or rewards (dpo, orpo, simpo, kto,
+    reward, grpo), appended to `problems` with the others."""
     if model.adapter and method in ("sft", "vision"):
         problems.append("model.adapter (start from a trained adapter) needs method: dpo, orpo, simpo, kto or grpo")
         return
+    if model.adapter and method == "reward":
+        problems.append("method reward trains a new reward head and adapter on the base; model.adapter (a policy's "
+                        "adapter to start from) does not apply: remove it")
+    if method == "reward" and peft_cfg and peft_cfg.get("task_type", "SEQ_CLS") != "SEQ_CLS":
+        problems.append(f"method reward trains a sequence classification head: peft_config.task_type must be SEQ_CLS "
+                        f"(or left out), got {peft_cfg['task_type']!r}")
     if method in ("sft", "vision"):  # vision: SFT on multimodal rows (recipes/vision.py)
         return
     if peft_cfg is None and not model.adapter:
@@ -59,15 +66,16 @@ def check_method_training(method: str, training: dict, problems: list[str]) -> N
 
 
 def training_config_class(method: str):
-    """TRL's config dataclass of a method: SFTConfig, DPOConfig, KTOConfig, GRPOConfig, or the experimental
-    ORPOConfig and CPOConfig (SimPO) of TRL 1.x."""
+    """TRL's config dataclass of a method: SFTConfig, DPOConfig, KTOConfig, RewardConfig, GRPOConfig, or the
+    experimental ORPOConfig and CPOConfig (SimPO) of TRL 1.x."""
     import trl  # import here: trl pulls in torch, and most config errors should be instant
 
     if method == "orpo":
         return orpo_classes()[0]
     if method == "simpo":
         return cpo_classes()[0]
-    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "reward": trl.RewardConfig,
+            "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
 
 
 def orpo_classes():
@@ -102,7 +110,7 @@ def _experimental(module: str, *names: str) -> tuple:
 
 
 # GRPO's built-in rewards (phitune.after.rewards) and the keys each takes besides `weight`; a user's own function is
-# `function: module:name` or `function: path/to/file.py:name`.
+# `function: module:name` or `function: path/to/file.py:name`; a reward model is `model: RUN_DIR` (a method reward run).
 BUILTIN_REWARDS = {
     "answer": ("column", "extract", "pattern", "reference_pattern"),
     "format": ("pattern",),
@@ -110,6 +118,7 @@ BUILTIN_REWARDS = {
     "length": ("max_tokens",),
 }
 ANSWER_EXTRACTS = ("last_number", "boxed", "regex", "text")
+MODEL_REWARD_KEYS = ("model", "weight", "batch_size")
 
 
 def check_rewards(method: str, rewards, problems: list[str]) -> list[dict] | None:
@@ -135,9 +144,14 @@ def _check_reward(entry: dict, where: str, problems: list[str]) -> None:
     weight = entry.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         problems.append(f"{where}.weight must be a number, got {weight!r}")
-    if ("name" in entry) == ("function" in entry):
-        problems.append(f"{where} needs either name (one of {', '.join(BUILTIN_REWARDS)}) or function "
-                        "(module:function or path/to/file.py:function)")
+    if sum(key in entry for key in ("name", "function", "model")) != 1:
+        problems.append(f"{where} needs one of name (one of {', '.join(BUILTIN_REWARDS)}), function "
+                        "(module:function or path/to/file.py:function) or model (the output directory of a method: "
+                        "reward run)")
+        return
+    if "model" in entry:
+        _unknown_keys(entry, MODEL_REWARD_KEYS, where, problems)
+        _check_model_reward(entry, where, problems)
         return
     if "function" in entry:
         spec = entry["function"]
@@ -152,6 +166,41 @@ def _check_reward(entry: dict, where: str, problems: list[str]) -> None:
         return
     _unknown_keys(entry, ("name", "weight", *BUILTIN_REWARDS[name]), where, problems)
     _check_builtin(name, entry, where, problems)
+
+
+def _check_model_reward(entry: dict, where: str, problems: list[str]) -> None:
+    """`model: RUN_DIR` names a finished method: reward run (its phitune_config.yaml says so, its adapter is there);
+    `batch_size`, the completions scored per forward pass, is a positive count."""
+    from pathlib import Path
+
+    import yaml
+
+    size = entry.get("batch_size", 8)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        problems.append(f"{where}.batch_size must be a positive number of completions, got {size!r}")
+    path = entry["model"]
+    if not isinstance(path, str) or not path.strip():
+        problems.append(f"{where}.model must be the output directory of a method: reward run, got {path!r}")
+        return
+    run = Path(path).expanduser()
+    saved = run / "phitune_config.yaml"
+    if not run.is_dir():
+        problems.append(f"{where}.model: {path} does not exist (train the reward model first: a config with "
+                        "method: reward)")
+        return
+    if not saved.is_file():
+        problems.append(f"{where}.model: {path} is not a phitune run (no phitune_config.yaml); it must be the output "
+                        "directory of a method: reward run")
+        return
+    try:
+        method = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("method") or "sft"
+    except (yaml.YAMLError, AttributeError):
+        method = "unreadable"
+    if method != "reward":
+        problems.append(f"{where}.model: {path} is a method {method} run, not a reward model (method: reward)")
+    elif not (run / "adapter_config.json").is_file():
+        problems.append(f"{where}.model: {path} holds no adapter (adapter_config.json is missing): its training has "
+                        "not finished; finish it with phitune train --resume")
 
 
 def _check_builtin(name: str, entry: dict, where: str, problems: list[str]) -> None:

@@ -320,8 +320,8 @@ def config_from_dict(raw: dict) -> RunConfig:
     prompts = [data.prompt_template] + [s.get("prompt_template") for s in _listed(data) if isinstance(s, dict)]
     if any(prompt is not None for prompt in prompts) and method != "grpo":
         problems.append(f"data.prompt_template applies to method: grpo, not {method}")
-    if method in ("dpo", "orpo", "simpo", "kto", "grpo") and any(isinstance(s, dict) and s.get("format") not in (None, "auto")
-                                                 for s in _listed(data)):
+    if method in ("dpo", "orpo", "simpo", "kto", "reward", "grpo") and any(
+            isinstance(s, dict) and s.get("format") not in (None, "auto") for s in _listed(data)):
         problems.append(f"method {method} detects its rows itself; leave each source's format at auto")
     rewards = check_rewards(method, raw.get("rewards"), problems)
     if problems:

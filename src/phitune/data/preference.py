@@ -1,4 +1,5 @@
-"""Preference data for DPO, ORPO and SimPO: rows of a prompt, a chosen and a rejected answer, normalised to conversations.
+"""Preference data for DPO, ORPO, SimPO and reward models: rows of a prompt, a chosen and a rejected answer, normalised
+to conversations.
 
 | shape          | a row looks like                                                                          |
 | -------------- | ----------------------------------------------------------------------------------------- |
@@ -12,7 +13,9 @@ shape with a redundant `prompt` field; it is accepted when the field agrees with
 Every row becomes a `PreferencePair`: the prompt as messages ending with a user turn, and the two answers as single
 assistant turns. A string prompt is one user turn, so the answers are trained in Phi-3's chat format, as in SFT.
 Tokens follow TRL's DPOTrainer: the prompt rendered with the generation prompt, then prompt + answer rendered whole;
-the answer's tokens are those after the two agree, so the scores phitune reports are those DPO trains on.
+the answer's tokens are those after the two agree, so the scores phitune reports are those DPO trains on. A reward
+model (method reward, TRL's RewardTrainer) reads each side whole instead: prompt + answer rendered as one conversation
+(`conversation_ids`), scored at its last token.
 """
 
 from __future__ import annotations
@@ -172,6 +175,34 @@ def tokenize_answer(tokenizer, prompt: Messages, text: str) -> tuple[list[int], 
     return prompt_ids[:start], full[start:]
 
 
+def conversation_ids(tokenizer, prompt: Messages, answer: str) -> list[int]:
+    """prompt + answer rendered whole with the chat template (no generation prompt), as TRL's RewardTrainer tokenizes
+    one side of a conversational pair: what a reward model reads, in training, in evaluation and as a GRPO reward."""
+    return _render(tokenizer, prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+
+
+def check_whole_lengths(pairs: list[PreferencePair], tokenizer, max_seq_length: int, on_bad_row: str,
+                        name: str) -> tuple[list[PreferencePair], list[str]]:
+    """(kept pairs, skipped) for method reward: a pair whose chosen or rejected conversation is longer than
+    max_seq_length is a bad row. TRL's RewardTrainer would drop it without a word, and cutting it would cut the end,
+    where the reward is read."""
+    kept, skipped = [], []
+    for pair in pairs:
+        longest = max(len(conversation_ids(tokenizer, pair.prompt, text)) for text in (pair.chosen, pair.rejected))
+        if longest <= max_seq_length:
+            kept.append(pair)
+            continue
+        message = (f"{pair.where or name}: the pair is {longest} tokens, longer than data.max_seq_length "
+                   f"{max_seq_length}")
+        if on_bad_row == "error":
+            raise PhituneError(message + "; raise data.max_seq_length or set data.on_bad_row: skip")
+        skipped.append(message)
+    if not kept:
+        raise PhituneError(f"the {name} set is empty after skipping {len(skipped)} pairs longer than "
+                           "data.max_seq_length")
+    return kept, skipped
+
+
 def _render(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             add_generation_prompt=add_generation_prompt)
@@ -229,6 +260,7 @@ class PreferenceDataReport:
     histogram: object = None
     warnings: list[str] = field(default_factory=list)
     sources: list = field(default_factory=list)  # a mixture: phitune.data.mixture.SourceShare per source
+    truncated_label: str = "answers truncated"  # method reward: "pairs too long" (it drops them, never cuts)
 
     def summary(self) -> dict:
         rows = {"format": self.format, **self.counts}
@@ -236,14 +268,14 @@ class PreferenceDataReport:
             ordered = sorted(values)
             rows[f"{name} tokens min / median / max"] = f"{ordered[0]} / {ordered[len(ordered) // 2]} / {ordered[-1]}"
         rows["max_seq_length"] = self.max_seq_length
-        rows.update({f"answers truncated ({name})": n for name, n in self.truncated.items()})
+        rows.update({f"{self.truncated_label} ({name})": n for name, n in self.truncated.items()})
         return rows
 
 
 def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> PreferenceDataReport:
     """Read the pairs as training does (bad rows skipped and reported), tokenize them as DPOTrainer does, and
     collect lengths, one rendered pair and the warnings: identical answers, empty answers, answers cut by
-    data.max_seq_length, other malformed rows."""
+    data.max_seq_length (method reward: pairs longer than it, which it refuses or skips), other malformed rows."""
     from dataclasses import replace
 
     from phitune.data.inspect import HISTOGRAM_PNG, plot_lengths, report_dir
@@ -263,12 +295,15 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
                (tokenizer.decode(shown.chosen_ids), True), ("\n[rejected] ", False),
                (tokenizer.decode(shown.rejected_ids), True)]
     problems = {name: [truncation_problem(t, limit) for t in toks] for name, toks in tokens.items()}
+    whole = cfg.method == "reward"  # prompt + answer is read whole: any pair past the limit is "long"
+    if whole:
+        problems = {name: [p and "long" for p in found] for name, found in problems.items()}
     report = PreferenceDataReport(
         source=str(cfg.data.train), format=data.format,
         counts={"train pairs": len(data.train), "eval pairs": len(data.eval), "skipped rows": len(data.skipped)},
         lengths=lengths, max_seq_length=limit,
         truncated={name: sum(p is not None for p in found) for name, found in problems.items()},
-        example=example,
+        example=example, truncated_label="pairs too long" if whole else "answers truncated",
     )
     report.warnings = preference_warnings(data, problems, limit, cfg.data.on_bad_row)
     totals = [p + max(c, r) for p, c, r in zip(*lengths.values())]
@@ -284,8 +319,9 @@ def report_key(cfg, kind: str = "pairs") -> str:
 
 
 def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad_row: str) -> list[str]:
-    """Pairs that teach nothing (identical answers), rows dropped for empty answers or other faults, and answers
-    that data.max_seq_length cuts (a cut answer is compared on its first tokens only)."""
+    """Pairs that teach nothing (identical answers), rows dropped for empty answers or other faults, answers that
+    data.max_seq_length cuts (a cut answer is compared on its first tokens only), and, for method reward, pairs
+    longer than it ("long")."""
     warnings = []
     same = [p.where for p in data.train + data.eval if p.chosen.strip() == p.rejected.strip()]
     if same:
@@ -298,7 +334,10 @@ def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad
     if others:
         warnings.append(f"{len(others)} other malformed rows ({fate}); first: {others[0]}")
     for name, found in problems.items():
-        cut, lost = found.count("cut"), found.count("lost")
+        cut, lost, long = found.count("cut"), found.count("lost"), found.count("long")
+        if long:
+            warnings.append(f"{name}: {long} pairs are longer than max_seq_length {limit}; a reward model reads them "
+                            f"whole, so they are bad rows ({fate})")
         if cut:
             warnings.append(f"{name}: {cut} pairs have an answer cut by max_seq_length {limit}; raise "
                             "data.max_seq_length or shorten the prompts")

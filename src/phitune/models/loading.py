@@ -185,12 +185,13 @@ def quantization_config(cfg: ModelConfig, sharded: bool = False):
 
 
 def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, padding_free: bool = False,
-                    sharded: bool = False, dtype=None, attn_implementation: str | None = None):
+                    sharded: bool = False, dtype=None, attn_implementation: str | None = None, head: str = "lm"):
     """Load the causal LM in the configured dtype and attention implementation; no KV cache while training.
 
     `padding_free` says the batches will be concatenated rows, which changes what attention `auto` picks. A training
     run passes `dtype` and `attn_implementation` as its RunPlan resolved them (phitune.run.plan), so they are decided
-    once; other callers leave them None and they are resolved from `cfg` here."""
+    once; other callers leave them None and they are resolved from `cfg` here. `head="score"` loads the same
+    checkpoint as a reward model instead (see load_score_model's note on the head)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -198,8 +199,9 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
     quant = quantization_config(cfg, sharded=sharded)
     if quant is not None and device_map is None and not sharded:  # FSDP places the shards itself
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    auto_class, head_kwargs = (AutoModelForCausalLM, {}) if head == "lm" else _score_head_class()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             cfg.name_or_path,
             dtype=dtype if dtype is not None else resolve_dtype(cfg.torch_dtype, log_choice=True),
             attn_implementation=attn_implementation or resolve_attn_implementation(cfg.attn_implementation,
@@ -209,6 +211,7 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
             quantization_config=quant,
             device_map=device_map,
             use_safetensors=True,
+            **head_kwargs,
         )
     except ImportError as exc:
         raise PhituneError(f"cannot load {cfg.name_or_path}: {first_line(exc)}") from None
@@ -227,6 +230,38 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
         refuse_dropped_gradients()
         name_experts_for_trl(model.config.get_text_config())
     model.config.use_cache = not training
+    return model
+
+
+def _score_head_class():
+    """(AutoModelForSequenceClassification, its one-output kwargs), for load_base_model's head="score"."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification, {"num_labels": 1}
+
+
+def load_score_model(cfg: ModelConfig, tokenizer, training: bool = False, seed: int | None = None, dtype=None,
+                     attn_implementation: str | None = None, sharded: bool = False):
+    """The base with a reward head instead of its language-model head: `score`, one linear layer hidden -> 1, read at
+    each sequence's last token that is not padding (transformers' *ForSequenceClassification, Phi3's included).
+
+    The head is not in a causal LM's checkpoint, so it starts random: `seed` (the run's training_config.seed) makes it
+    the same head in training and in `phitune eval`'s "untrained head" column. The model finds the last token by
+    `config.pad_token_id`, which must be the id the tokenizer pads with (phitune pads Phi-3 with `<unk>`, while Phi-3's
+    config names `<|endoftext|>`): otherwise a padded row is scored at a padding position."""
+    from transformers import set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if seed is not None:
+        set_seed(seed)
+    with suppress_seqcls_warning():  # "score.weight missing", "lm_head.weight unexpected": both by design here
+        model = load_base_model(cfg, training=training, dtype=dtype, attn_implementation=attn_implementation,
+                                sharded=sharded, head="score")
+    if not hasattr(model, "score"):
+        raise PhituneError(f"{cfg.name_or_path} ({model.config.model_type}) has no `score` head in transformers' "
+                           "sequence classification class; method reward needs one (every Phi text model has it)")
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 

@@ -89,25 +89,35 @@ def padded_trainer_settings(cfg: RunConfig, has_eval: bool, plan: RunPlan) -> di
     return settings
 
 
-def load_model_for_training(cfg: RunConfig, plan: RunPlan):
+def load_model_for_training(cfg: RunConfig, plan: RunPlan, head: str = "lm"):
     """The base model (4-bit for QLoRA), with LoRA layers injected for the loralib backend; the PEFT LoraConfig.
 
     The dtype, attention kernel and sharding come from `plan`, which has also checked the target modules against the
-    model's layers. Shared by the recipes: SFT's model, and DPO / ORPO's policy when it starts from a fresh adapter."""
-    from phitune.models.loading import load_base_model, resolve_peft_targets, untie_embeddings_for
+    model's layers. Shared by the recipes: SFT's model, and DPO / ORPO's policy when it starts from a fresh adapter.
+    `head="score"` (method reward): the base with a one-output reward head (models.loading.load_score_model), seeded
+    with training_config.seed, and a SEQ_CLS LoraConfig whose modules_to_save keeps the trained head in the adapter."""
+    from phitune.models.loading import (load_base_model, load_score_model, load_tokenizer, resolve_peft_targets,
+                                        untie_embeddings_for)
 
     if cfg.backend == "loralib" and cfg.model.quantization:
         raise PhituneError("peft_config.backend loralib wraps plain linear layers, not 4-bit ones; use backend: peft "
                            "for QLoRA")
-    model = load_base_model(cfg.model, training=True, sharded=plan.sharded, dtype=plan.dtype,
-                            attn_implementation=plan.attn_implementation)
+    if head == "score":
+        model = load_score_model(cfg.model, load_tokenizer(cfg.model), training=True, sharded=plan.sharded,
+                                 seed=cfg.training_config.get("seed", 42), dtype=plan.dtype,
+                                 attn_implementation=plan.attn_implementation)
+    else:
+        model = load_base_model(cfg.model, training=True, sharded=plan.sharded, dtype=plan.dtype,
+                                attn_implementation=plan.attn_implementation)
     if cfg.backend == "full":
         if cfg.model.quantization:
             raise PhituneError("a quantized (4-bit) model cannot be fully fine-tuned; add a peft_config for QLoRA")
         return model, None
     settings = dict(cfg.peft_config)
     settings.pop("backend", None)
-    settings.setdefault("task_type", "CAUSAL_LM")
+    settings.setdefault("task_type", "SEQ_CLS" if head == "score" else "CAUSAL_LM")
+    if head == "score":  # PEFT adds it for SEQ_CLS too; named here so adapter_config.json says it
+        settings["modules_to_save"] = list(dict.fromkeys([*(settings.get("modules_to_save") or []), "score"]))
     untie_embeddings_for(model, settings.get("target_modules"))  # LoRA on tied lm_head / embed_tokens: untie first
     if cfg.backend == "loralib":
         from transformers import set_seed

@@ -33,7 +33,7 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
                model: str | None = None, adapter: Path | None = None) -> ExportResult:
     """Export a run (or --model / --adapter) to `output`; every check runs before the model is loaded."""
     from phitune.after.export.quant import check_quant
-    from phitune.after.generate import resolve_model_source
+    from phitune.after.generate import refuse_reward_model, resolve_model_source
 
     output = Path(output)
     if fmt not in FORMATS:
@@ -47,6 +47,7 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
         raise PhituneError(f"{output.parent / 'Modelfile'} exists; export to another directory or remove it")
     model_cfg, adapter_dir = resolve_model_source(run_dir, model, adapter)
     refuse_vision_models(model_cfg)
+    refuse_reward_model(adapter_dir)
     try:
         return _export(model_cfg, adapter_dir, output, fmt, check_quant(quant), ollama)
     except Exception as exc:
