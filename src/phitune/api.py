@@ -62,7 +62,8 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
     """Base and fine-tuned model side by side (`phitune eval`); returns an EvalResult whose `metrics` maps
     "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO /
     SimPO run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp; for a KTO run, to desirable_logp,
-    undesirable_logp, logp_margin.
+    undesirable_logp, logp_margin; for a distill run, "base" / "fine-tuned" / "teacher" to kl_to_teacher, eval_loss,
+    perplexity.
 
     `benchmarks` (`phitune eval --benchmarks`): lm-evaluation-harness task names or task YAML files instead, at
     most `limit` examples each; the scores are in the result's `benchmarks` (docs/benchmarks.md).

@@ -159,7 +159,7 @@ def eval_(
     """Compare base and fine-tuned model as the run's method scores it: eval loss, perplexity, token accuracy,
     ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo, simpo); the
     log-probability margin of desirable over undesirable held-out completions (kto); reward means and pass rate of
-    greedy completions (grpo); with --benchmarks, lm-eval's tasks."""
+    greedy completions (grpo); KL to the teacher and held-out loss (distill); with --benchmarks, lm-eval's tasks."""
     from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 

@@ -35,7 +35,7 @@ BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity",
                 ("rejected_logp", "log p(rejected)", "loss"), ("logp_margin", "log-prob margin (held out)", "loss"),
                 ("desirable_logp", "log p(desirable)", "loss"), ("undesirable_logp", "log p(undesirable)", "loss"),
                 ("pass_rate", "pass rate (held out)", "percent"),
-                ("reward", "reward (held out)", "loss")]
+                ("reward", "reward (held out)", "loss"), ("kl_to_teacher", "KL to the teacher (held out)", "loss")]
 
 
 def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
@@ -107,7 +107,8 @@ def print_eval_table(result) -> None:
         print_benchmark_table(result)
         return
     names = list(result.metrics)
-    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp"} & set(result.metrics[names[0]]):
+    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp", "kl_to_teacher"} & set(
+            result.metrics[names[0]]):
         print_preference_eval(result)
         return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
@@ -157,8 +158,9 @@ def print_benchmark_table(result) -> None:
 
 def print_preference_eval(result) -> None:
     """The models side by side, one row per metric: preference accuracy, margin and summed log-probabilities (DPO /
-    ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), or each
-    reward's mean and the pass rate of greedy completions (GRPO); KTO and GRPO name their `unit` in info."""
+    ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), each
+    reward's mean and the pass rate of greedy completions (GRPO), or the KL to the teacher and the held-out loss
+    (distill); KTO, GRPO and distill name their `unit` in info."""
     names = list(result.metrics)
     unit = result.info.get("unit", "held-out preference pairs")
     table = Table(title=f"phitune eval: {result.info['eval_examples']} {unit}")
