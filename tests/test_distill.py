@@ -55,12 +55,13 @@ def teacher_dir(tiny_model_dir, tmp_path_factory):
 
 
 def teacher_forward_counter():
-    """A global forward hook counting the calls of a whole causal LM none of whose parameters trains: the teacher
-    (the student's base is frozen too, but its LoRA parameters train)."""
+    """A global forward hook counting the calls of a whole causal LM without LoRA layers: the teacher (the student
+    is the same architecture, with its adapter's layers inside)."""
     calls = []
 
     def hook(module, args, output):
-        if type(module).__name__ == "Phi3ForCausalLM" and not any(p.requires_grad for p in module.parameters()):
+        if type(module).__name__ == "Phi3ForCausalLM" and not any("lora_" in name for name, _ in
+                                                                   module.named_parameters()):
             calls.append(module)
 
     return calls, torch.nn.modules.module.register_module_forward_hook(hook)
