@@ -110,7 +110,7 @@ def test_distillation_brings_the_held_out_kl_to_the_teacher_below_what_sft_on_th
 def test_the_teacher_runs_once_per_batch_and_never_trains(distill_run, teacher_dir):
     """8 training batches, and the 16 held-out rows (2 batches) scored by the teacher before (its own loss, and the
     starting student's KL) and after: 8 + 2 x 3 forward passes of the teacher, no more; its files are as they were."""
-    _, result, _, calls = distill_run
+    _, _, _, calls = distill_run
     assert len(calls) == 8 + 2 * 3
     assert len({id(teacher) for teacher in calls}) == 1
     assert all(not p.requires_grad for p in calls[0].parameters()) and not calls[0].training
