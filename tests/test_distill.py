@@ -264,6 +264,16 @@ def test_distill_config_is_checked_before_anything_loads():
     config_from_dict({**base, "training_config": {"lmbda": 0, "seq_kd": False}})  # the off-policy values are fine
 
 
+def test_a_teacher_that_is_not_there_is_named_as_the_teacher(tiny_model_dir, tmp_path):
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer
+    from phitune.models.teacher import check_shared_vocabulary
+
+    student = ModelConfig(name_or_path=str(tiny_model_dir))
+    with pytest.raises(PhituneError, match=rf"^teacher: model path does not exist: {tmp_path / 'nope'}$"):
+        check_shared_vocabulary(student, load_tokenizer(student), ModelConfig(name_or_path=str(tmp_path / "nope")))
+
+
 def test_phitune_data_shows_the_chat_rows_a_student_distills_on(tiny_model_dir, teacher_dir, tmp_path):
     from phitune import api
 

@@ -36,7 +36,10 @@ def resolve_teacher(teacher: ModelConfig) -> ModelConfig:
 def check_shared_vocabulary(student: ModelConfig, student_tokenizer, teacher: ModelConfig) -> None:
     """Refuse, in one line naming both, a teacher whose tokenizer or logit width differs from the student's: without
     the same ids for the same tokens, KL between their distributions compares unrelated words."""
-    teacher_tokenizer = load_tokenizer(teacher)  # a run directory holds the tokenizer it trained with
+    try:
+        teacher_tokenizer = load_tokenizer(teacher)  # a run directory holds the tokenizer it trained with
+    except PhituneError as exc:
+        raise PhituneError(f"teacher: {exc}") from None
     ours, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if ours != theirs:
         raise PhituneError(f"method distill needs a teacher that shares the student's tokenizer: the student's "
