@@ -69,12 +69,13 @@ def teacher_forward_counter():
 
 @pytest.fixture(scope="module")
 def distill_run(tiny_model_dir, teacher_dir, tmp_path_factory):
-    """8 steps of distillation, and 8 steps of SFT on the same rows with the same seed; the teacher's forward passes
-    counted during the distillation."""
+    """8 steps of distillation (with TRL's held-out evaluation at the last step), and 8 steps of SFT on the same rows
+    with the same seed; the teacher's forward passes counted during the distillation."""
     from phitune.train import run_training
 
     folder = tmp_path_factory.mktemp("distill")
-    cfg = run_config(tiny_model_dir, folder / "distill", method="distill", teacher=teacher_dir)
+    cfg = run_config(tiny_model_dir, folder / "distill", method="distill", teacher=teacher_dir,
+                     training_config={"eval_strategy": "steps", "eval_steps": 8})
     calls, handle = teacher_forward_counter()
     try:
         result = run_training(cfg)
@@ -105,13 +106,18 @@ def test_distillation_brings_the_held_out_kl_to_the_teacher_below_what_sft_on_th
     assert metrics["kl_to_teacher_after"] < metrics["kl_to_teacher_before"] - 0.08
     assert metrics["kl_to_teacher_after"] < sft_kl - 0.008
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # the data's own tokens: learned too
+    # GKD's held-out loss at beta 0 is the same KL, averaged per batch rather than per token
+    state = json.loads((result.output_dir / "checkpoint-8" / "trainer_state.json").read_text())
+    trl_eval = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert trl_eval and trl_eval[-1] == pytest.approx(metrics["kl_to_teacher_after"], abs=0.01)
 
 
 def test_the_teacher_runs_once_per_batch_and_never_trains(distill_run, teacher_dir):
-    """8 training batches, and the 16 held-out rows (2 batches) scored by the teacher before (its own loss, and the
-    starting student's KL) and after: 8 + 2 x 3 forward passes of the teacher, no more; its files are as they were."""
+    """8 training batches, TRL's evaluation at step 8 (16 held-out rows: 2 batches), and the held-out rows scored by
+    the teacher before (its own loss, and the starting student's KL) and after: 8 + 2 + 2 x 3 forward passes of the
+    teacher, no more; its files are as they were."""
     _, _, _, calls = distill_run
-    assert len(calls) == 8 + 2 * 3
+    assert len(calls) == 8 + 2 + 2 * 3
     assert len({id(teacher) for teacher in calls}) == 1
     assert all(not p.requires_grad for p in calls[0].parameters()) and not calls[0].training
     weights = load_file(str(teacher_dir / "model.safetensors"))
