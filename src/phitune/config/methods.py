@@ -13,7 +13,7 @@ import difflib
 import re
 import warnings
 
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo", "vision", "distill")  # the top-level `method` key: what is optimised
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo", "vision", "distill")  # the top-level `method` key
 PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference)
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
