@@ -232,6 +232,7 @@ def test_a_nan_loss_stops_distillation_and_keeps_the_last_good_checkpoint(tiny_m
 
 def test_a_teacher_with_another_tokenizer_stops_with_one_line_naming_both(tiny_model_dir, tmp_path):
     """The shipped tiny Phi-4-mini has its own tokenizer: refused before any weight loads or anything is written."""
+    from phitune import api
     from phitune.config.schema import save_config
     from phitune.tiny.families import TINY_PHI4_MINI
     from test_errors import run_cli
@@ -245,6 +246,8 @@ def test_a_teacher_with_another_tokenizer_stops_with_one_line_naming_both(tiny_m
     assert len(lines) == 1 and lines[0].startswith("error: method distill needs a teacher that shares the "
                                                    "student's tokenizer"), shown.stderr
     assert str(tiny_model_dir) in lines[0] and str(other) in lines[0]
+    with pytest.raises(PhituneError, match="^method distill needs a teacher that shares the student's tokenizer"):
+        api.inspect_data(cfg)  # `phitune data` says so too, before anyone trains
 
 
 def test_distill_config_is_checked_before_anything_loads():

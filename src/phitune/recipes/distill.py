@@ -185,7 +185,11 @@ def evaluate_run(model_cfg, adapter: Path | None, data_cfg, output_dir: Path, *,
 
 def inspect_data(cfg: RunConfig, output: Path | None, example_index: int = 0):
     """`phitune data` on a distill run's rows: SFT's conversations and masks (phitune.data.inspect), the tokens whose
-    teacher distributions the student learns."""
+    teacher distributions the student learns; first, as training does, the teacher's tokenizer is checked to be the
+    student's (tokenizers only, no weights)."""
     from phitune.data.inspect import inspect_data as inspect_conversations
+    from phitune.models.loading import load_tokenizer
+    from phitune.models.teacher import check_shared_vocabulary
 
+    check_shared_vocabulary(cfg.model, load_tokenizer(cfg.model), cfg.teacher)
     return inspect_conversations(cfg, output, example_index=example_index)
