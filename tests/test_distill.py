@@ -204,15 +204,18 @@ def test_a_teacher_run_with_an_adapter_and_a_4_bit_teacher_load_frozen(tiny_mode
     assert not any(p.requires_grad for p in four_bit.parameters())
 
 
-def test_distillation_from_a_4_bit_teacher_trains(tiny_model_dir, teacher_dir, tmp_path):
+def test_qlora_distillation_from_a_4_bit_teacher_trains(tiny_model_dir, teacher_dir, tmp_path):
+    """The student's QLoRA lines (model.quantization) and the teacher's (teacher.quantization) are the same lines:
+    both bases load in 4 bits, the student's adapter trains and its KL to the teacher falls."""
     from phitune.train import run_training
 
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
     cfg = run_config(tiny_model_dir, tmp_path / "q", method="distill", teacher=teacher_dir,
-                     training_config={"max_steps": 2, "save_steps": 2})
+                     model={"quantization": quant}, training_config={"max_steps": 2, "save_steps": 2})
     cfg.teacher.quantization = quant
-    metrics = run_training(cfg).metrics
-    assert metrics["kl_to_teacher_after"] < metrics["kl_to_teacher_before"]
+    result = run_training(cfg)
+    assert type(result.model.base_model.model.model.layers[0].self_attn.qkv_proj.base_layer).__name__ == "Linear4bit"
+    assert result.metrics["kl_to_teacher_after"] < result.metrics["kl_to_teacher_before"]
 
 
 def test_a_nan_loss_stops_distillation_and_keeps_the_last_good_checkpoint(tiny_model_dir, teacher_dir, tmp_path):
