@@ -1,9 +1,9 @@
 """Distillation (phitune.recipes.distill, phitune.models.teacher) on the tiny Phi-3: the student's held-out KL to the
 teacher falls further under distillation than under SFT on the same rows, with the same steps and seed; the teacher
-runs once per batch and never trains; the adapter reloads in plain PEFT; `phitune eval` and the API agree with the
-CLI; a run killed with SIGKILL resumes to the uninterrupted adapter; SIGTERM saves and stops; a 4-bit teacher, a
-teacher that is a run directory with an adapter, and the NaN guard hold; a teacher with another tokenizer, and bad
-configs, stop with one line; `phitune data` shows the rows.
+runs once per batch and never trains; the adapter reloads in plain PEFT and merges; `phitune eval` and the API agree
+with the CLI; a run killed with SIGKILL resumes to the uninterrupted adapter; SIGTERM saves and stops; a QLoRA
+student with a 4-bit teacher, a teacher that is a run directory with an adapter, and the NaN guard hold; a teacher
+with another tokenizer, and bad configs, stop with one line; `phitune data` shows the rows.
 
 The teacher is the tiny Phi-3 after a full fine-tune (16 steps) on the demo chats: the same tokenizer as the student,
 sharper distributions (held-out loss about 5.6 against the student's 10.4), reached by weights a LoRA adapter on the
@@ -132,6 +132,23 @@ def test_the_distilled_adapter_is_a_plain_peft_adapter_that_reproduces_the_score
     scores = held_out_scores(cfg, result.output_dir)
     assert scores["kl_to_teacher"] == pytest.approx(result.metrics["kl_to_teacher_after"], abs=1e-4)
     assert scores["loss"] == pytest.approx(result.metrics["eval_loss_after"], abs=1e-4)
+
+
+def test_a_distilled_adapter_merges_into_a_model_plain_transformers_scores_the_same(distill_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from phitune import api
+    from phitune.after.evaluate import distillation_metrics, eval_conversations, tokenize_eval_set
+    from phitune.models.loading import load_tokenizer
+    from phitune.models.teacher import load_teacher
+
+    cfg, result, _, _ = distill_run
+    merged = api.merge(result.output_dir, tmp_path / "merged").output_dir
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
+    tokenizer = load_tokenizer(cfg.model)
+    held_out = tokenize_eval_set(eval_conversations(cfg.data, True), tokenizer, cfg.data)
+    scores = distillation_metrics(model, load_teacher(cfg.teacher), held_out, tokenizer.pad_token_id)
+    assert scores["kl_to_teacher"] == pytest.approx(result.metrics["kl_to_teacher_after"], abs=1e-3)
 
 
 def test_phitune_eval_on_a_distill_run_scores_base_tuned_and_teacher(distill_run, tmp_path):
