@@ -26,7 +26,8 @@ DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_cha
 # pytest-xdist's loadfile hands files to the two workers in collection order, so a long file handed out last would
 # leave the other worker idle at the end. test_benchmarks builds the demo's run that test_promises and test_demo use
 # after it, while the other worker runs the notebook.
-LONGEST_FIRST = ["test_benchmarks.py", "test_notebook.py", "test_kto.py", "test_reward.py", "test_families.py",
+LONGEST_FIRST = ["test_benchmarks.py", "test_notebook.py", "test_kto.py", "test_reward.py", "test_distill.py",
+                 "test_families.py",
                  "test_errors.py", "test_grpo_tiny.py", "test_modeling_dtype.py", "test_safety.py", "test_console.py",
                  "test_promises.py", "test_preference.py", "test_speed.py", "test_data_prepare.py",
                  "test_data_text.py", "test_train.py", "test_speech.py", "test_vision_data.py", "test_grpo.py"]

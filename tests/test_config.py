@@ -164,7 +164,8 @@ def _checked_config_classes():
 
     from phitune.config.schema import DataConfig, ModelConfig, SpeedConfig, training_config_class
 
-    trl_classes = [training_config_class(method) for method in ("sft", "dpo", "orpo", "simpo", "kto", "reward")]
+    trl_classes = [training_config_class(method)
+                   for method in ("sft", "dpo", "orpo", "simpo", "kto", "reward", "distill")]
     return [ModelConfig, DataConfig, SpeedConfig, LoraConfig, *trl_classes]
 
 

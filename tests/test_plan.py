@@ -104,7 +104,7 @@ def test_plan_refuses_a_target_that_matches_nothing_before_any_weight_is_read(ma
 
 def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, monkeypatch, tmp_path):
     """`attn_implementation: auto` on a CUDA machine without flash-attn: flex_attention for SFT's padding-free
-    batches, sdpa for DPO and ORPO (TRL pads their pairs), with or without a starting adapter. The choice is made in
+    batches, sdpa for DPO, ORPO and distill (TRL pads their rows), with or without a starting adapter. The choice is made in
     plan_run before any weight is read, so the CUDA check can be stood in for on a CPU."""
     import importlib.util
 
@@ -127,6 +127,9 @@ def test_on_cuda_auto_attention_is_flex_only_for_padding_free_sft(make_config, m
     reward = make_config(method="reward", speed=speed, model={"attn_implementation": "auto"},
                          data={"eval": None, "max_train_examples": None, "max_eval_examples": None})
     assert phitune.run.plan.plan_run(reward).attn_implementation == "sdpa"  # padded chosen / rejected batches
+    distill = make_config(method="distill", model={"attn_implementation": "auto"}, speed=speed,
+                          teacher={"name_or_path": str(tmp_path)})
+    assert phitune.run.plan.plan_run(distill).attn_implementation == "sdpa"  # GKD pads the rows as TRL collates them
 
 
 @pytest.mark.parametrize(("shared", "warned"), [("True", True), ("False", False)])

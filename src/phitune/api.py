@@ -63,7 +63,8 @@ def evaluate(run_dir: str | Path | None = None, model: str | None = None, adapte
     "base" / "fine-tuned" (or "model") to loss, perplexity, token_accuracy, rougeL_f1, exact_match; for a DPO / ORPO /
     SimPO run, to preference_accuracy, reward_margin, chosen_logp, rejected_logp; for a KTO run, to desirable_logp,
     undesirable_logp, logp_margin; for a reward run, "untrained head" / "fine-tuned" to pairwise_accuracy,
-    score_margin, chosen_score, rejected_score.
+    score_margin, chosen_score, rejected_score; for a distill run, "base" / "fine-tuned" / "teacher" to
+    kl_to_teacher, eval_loss, perplexity.
 
     `benchmarks` (`phitune eval --benchmarks`): lm-evaluation-harness task names or task YAML files instead, at
     most `limit` examples each; the scores are in the result's `benchmarks` (docs/benchmarks.md).

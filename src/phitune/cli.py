@@ -160,7 +160,7 @@ def eval_(
     ROUGE-L and exact match (sft, vision); preference accuracy and margin on held-out pairs (dpo, orpo, simpo); the
     log-probability margin of desirable over undesirable held-out completions (kto); pairwise accuracy of the untrained
     head and the reward model on held-out pairs (reward); reward means and pass rate of greedy completions (grpo);
-    with --benchmarks, lm-eval's tasks."""
+    KL to the teacher and held-out loss (distill); with --benchmarks, lm-eval's tasks."""
     from phitune.after.report import print_eval_table
     from phitune.train import evaluate_run
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from phitune.config.schema import RunConfig, save_config
 from phitune.errors import PhituneError
-from phitune.recipes import grpo, kto, preference, reward, sft, vision
+from phitune.recipes import distill, grpo, kto, preference, reward, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_intact_checkpoint
 from phitune.run.lifecycle import RunResult, finish, fit, resume_command
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
@@ -31,7 +31,7 @@ from phitune.runlock import RunLock, is_main_process
 log = logging.getLogger("phitune")
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "simpo": preference, "kto": kto, "reward": reward,
-           "grpo": grpo, "vision": vision}  # config.methods.METHODS names the same keys
+           "grpo": grpo, "vision": vision, "distill": distill}  # config.methods.METHODS names the same keys
 
 
 def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,

@@ -268,6 +268,31 @@ def teacher_forced_metrics(model, tokenizer, tokenized: tuple[list, list], batch
     return metrics
 
 
+def distillation_metrics(model, teacher, tokenized: tuple[list, list], pad_id: int, batch_size: int = 8) -> dict:
+    """kl_to_teacher (mean KL(p_teacher || p_model) per trained token), loss and perplexity of `model` over the
+    labelled tokens of `tokenized` (phitune.after.metrics): what a distilled student is judged by, the teacher's
+    distributions and the data's own tokens."""
+    import torch
+
+    from phitune.after.metrics import perplexity, teacher_kl_sums
+
+    totals = torch.zeros(3, dtype=torch.float64)
+    input_ids, labels = tokenized
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(input_ids), batch_size):
+        ids, mask, labs = _right_pad(input_ids[start : start + batch_size], labels[start : start + batch_size], pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            reference = teacher(input_ids=ids.to(teacher.device), attention_mask=mask.to(teacher.device)).logits
+        totals += teacher_kl_sums(logits, reference, labs.to(logits.device))
+    model.train(was_training)
+    kl_sum, nll_sum, tokens = totals.tolist()
+    if tokens == 0:
+        raise PhituneError("the eval set has no trained tokens to score")
+    return {"kl_to_teacher": kl_sum / tokens, "loss": nll_sum / tokens, "perplexity": perplexity(nll_sum / tokens)}
+
+
 def _right_pad(ids: list[list[int]], labels: list[list[int]], pad_id: int):
     import torch
 

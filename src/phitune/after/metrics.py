@@ -4,6 +4,7 @@ Over the trained (label != -100) tokens, where position t predicts token t+1:
     loss           = sum of cross-entropy / number of trained tokens   (token-weighted)
     perplexity     = exp(loss)
     token_accuracy = share of trained tokens whose argmax prediction is the label
+    kl_to_teacher  = sum over trained tokens of KL(p_teacher || p_model) / number of trained tokens   (method distill)
 
 Token-weighted sums do not depend on how rows are batched, padded or split across processes, so N processes that
 each score a shard and add their sums report the loss of one process scoring everything. (The Trainer's own eval
@@ -80,3 +81,22 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: in
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
     return (logps * scored[:, 1:].to(device)).sum(-1).cpu()
+
+
+def teacher_kl_sums(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(summed KL(p_teacher || p_model), summed cross-entropy, trained tokens), float64 of shape (3,), over the
+    positions that predict a trained token, at temperature 1:
+
+        KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))   (nats; 0 when the two distributions agree)
+
+    logits and teacher_logits (B, T, V), labels (B, T). Rows one at a time, as sequence_token_stats does."""
+    targets = labels[:, 1:]
+    sums = torch.zeros(3, dtype=torch.float64)
+    for row in range(logits.shape[0]):
+        keep = targets[row] != -100
+        student = torch.log_softmax(logits[row, :-1][keep].float(), dim=-1)  # (N, V)
+        teacher = torch.log_softmax(teacher_logits[row, :-1][keep].float().to(student.device), dim=-1)
+        kl = (teacher.exp() * (teacher - student)).sum(-1)
+        nll = -student.gather(-1, targets[row][keep][:, None]).squeeze(-1)
+        sums += torch.tensor([kl.sum().item(), nll.sum().item(), kl.numel()], dtype=torch.float64)
+    return sums

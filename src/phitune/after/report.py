@@ -38,7 +38,7 @@ BEFORE_AFTER = [("eval_loss", "eval loss", "loss"), ("perplexity", "perplexity",
                 ("score_margin", "score margin (held out)", "loss"), ("chosen_score", "score of chosen", "loss"),
                 ("rejected_score", "score of rejected", "loss"),
                 ("pass_rate", "pass rate (held out)", "percent"),
-                ("reward", "reward (held out)", "loss")]
+                ("reward", "reward (held out)", "loss"), ("kl_to_teacher", "KL to the teacher (held out)", "loss")]
 
 
 def run_summary_rows(metrics: dict) -> list[tuple[str, str]]:
@@ -113,8 +113,8 @@ def print_eval_table(result) -> None:
         print_benchmark_table(result)
         return
     names = list(result.metrics)
-    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp", "pairwise_accuracy"} & set(
-            result.metrics[names[0]]):
+    if {"preference_accuracy", "reward", "desirable_logp", "undesirable_logp", "pairwise_accuracy",
+            "kl_to_teacher"} & set(result.metrics[names[0]]):
         print_preference_eval(result)
         return
     table = Table(title=f"phitune eval: {result.info.get('eval_examples')} eval conversations, "
@@ -167,8 +167,9 @@ def print_benchmark_table(result) -> None:
 def print_preference_eval(result) -> None:
     """The models side by side, one row per metric: preference accuracy, margin and summed log-probabilities (DPO /
     ORPO / SimPO), the desirable and undesirable completions' log-probabilities and their margin (KTO), a reward
-    model's pairwise accuracy and score margin (reward), or each reward's mean and the pass rate of greedy completions
-    (GRPO); KTO, reward and GRPO name their `unit` in info."""
+    model's pairwise accuracy and score margin (reward), each reward's mean and the pass rate of greedy completions
+    (GRPO), or the KL to the teacher and the held-out loss (distill); KTO, reward, GRPO and distill name their `unit`
+    in info."""
     names = list(result.metrics)
     unit = result.info.get("unit", "held-out preference pairs")
     table = Table(title=f"phitune eval: {result.info['eval_examples']} {unit}")

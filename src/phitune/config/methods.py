@@ -1,6 +1,6 @@
 """What the config layer knows of each training method: its name, the TRL config class whose keys
-`training_config` holds, the rules DPO, ORPO, SimPO, KTO, reward and GRPO add (GRPO's `rewards:` section too), and
-whether phitune builds (and may pack) its batches.
+`training_config` holds, the rules DPO, ORPO, SimPO, KTO, reward, GRPO and distill add (GRPO's `rewards:` section
+and distill's `teacher:` too), and whether phitune builds (and may pack) its batches.
 
 It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors, so
 the config layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
@@ -14,7 +14,7 @@ import re
 import warnings
 
 # the top-level `method` key: what is optimised
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision", "distill")
 PAIR_METHODS = ("dpo", "orpo", "simpo")  # prompt / chosen / rejected pairs (phitune.recipes.preference; reward too)
 PACKING_METHODS = ("sft",)  # phitune builds these batches and may concatenate rows; TRL pads the other methods'
 LORA_SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")
@@ -33,6 +33,14 @@ def check_preference_config(method: str, model, data, peft_cfg, problems: list[s
         problems.append(f"method reward trains a sequence classification head: peft_config.task_type must be SEQ_CLS "
                         f"(or left out), got {peft_cfg['task_type']!r}")
     if method in ("sft", "vision"):  # vision: SFT on multimodal rows (recipes/vision.py)
+        return
+    if method == "distill":  # SFT's chat rows, any of their formats; a fresh adapter on the student
+        if model.adapter:
+            problems.append("method distill trains a fresh LoRA adapter on the student; remove model.adapter")
+        if peft_cfg is None:
+            problems.append("method distill trains a LoRA adapter on the student: add a peft_config")
+        elif peft_cfg.get("backend", "peft") != "peft":
+            problems.append("method distill needs peft_config.backend: peft")
         return
     if peft_cfg is None and not model.adapter:
         problems.append(f"method {method} trains a LoRA adapter: add a peft_config, or set model.adapter to the run "
@@ -74,6 +82,8 @@ def training_config_class(method: str):
         return orpo_classes()[0]
     if method == "simpo":
         return cpo_classes()[0]
+    if method == "distill":
+        return gkd_classes()[0]
     return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "reward": trl.RewardConfig,
             "grpo": trl.GRPOConfig}.get(method, trl.SFTConfig)
 
@@ -90,13 +100,44 @@ def cpo_classes():
     return _experimental("cpo", "CPOConfig", "CPOTrainer")
 
 
+def gkd_classes():
+    """(GKDConfig, GKDTrainer) from trl.experimental.gkd, where TRL 1.16 has generalized knowledge distillation
+    (method distill), without TRL's "experimental API" warning on every run."""
+    return _experimental("gkd", "GKDConfig", "GKDTrainer")
+
+
+def check_distill_config(method: str, teacher, training: dict, problems: list[str]) -> None:
+    """Rules of `method: distill` and its `teacher:` section (a ModelConfig, or None when the YAML has none).
+
+    phitune distills off-policy, on the data's own completions (GKD with lmbda 0 and no seq_kd), so GKDConfig's
+    sampling keys (lmbda above 0, seq_kd, temperature, max_new_tokens) would do nothing or need generation that
+    method distill does not run; they are refused rather than ignored (docs/distill.md says why)."""
+    if method != "distill":
+        if teacher is not None:
+            problems.append(f"teacher applies to method: distill, not {method}")
+        return
+    if teacher is None:
+        problems.append("method distill needs a teacher: {name_or_path: the teacher model, or a phitune run "
+                        "directory}, which shares the student's tokenizer")
+    sampling = [key for key in ("temperature", "max_new_tokens") if key in training]
+    sampling += [key for key, off in (("lmbda", 0), ("seq_kd", False)) if training.get(key, off) != off]
+    for key in sampling:
+        problems.append(f"training_config.{key}: method distill learns from the teacher's distributions on the "
+                        "data's own completions (GKD's lmbda 0, nothing sampled); on-policy and sequence-level "
+                        "distillation are not supported, so leave it out")
+    beta = training.get("beta", 0.0)
+    if isinstance(beta, (int, float)) and not 0 <= beta <= 1:
+        problems.append(f"training_config.beta must be in [0, 1] (0: KL(teacher || student), 1: KL(student || "
+                        f"teacher), between: generalized JSD), got {beta!r}")
+
+
 def _experimental(module: str, *names: str) -> tuple:
     """Classes of trl.experimental.MODULE; a TRL release that moved or dropped them is one line, at config time."""
     import importlib
 
     from phitune.errors import PhituneError
 
-    method = {"orpo": "orpo", "cpo": "simpo"}[module]
+    method = {"orpo": "orpo", "cpo": "simpo", "gkd": "distill"}[module]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
-from phitune.config.methods import (METHODS, check_method_training, check_preference_config, check_rewards,
-                                    training_config_class)
+from phitune.config.methods import (METHODS, check_distill_config, check_method_training, check_preference_config,
+                                    check_rewards, training_config_class)
 from phitune.config.sources import Source, default_name, parse_sources
 from phitune.config.types import check_value, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
-SECTIONS = ("model", "data", "training_config", "peft_config", "speed", "rewards")
+SECTIONS = ("model", "data", "training_config", "peft_config", "speed", "rewards", "teacher")
 
 # SFTConfig keys that phitune sets itself from another section; naming them in training_config is a mistake.
 MANAGED_TRAINING_KEYS = {
@@ -63,7 +63,8 @@ class ModelConfig:
     )
     adapter: str | None = field(
         default=None,
-        metadata={"help": "dpo/orpo/simpo/kto/grpo: a phitune run directory or PEFT adapter to start from (trained on)"},
+        metadata={"help": "dpo/orpo/simpo/kto/grpo: a phitune run directory or PEFT adapter to start from (trained "
+                          "on); under teacher: (distill), an adapter applied to the teacher"},
     )
 
 
@@ -204,6 +205,7 @@ class RunConfig:
     source: str | None = None  # the YAML file it was read from, and the --set overrides applied to it
     overrides: list[str] = field(default_factory=list)
     rewards: list[dict] | None = None  # method grpo: the reward functions (config_methods.check_rewards)
+    teacher: ModelConfig | None = None  # method distill: the frozen model the student learns from
 
     @property
     def output_dir(self) -> Path:
@@ -227,6 +229,8 @@ class RunConfig:
         }
         if self.rewards is not None:
             out["rewards"] = [dict(entry) for entry in self.rewards]
+        if self.teacher is not None:
+            out["teacher"] = dataclasses.asdict(self.teacher)
         return _strip_secrets(out)
 
 
@@ -324,10 +328,22 @@ def config_from_dict(raw: dict) -> RunConfig:
             isinstance(s, dict) and s.get("format") not in (None, "auto") for s in _listed(data)):
         problems.append(f"method {method} detects its rows itself; leave each source's format at auto")
     rewards = check_rewards(method, raw.get("rewards"), problems)
+    teacher = _teacher_section(raw.get("teacher"), problems)
+    check_distill_config(method, teacher, training, problems)
     if problems:
         raise PhituneError("invalid config: " + "; ".join(problems))
     return RunConfig(model=model, data=data, training_config=training, peft_config=peft_cfg, speed=speed,
-                     method=method, rewards=rewards)
+                     method=method, rewards=rewards, teacher=teacher)
+
+
+def _teacher_section(values, problems: list[str]) -> ModelConfig | None:
+    """`teacher:` (method distill) has the keys of `model:`; its name_or_path (a model, or a phitune run directory
+    whose adapter it then applies) has no default."""
+    if values is None:
+        return None
+    if isinstance(values, dict) and not values.get("name_or_path"):
+        problems.append("teacher.name_or_path is required (the teacher model, or a phitune run directory)")
+    return _build_section(ModelConfig, values, "teacher", problems)
 
 
 def _suggest(key: str, valid) -> str:
@@ -550,7 +566,10 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
                                 adapter=absolute(cfg.model.adapter))
     training = dict(cfg.training_config, output_dir=os.path.abspath(cfg.output_dir))
     rewards = [_absolute_reward_file(entry) for entry in cfg.rewards] if cfg.rewards is not None else None
-    return dataclasses.replace(cfg, data=data, model=model, training_config=training, rewards=rewards)
+    teacher = cfg.teacher and dataclasses.replace(cfg.teacher, name_or_path=absolute(cfg.teacher.name_or_path),
+                                                  adapter=absolute(cfg.teacher.adapter))
+    return dataclasses.replace(cfg, data=data, model=model, training_config=training, rewards=rewards,
+                               teacher=teacher)
 
 
 def _absolute_reward_file(entry: dict) -> dict:

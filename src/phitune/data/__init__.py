@@ -105,7 +105,7 @@ class TokenizedSet:
     labels: list[list[int]]
     truncated: int = 0
     skipped: list[str] = field(default_factory=list)
-    format: str = ""  # set by recipes.sft.tokenize_splits for metrics.json
+    format: str = ""  # set by run.chat_data.tokenize_splits for metrics.json
     skipped_rows: int = 0
 
     def to_dataset(self):

@@ -46,7 +46,7 @@ class PreparedSet:
     rows: object  # datasets.Dataset: input_ids, labels (truncated), length (untruncated), truncated, masked, stop, key
     max_seq_length: int
     skipped: list[str] = field(default_factory=list)  # fully-masked examples dropped by on_bad_row: skip
-    format: str = ""  # set by recipes.sft.tokenize_splits for metrics.json
+    format: str = ""  # set by run.chat_data.tokenize_splits for metrics.json
     skipped_rows: int = 0
     groups: list = field(default_factory=list)  # a mixture's eval set: (source name, its row numbers here)
 
