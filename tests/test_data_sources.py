@@ -232,7 +232,12 @@ def test_changing_a_weight_tokenizes_nothing_again(tmp_path):
     ([{"path": "own.jsonl", "weight": 1}, {"path": "general.jsonl"}],
      "data.train: give every source a weight (shares of the training rows) or none"),
     ([{"path": "own.jsonl", "weight": 1, "rows": 5}], "data.train[0] (own): give weight (a share) or rows (a count)"),
-    ([{"path": "own.jsonl", "wieght": 1}], "data.train[0]: unknown key 'wieght'"),
+    ([{"path": "own.jsonl", "wieght": 1}], "data.train[0]: unknown key 'wieght' (did you mean 'weight'?)"),
+    ([{"path": "own.jsonl", "format": "mesages"}], "got 'mesages' (did you mean 'messages'?)"),
+    ([{"path": "own.jsonl", "split": "train[:50%]"}],
+     "data.train[0] (own): split applies to a hub dataset or a dataset folder; own.jsonl is a file, read whole"),
+    ([{"path": "own.jsonl", "data_files": "foo.jsonl"}], "data_files applies to a hub dataset or a dataset folder"),
+    ([{"path": "own.jsonl"}, {"path": "empty"}], "empty: the folder holds no data files"),
     ([{"path": "own.jsonl", "rows": 0}], "data.train[0] (own): rows must be a positive whole number, got 0"),
     ([{"path": "own.jsonl"}, {"path": "bad.jsonl"}], "bad.jsonl:4: malformed JSON line"),
     ([{"path": "own.jsonl"}, {"path": "missing.jsonl"}], "data file not found: missing.jsonl"),
@@ -241,6 +246,7 @@ def test_changing_a_weight_tokenizes_nothing_again(tmp_path):
 def test_each_source_is_checked_on_its_own_in_one_line(tmp_path, monkeypatch, sources, expected):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "own.jsonl", chats("own", 10))
+    (tmp_path / "empty").mkdir()
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats("bad", 3)) + "{oops\n",
                                         encoding="utf-8")
     result = phitune("train", str(config_file(tmp_path, {"train": sources})))

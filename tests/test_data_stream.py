@@ -82,6 +82,35 @@ def test_a_hub_dataset_streams_through_load_dataset_as_the_cache_reads_it(tmp_pa
     assert evals.rows["input_ids"] == cached.train.rows["input_ids"][:5]
 
 
+def test_streamed_sources_keep_their_own_hub_config_and_format(tmp_path, tokenizer):
+    """A streamed source passes its subset (and data_dir, data_files) to load_dataset as the cache does, so a dataset
+    folder with several configs streams; and each streamed source keeps its own format: raw text mixes with chats."""
+    from phitune.data.stream import preview_data, stream_splits
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    repo = tmp_path / "repo"
+    for subset in ("main", "other"):
+        (repo / subset).mkdir(parents=True)
+    write_jsonl(repo / "main" / "train.jsonl", rows[:20])
+    write_jsonl(repo / "other" / "train.jsonl", rows[20:30])
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files: main/train.jsonl\n"
+                                    "- config_name: other\n  data_files: other/train.jsonl\n---\n", encoding="utf-8")
+    streamed, evals = stream_splits(DataConfig(train=str(repo), subset="other", max_seq_length=64, streaming=True,
+                                               max_eval_examples=2), tokenizer)
+    assert len(list(streamed.to_dataset().take(8))) == 8 and len(evals) == 2
+    notes = write_jsonl(tmp_path / "notes.jsonl", [{"text": f"Note {i}: the sky was grey on day {i}. " * 8}
+                                                  for i in range(12)])
+    mixture = DataConfig(train=[{"path": str(repo), "subset": "main", "weight": 1},
+                                {"path": str(notes), "format": "text", "weight": 1}],
+                         max_seq_length=32, streaming=True, max_eval_examples=4, max_train_examples=None)
+    prepared = preview_data(mixture, tokenizer)
+    assert prepared.format == "mixed (messages, text)" and prepared.samples  # the chat source's rows are shown
+    streamed, evals = stream_splits(mixture, tokenizer)
+    assert [name for name, _ in evals.groups] == ["repo/main", "notes"]
+    labels = [e["labels"] for e in streamed.to_dataset().take(40)]
+    assert any(-100 in row for row in labels) and any(-100 not in row for row in labels)  # chats masked, text not
+
+
 def test_streamed_text_blocks_are_the_cached_blocks_within_a_batch(tmp_path, tokenizer):
     from phitune.data.prepare import prepare_data
     from phitune.data.stream import stream_splits
@@ -266,7 +295,7 @@ def test_a_streamed_mixture_trains_through_the_cli_and_a_source_with_rows_is_ref
     counted = [{"path": str(first), "rows": 50}, {"path": str(second), "rows": 50}]  # a count needs the whole source
     refused = write_config(tmp_path / "rows", tiny_model_dir, {**STREAM, "train": counted}, max_steps=3)
     result = phitune("train", str(refused))
-    assert result.returncode == 2 and "data.train[0]: a streamed source takes path, weight, name and split, not rows" \
+    assert result.returncode == 2 and "data.train[0]: a streamed source takes a weight, not rows" \
         in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 

@@ -344,5 +344,5 @@ def test_phitune_data_shows_a_labelled_completion_and_warns(tiny_model_dir, tmp_
     warnings = " | ".join(report.warnings)
     assert "eval: no undesirable completions" in warnings
     assert f"labelled both desirable and undesirable for the same prompt; first: {tmp_path / 'k.jsonl'}" in warnings
-    assert "1 rows have an empty completion" in warnings
+    assert "1 row has an empty completion" in warnings
     assert "train: 1 completions are cut by max_seq_length 48" in warnings

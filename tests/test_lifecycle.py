@@ -21,6 +21,9 @@ def test_a_starting_adapter_is_a_peft_adapter_trained_on_the_same_base(make_conf
     cfg = make_config()  # the random tiny Phi-3; trained_run was trained on the bundled pretrained one
     with pytest.raises(PhituneError, match="holds no PEFT adapter"):
         starting_adapter(with_adapter(cfg, tmp_path))
+    with pytest.raises(PhituneError, match=r"outputs/demo does not exist \(relative to .*\); train the run it names "
+                                           r"first \(the tiny examples start from `phitune demo"):
+        starting_adapter(with_adapter(cfg, "outputs/demo"))  # the KTO example before `phitune demo`
     with pytest.raises(PhituneError, match="was trained on .*, not on model.name_or_path"):
         starting_adapter(with_adapter(cfg, trained_run))
     from phitune.config.schema import load_run_config

@@ -445,7 +445,7 @@ def test_phitune_data_shows_a_pair_and_warns_about_useless_or_cut_pairs(tiny_mod
     assert any(trained for _, trained in report.example) and not report.example[0][1]
     warnings = " | ".join(report.warnings)
     assert "1 pairs have chosen == rejected" in warnings and f"{tmp_path / 'p.jsonl'}:7" in warnings
-    assert "1 rows have an empty answer" in warnings
+    assert "1 row has an empty answer" in warnings
     assert "train: 1 pairs have an answer cut by max_seq_length 48" in warnings
 
     from phitune import api

@@ -2,16 +2,17 @@
 `training_config` holds, the rules DPO, ORPO, SimPO, KTO, reward, GRPO and distill add (GRPO's `rewards:` section
 and distill's `teacher:` too), and whether phitune builds (and may pack) its batches.
 
-It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors, so
+It sits beside phitune.config.schema (which calls it while it validates) and imports nothing of phitune but errors and config.types, so
 the config layer never reaches up into a recipe; the recipes (phitune.recipes) take the classes from here too. Which code runs
 a method is decided in one place above: phitune.train's RECIPES.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 import warnings
+
+from phitune.config.types import did_you_mean
 
 # the top-level `method` key: what is optimised
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "vision", "distill")
@@ -203,7 +204,7 @@ def _check_reward(entry: dict, where: str, problems: list[str]) -> None:
     name = entry["name"]
     if name not in BUILTIN_REWARDS:
         problems.append(f"{where}.name must be one of {', '.join(BUILTIN_REWARDS)}, got {name!r}"
-                        f"{_suggest(name, BUILTIN_REWARDS)}")
+                        f"{did_you_mean(name, BUILTIN_REWARDS)}")
         return
     _unknown_keys(entry, ("name", "weight", *BUILTIN_REWARDS[name]), where, problems)
     _check_builtin(name, entry, where, problems)
@@ -258,7 +259,7 @@ def _check_builtin(name: str, entry: dict, where: str, problems: list[str]) -> N
         extract = entry.get("extract", "last_number")
         if extract not in ANSWER_EXTRACTS:
             problems.append(f"{where}.extract must be one of {', '.join(ANSWER_EXTRACTS)}, got {extract!r}"
-                            f"{_suggest(extract, ANSWER_EXTRACTS)}")
+                            f"{did_you_mean(extract, ANSWER_EXTRACTS)}")
         elif extract == "regex" and "pattern" not in entry:
             problems.append(f"{where}: extract: regex needs a pattern (its first group is the answer)")
     if name == "length":
@@ -272,9 +273,5 @@ def _check_builtin(name: str, entry: dict, where: str, problems: list[str]) -> N
 def _unknown_keys(entry: dict, valid, where: str, problems: list[str]) -> None:
     for key in entry:
         if key not in valid:
-            problems.append(f"unknown key {where}.{key}{_suggest(key, valid)}")
+            problems.append(f"unknown key {where}.{key}{did_you_mean(key, valid)}")
 
-
-def _suggest(key, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

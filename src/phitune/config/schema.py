@@ -8,7 +8,6 @@ torch or loads a model: a bad config fails in well under a second.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ import yaml
 from phitune.config.methods import (METHODS, check_distill_config, check_method_training, check_preference_config,
                                     check_rewards, training_config_class)
 from phitune.config.sources import Source, default_name, parse_sources
-from phitune.config.types import check_value, field_types, yaml_value
+from phitune.config.types import check_value, did_you_mean, field_types, yaml_value
 from phitune.errors import PhituneError, first_line
 
 SECTIONS = ("model", "data", "training_config", "peft_config", "speed", "rewards", "teacher")
@@ -310,7 +309,7 @@ def config_from_dict(raw: dict) -> RunConfig:
     method = raw.get("method") or "sft"
     if method not in METHODS:  # every later rule depends on the method: checked against a guess, they only mislead
         raise PhituneError(f"invalid config: method must be one of {', '.join(METHODS)}, got {method!r}"
-                           f"{_suggest(method, METHODS)}")
+                           f"{did_you_mean(method, METHODS, case_blind=True)}")
     model = _build_section(ModelConfig, raw.get("model"), "model", problems)
     data = _build_section(DataConfig, raw.get("data"), "data", problems)
     speed = _build_section(SpeedConfig, raw.get("speed"), "speed", problems)
@@ -346,17 +345,13 @@ def _teacher_section(values, problems: list[str]) -> ModelConfig | None:
     return _build_section(ModelConfig, values, "teacher", problems)
 
 
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 def _check_keys(section: dict, valid, where: str, problems: list[str]) -> None:
     for key in section:
         if key not in valid:
             # a misspelled section is a top-level key, not `config.dta`: no section is named config
             name = f"key {where}.{key}" if where else f"top-level key {key}"
-            problems.append(f"unknown {name}{_suggest(key, valid)}")
+            problems.append(f"unknown {name}{did_you_mean(key, valid)}")
 
 
 def _build_section(cls, values, where: str, problems: list[str]):
@@ -401,7 +396,7 @@ def _validate_training(values, problems: list[str], method: str = "sft") -> dict
         if key in MANAGED_TRAINING_KEYS:
             problems.append(f"training_config.{key} is set through {MANAGED_TRAINING_KEYS[key]}")
         elif key not in valid:
-            problems.append(f"unknown key training_config.{key}{_suggest(key, valid)}")
+            problems.append(f"unknown key training_config.{key}{did_you_mean(key, valid)}")
         else:
             values[key] = yaml_value(values[key], valid[key])  # `save_strategy: no` is the choice "no"
             problem = check_value("training_config", key, values[key], valid[key])
@@ -469,7 +464,7 @@ def _validate_peft(raw: dict, problems: list[str]) -> dict | None:
     backend = values.get("backend", "peft")
     if backend not in PEFT_BACKENDS:
         problems.append(f"peft_config.backend must be one of {', '.join(PEFT_BACKENDS)}, got {backend!r}"
-                        f"{_suggest(backend, PEFT_BACKENDS)}")
+                        f"{did_you_mean(backend, PEFT_BACKENDS)}")
     for key in ("r", "lora_alpha"):
         if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] <= 0):
             problems.append(f"peft_config.{key} must be a positive integer, got {values[key]!r}")
@@ -523,14 +518,10 @@ def _check_streaming(data: DataConfig, training: dict, method: str, problems: li
                             "value, read whole (write it as one JSON object per line to stream it)")
     if isinstance(data.eval, list):
         problems.append("data.streaming reads data.eval as one source (a path or hub dataset), not a list")
-    if data.subset or data.data_dir or data.data_files:
-        problems.append("data.streaming does not pass subset, data_dir or data_files to the hub yet; leave streaming "
-                        "off for such a dataset")
     for index, entry in enumerate(data.train if isinstance(data.train, list) else []):
-        extra = sorted(set(entry) - {"path", "weight", "name", "split"}) if isinstance(entry, dict) else []
-        if extra:
-            problems.append(f"data.train[{index}]: a streamed source takes path, weight, name and split, not "
-                            f"{', '.join(extra)} (rows needs the whole source's length; leave streaming off for it)")
+        if isinstance(entry, dict) and entry.get("rows") is not None:
+            problems.append(f"data.train[{index}]: a streamed source takes a weight, not rows (a count needs the "
+                            "whole source's length; give every source a weight, or leave streaming off)")
 
 
 def source_paths(train) -> list:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from phitune.config.types import did_you_mean
+
 # Keys of one source in the list form; `weight` and `rows` only in data.train.
 SOURCE_KEYS = ("path", "name", "subset", "data_dir", "data_files", "split", "format", "weight", "rows",
                "prompt_template")
@@ -65,9 +67,9 @@ def _parse_one(item, where: str, problems: list[str], mixing: bool) -> Source | 
         problems.append(f"{where} must be a path or a mapping with `path`, got {item!r}")
         return None
     allowed = SOURCE_KEYS if mixing else tuple(k for k in SOURCE_KEYS if k not in ("weight", "rows"))
-    unknown = [k for k in item if k not in allowed]
-    if unknown:
-        problems.append(f"{where}: unknown key {unknown[0]!r} (a source takes {', '.join(allowed)})")
+    for key in (k for k in item if k not in allowed):
+        problems.append(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)} (a source takes "
+                        f"{', '.join(allowed)})")
     path = item.get("path")
     if not isinstance(path, str) or not path.strip():
         problems.append(f"{where} needs `path` (a local file or folder, or a hub dataset name)")
@@ -79,13 +81,24 @@ def _parse_one(item, where: str, problems: list[str], mixing: bool) -> Source | 
     return source
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # a local file: read whole, never through the hub
+
+
 def _check_source(source: Source, where: str, problems: list[str]) -> None:
+    if Path(source.path).suffix.lower() in FILE_SUFFIXES:
+        given = [key for key in ("subset", "data_dir", "data_files") if getattr(source, key) is not None]
+        given += ["split"] if source.split != "train" else []
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            problems.append(f"{where}: {', '.join(given)} {verb} to a hub dataset or a dataset folder; {source.path} "
+                            "is a file, read whole (write the rows you want to a file of their own)")
     for key in ("subset", "data_dir", "split", "prompt_template"):
         value = getattr(source, key)
         if value is not None and not isinstance(value, str):
             problems.append(f"{where}: {key} must be a string, got {value!r}")
     if source.format is not None and source.format not in FORMATS:
-        problems.append(f"{where}: format must be one of {', '.join(FORMATS)}, got {source.format!r}")
+        problems.append(f"{where}: format must be one of {', '.join(FORMATS)}, got {source.format!r}"
+                        f"{did_you_mean(source.format, FORMATS, case_blind=True)}")
     if source.data_files is not None and not isinstance(source.data_files, (str, list, dict)):
         problems.append(f"{where}: data_files must be a path, a list of paths or a mapping of split to paths")
     weight = source.weight

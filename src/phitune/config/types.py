@@ -180,13 +180,22 @@ def yaml_value(value, type_):
     return value
 
 
+def did_you_mean(word, choices, case_blind: bool = False) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices` to a misspelt key or value, or "" when none is close;
+    `case_blind` also matches `SimPO` to `simpo`."""
+    choices = [str(c) for c in choices]
+    if not case_blind:
+        close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    by_lower = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
 def check_value(where: str, key: str, value, type_) -> str | None:
     """The problem with `where.key: value` for a field of type `type_`, or None when the value fits."""
     if _accepts(value, type_):
         return None
-    hint = ""
     choices = _choices(type_)
-    if isinstance(value, str) and choices:
-        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(value, choices, case_blind=True) if isinstance(value, str) and choices else ""
     return f"{where}.{key} must be {describe(type_)}, got {value!r}{hint}"

@@ -311,6 +311,11 @@ def inspect_preference_data(cfg, output_dir=None, example_index: int = 0) -> Pre
     return with_sources(report, cfg, data.shares)
 
 
+def rows_have(count: int) -> str:
+    """`1 row has` / `3 rows have`, for the warnings of `phitune data`."""
+    return f"{count} row has" if count == 1 else f"{count:,} rows have"
+
+
 def report_key(cfg, kind: str = "pairs") -> str:
     """A data cache folder of this data's own for `phitune data`'s histogram (DPO, ORPO, SimPO pairs and KTO's
     completions are not cached): the kind, the data settings and the model."""
@@ -329,7 +334,7 @@ def preference_warnings(data: PreferenceData, problems: dict, limit: int, on_bad
     fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
     empty = [s for s in data.skipped if "answer is empty" in s or "has empty content" in s]
     if empty:
-        warnings.append(f"{len(empty)} rows have an empty answer or turn ({fate}); first: {empty[0]}")
+        warnings.append(f"{rows_have(len(empty))} an empty answer or turn ({fate}); first: {empty[0]}")
     others = [s for s in data.skipped if s not in empty]
     if others:
         warnings.append(f"{len(others)} other malformed rows ({fate}); first: {others[0]}")

@@ -87,6 +87,9 @@ def _is_local(path: Path, needs: str = CHAT_ROWS) -> bool:
         return True
     if path.is_dir() and is_dataset_folder(path):
         return False
+    if path.is_dir() and not any(child.is_file() for child in path.rglob("*")):
+        raise PhituneError(f"{path}: the folder holds no data files (it needs {needs}: a {', '.join(LOCAL_SUFFIXES)} "
+                           "file, or .txt documents with data.format: text)")
     if path.exists():
         raw_text = path.suffix.lower() == ".txt" or path.is_dir()
         hint = " (raw text for continued pre-training: set data.format: text)" if raw_text else ""

@@ -32,7 +32,7 @@ from phitune.config.schema import DataConfig
 from phitune.data.encode import END_OF_TURN
 from phitune.data.formats import detect_format, to_messages
 from phitune.data.mixture import mixed_format, source_label
-from phitune.data.readers import SKIP_HINT, BadRow, read_row_batches, row_location
+from phitune.data.readers import SKIP_HINT, BadRow, hub_options, read_row_batches, row_location
 from phitune.errors import PhituneError, first_line
 
 BATCH = 256  # rows encoded per call: batch tokenization, and the most rows (or documents) held at once
@@ -83,17 +83,18 @@ class StreamedSet:
         return self.counts.truncated
 
 
-def raw_rows(source: str, split: str, fmt: str):
+def raw_rows(source: str, split: str, fmt: str, hub: dict | None = None):
     """An IterableDataset of {where, text}: `file:line` (or `source: row N`, or the .txt file) and the JSON text of
     the row (for a .txt document: {"text": its content}), read one at a time."""
     import datasets
 
     features = datasets.Features({"where": datasets.Value("string"), "text": datasets.Value("string")})
     return datasets.IterableDataset.from_generator(_rows, features=features,
-                                                   gen_kwargs={"source": source, "split": split, "fmt": fmt})
+                                                   gen_kwargs={"source": source, "split": split, "fmt": fmt,
+                                                               "hub": hub or {}})
 
 
-def _rows(source: str, split: str, fmt: str):
+def _rows(source: str, split: str, fmt: str, hub: dict):
     if fmt == "text":
         from phitune.data.text import text_files
 
@@ -113,7 +114,7 @@ def _rows(source: str, split: str, fmt: str):
             for number, row in rows:
                 yield {"where": row_location(source, number), "text": json.dumps(row, ensure_ascii=False, default=str)}
     else:
-        yield from _hub_rows(source, split)
+        yield from _hub_rows(source, split, hub)
 
 
 def _read_document(path: Path) -> str:
@@ -136,11 +137,11 @@ def _jsonl_rows(source: str):
             yield {"where": f"{source}:{number}", "text": text}
 
 
-def _hub_rows(source: str, split: str):
+def _hub_rows(source: str, split: str, hub: dict):
     import datasets
 
     try:
-        rows = datasets.load_dataset(source, split=split, streaming=True)
+        rows = datasets.load_dataset(source, split=split, streaming=True, **hub)  # subset, data_dir, data_files
         for number, row in enumerate(rows, start=1):
             yield {"where": row_location(source, number), "text": json.dumps(row, ensure_ascii=False, default=str)}
     except PhituneError:
@@ -286,7 +287,7 @@ def detect_stream_format(source: str, split: str, cfg: DataConfig) -> str:
     """The source's format: data.format, or detected from its first row that is a JSON object (read now, so a
     missing file or dataset, or rows of no known shape, stop the run before the model loads)."""
     first_bad = None
-    for row in raw_rows(source, split, cfg.format):
+    for row in raw_rows(source, split, cfg.format, hub_options(cfg)):
         if cfg.format == "text":
             if not row["where"].endswith(".txt"):
                 _check_text_column(source, row["text"])
@@ -318,7 +319,7 @@ def encoded(source: str, split: str, cfg: DataConfig, tokenizer, counts: StreamC
     """(IterableDataset of prepared examples of one source, its format): read, checked and encoded BATCH rows at a
     time as it is iterated; `rows`: only the source's first rows."""
     fmt = detect_stream_format(source, split, cfg)
-    raw = raw_rows(source, split, fmt)
+    raw = raw_rows(source, split, fmt, hub_options(cfg))
     raw = raw.take(rows) if rows is not None else raw
     encoder = Encoder(cfg, tokenizer, fmt, counts)
     return raw.map(encoder, batched=True, batch_size=BATCH, remove_columns=["where", "text"],
@@ -339,11 +340,17 @@ def train_stream(cfg: DataConfig, tokenizer, counts: StreamCounts, rows: int | N
     by weight (`mix`), each read and encoded in its own format, with the eval examples held out of each (`hold_out`)
     before they are mixed; `rows`: each source's first rows only; `once`: a mixture reads each row once (`phitune
     data`'s report), where training repeats a source that ends before the others."""
-    sources = train_sources(cfg)
-    streams, formats = zip(*(encoded(source, split, cfg, tokenizer, counts, rows) for source, split, _ in sources))
-    weights = [weight for _, _, weight in sources]
+    sources = source_configs(cfg)
+    streams, formats = zip(*(encoded(one.train, one.split, one, tokenizer, counts, rows) for one, _ in sources))
+    weights = [weight for _, weight in sources]
     streams, evals = hold_out(cfg, tokenizer, list(streams), weights)
     return mix(streams, weights, cfg.seed, once), evals, mixed_format(list(formats))
+
+
+def source_configs(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
+    """Each train source as a one-source config (its own path, split, hub options and format) and its weight."""
+    return [(cfg.for_source(source, 0.0), weight)
+            for source, (_, _, weight) in zip(cfg.train_sources(), train_sources(cfg))]
 
 
 def train_sources(cfg: DataConfig) -> list[tuple[str, str, float]]:
@@ -441,12 +448,16 @@ def no_training_examples(cfg: DataConfig, evals, where: str = "") -> str:
 
 
 def first_conversations(cfg: DataConfig, rows: int, wanted: int = 16) -> list:
-    """The first `wanted` good conversations among the first `rows` rows of data.train's first source: the examples
-    `phitune data` can show."""
-    source, split, _ = train_sources(cfg)[0]
-    fmt = detect_stream_format(source, split, cfg)
+    """The first `wanted` good conversations among the first `rows` rows of data.train's first source of chats: the
+    examples `phitune data` can show."""
+    for first, _ in source_configs(cfg):  # the first source of conversations (raw text has none to show)
+        fmt = detect_stream_format(first.train, first.split, first)
+        if fmt != "text":
+            break
+    else:
+        return []
     found = []
-    for row in raw_rows(source, split, fmt).take(rows):
+    for row in raw_rows(first.train, first.split, fmt, hub_options(first)).take(rows):
         if len(found) == wanted:
             break
         if row["text"].strip() and check_chat_row(row["where"], row["text"], fmt) is None:
@@ -469,7 +480,7 @@ def held_out_conversations(cfg: DataConfig) -> list:
     source, split = (cfg.eval, cfg.eval_hub_split or cfg.split) if cfg.eval else (cfg.train, cfg.split)
     fmt = detect_stream_format(source, split, cfg)
     conversations = []
-    for row in raw_rows(source, split, fmt):
+    for row in raw_rows(source, split, fmt, hub_options(cfg) if not cfg.eval else {}):
         if len(conversations) == held_out_count(cfg):
             break
         if row["text"].strip() and check_chat_row(row["where"], row["text"], fmt) is None:
@@ -507,7 +518,7 @@ def preview_data(cfg: DataConfig, tokenizer):
     if not len(train):
         first = f"; the first bad one: {counts.skipped[0]}" if counts.skipped else ""
         raise PhituneError(no_training_examples(cfg, evals, f" in its first {rows:,} rows{first}"))
-    samples = [] if fmt == "text" else first_conversations(cfg, rows)
+    samples = first_conversations(cfg, rows)
     fingerprint = hashlib.sha256(json.dumps([train_sources(cfg), rows, fmt, cfg.max_seq_length, cfg.train_on])
                                  .encode()).hexdigest()[:20]
     return PreparedData(train=train, eval=evals, format=fmt, skipped=list(counts.skipped), samples=samples,

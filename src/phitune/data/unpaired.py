@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from phitune.config.schema import DataConfig
 from phitune.data import load_splits_and_shares
 from phitune.data.formats import Messages, check_conversation
-from phitune.data.preference import PreferenceDataReport, report_key, tokenize_answer
+from phitune.data.preference import PreferenceDataReport, report_key, rows_have, tokenize_answer
 from phitune.data.mixture import with_sources
 from phitune.data.readers import BadRow, hub_options, read_rows, row_location
 from phitune.errors import PhituneError
@@ -220,7 +220,7 @@ def unpaired_warnings(data: UnpairedData, problems: dict, limit: int, on_bad_row
     fate = "skipped" if on_bad_row == "skip" else "an error in training (set data.on_bad_row: skip)"
     empty = [s for s in data.skipped if "completion is empty" in s or "has empty content" in s]
     if empty:
-        warnings.append(f"{len(empty)} rows have an empty completion or turn ({fate}); first: {empty[0]}")
+        warnings.append(f"{rows_have(len(empty))} an empty completion or turn ({fate}); first: {empty[0]}")
     others = [s for s in data.skipped if s not in empty]
     if others:
         warnings.append(f"{len(others)} other malformed rows ({fate}); first: {others[0]}")
@@ -230,6 +230,6 @@ def unpaired_warnings(data: UnpairedData, problems: dict, limit: int, on_bad_row
             warnings.append(f"{name}: {cut} completions are cut by max_seq_length {limit}; raise "
                             "data.max_seq_length or shorten the prompts")
         if lost:
-            warnings.append(f"{name}: {lost} rows have a prompt that fills max_seq_length {limit}: no completion "
+            warnings.append(f"{name}: {rows_have(lost)} a prompt that fills max_seq_length {limit}: no completion "
                             f"token is left to judge ({fate})")
     return warnings

@@ -164,6 +164,10 @@ def drop_reference_adapter(output_dir: Path) -> None:
 def starting_adapter(cfg: RunConfig) -> Path:
     """model.adapter checked: it holds a PEFT adapter, and a phitune run there was trained on the same base."""
     adapter = Path(cfg.model.adapter)
+    if not adapter.exists():
+        demo = " (the tiny examples start from `phitune demo --output-dir outputs/demo`)" if adapter.name == "demo" else ""
+        raise PhituneError(f"model.adapter: {adapter} does not exist (relative to {Path.cwd()}); train the run it names "
+                           f"first{demo}")
     if not (adapter / "adapter_config.json").is_file():
         raise PhituneError(f"model.adapter: {adapter} holds no PEFT adapter (adapter_config.json is missing)")
     if (adapter / "phitune_config.yaml").is_file():
