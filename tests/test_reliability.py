@@ -461,3 +461,36 @@ def test_when_every_checkpoint_is_damaged_the_resume_stops_with_one_line(killed_
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
     assert last_line(stderr).startswith(f"error: no intact checkpoint left in {tmp_path / 'out'}: checkpoint-8 "
                                         "(optimizer.pt has changed since it was written (sha256 differs)); checkpoint-4")
+
+
+LATE_SIGNAL_LAUNCHER = """
+import os, signal, sys
+import phitune.after.report
+from phitune.cli import main
+
+summary = phitune.after.report.print_run_summary
+
+def print_run_summary(result):  # the run is complete on disk; the signal lands as phitune reports it
+    os.kill(os.getpid(), signal.{name})
+    summary(result)
+
+phitune.after.report.print_run_summary = print_run_summary
+sys.argv[0] = "phitune"
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_run_is_complete_changes_nothing(tiny_model_dir, tmp_path, name):
+    """Ctrl-C (or SIGTERM) in the last moments, once the run is complete on disk: exit code 0 and the summary, not
+    130 with no line said (Python died of the signal while shutting down, or printed a traceback from an atexit
+    hook): `phitune train ... && phitune merge ...` goes on, as the run is there."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=2, save_steps=2)
+    launcher = tmp_path / "late.py"
+    launcher.write_text(LATE_SIGNAL_LAUNCHER.replace("{name}", name), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, str(launcher), "train", str(config)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "adapter, tokenizer, metrics.json and loss.png are in" in done.stdout
+    assert (tmp_path / "out" / "phitune_complete").is_file()

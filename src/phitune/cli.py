@@ -95,6 +95,7 @@ def train(
     from phitune.train import run_training
 
     result = run_training(cfg, resume=resume, overwrite=overwrite, push_to_hub=push_to_hub, auto_resume=auto_resume)
+    _ignore_interrupts()  # the run is complete on disk: a late Ctrl-C cannot undo it, and must not say otherwise
     if os.environ.get("RANK", "0") != "0":  # under torchrun every worker ends the same run: rank 0 reports it
         return
     if result.already_complete:
@@ -436,7 +437,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if code == 130:  # typer's answer to a KeyboardInterrupt inside a command
             code = _interrupted()
-    sys.exit(code if isinstance(code, int) else 0)
+    _ignore_interrupts()  # the outcome is decided and said: a signal while Python shuts down would change the exit
+    sys.exit(code if isinstance(code, int) else 0)  # code (killed by SIGINT) or print a traceback, with no line said
+
+
+def _ignore_interrupts() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread (an embedding program): leave its signals alone
+            return
 
 
 def _known_crash(exc: Exception) -> int:
