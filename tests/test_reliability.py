@@ -320,9 +320,13 @@ def test_auto_resume_continues_past_a_damaged_checkpoint_then_says_complete_and_
                               "(was 128), training_config.learning_rate (was 0.005);"), message
     assert "logging_steps" not in message  # how often it logs is free to change
 
+    (out / "report.md").write_text("# phitune eval of the step-12 adapter\n", encoding="utf-8")  # as phitune eval
     code, stderr = finish(start_train(config, "--auto-resume", "--set", "training_config.max_steps=14"))
     assert code == 0, stderr[-2000:]
-    assert len(TRAIN_LINE.findall((tmp_path / "auto-resume-set-training_config.max_steps=14.out").read_text())) == 2
+    log = (tmp_path / "auto-resume-set-training_config.max_steps=14.out").read_text()
+    assert len(TRAIN_LINE.findall(log)) == 2
+    assert (f"report.md in {out} describe the adapter this run had before it continues; run phitune eval {out} "
+            "again") in " ".join((stderr + log).split()) and (out / "report.md").is_file()  # said; nothing deleted
 
 
 def test_a_full_disk_stops_with_one_line_and_auto_resume_continues_once_space_is_freed(uninterrupted, tiny_model_dir,

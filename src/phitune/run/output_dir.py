@@ -107,6 +107,8 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool) -> Path:
         raise PhituneError(f"{output_dir} already holds an interrupted run ({_checkpoints(output_dir)}); pass "
                            "--overwrite to replace it, --resume to continue it, or set training_config.output_dir "
                            "to a new directory")
+    if state == "finished" and resume:
+        warn_of_old_evaluation(output_dir)
     if resume and latest_complete_checkpoint(output_dir) is None:
         instead = "run without --resume to start" if state == "empty" else "pass --overwrite to start again there"
         raise PhituneError(f"--resume: no complete checkpoint in {output_dir} to resume from; {instead}")
@@ -167,8 +169,23 @@ def auto_resume_mode(cfg) -> str:
         prepare_output_dir(cfg, resume=False, overwrite=False)  # its one line
     check_same_training(cfg, output_dir)
     if state == "finished":
-        return "resume" if _asks_for_more(cfg, output_dir) else "complete"
+        if not _asks_for_more(cfg, output_dir):
+            return "complete"
+        warn_of_old_evaluation(output_dir)
+        return "resume"
     return "resume" if latest_complete_checkpoint(output_dir) else "restart"
+
+
+EVALUATION_FILES = ("eval.json", "report.md", "eval.png")  # what `phitune eval` writes into a run
+
+
+def warn_of_old_evaluation(output_dir: Path) -> None:
+    """A finished run continued past its end (a raised max_steps or epochs) keeps what `phitune eval` wrote of it,
+    which then describes the adapter it had: said once, as training continues (nothing is deleted)."""
+    found = [name for name in EVALUATION_FILES if (output_dir / name).is_file()]
+    if found:
+        log.warning("%s in %s describe the adapter this run had before it continues; run phitune eval %s again "
+                    "after training", ", ".join(found), output_dir, output_dir)
 
 
 # What may change between the attempts of one run: how often it logs, evaluates and saves, what it evaluates, where
