@@ -107,7 +107,7 @@ TRAIN_SFT = [
          {"train.jsonl": lines(chat(("user", "a"), ("user", "b"), ("assistant", "c")))}),
     case("empty_content", train(), ["train.jsonl:2", "empty content"],
          {"train.jsonl": lines(GOOD, chat(("user", "a"), ("assistant", "  ")))}),
-    case("empty_after_skipping", train("data.on_bad_row=skip"), ["empty after skipping 2 bad rows"],
+    case("empty_after_skipping", train("data.on_bad_row=skip"), ["every row is bad (2 skipped); the first:", "malformed JSON line"],
          {"train.jsonl": lines(chat(("user", "a")), "not json")}),
     case("every_label_masked", train("data.max_seq_length=32"), ["every label is masked", "max_seq_length"],
          {"train.jsonl": lines({"messages": [LONG_SYSTEM, *GOOD["messages"]]})}),

@@ -85,7 +85,7 @@ def _read_source(source: str, split: str, cfg: DataConfig) -> tuple[list[Message
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
             bad.append(problem)
     if not conversations:
-        raise PhituneError(f"{source}: the dataset is empty after skipping {len(bad)} bad rows")
+        raise PhituneError(f"{source}: every row is bad ({len(bad)} skipped); the first: {bad[0]}")
     return conversations, fmt, [str(b) for b in bad]
 
 

@@ -101,7 +101,8 @@ def read_media_rows(source: str, split: str, cfg) -> tuple[list[MediaRow], str, 
                 raise PhituneError(f"{problem} (set data.on_bad_row: skip to skip such rows)") from None
             bad.append(problem)
     if not parsed:
-        raise PhituneError(f"{source}: the dataset is empty after skipping {len(bad)} bad rows")
+        raise PhituneError(f"{source}: every row is bad ({len(bad)} skipped); the first: {bad[0]}" if bad
+                           else f"{source}: no rows")
     return parsed, "messages", [str(b) for b in bad]
 
 

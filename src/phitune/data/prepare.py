@@ -359,7 +359,7 @@ def _check(raw, fmt: str, cfg: DataConfig, source: str, folder: Path) -> tuple[l
     if not len(good):
         if not np.any(status == ROW_BAD):
             raise PhituneError(f"{source}: no rows")
-        raise PhituneError(f"{source}: the dataset is empty after skipping {len(problems)} bad rows")
+        raise PhituneError(f"{source}: every row is bad ({len(problems)} skipped); the first: {problems[0]}")
     return good.tolist(), problems, error
 
 
