@@ -302,6 +302,8 @@ def test_auto_resume_continues_past_a_damaged_checkpoint_then_says_complete_and_
     assert len(TRAIN_LINE.findall(log)) == 12 - 4
     resumed, straight = load_file(out / ADAPTER), load_file(uninterrupted / ADAPTER)
     assert all(resumed[name].equal(tensor) for name, tensor in straight.items())
+    metrics, whole = (json.loads((run / "metrics.json").read_text()) for run in (out, uninterrupted))
+    assert metrics["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)  # all 12 steps', not the last 8's
 
     before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
     started = time.monotonic()

@@ -190,6 +190,21 @@ def trained_seconds(checkpoint: Path | None) -> float:
         return 0.0
 
 
+def whole_run_train_loss(history: list[dict], resumed_at: int, session_loss: float, global_step: int) -> float:
+    """A resumed run's train loss over all its steps, as the uninterrupted run reports it: the steps before the
+    checkpoint from the losses the log history recorded for them (each logged loss is the mean of the steps since the
+    log before, rounded to 4 decimals), and the Trainer's mean of this attempt's steps. Where the log history does
+    not cover the checkpoint's steps exactly (a checkpoint between two logs), this attempt's mean is all there is."""
+    last, total = 0, 0.0
+    for entry in history:
+        if "loss" in entry and entry.get("step", 0) <= resumed_at:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    if resumed_at == 0 or last != resumed_at or global_step <= resumed_at:
+        return session_loss
+    return (total + session_loss * (global_step - resumed_at)) / global_step
+
+
 def _describe(layout: dict) -> str:
     return (f"{layout.get('global_batch')} ({layout.get('processes')} processes x "
             f"{layout.get('per_device_train_batch_size')} per device x {layout.get('gradient_accumulation_steps')} "

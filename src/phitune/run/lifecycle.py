@@ -25,7 +25,7 @@ from phitune.config.schema import RunConfig, load_run_config, save_config
 from phitune.errors import PhituneError, first_line, is_write_failure, write_error
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
 from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, latest_complete_checkpoint, trained_seconds,
-                                      write_atomically)
+                                      whole_run_train_loss, write_atomically)
 from phitune.run.console import close_console
 from phitune.run.guard import NonFiniteLoss
 from phitune.run.plan import RunPlan
@@ -237,7 +237,8 @@ def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
     resumed_at = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     metrics = dict(
         # None when resumed from the last checkpoint: no step trained (transformers would say 0.0)
-        train_loss=output.training_loss if trainer.state.global_step > resumed_at else None,
+        train_loss=whole_run_train_loss(trainer.state.log_history, resumed_at, output.training_loss,
+                                        trainer.state.global_step) if trainer.state.global_step > resumed_at else None,
         train_runtime_s=round(runtime, 2),
         train_tokens=tokens,
         tokens_per_second=round(tokens / runtime, 1) if runtime > 0 else None,
