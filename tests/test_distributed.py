@@ -407,3 +407,50 @@ def test_two_workers_on_a_streamed_set_equal_one(tiny_model_dir, tmp_path):
         assert multi_eval[step] == pytest.approx(loss, rel=1e-4), step
     metrics = json.loads((multi_out / "metrics.json").read_text())
     assert metrics["train_examples"] == 32 and metrics["eval_examples"] == 8  # 8 steps x 2 workers x 2 rows
+
+
+def test_two_reward_model_workers_equal_one_with_an_eval_set(tiny_model_dir, tmp_path):
+    """method reward (TRL's RewardTrainer: a score head and a SEQ_CLS adapter) under torchrun: 2 workers x 2 pairs end
+    at the adapter and score head of 1 worker x 4 pairs, with the same held-out pairwise accuracy."""
+    train_dpo_pair(tiny_model_dir, tmp_path, method="reward")
+    single_out, multi_out = (tmp_path / name / "out" for name in ("single", "multi"))
+    assert relative_difference(multi_out, single_out) < DPO_TOLERANCE
+    single, multi = (json.loads((out / "metrics.json").read_text()) for out in (single_out, multi_out))
+    assert multi["method"] == "reward" and multi["pairwise_accuracy_after"] == single["pairwise_accuracy_after"]
+    for key in ("score_margin_after", "train_loss"):
+        assert abs(multi[key] - single[key]) <= DPO_TOLERANCE * abs(single[key]), (key, multi[key], single[key])
+
+
+def test_two_distill_workers_equal_one_with_an_eval_set(tiny_model_dir, tmp_path):
+    """method distill (TRL's GKDTrainer, the teacher's logits per batch) under torchrun: 2 workers x 2 rows end at the
+    adapter and held-out KL to the teacher of 1 worker x 4 rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = tmp_path / "teacher"  # the student's model with its weights moved by seeded noise: another model, the
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)  # same tokenizer
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(teacher)
+
+    def config(name: str, batch: int) -> Path:
+        path = write_config(tmp_path / name, tiny_model_dir, batch, max_steps=8)
+        raw = yaml.safe_load(path.read_text())
+        raw["method"] = "distill"
+        raw["teacher"] = {"name_or_path": str(teacher), "torch_dtype": "float32"}
+        raw["training_config"]["per_device_eval_batch_size"] = batch
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return path
+
+    single = launch([sys.executable, "-m", "phitune.cli", "train", str(config("single", 4))], tmp_path / "single")
+    multi = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config("multi", 2))], tmp_path / "multi")
+    wait(multi, tmp_path / "multi")
+    wait(single, tmp_path / "single")
+    single_out, multi_out = tmp_path / "single" / "out", tmp_path / "multi" / "out"
+    assert_same_adapter(multi_out, single_out)
+    single, multi = (json.loads((out / "metrics.json").read_text()) for out in (single_out, multi_out))
+    assert multi["method"] == "distill"
+    for key in ("kl_to_teacher_before", "kl_to_teacher_after", "train_loss"):
+        assert multi[key] == pytest.approx(single[key], rel=1e-4), (key, multi[key], single[key])
