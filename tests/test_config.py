@@ -92,6 +92,7 @@ def test_overrides_apply_after_the_file(tmp_path):
     assert cfg.peft_config == {"r": 4} and cfg.data.train_on == "all"
     with pytest.raises(PhituneError, match="expected section.key=value"):
         load_config(path, ["learning_rate=1"])
+    assert load_config(path, ["method=orpo", "peft_config.r=8"]).method == "orpo"  # the one top-level key
 
 
 @pytest.mark.parametrize("override", ["rewards=[{name: answer}]", "rewards.0.weight=2"])

@@ -165,6 +165,17 @@ TRAIN_DPO = [
     case("dpo_output_dir_holds_interrupted_run", dpo(), ["already holds an interrupted run"],
          {"dpo-out/checkpoint-2/phitune_complete": "{}\n"}),
     case("dpo_output_dir_foreign", dpo(), ["holds no phitune run"], {"dpo-out/notes.txt": "mine\n"}),
+    # the other methods on the same pairs (`--set method=...`): their own rules, each one line before any weight loads
+    case("simpo_other_cpo_loss", dpo("method=simpo", "training_config.loss_type=hinge"),
+         ["method simpo trains CPO's simpo loss", "'hinge'"]),
+    case("kto_given_pairs", dpo("method=kto"), ["pairs.jsonl:1", "train them with method dpo"]),
+    case("kto_batch_of_one", dpo("method=kto", "training_config.per_device_train_batch_size=1"),
+         ["per_device_train_batch_size", "at least 2"]),
+    case("reward_from_an_adapter", dpo("method=reward", "model.adapter={d}/dpo-out"), ["method reward", "model.adapter"]),
+    case("distill_without_teacher", train("method=distill"), ["teacher"]),
+    case("distill_teacher_missing", train("method=distill", "teacher.name_or_path={d}/no-teacher"),
+         ["teacher", "no-teacher"]),
+    case("method_in_capitals", train("method=SimPO"), ["got 'SimPO'", "did you mean 'simpo'?"]),
 ]
 
 DATA = [

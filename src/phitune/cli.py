@@ -76,7 +76,7 @@ def setup_logging(verbose: bool = False) -> None:
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML file with model, data, training_config and peft_config"),
-    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value, or method=NAME (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the newest complete checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished run in output_dir"),
     auto_resume: bool = typer.Option(False, "--auto-resume", help="start, continue or skip (finished), by what "
@@ -344,7 +344,7 @@ def serve(
 @app.command()
 def data(
     config: Path = typer.Argument(..., help="YAML run config whose data section is inspected"),
-    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value, or method=NAME (repeatable)"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder for the length histogram (default: the data cache; the path is printed)"),
     example: int = typer.Option(0, "--example", min=0, help="index of the train example to show"),
 ):

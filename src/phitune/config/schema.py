@@ -279,14 +279,19 @@ def coerce_numbers(value: Any) -> Any:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
-    """Apply `--set training_config.learning_rate=1e-4` style overrides; values are parsed as YAML scalars."""
+    """Apply `--set training_config.learning_rate=1e-4` style overrides (and `--set method=kto`); values are parsed
+    as YAML scalars."""
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if parts[0] == "rewards":  # a list of entries: no section.key names one
             raise PhituneError(f"--set {item!r}: rewards cannot be set with --set; edit the YAML's rewards: section")
+        if sep and parts == ["method"]:  # the one top-level key that is not a section
+            raw["method"] = value.strip()
+            continue
         if not sep or len(parts) < 2 or not all(parts):
-            raise PhituneError(f"--set {item!r}: expected section.key=value, e.g. training_config.max_steps=10")
+            raise PhituneError(f"--set {item!r}: expected section.key=value (or method=NAME), e.g. "
+                               "training_config.max_steps=10")
         node = raw
         for part in parts[:-1]:
             if node.get(part) is None:
