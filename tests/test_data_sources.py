@@ -240,7 +240,7 @@ def test_changing_a_weight_tokenizes_nothing_again(tmp_path):
     ([{"path": "own.jsonl"}, {"path": "empty"}], "empty: the folder holds no data files"),
     ([{"path": "own.jsonl", "rows": 0}], "data.train[0] (own): rows must be a positive whole number, got 0"),
     ([{"path": "own.jsonl"}, {"path": "bad.jsonl"}], "bad.jsonl:4: malformed JSON line"),
-    ([{"path": "own.jsonl"}, {"path": "missing.jsonl"}], "data file not found: missing.jsonl"),
+    ([{"path": "own.jsonl"}, {"path": "missing.jsonl"}], "data file not found: missing.jsonl (relative to "),
     ([{"path": "own.jsonl"}, {"path": "own.jsonl"}], "data.train: two sources are called 'own'"),
 ])
 def test_each_source_is_checked_on_its_own_in_one_line(tmp_path, monkeypatch, sources, expected):

@@ -37,6 +37,12 @@ def row_location(source: str, number: int) -> str:
     return f"{source}:{number}" if source.endswith((".jsonl", ".csv")) else f"{source}: row {number}"
 
 
+def relative_to_cwd(path) -> str:
+    """` (relative to /where/you/are)` for a relative path that was not found: data paths are read from the working
+    directory, which a message should name (a config run from another directory finds nothing)."""
+    return "" if Path(path).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+
+
 def hub_options(cfg) -> dict:
     """datasets.load_dataset's `name`, `data_dir` and `data_files` as a data config (data.subset, ...) sets them."""
     options = {"name": getattr(cfg, "subset", None), "data_dir": getattr(cfg, "data_dir", None),
@@ -81,7 +87,7 @@ def _is_local(path: Path, needs: str = CHAT_ROWS) -> bool:
         if path.is_dir():
             raise PhituneError(f"{path} is a directory, not a data file; name the file itself")
         if not path.is_file():
-            raise PhituneError(f"data file not found: {path}")
+            raise PhituneError(f"data file not found: {path}{relative_to_cwd(path)}")
         if path.stat().st_size == 0:  # each reader would say it differently, one in a library's traceback
             raise PhituneError(f"{path}: the file is empty (0 bytes); it needs {needs}")
         return True

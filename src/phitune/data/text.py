@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from phitune.data.readers import SKIP_HINT as LINE_SKIP_HINT
-from phitune.data.readers import BadRow, _read_text, hub_options, read_row_batches, read_rows, row_location
+from phitune.data.readers import (BadRow, _read_text, hub_options, read_row_batches, read_rows, relative_to_cwd,
+                                  row_location)
 from phitune.errors import PhituneError
 
 TEXT_SUFFIX = ".txt"
@@ -42,7 +43,7 @@ def text_files(source: str) -> list[Path] | None:
         return files
     if path.suffix.lower() == TEXT_SUFFIX:
         if not path.is_file():
-            raise PhituneError(f"data file not found: {path}")
+            raise PhituneError(f"data file not found: {path}{relative_to_cwd(path)}")
         return [path]
     return None
 
