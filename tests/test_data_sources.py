@@ -312,3 +312,17 @@ def test_vision_sources_mix_and_show_their_table(tmp_path, caplog):
     assert "data mixture: low 10 of 10 rows (66.7%); high 5 of 5 rows (33.3%)" in caplog.text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_audio"] == 15 and metrics["global_step"] == 2
+
+
+def test_max_train_examples_caps_a_mixture_in_the_shares_asked(tmp_path):
+    """A cap smaller than the mixture: 5 and 5 of a 1:1 mixture capped at 10 (it gave 6 and 4, and still warned that
+    the weights capped the mixture at the scarcer source's size)."""
+    own = write_jsonl(tmp_path / "own.jsonl", chats("own", 38))
+    general = write_jsonl(tmp_path / "general.jsonl", alpaca("general", 28))
+    config = config_file(tmp_path, {"train": [{"path": str(own), "weight": 1}, {"path": str(general), "weight": 1}],
+                                    "eval_split": 0, "max_train_examples": 10})
+    result = phitune_data(config, tmp_path)
+    assert result.exit_code == 0, result.output
+    table = source_rows(result.output)
+    assert table["own"][1] == table["general"][1] == "5" and table["own"][5] == "50.0%"
+    assert "the weights cap the mixture" not in result.output

@@ -12,7 +12,8 @@ indices and tokenizes nothing. Then each source gives the mixture a number of it
 
 and the chosen rows are shuffled together with data.seed. Held-out rows are never mixed: eval keeps every source's
 held-out share (or every eval source) whole, grouped by source, so the eval loss is reported per source and overall.
-data.max_train_examples and max_eval_examples cap the mixed sets.
+data.max_train_examples caps the mixed training set in the same shares (each source's count scaled down);
+max_eval_examples caps the eval set.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def _weighted_counts(sources: list[Source], available: list[int]) -> tuple[list[
     return counts, warnings
 
 
+def scaled_counts(counts: list[int], total: int) -> list[int]:
+    """`counts` scaled to sum to `total`, in the same proportions (largest remainders)."""
+    exact = [c * total / sum(counts) for c in counts]
+    scaled = [int(x) for x in exact]
+    for i in sorted(range(len(counts)), key=lambda i: exact[i] - scaled[i], reverse=True)[:total - sum(scaled)]:
+        scaled[i] += 1
+    return scaled
+
+
 def sample_rows(count: int, available: int, seed: int, index: int) -> np.ndarray:
     """`count` row numbers of a source of `available` rows: whole shuffled passes, then a seeded sample."""
     rng = np.random.default_rng([seed, index])
@@ -112,6 +122,10 @@ def train_mixture(sources: list[Source], available: list[int], seed: int,
                   limit: int | None) -> tuple[np.ndarray, np.ndarray, list[SourceShare]]:
     """The mixed training rows as (source index, row number), and each source's share of them."""
     counts, warnings = plan_counts(sources, available)
+    if limit is not None and sum(counts) > limit:  # max_train_examples: the same shares, in fewer rows
+        counts = scaled_counts(counts, limit)
+        warnings = [f"{s.name}: its {n:,} rows are repeated to give the {c:,} asked ({c / n:.1f} passes)"
+                    for s, c, n in zip(sources, counts, available) if c > n]
     chosen = [sample_rows(c, n, seed, i) for i, (c, n) in enumerate(zip(counts, available))]
     which, rows = mix_order(chosen, seed, limit)
     used = np.bincount(which, minlength=len(sources))
