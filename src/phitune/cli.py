@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     Bad input of any kind (a PhituneError, or a usage mistake caught by typer's parser) is one line on stderr and
     exit code 2 (a traceback only with --debug); an interrupt (Ctrl-C, SIGTERM) is one line and exit code 130."""
     STATE["signal"] = "SIGINT (Ctrl-C)"  # what an interrupt is called unless a handler names another signal
+    STATE["process_exits"] = argv is None  # the `phitune` program itself, not main() called from Python (tests)
     _interrupts_raise()
     try:
         code = app(args=argv, prog_name="phitune", standalone_mode=False)
@@ -442,6 +443,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _ignore_interrupts() -> None:
+    """Ignore SIGINT and SIGTERM from here on, in the `phitune` program only: a Python program that called main()
+    goes on after it, and keeps its own Ctrl-C."""
+    if not STATE.get("process_exits"):
+        return
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, signal.SIG_IGN)
