@@ -62,3 +62,25 @@ def assert_same_trained_adapter(straight: Path, resumed: Path, rtol: float, atol
     assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol)
+
+
+def assert_sigterm_stops_with_a_checkpoint(cfg, folder: Path, line=None) -> None:
+    """A real `phitune train` of `cfg` (its output_dir under `folder`), sent SIGTERM once it logs a step (`line`, a
+    regex; test_reliability's TRAIN_LINE by default): exit code 130, no traceback, the resume command said, a
+    complete checkpoint saved and the run not marked finished. The shared SIGTERM check of every method."""
+    import signal
+
+    from phitune.config.schema import save_config
+    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
+    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+
+    line = line or TRAIN_LINE
+    save_config(cfg, folder / "run.yaml")
+    proc = start_train(folder / "run.yaml")
+    wait_for(lambda: line.search((folder / "train.out").read_text()), proc, timeout=240)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"Resume with: phitune train {folder / 'run.yaml'} --resume" in stderr
+    assert latest_complete_checkpoint(cfg.output_dir) is not None
+    assert not (cfg.output_dir / CHECKPOINT_COMPLETE).exists()

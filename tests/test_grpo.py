@@ -204,23 +204,11 @@ def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(ti
 
 @pytest.mark.processes
 def test_sigterm_stops_a_grpo_run_with_a_checkpoint_and_exit_130(tiny_model_dir, prompt_files, tmp_path):
-    import signal
-
-    from phitune.config.schema import save_config
-    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
-    from test_reliability import finish, start_train, wait_for
+    from _resume import assert_sigterm_stops_with_a_checkpoint
 
     cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / "out", data={"eval": None, "eval_split": 0},
                       training_config={"max_steps": 500, "save_steps": 1000})
-    save_config(cfg, tmp_path / "run.yaml")
-    proc = start_train(tmp_path / "run.yaml")
-    wait_for(lambda: GRPO_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
-    proc.send_signal(signal.SIGTERM)
-    code, stderr = finish(proc)
-    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
-    assert f"Resume with: phitune train {tmp_path / 'run.yaml'} --resume" in stderr
-    assert latest_complete_checkpoint(tmp_path / "out") is not None
-    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
+    assert_sigterm_stops_with_a_checkpoint(cfg, tmp_path, GRPO_LINE)
 
 
 def test_qlora_grpo_trains_a_lora_adapter_over_a_4_bit_base(tiny_model_dir, prompt_files, tmp_path):

@@ -235,23 +235,11 @@ def test_a_kto_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tiny
 
 @pytest.mark.processes
 def test_sigterm_stops_a_kto_run_with_a_checkpoint_and_exit_130(tiny_model_dir, kto_files, tmp_path):
-    import signal
-
-    from phitune.config.schema import save_config
-    from phitune.run.checkpoints import CHECKPOINT_COMPLETE, latest_complete_checkpoint
-    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+    from _resume import assert_sigterm_stops_with_a_checkpoint
 
     cfg = kto_config(tiny_model_dir, kto_files, tmp_path / "out", data={"eval": None, "eval_split": 0},
                      training_config={"max_steps": 500, "save_steps": 1000, "logging_steps": 1})
-    save_config(cfg, tmp_path / "run.yaml")
-    proc = start_train(tmp_path / "run.yaml")
-    wait_for(lambda: TRAIN_LINE.search((tmp_path / "train.out").read_text()), proc, timeout=240)
-    proc.send_signal(signal.SIGTERM)
-    code, stderr = finish(proc)
-    assert code == 130 and "Traceback" not in stderr, stderr[-2000:]
-    assert f"Resume with: phitune train {tmp_path / 'run.yaml'} --resume" in stderr
-    assert latest_complete_checkpoint(tmp_path / "out") is not None
-    assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()
+    assert_sigterm_stops_with_a_checkpoint(cfg, tmp_path)
 
 
 def test_every_kto_shape_becomes_the_same_labelled_completion():
