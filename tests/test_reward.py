@@ -206,32 +206,14 @@ def test_a_nan_loss_stops_a_reward_run_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_a_reward_run_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tmp_path):
     """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps, ending
     at the adapter (and head) of an uninterrupted run (test_reliability's launcher)."""
-    from phitune.config.schema import save_config
-    from phitune.run.checkpoints import latest_complete_checkpoint
-    from test_reliability import TRAIN_LINE, finish, start_train, wait_for
+    from _resume import killed_and_resumed
 
     def config(name):
-        cfg = reward_config(tmp_path / name / "out", data={"eval": None, "eval_split": 0, "max_train_examples": 32},
-                            training_config={"max_steps": 4, "save_steps": 2, "logging_steps": 1,
-                                             "lr_scheduler_type": "constant", "save_total_limit": 10})
-        (tmp_path / name).mkdir()
-        save_config(cfg, tmp_path / name / "run.yaml")
-        return tmp_path / name / "run.yaml"
+        return reward_config(tmp_path / name / "out", data={"eval": None, "eval_split": 0, "max_train_examples": 32},
+                             training_config={"max_steps": 4, "save_steps": 2, "logging_steps": 1,
+                                              "lr_scheduler_type": "constant", "save_total_limit": 10})
 
-    reference = start_train(config("reference"))
-    killed = config("killed")
-    out = tmp_path / "killed" / "out"
-    proc = start_train(killed, hold_at=2)
-    wait_for(lambda: latest_complete_checkpoint(out) is not None, proc, timeout=240)
-    proc.kill()
-    proc.wait()
-    assert latest_complete_checkpoint(out).name == "checkpoint-2" and not (out / "checkpoint-4").exists()
-    code, stderr = finish(start_train(killed, "--resume"))
-    assert code == 0, stderr[-3000:]
-    assert len(TRAIN_LINE.findall((tmp_path / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
-    assert finish(reference)[0] == 0, reference.stderr_path.read_text()[-3000:]
-    resumed = load_file(str(out / "adapter_model.safetensors"))
-    uninterrupted = load_file(str(tmp_path / "reference" / "out" / "adapter_model.safetensors"))
+    resumed, uninterrupted = killed_and_resumed(config, tmp_path)
     assert any(k.endswith("score.weight") for k in uninterrupted)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-7)
