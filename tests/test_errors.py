@@ -81,3 +81,21 @@ def test_on_bad_row_flag_exists():
     """`phitune train --on-bad-row skip` is the flag spelling of data.on_bad_row."""
     result = run_cli(["train", "--help"], Path.cwd())
     assert "--on-bad-row" in result.stdout and "skip" in result.stdout
+
+
+def test_a_failed_write_no_command_wraps_is_one_line(capsys):
+    """A full disk, a quota or a read-only disk in a write no command wraps itself is one line and exit 2: the file
+    when the error names it, the OS's reason otherwise. A permission error (a read as often as a write) and other
+    crashes keep their traceback."""
+    import errno
+
+    from phitune.cli import _known_crash
+
+    assert _known_crash(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/x.json")) == 2
+    assert capsys.readouterr().err.strip() == "error: could not write out/x.json: No space left on device"
+    assert _known_crash(OSError(errno.EROFS, os.strerror(errno.EROFS))) == 2
+    assert capsys.readouterr().err.strip() == ("error: a write failed: Read-only file system (phitune --debug ... "
+                                               "shows where)")
+    for crash in (PermissionError(errno.EACCES, "Permission denied", "x"), ValueError("a bug")):
+        with pytest.raises(type(crash)):
+            _known_crash(crash)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
@@ -51,6 +53,43 @@ def test_eval_command_writes_into_output_and_keeps_earlier_benchmarks(trained_ru
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "| eval loss (assistant tokens) |" in report
     assert "| phitune_choices | acc | 2.0 | 6 | no | 0.2500 | 0.5000 |" in report
+
+
+def test_a_full_disk_keeps_the_earlier_eval_whole_and_leaves_no_half_written_file(trained_run, tmp_path,  # noqa: F811
+                                                                                   capsys):
+    """A real 1 MiB tmpfs, filled: `phitune eval --output` and `phitune generate --output` into it each stop with one
+    line naming the file and "No space left on device", exit 2; the earlier eval.json is whole (its benchmarks kept)
+    and no partial file is left. Before, eval.json was cut to nothing (its benchmarks lost) and the command ended
+    in a traceback. Needs root (mount); skipped without."""
+    from phitune.cli import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        earlier = json.dumps({"metrics": {}, "info": {}, "samples": [], "benchmarks": {"phitune_choices": dict(
+            version=2.0, examples=6, chat_template=False, metric="acc,none", scores={"base": {"acc,none": 0.25}},
+            tasks={})}})
+        (disk / "eval.json").write_text(earlier)
+        (tmp_path / "prompts.jsonl").write_text('{"prompt": "What noise does a cow make?"}\n')
+        with open(disk / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):  # the disk is full
+            while True:
+                filler.write(b"\0" * 4096)
+        commands = {disk / "eval.json": ["eval", str(trained_run), "--num-generate", "1", "--max-new-tokens", "2",
+                                         "--output", str(disk)],
+                    disk / "answers.jsonl": ["generate", str(trained_run), "--input", str(tmp_path / "prompts.jsonl"),
+                                             "--output", str(disk / "answers.jsonl"), "--max-new-tokens", "2"]}
+        for written, argv in commands.items():
+            with pytest.raises(SystemExit) as stop:
+                main(argv)
+            err = capsys.readouterr().err
+            assert stop.value.code == 2 and "Traceback" not in err, err[-2000:]
+            assert err.strip().splitlines()[-1] == f"error: could not write {written}: No space left on device"
+        assert (disk / "eval.json").read_text() == earlier
+        assert sorted(path.name for path in disk.iterdir()) == ["eval.json", "filler"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)])
 
 
 def test_generation_metrics_rouge_and_exact_match():

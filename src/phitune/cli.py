@@ -455,10 +455,19 @@ def _ignore_interrupts() -> None:
 
 
 def _known_crash(exc: Exception) -> int:
-    """A torchvision made for another torch breaks transformers' own imports, in every command, with an error that
-    names neither: say so in one line with the pip line that fits this torch (exit 2). Other crashes re-raise."""
-    from phitune.data.multimodal_batch import require_torchvision
+    """Two known causes get one line and exit 2; other crashes re-raise.
 
+    A full disk (or a quota, a read-only disk) in a write no command wraps itself: the file when the error names it,
+    the OS's reason. A torchvision made for another torch breaks transformers' own imports, in every command, with
+    an error that names neither: the pip line that fits this torch."""
+    from phitune.data.multimodal_batch import require_torchvision
+    from phitune.errors import is_write_failure, write_error, write_reason
+
+    if not STATE["debug"] and is_write_failure(exc) and not isinstance(exc, PermissionError):
+        named = getattr(exc, "filename", None)
+        _say(f"error: {write_error(exc, named)}" if named else
+             f"error: a write failed: {write_reason(exc)} (phitune --debug ... shows where)")
+        return 2
     if not STATE["debug"]:
         try:
             require_torchvision(absent_ok=True)

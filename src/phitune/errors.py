@@ -1,7 +1,10 @@
 """The one exception type meant for users, and the one way a failed write (a full disk) becomes one."""
 
 import errno
+import os
 import re
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class PhituneError(Exception):
@@ -43,23 +46,41 @@ def write_error(exc: BaseException, where) -> PhituneError:
     `where` is the file written, or the folder a save was filling. torch.save's error names no file, but its file
     exists, cut short, and is the one written last in the folder; safetensors' names none and may leave none, so
     the folder is named."""
-    import os
-    from pathlib import Path
-
     where = Path(getattr(exc, "filename", None) or where)
     if where.is_dir() and isinstance(exc, RuntimeError):
         files = [path for path in where.rglob("*") if path.is_file()]
         where = max(files, key=lambda path: path.stat().st_mtime_ns) if files else where
+    return PhituneError(f"could not write {where}: {write_reason(exc, where)}")
+
+
+def write_reason(exc: BaseException, where=None) -> str:
+    """Why a write failed, in the OS's words ("No space left on device")."""
     if _errno(exc):
-        reason = os.strerror(_errno(exc))
-    elif _free_bytes(where) < NEARLY_FULL_BYTES:
-        reason = "No space left on device"
-    else:
-        reason = first_line(exc)
-    return PhituneError(f"could not write {where}: {reason}")
+        return os.strerror(_errno(exc))
+    if where is not None and _free_bytes(Path(where)) < NEARLY_FULL_BYTES:
+        return "No space left on device"
+    return first_line(exc)
 
 
-def _free_bytes(path) -> int:
+@contextmanager
+def replacing(path):
+    """Yield a temporary path beside `path` to write; once written, rename it over `path`. A reader never sees half
+    a file, an earlier file survives a failed write whole, and a failed write (a full disk) leaves no temporary
+    file and is one line naming `path`. The temporary name keeps the suffix, for writers that go by it
+    (matplotlib)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException as exc:
+        temporary.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_write_failure(exc):
+            raise PhituneError(f"could not write {path}: {write_reason(exc, path.parent)}") from None
+        raise
+
+
+def _free_bytes(path: Path) -> int:
     import shutil
 
     for folder in (path, *path.parents):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from phitune.after.generate import SamplingSettings
 from phitune.config.schema import DataConfig, ModelConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, replacing
 
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
@@ -102,7 +102,8 @@ def save_eval_json(result: EvalResult) -> dict:
     benchmarks = {**earlier, **result.benchmarks}
     result.output_dir.mkdir(parents=True, exist_ok=True)
     saved = replace(result, benchmarks=benchmarks).to_dict()
-    (result.output_dir / EVAL_JSON).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    with replacing(result.output_dir / EVAL_JSON) as path:  # a full disk keeps the earlier eval.json whole
+        path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     return benchmarks
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phitune.config.schema import ModelConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, replacing
 
 
 @dataclass
@@ -212,8 +212,8 @@ def generate_file(model, tokenizer, rows: list[dict], output: Path, settings: Sa
     conversations = [prompt_conversation(row, f"row {i + 1}") for i, row in enumerate(rows)]
     answers = generate_replies(model, tokenizer, conversations, settings, batch_size=batch_size, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as out:
-        for row, answer in zip(rows, answers):
+    with replacing(output) as partial, partial.open("w", encoding="utf-8") as out:  # hours of answers: never half
+        for row, answer in zip(rows, answers):  # a file, and a full disk is one line
             out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
     return len(answers)
 

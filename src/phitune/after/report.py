@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from phitune.errors import replacing
 from phitune.terminal import console, format_duration, format_value
 
 
@@ -214,7 +215,8 @@ def plot_eval_chart(metrics: dict[str, dict[str, float]], path, benchmarks: dict
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as partial:
+        fig.savefig(partial, dpi=100)
     plt.close(fig)
 
 
@@ -236,7 +238,8 @@ def write_eval_markdown(result, path, chart_name: str, max_samples: int = 5) -> 
     for sample in result.samples[:max_samples]:
         lines.append(f"- **prompt:** {sample['prompt']}  \n  **reference:** {sample['reference']}")
         lines += [f"  \n  **{n}:** {sample[n]}" for n in names]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with replacing(path) as partial:
+        partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def benchmark_markdown(benchmarks: dict) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from phitune.after.generate import SamplingSettings, stop_token_ids
 from phitune.config.schema import DataConfig, ModelConfig, RunConfig
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, replacing
 
 log = logging.getLogger("phitune")
 
@@ -213,8 +213,8 @@ def generate_media_file(model, tokenizer, name_or_path: str, rows: list[dict], s
         raise PhituneError(str(problem)) from None
     answers = [answer_media_row(model, tokenizer, processor, row, settings) for row in prompts]
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as out:
-        for row, answer in zip(rows, answers):
+    with replacing(output) as partial, partial.open("w", encoding="utf-8") as out:  # hours of answers: never half
+        for row, answer in zip(rows, answers):  # a file, and a full disk is one line
             out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
     return len(answers)
 

@@ -26,6 +26,7 @@ from phitune.data import training_chat_template
 from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 from phitune.data.mixture import with_sources
 from phitune.data.reasoning import OWN_SYSTEM, TRACE_PROBLEMS
+from phitune.errors import replacing
 from phitune.data.templates import SYSTEM_PROMPTS
 
 HISTOGRAM_PNG = "data_lengths.png"
@@ -299,6 +300,7 @@ def plot_lengths(lengths: np.ndarray, limit: int, path: Path) -> Path:
     ax.set_ylabel("examples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as partial:
+        fig.savefig(partial, dpi=100)
     plt.close(fig)
     return path
