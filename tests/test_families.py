@@ -112,6 +112,29 @@ def test_each_assistant_turn_and_its_end_token_are_trained_and_nothing_else(fami
     assert sum(mask) == sum(map(len, expected))  # headers, system, user turns and a final eos all masked
 
 
+def test_a_tokenizer_padding_with_eos_is_warned_of_only_without_its_own_end_of_turn(tmp_path, caplog):
+    """Phi-4-mini pads with its eos and ends each turn with <|end|>, which training keeps: loading it says nothing
+    (it warned on every run, while `phitune data` called it safe). The same tokenizer with its turn ends trained as
+    eos would not stop: that still warns."""
+    from transformers import AutoTokenizer
+
+    from phitune.config.schema import ModelConfig
+    from phitune.models.loading import load_tokenizer, turn_end_token
+    from phitune.tiny.families import TINY_PHI4_MINI
+
+    with caplog.at_level("WARNING", logger="phitune"):
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(TINY_PHI4_MINI)))
+    assert tokenizer.pad_token == tokenizer.eos_token and turn_end_token(tokenizer) == "<|end|>"
+    assert "pads with its eos" not in caplog.text
+    no_turn_end = AutoTokenizer.from_pretrained(TINY_PHI4_MINI)
+    no_turn_end.eos_token = "<|end|>"  # its only turn end is now the eos it pads with
+    no_turn_end.pad_token = "<|end|>"
+    no_turn_end.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="phitune"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+    assert "pads with its eos token <|end|> and has no unk token" in caplog.text
+
+
 def test_phi4_mini_tool_turns_train_the_call_not_the_definitions_or_the_result():
     tokenizer = family_tokenizer("phi-4-mini")
     call = '<|tool_call|>[{"name": "weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'

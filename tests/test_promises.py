@@ -12,8 +12,8 @@ extra is also tried in a real process, as are the rows that need an environment 
 
 Row: case(id, command line, words the stderr line must hold, files=..., hide=...). In the command line and the files,
 {d} is the case's directory, {run} a finished run, {model} the tiny model. Every case directory starts with run.yaml
-(SFT on {d}/train.jsonl), dpo.yaml (DPO on {d}/pairs.jsonl), good data for both, prompts.jsonl and a file
-exists.txt; `files` replaces or adds files (a name ending in / is a directory; UNREADABLE a file no one can read);
+(SFT on {d}/train.jsonl), dpo.yaml (DPO on {d}/pairs.jsonl), grpo.yaml (GRPO on {d}/prompts.jsonl, a length
+reward), good data for each, and a file exists.txt; `files` replaces or adds files (a name ending in / is a directory; UNREADABLE a file no one can read);
 `hide` names modules made unimportable, as when an extra is not installed.
 """
 
@@ -38,7 +38,23 @@ TINY_BASE = DEMO_DATA.parent / "tiny-phi3"  # the bundled model a demo run names
 GOOD = {"messages": [{"role": "user", "content": "Which colour is snow?"}, {"role": "assistant", "content": "White."}]}
 PAIR = {"prompt": "Is snow white?", "chosen": "Yes.", "rejected": "No."}
 LONG_SYSTEM = {"role": "system", "content": "Please read all of this carefully before answering. " * 20}
+TOOL_ROW = json.loads((DEMO_DATA.parent / "demo_tools" / "train.jsonl").read_text().splitlines()[0])
+TINY_PHI4_MINI = DEMO_DATA.parent / "tiny-phi4-mini"
 UNREADABLE = object()
+
+
+SFT = {"model": {"name_or_path": "{model}", "torch_dtype": "float32"},
+       "data": {"train": "{d}/train.jsonl", "eval_split": 0, "max_seq_length": 128, "cache_dir": "{d}/cache"},
+       "training_config": {"output_dir": "{d}/out", "max_steps": 1, "seed": 0},
+       "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}
+
+
+def grpo_yaml(reward: str) -> str:
+    """GRPO on {d}/prompts.jsonl with one reward (a YAML flow mapping)."""
+    config = {**SFT, "method": "grpo", "data": {**SFT["data"], "train": "{d}/prompts.jsonl"},
+              "training_config": {**SFT["training_config"], "output_dir": "{d}/grpo-out",
+                                  "per_device_train_batch_size": 2, "num_generations": 2, "max_completion_length": 4}}
+    return yaml.safe_dump(config) + f"rewards:\n  - {reward}\n"
 
 
 class Case(NamedTuple):
@@ -69,6 +85,18 @@ def train(*sets: str, extra: tuple = (), config: str = "run.yaml") -> list:
 
 def dpo(*sets: str, extra: tuple = ()) -> list:
     return train(*sets, extra=extra, config="dpo.yaml")
+
+
+def grpo(*sets: str) -> list:
+    return train(*sets, config="grpo.yaml")
+
+
+def bad_arguments(row: dict) -> dict:
+    """The tool-call row with its first call's arguments cut short (not JSON)."""
+    row = json.loads(json.dumps(row))
+    call = next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]
+    call["arguments"] = '{"city": '
+    return row
 
 
 USAGE = [
@@ -178,6 +206,27 @@ TRAIN_DPO = [
     case("method_in_capitals", train("method=SimPO"), ["got 'SimPO'", "did you mean 'simpo'?"]),
 ]
 
+# GRPO, vision, raw text and tool-call data: each method's and format's own rules, one line before any weight loads
+OTHER_DATA = [
+    case("grpo_without_rewards", train("method=grpo"), ["method grpo needs rewards"]),
+    case("grpo_reward_misspelled", grpo(), ["rewards[0].name must be one of", "got 'answr' (did you mean 'answer'?)"],
+         {"grpo.yaml": grpo_yaml("{name: answr}")}),
+    case("grpo_rewards_by_set", grpo("rewards=[{name: answer}]"), ["rewards cannot be set with --set", "YAML"]),
+    case("grpo_answer_column_missing", grpo(), ["the answer reward compares with column 'answer'"],
+         {"grpo.yaml": grpo_yaml("{name: answer}")}),
+    case("grpo_empty_prompt", grpo(), ["prompts.jsonl:1", "the prompt is empty", "on_bad_row"],
+         {"prompts.jsonl": lines({"prompt": ""})}),
+    case("vision_on_a_text_model", train("method=vision"), ["Phi-4-multimodal", "this model is phi3"]),
+    case("text_without_a_text_column", train("data.format=text"), ["no `text` column", "data.format: text"]),
+    case("text_file_empty", train("data.format=text", "data.train={d}/doc.txt"), ["doc.txt", "the file is empty"],
+         {"doc.txt": ""}),
+    case("tool_data_on_phi3", train(), ["tool-call data", "template (phi-3) has none"],
+         {"train.jsonl": lines(TOOL_ROW)}),
+    case("tool_arguments_not_json", train(f"model.name_or_path={TINY_PHI4_MINI}"),
+         ["train.jsonl:1", "tool call 'weather': `arguments` is not valid JSON", "--on-bad-row skip"],
+         {"train.jsonl": lines(bad_arguments(TOOL_ROW))}),
+]
+
 DATA = [
     case("data_config_missing", ["data", "{d}/nope.yaml"], ["config file not found"]),
     case("data_config_is_directory", ["data", "{d}"], ["is a directory, not a config file"]),
@@ -230,6 +279,15 @@ INFERENCE = [
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
 
+SERVE = [  # every check before a server starts; port 59123: any free one, so the row does not hang on 8000
+    case("serve_not_a_run_dir", ["serve", "{d}", "--port", "59123"], ["not a finished phitune run"]),
+    case("serve_engine_unknown", ["serve", "{run}", "--engine", "llamacpp", "--port", "59123"],
+         ["--engine llamacpp is not one of: llama.cpp, vllm"]),
+    case("serve_port_out_of_range", ["serve", "{run}", "--port", "99999"], ["--port 99999 is not a TCP port"]),
+    case("serve_without_a_gguf", ["serve", "{run}", "--engine", "llama.cpp", "--port", "59123"],
+         ["serves a GGUF export of the run", "phitune export", "then serve again"]),
+]
+
 UI = [  # `pip install -e ".[ui]"` worked only from the repository root; the other extras' lines work anywhere
     case("ui_without_the_extra", ["ui"], ["phitune ui needs the ui extra: pip install 'phitune[ui]'"], hide=("gradio",)),
 ]
@@ -242,18 +300,18 @@ DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not tra
          {**DEMO_RUN, "out/notes.txt": "mine\n"}),
 ]
 
-CASES = USAGE + TRAIN_SFT + TRAIN_DPO + DATA + INFERENCE + UI + DEMO
+CASES = USAGE + TRAIN_SFT + TRAIN_DPO + OTHER_DATA + DATA + INFERENCE + SERVE + UI + DEMO
 
 
 def base_files(model_dir: Path) -> dict:
-    """What every case directory starts with: good configs and data for SFT and DPO, prompts, one existing file."""
-    sft = {"model": {"name_or_path": "{model}", "torch_dtype": "float32"},
-           "data": {"train": "{d}/train.jsonl", "eval_split": 0, "max_seq_length": 128, "cache_dir": "{d}/cache"},
-           "training_config": {"output_dir": "{d}/out", "max_steps": 1, "seed": 0},
-           "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}
+    """What every case directory starts with: good configs and data for SFT, DPO and GRPO, prompts, one existing
+    file."""
+    sft = SFT
     preference = {**sft, "method": "dpo", "data": {**sft["data"], "train": "{d}/pairs.jsonl"},
                   "training_config": {**sft["training_config"], "output_dir": "{d}/dpo-out"}}
-    return {"run.yaml": yaml.safe_dump(sft), "dpo.yaml": yaml.safe_dump(preference), "train.jsonl": lines(GOOD, GOOD),
+    return {"run.yaml": yaml.safe_dump(sft), "dpo.yaml": yaml.safe_dump(preference),
+            "grpo.yaml": grpo_yaml("{name: length, max_tokens: 8}"),
+            "train.jsonl": lines(GOOD, GOOD),
             "pairs.jsonl": lines(PAIR, PAIR), "prompts.jsonl": lines({"prompt": "Hi"}), "exists.txt": "mine\n"}
 
 

@@ -27,6 +27,7 @@ from phitune.data.encode import END_OF_TURN, rendered_with_offsets
 from phitune.data.mixture import with_sources
 from phitune.data.reasoning import OWN_SYSTEM, TRACE_PROBLEMS
 from phitune.errors import replacing
+from phitune.models.loading import turn_end_token
 from phitune.data.templates import SYSTEM_PROMPTS
 
 HISTOGRAM_PNG = "data_lengths.png"
@@ -164,8 +165,7 @@ def example_runs(tokenizer, messages: list[dict], template: str, train_on: str =
 def pad_token_warnings(cfg: RunConfig, tokenizer) -> list[str]:
     """pad == eos in the tokenizer as training uses it, or in the raw tokenizer config."""
     warnings = []
-    vocab = tokenizer.get_vocab()
-    turn_end = next((t for t in (END_OF_TURN, "<|im_end|>") if t in vocab and t != tokenizer.eos_token), None)
+    turn_end = turn_end_token(tokenizer)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id and turn_end:
         # Phi-4-mini's case (docs/families.md): padding is masked by position, and a turn ends with its own token,
         # whose training label_warnings checks; "add a pad token" would be advice about a model the user cannot fix

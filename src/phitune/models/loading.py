@@ -49,7 +49,9 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token is None:
         raise PhituneError(f"{cfg.name_or_path}: the tokenizer has neither an unk nor a pad token to pad with")
-    elif tokenizer.pad_token == tokenizer.eos_token:
+    elif tokenizer.pad_token == tokenizer.eos_token and not turn_end_token(tokenizer):
+        # Phi-4-mini pads with its eos too, but ends each turn with <|end|>, which training keeps (phitune data says
+        # so): only a tokenizer without its own end-of-turn token risks a model that never learns to stop
         log.warning("the tokenizer pads with its eos token %s and has no unk token: check the end of turn is "
                     "trained (phitune data CONFIG shows it)", tokenizer.eos_token)
     if not tokenizer.chat_template:
@@ -59,6 +61,15 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     tokenizer.padding_side = padding_side
     warn_if_not_sentencepiece(tokenizer, cfg)
     return tokenizer
+
+
+TURN_ENDS = ("<|end|>", "<|im_end|>")  # Phi-3/4's end of a turn, and Phi-4's ChatML one
+
+
+def turn_end_token(tokenizer) -> str | None:
+    """The token that ends a chat turn, when the tokenizer has one other than its eos (None otherwise)."""
+    vocab = tokenizer.get_vocab()
+    return next((token for token in TURN_ENDS if token in vocab and token != tokenizer.eos_token), None)
 
 
 SENTENCEPIECE_PROBES = (" Hello world", "Hello\n  world", "ಕರ್ನಾಟಕ 🎉")
