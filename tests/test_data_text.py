@@ -82,7 +82,8 @@ def test_eval_split_holds_out_whole_blocks_of_a_single_file(tmp_path, tokenizer)
     ("no_text_column", "docs.jsonl: no `text` column (columns: body); data.format: text reads a `text` column"),
     ("empty_file", "empty.txt: the file is empty (no text); it needs the document's text (set data.on_bad_row"),
     ("no_txt_in_folder", "folder: the folder holds no .txt files"),
-    ("blank_row", "docs.jsonl:2: empty or missing `text` (set data.on_bad_row: skip"),
+    ("blank_row", "docs.jsonl:2: empty `text` (set data.on_bad_row: skip"),
+    ("not_a_string", "docs.jsonl:1: `text` is int, not a string (set data.on_bad_row: skip"),
 ])
 def test_bad_text_sources_are_one_line_errors(tmp_path, tokenizer, case, expected):
     sources = {
@@ -90,6 +91,7 @@ def test_bad_text_sources_are_one_line_errors(tmp_path, tokenizer, case, expecte
         "empty_file": lambda: (tmp_path / "empty.txt").write_text("\n \n") and tmp_path / "empty.txt",
         "no_txt_in_folder": lambda: (tmp_path / "folder").mkdir() or tmp_path / "folder",
         "blank_row": lambda: write_jsonl(tmp_path / "docs.jsonl", [{"text": "a"}, {"text": " "}]),
+        "not_a_string": lambda: write_jsonl(tmp_path / "docs.jsonl", [{"text": 3}, {"text": "a"}]),
     }
     source = sources[case]()
     with pytest.raises(PhituneError) as error:
@@ -104,7 +106,7 @@ def test_blank_rows_are_skipped_and_counted_with_on_bad_row_skip(tmp_path, token
     data = prepare_data(DataConfig(train=str(source), format="text", eval_split=0, on_bad_row="skip",
                                    cache_dir=str(tmp_path / "c")), tokenizer)
     assert data.stats["documents"]["train"] == 2
-    assert data.skipped == [f"{source}:2: empty or missing `text`", f"{source}:4: empty or missing `text`"]
+    assert data.skipped == [f"{source}:2: empty `text`", f"{source}:4: no `text`"]
 
 
 def test_malformed_json_lines_are_skipped_and_listed_with_on_bad_row_skip(tmp_path, tokenizer):

@@ -58,7 +58,7 @@ def test_the_answer_reward_compares_with_the_reference_column():
     assert boxed(prompts=["p", "p"], completions=[r"12 then \boxed{3}", r"\boxed{12} then 3"],
                  answer=["3", "3"]) == [1.0, 0.0]
     with pytest.raises(PhituneError, match="answer reward compares with column 'answer', which the data does not "
-                                           "have \\(it has solution\\)"):
+                                           "have \\(its columns besides the prompt: solution\\)"):
         reward(prompts=["p"], completions=["1"], solution=["1"])
 
 
@@ -139,7 +139,8 @@ def test_the_rewards_section_and_grpo_keys_are_checked_at_load_with_did_you_mean
     with pytest.raises(PhituneError) as err:
         grpo_config(rewards=[{"name": "answr"}, {"name": "format"}, {"name": "answer", "extract": "boxd"},
                              {"name": "length", "max_tokens": 0}, {"function": "just_a_name"},
-                             {"name": "answer", "colum": "x", "weight": "high"}, {"name": "format", "pattern": "("}],
+                             {"name": "answer", "colum": "x", "weight": "high"}, {"name": "format", "pattern": "("},
+                             {"name": "length"}],
                     training_config={"num_generation": 4, "reward_weights": [1.0]})
     message = str(err.value)
     assert "\n" not in message
@@ -151,6 +152,7 @@ def test_the_rewards_section_and_grpo_keys_are_checked_at_load_with_did_you_mean
                  "rewards[4].function must be module:function or path/to/file.py:function, got 'just_a_name'",
                  "unknown key rewards[5].colum (did you mean 'column'?)", "rewards[5].weight must be a number",
                  "rewards[6].pattern is not a valid regular expression",
+                 "rewards[7]: the length reward needs max_tokens",
                  "unknown key training_config.num_generation (did you mean 'num_generations'?)",
                  "training_config.reward_weights is set through rewards[].weight"]:
         assert part in message, part

@@ -124,7 +124,7 @@ def answer_reward(column: str = "answer", extract: str = "last_number", pattern:
     def answer(prompts, completions, **columns):
         if column not in columns:
             raise PhituneError(f"the answer reward compares with column {column!r}, which the data does not have "
-                               f"(it has {', '.join(sorted(k for k in columns if k != 'completion_ids')) or 'none'})")
+                               f"(its columns besides the prompt: {', '.join(sorted(k for k in columns if k != 'completion_ids')) or 'none'})")
         references = columns[column]
         if reference_pattern:
             references = [regex_answer(str(ref), reference_pattern) for ref in references]

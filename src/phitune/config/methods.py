@@ -264,7 +264,10 @@ def _check_builtin(name: str, entry: dict, where: str, problems: list[str]) -> N
             problems.append(f"{where}: extract: regex needs a pattern (its first group is the answer)")
     if name == "length":
         limit = entry.get("max_tokens")
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        if limit is None:
+            problems.append(f"{where}: the length reward needs max_tokens (the most tokens an answer earns its "
+                            "full reward at)")
+        elif not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             problems.append(f"{where}.max_tokens must be a positive number of tokens, got {limit!r}")
     if name == "json" and "schema" in entry and not isinstance(entry["schema"], (dict, str)):
         problems.append(f"{where}.schema must be a JSON schema (a mapping) or the path of a .json file")

@@ -274,13 +274,13 @@ def _document(where: str, text: str) -> tuple[str | None, str | None]:
         content = json.loads(text)["text"]
         empty = f"{where}: the file is empty (no text); it needs the document's text"
         return (content, None) if content.strip() else (None, empty)
+    from phitune.data.text import text_problem
+
     row, problem = parse_row(where, text)
     if problem:
         return None, problem
-    document = row.get("text")
-    if isinstance(document, str) and document.strip():
-        return document, None
-    return None, str(BadRow(where, "empty or missing `text`"))
+    problem = text_problem(row)
+    return (None, str(BadRow(where, problem))) if problem else (row["text"], None)
 
 
 def detect_stream_format(source: str, split: str, cfg: DataConfig) -> str:

@@ -89,10 +89,19 @@ def _row_batches(source: str, split: str, on_bad_row: str, hub: dict | None = No
             raise PhituneError(f"{source}: no `text` column (columns: {columns}); data.format: text reads a `text` "
                                "column or .txt files")
         first = False
-        good = [r["text"] for _, r in rows if isinstance(r.get("text"), str) and r["text"].strip()]
-        problems = [str(BadRow(row_location(source, n), "empty or missing `text`")) for n, r in rows
-                    if not (isinstance(r.get("text"), str) and r["text"].strip())]
+        good = [r["text"] for _, r in rows if not text_problem(r)]
+        problems = [str(BadRow(row_location(source, n), text_problem(r))) for n, r in rows if text_problem(r)]
         yield good, problems, SKIP_HINT
+
+
+def text_problem(row: dict) -> str | None:
+    """What is wrong with a row's `text` (None when it is a document to train on)."""
+    document = row.get("text")
+    if document is None:
+        return "no `text`"
+    if not isinstance(document, str):
+        return f"`text` is {type(document).__name__}, not a string"
+    return None if document.strip() else "empty `text`"
 
 
 def separators(tokenizer) -> tuple[list[int], list[int]]:
