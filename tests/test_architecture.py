@@ -168,3 +168,19 @@ def test_the_layout_blocks_are_generated_from_the_tree():
     for path, per_module in layout.TARGETS.items():
         text = path.read_text(encoding="utf-8")
         assert text == layout.with_layout(text, per_module), f"{path.name}'s layout is stale: python scripts/layout.py"
+
+
+def test_the_repository_holds_no_training_output():
+    """No run directory is committed (four stray runs once sat beside README.md, 96 files, optimizer states included):
+    the files only a training run writes are nowhere in git's index. Runs from a checkout belong in outputs/ or runs/
+    (.gitignore)."""
+    import shutil
+    import subprocess
+
+    root = PACKAGE.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    runs = {Path(name).parent.as_posix() for name in tracked
+            if Path(name).name in ("phitune_complete", "optimizer.pt", "training_args.bin", "phitune_progress.jsonl")}
+    assert not runs, f"training output committed: {sorted(runs)}"
