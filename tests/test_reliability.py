@@ -268,6 +268,13 @@ DAMAGES = {  # what a bad disk, a cut copy or a cleaning script does to a file, 
     "flipped byte in optimizer.pt": (lambda c: _flip_a_byte(c / "optimizer.pt"),
                                      "optimizer.pt has changed since it was written (sha256 differs)"),
     "missing rng file": (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth is missing"),
+    # an edited marker: it traced back (null, a list, a size where a record belongs) or, holding no batch layout,
+    # stopped every resume with "a global batch of None" instead of trying the checkpoint before it
+    **{f"marker {name}": (lambda c, text=text: (c / CHECKPOINT_COMPLETE).write_text(text),
+                          f"its {CHECKPOINT_COMPLETE} marker is unreadable or not one phitune wrote")
+       for name, text in (("null", "null\n"), ("a list", "[]\n"), ("without a layout", '{"files": {}}\n'),
+                          ("with a size for a record", '{"processes": 1, "per_device_train_batch_size": 2, '
+                           '"gradient_accumulation_steps": 1, "global_batch": 2, "files": {"optimizer.pt": 5}}\n'))},
 }
 
 

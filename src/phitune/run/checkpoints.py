@@ -74,14 +74,37 @@ def file_records(folder: Path) -> dict:
     return records
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """What is wrong with a marked checkpoint's files (the first file that is missing, resized or changed), or None.
-    A marker from before phitune recorded files vouches for nothing and is taken as it is."""
+LAYOUT_KEYS = ("processes", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch")
+
+
+def read_marker(folder: Path) -> dict | None:
+    """A checkpoint's completion marker as phitune writes it (its batch layout, and a size and sha256 for each of
+    its files), or None when the marker is unreadable or not of that shape: edited, cut short, or written by
+    something else. Such a marker vouches for nothing."""
     try:
-        marker = json.loads((folder / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
+        marker = json.loads((Path(folder) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"its {CHECKPOINT_COMPLETE} marker is unreadable"
-    for name, record in (marker.get("files") or {}).items() if isinstance(marker, dict) else ():
+        return None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not (isinstance(files, dict) and files and all(_is_count(marker.get(key)) for key in LAYOUT_KEYS)):
+        return None
+    records = files.values()
+    if not all(isinstance(r, dict) and _is_count(r.get("size")) and isinstance(r.get("sha256"), str) for r in records):
+        return None
+    return marker
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a marked checkpoint (a marker that vouches for nothing, or the first file that is missing,
+    resized or changed), or None."""
+    marker = read_marker(folder)
+    if marker is None:
+        return f"its {CHECKPOINT_COMPLETE} marker is unreadable or not one phitune wrote"
+    for name, record in marker["files"].items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
@@ -159,10 +182,9 @@ def batch_layout(args) -> dict:
 def check_resume_layout(checkpoint: Path, args) -> None:
     """Resuming under another number of processes works when the global batch is the same (the sampler shards one
     shuffled order by global batch); a different global batch would silently change the run, so it stops here."""
-    try:
-        saved = json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # a marker from before phitune recorded the layout
+    saved = read_marker(checkpoint)
+    if saved is None:
+        return  # not a checkpoint phitune marked (latest_intact_checkpoint skips those)
     now = batch_layout(args)
     if saved.get("global_batch") == now["global_batch"]:
         if saved.get("processes") != now["processes"]:
@@ -181,12 +203,10 @@ def check_resume_layout(checkpoint: Path, args) -> None:
 def trained_seconds(checkpoint: Path | None) -> float:
     """Seconds of training a run had behind it when `checkpoint` was saved, as its completion marker records them
     (0 for no checkpoint, and for a marker from before phitune recorded them)."""
-    if checkpoint is None:
-        return 0.0
+    marker = read_marker(checkpoint) if checkpoint is not None else None
     try:
-        return float(json.loads((Path(checkpoint) / CHECKPOINT_COMPLETE).read_text(encoding="utf-8"))
-                     .get("train_runtime_s", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        return float(marker.get("train_runtime_s", 0.0)) if marker else 0.0
+    except (TypeError, ValueError):
         return 0.0
 
 
