@@ -119,3 +119,30 @@ def test_merge_keeps_the_base_dtype_unless_told(trained_run, bf16_base_with_sent
 def test_merge_refuses_an_unknown_dtype(trained_run, tmp_path):  # noqa: F811
     with pytest.raises(PhituneError, match="--dtype must be one of"):
         merge_adapter(*resolve_model_source(trained_run), tmp_path / "merged", dtype="int8")
+
+
+def test_a_full_disk_names_what_was_asked_for_and_leaves_nothing(trained_run, tmp_path, capsys):  # noqa: F811
+    """A real 2 MiB tmpfs, too small for the tiny model (5.7 MB in float32): `phitune merge --output` and `phitune
+    export --output` into it each stop with one line naming the path the user gave and "No space left on device",
+    exit 2, and leave the disk as they found it. Export merges in a scratch folder beside its output; its line named
+    that folder, which no longer existed. Needs root (mount); skipped without."""
+    import os
+    import subprocess
+
+    from phitune.cli import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        for command, output in (("merge", disk / "merged"), ("export", disk / "model.gguf")):
+            with pytest.raises(SystemExit) as stop:
+                main([command, str(trained_run), "--output", str(output)])
+            err = capsys.readouterr().err
+            assert stop.value.code == 2 and "Traceback" not in err, err[-2000:]
+            assert err.strip().splitlines()[-1].startswith(f"error: could not write {output}: No space left on "
+                                                           "device; "), err
+            assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)])

@@ -11,6 +11,15 @@ class PhituneError(Exception):
     """A problem the user can act on. The CLI prints its message on one line and exits with code 2."""
 
 
+class WriteFailed(PhituneError):
+    """A failed write (a full disk) said in one line; `reason` keeps the OS's words for a caller that names the file
+    the user asked for instead of a scratch file it was writing on the way."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library's exception message (or its type), for quoting inside a one-line error."""
     text = str(exc).strip()
@@ -40,7 +49,7 @@ def _errno(exc: BaseException) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def write_error(exc: BaseException, where) -> PhituneError:
+def write_error(exc: BaseException, where) -> WriteFailed:
     """A failed write as one line a user can act on: the file and the reason ("No space left on device").
 
     `where` is the file written, or the folder a save was filling. torch.save's error names no file, but its file
@@ -50,7 +59,8 @@ def write_error(exc: BaseException, where) -> PhituneError:
     if where.is_dir() and isinstance(exc, RuntimeError):
         files = [path for path in where.rglob("*") if path.is_file()]
         where = max(files, key=lambda path: path.stat().st_mtime_ns) if files else where
-    return PhituneError(f"could not write {where}: {write_reason(exc, where)}")
+    reason = write_reason(exc, where)
+    return WriteFailed(f"could not write {where}: {reason}", reason)
 
 
 def write_reason(exc: BaseException, where=None) -> str:
@@ -76,7 +86,8 @@ def replacing(path):
     except BaseException as exc:
         temporary.unlink(missing_ok=True)
         if isinstance(exc, Exception) and is_write_failure(exc):
-            raise PhituneError(f"could not write {path}: {write_reason(exc, path.parent)}") from None
+            reason = write_reason(exc, path.parent)
+            raise WriteFailed(f"could not write {path}: {reason}", reason) from None
         raise
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phitune.config.schema import ModelConfig
-from phitune.errors import PhituneError, is_write_failure, write_error
+from phitune.errors import PhituneError, WriteFailed, is_write_failure, write_error
 
 MAX_SHARD_SIZE = "2GB"  # safetensors shard size: small enough for any filesystem and for parallel downloads
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # auto: the base checkpoint's own dtype
@@ -104,7 +104,7 @@ def save_merged(merged, tokenizer, model_cfg: ModelConfig, output_dir: Path) -> 
             except OSError:  # not empty: something else was put there meanwhile
                 break
         if failed:
-            raise PhituneError(f"{failed}; nothing was written to {output_dir}") from None
+            raise WriteFailed(f"{failed}; nothing was written to {output_dir}", failed.reason) from None
         raise
 
 

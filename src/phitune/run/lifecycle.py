@@ -22,7 +22,7 @@ from pathlib import Path
 
 from phitune.after.report import plot_losses
 from phitune.config.schema import RunConfig, load_run_config, save_config
-from phitune.errors import PhituneError, first_line, is_write_failure, write_error
+from phitune.errors import PhituneError, WriteFailed, first_line, is_write_failure, replacing, write_error
 from phitune.models.loading import DROPPED_GRADIENT_WARNING
 from phitune.run.checkpoints import (CHECKPOINT_COMPLETE, latest_complete_checkpoint, trained_seconds,
                                       whole_run_train_loss, write_atomically)
@@ -296,13 +296,16 @@ def finish(cfg: RunConfig, trainer, tokenizer, metrics: dict, push_to_hub: str |
         tidy(output_dir)
         tokenizer.save_pretrained(output_dir)
         save_config(cfg, output_dir / "phitune_config.yaml")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        plot_losses(trainer.state.log_history, output_dir / "loss.png")
+        with replacing(output_dir / "metrics.json") as path:  # a full disk names the file it could not write
+            path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        with replacing(output_dir / "loss.png") as path:
+            plot_losses(trainer.state.log_history, path)
         write_atomically(output_dir / CHECKPOINT_COMPLETE, "finished\n")
     except Exception as exc:
-        if not is_write_failure(exc):
+        if not isinstance(exc, WriteFailed) and not is_write_failure(exc):
             raise
-        raise PhituneError(f"{write_error(exc, output_dir)}; the run is not marked finished; {AGAIN}") from None
+        failed = exc if isinstance(exc, WriteFailed) else write_error(exc, output_dir)
+        raise PhituneError(f"{failed}; the run is not marked finished; {AGAIN}") from None
     if push_to_hub:
         from phitune.after.hub import push_folder
 

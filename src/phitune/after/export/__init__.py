@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune.errors import PhituneError, is_write_failure, write_error
+from phitune.errors import PhituneError, WriteFailed, is_write_failure, write_error
 
 FORMATS = ("gguf", "gguf-lora")
 
@@ -50,6 +50,9 @@ def export_run(run_dir: Path | None, output: Path, fmt: str = "gguf", quant: str
     refuse_reward_model(adapter_dir)
     try:
         return _export(model_cfg, adapter_dir, output, fmt, check_quant(quant), ollama)
+    except WriteFailed as exc:  # the merge into the scratch folder beside `output`: the user asked for `output`
+        output.unlink(missing_ok=True)
+        raise PhituneError(f"could not write {output}: {exc.reason}; no {output.name} was left") from None
     except Exception as exc:
         if not is_write_failure(exc):
             raise
