@@ -17,10 +17,16 @@ prints or exits. The functions live in `phitune.api` rather than on the package 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 from phitune.config.schema import RunConfig, apply_overrides, config_from_dict, load_config
 from phitune.errors import PhituneError
+
+# PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 renamed: a warning about a
+# library's own call, on every model phitune loads, that the user cannot act on (the CLI hides transformers'
+# FutureWarnings altogether; a notebook keeps every other warning)
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 __all__ = ["PhituneError", "load_run", "train", "evaluate", "inspect_data", "generate", "chat", "chat_turn", "merge"]
 
