@@ -324,3 +324,32 @@ def test_throughput_benchmark_refuses_a_ratio_when_a_switch_changes_the_math(inj
     assert code == 1 and not check["passed"] and check["injected_break"] == injected
     assert check["gradients_differing"] == check["gradients_compared"] == 2 * 4 * 2
     assert not any(key.startswith("ratio") for key in run) and "reference" not in run
+
+
+@pytest.mark.parametrize("load, env, expected", [
+    (4.3, None, 1),   # one core busy elsewhere, and more: 1 of 2 (5.9x faster than 2 in the tiny SimPO example)
+    (1.4, None, 1),   # one other busy process
+    (0.3, None, 2),   # idle but for this process's own start
+    (4.3, "2", 2),    # OMP_NUM_THREADS is the user's (or torchrun's) choice
+])
+def test_a_cpu_run_takes_the_cores_other_work_leaves_free(load, env, expected):
+    """In a fresh interpreter (the choice is made once per process), with the 1-minute load average the OS reports
+    given: torch's thread count after the first model loads. A real load of the tiny model through the loader every
+    command uses."""
+    code = f"""
+import os, torch
+os.getloadavg = lambda: ({load}, {load}, {load})
+torch.set_num_threads(2)  # a 2-core machine
+from phitune.config.schema import ModelConfig
+from phitune.models.loading import load_base_model
+from phitune.tiny.phi3 import tiny_base_path
+load_base_model(ModelConfig(name_or_path=str(tiny_base_path()), torch_dtype="float32"), training=False)
+load_base_model(ModelConfig(name_or_path=str(tiny_base_path()), torch_dtype="float32"), training=False)
+print(torch.get_num_threads())
+"""
+    environment = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    if env:
+        environment["OMP_NUM_THREADS"] = env
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == str(expected)

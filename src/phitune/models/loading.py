@@ -206,7 +206,10 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
     import torch
     from transformers import AutoModelForCausalLM
 
+    from phitune.speed.threads import use_free_cores
+
     check_model_path(cfg.name_or_path)
+    use_free_cores()
     quant = quantization_config(cfg, sharded=sharded)
     if quant is not None and device_map is None and not sharded:  # FSDP places the shards itself
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
