@@ -13,11 +13,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pyproject's addopts start pytest-xdist workers: each gets its share of the cores (at most 2 threads, as before),
-# and the phitune processes a test starts inherit the same share through OMP_NUM_THREADS.
+# and the phitune processes a test starts inherit the same share through OMP_NUM_THREADS; set with one worker too,
+# so a test's thread count never follows the machine's load (phitune.speed.threads; its own test unsets it).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, (os.cpu_count() or 2) // WORKERS))
-if WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
