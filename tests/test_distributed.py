@@ -454,3 +454,27 @@ def test_two_distill_workers_equal_one_with_an_eval_set(tiny_model_dir, tmp_path
     assert multi["method"] == "distill"
     for key in ("kl_to_teacher_before", "kl_to_teacher_after", "train_loss"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4), (key, multi[key], single[key])
+
+
+def test_a_torchrun_job_refused_by_the_lock_stops_every_worker_at_once(tiny_model_dir, tmp_path):
+    """Another run holds the directory: rank 0 is refused, and every rank stops within seconds (worker 1 used to go
+    on into training, blocked waiting for rank 0, and torchrun SIGKILLed it 30 s later)."""
+    from phitune.runlock import RunLock
+
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
+    with RunLock(tmp_path / "out"):
+        proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--auto-resume"], tmp_path)
+        deadline = time.monotonic() + 180
+        while "error:" not in (tmp_path / "stderr").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.05)
+        refused = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - refused
+    said = (tmp_path / "stderr").read_text()
+    assert took < 10, said[-3000:]
+    errors = re.findall(r"^error: .*$", said, flags=re.M)
+    assert len(errors) == 1 and "is being trained by another run" in errors[0], errors
+    assert "forcefully exiting via 9" not in said and "SIGKILL" not in said, said[-3000:]
+    exits = dict(re.findall(r"rank +: (\d+) .*\n +exitcode +: (-?\d+)", said))  # torchrun's report per worker
+    assert proc.returncode != 0 and exits == {"0": "2", "1": "2"}, said[-3000:]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 from phitune.config.schema import RunConfig, save_config
@@ -26,7 +25,7 @@ from phitune.run.lifecycle import RunResult, finish, fit, resume_command
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
-from phitune.runlock import RunLock, is_main_process
+from phitune.runlock import is_main_process, job_lock
 
 log = logging.getLogger("phitune")
 
@@ -39,11 +38,12 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     """Fine-tune as `cfg` says and write the output directory; return its path and metrics.
 
     The output directory is locked first, before anything is written there (one run per directory; under torchrun
-    the main process holds it for the job). `auto_resume` decides between starting and resuming by what it finds."""
+    the main process holds it for the job, and the others wait for its answer before they read the directory).
+    `auto_resume` decides between starting and resuming by what it finds."""
     if auto_resume and (resume or overwrite):
         raise PhituneError("--auto-resume decides between starting and resuming itself; leave out --resume and "
                            "--overwrite")
-    with RunLock(cfg.output_dir) if is_main_process() else nullcontext():
+    with job_lock(cfg.output_dir):
         if auto_resume:
             mode = auto_resume_mode(cfg)
             if mode == "complete":
