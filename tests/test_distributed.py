@@ -179,9 +179,10 @@ def test_shipped_accelerate_configs_load():
 
 
 def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
-    """torchrun forwards SIGTERM to each worker; they agree on the step, so one complete checkpoint is saved."""
+    """torchrun forwards SIGTERM to each worker; they agree on the step, so one complete checkpoint is saved. The
+    hint says to run the same torchrun command again (one process alone would make another global batch)."""
     config = write_config(tmp_path, tiny_model_dir, batch_size=2, max_steps=500)
-    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config)], tmp_path)
+    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--auto-resume"], tmp_path)
     deadline = time.monotonic() + 180
     while not TRAIN_LINE.search((tmp_path / "stdout").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
@@ -190,6 +191,8 @@ def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
     proc.wait(timeout=120)  # torchrun itself exits 1 after forwarding the signal; the workers' messages matter
     steps = re.findall(r"error: stopped by SIGTERM at step (\d+);", (tmp_path / "stderr").read_text())
     assert len(steps) == 1, steps  # said once, by rank 0; both ranks' RNG states below show both saved that step
+    assert (f". Resume with the same torchrun command (2 processes) again: phitune train {config} --auto-resume"
+            in (tmp_path / "stderr").read_text())
     checkpoint = tmp_path / "out" / f"checkpoint-{steps[0]}"
     assert (checkpoint / CHECKPOINT_COMPLETE).is_file()
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()

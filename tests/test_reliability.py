@@ -122,6 +122,18 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_p
     assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()  # the run is not marked finished
 
 
+def test_sigterm_of_an_auto_resume_run_says_to_run_the_same_command_again(tiny_model_dir, tmp_path):
+    """A run started with --auto-resume (a requeued job's one line) is continued by that line, not by --resume."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
+    proc = start_train(config, "--auto-resume")
+    wait_for(lambda: TRAIN_LINE.search(proc.stderr_path.with_suffix(".out").read_text()), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130, stderr[-2000:]
+    assert last_line(stderr).endswith(f". Resume by running the same command again: phitune train {config} "
+                                      "--auto-resume"), stderr[-2000:]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_stops_at_once_and_fails_with_130(tiny_model_dir, tmp_path, signum):
     """The first signal asks for a checkpoint at the end of the step; a second one does not wait for it. Either way

@@ -21,7 +21,7 @@ from phitune.config.schema import RunConfig, save_config
 from phitune.errors import PhituneError
 from phitune.recipes import distill, grpo, kto, preference, reward, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_intact_checkpoint
-from phitune.run.lifecycle import RunResult, finish, fit, resume_command
+from phitune.run.lifecycle import RunResult, finish, fit, resume_hint
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
@@ -52,7 +52,7 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
                 log.warning("--auto-resume: %s holds a run stopped before its first complete checkpoint; starting "
                             "it again", cfg.output_dir)
             resume, overwrite = mode == "resume", mode == "restart"
-        return _train(cfg, resume, overwrite, push_to_hub)
+        return _train(cfg, resume, overwrite, push_to_hub, auto_resume)
 
 
 def _already_complete(output_dir: Path) -> RunResult:
@@ -62,7 +62,8 @@ def _already_complete(output_dir: Path) -> RunResult:
                      metrics=json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {})
 
 
-def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | None) -> RunResult:
+def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | None,
+           auto_resume: bool = False) -> RunResult:
     """The lifecycle's steps, in order, under the directory's lock."""
     from phitune.models.loading import load_tokenizer
 
@@ -84,7 +85,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | Non
         save_config(cfg, output_dir / SAVED_CONFIG)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
-    metrics = fit(trainer, checkpoint, resume_command(cfg))
+    metrics = fit(trainer, checkpoint, resume_hint(cfg, auto_resume))
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
     metrics.update(recipe.data_metrics(cfg, data), machine=machine_description())
     finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)
