@@ -343,6 +343,28 @@ def test_auto_resume_continues_past_a_damaged_checkpoint_then_says_complete_and_
             "again") in " ".join((stderr + log).split()) and (out / "report.md").is_file()  # said; nothing deleted
 
 
+def test_auto_resume_of_a_run_killed_before_its_first_checkpoint_says_once_what_it_removed_and_why(
+        killed_after_8, uninterrupted, tiny_model_dir, tmp_path):
+    """No complete checkpoint left (checkpoint-4 unmarked, as a kill during its save leaves it): --auto-resume starts
+    again, and one warning in its own words names what it removed (it used to speak as --overwrite, never passed)."""
+    import shutil
+
+    config = _copy_run(killed_after_8, tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "checkpoint-8")
+    (out / "checkpoint-4" / CHECKPOINT_COMPLETE).unlink()
+    left = ", ".join(sorted(child.name for child in out.iterdir() if child.name != "phitune.lock"))
+    code, stderr = finish(start_train(config, "--auto-resume"))
+    assert code == 0, stderr[-3000:]
+    said = " ".join((stderr + (tmp_path / "auto-resume.out").read_text()).split())
+    assert "--overwrite" not in said, said[-3000:]
+    assert said.count("--auto-resume") == 1 and (
+        f"--auto-resume: the run in {out} stopped before its first complete checkpoint, so there is nothing to "
+        f"continue; removed what it left ({left}) and starting it again") in said, said[-3000:]
+    resumed, straight = load_file(out / ADAPTER), load_file(uninterrupted / ADAPTER)
+    assert all(resumed[name].equal(tensor) for name, tensor in straight.items())  # a fresh start, all 12 steps
+
+
 def test_a_full_disk_stops_with_one_line_and_auto_resume_continues_once_space_is_freed(uninterrupted, tiny_model_dir,
                                                                                        tmp_path):
     """A real 6 MiB tmpfs: checkpoint-4 (3.7 MB, 3.6 of them the Phi-3 tokenizer) fits, checkpoint-8 does not. Needs

@@ -14,7 +14,6 @@ The CLI and phitune.api call the same three functions here, so both give the sam
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from phitune.config.schema import RunConfig, save_config
@@ -26,8 +25,6 @@ from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_t
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
 from phitune.runlock import is_main_process, job_lock
-
-log = logging.getLogger("phitune")
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "simpo": preference, "kto": kto, "reward": reward,
            "grpo": grpo, "vision": vision, "distill": distill}  # config.methods.METHODS names the same keys
@@ -48,9 +45,6 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
             mode = auto_resume_mode(cfg)
             if mode == "complete":
                 return _already_complete(cfg.output_dir)
-            if mode == "restart":
-                log.warning("--auto-resume: %s holds a run stopped before its first complete checkpoint; starting "
-                            "it again", cfg.output_dir)
             resume, overwrite = mode == "resume", mode == "restart"
         return _train(cfg, resume, overwrite, push_to_hub, auto_resume)
 
@@ -80,7 +74,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | Non
         check_resume_layout(checkpoint, args)
     model, peft_config = recipe.load_model(cfg, plan)
     # only now: a bad config or bad data must not cost the old run
-    clear_old_run(output_dir, overwrite, main_process=args.should_save)
+    clear_old_run(output_dir, overwrite, main_process=args.should_save, auto_resume=auto_resume)
     if args.should_save:  # recorded now, so an interrupted run can be told apart from another config's
         save_config(cfg, output_dir / SAVED_CONFIG)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
