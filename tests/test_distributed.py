@@ -96,6 +96,8 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     said = " ".join((stdout + stderr).split())  # rich wraps long lines
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1  # once, not once per worker
     assert said.count(SUMMARY_END) == 1  # the run summary too
+    # DDP is told that every trainable parameter (the LoRA's) is used, so it neither searches nor warns per rank
+    assert "find_unused_parameters=True" not in said
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
 
 
@@ -386,6 +388,7 @@ def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):
     said = " ".join((stdout + (dpo_one_and_two_workers / "multi" / "stderr").read_text()).split())
     assert len(TRAIN_LINE.findall(stdout)) == 8
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1
+    assert "find_unused_parameters=True" not in said  # the policy's LoRA is all used; the reference is frozen
     for checkpoint in multi_out.glob("checkpoint-*"):
         assert json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())["global_batch"] == 4
 
