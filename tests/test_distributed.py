@@ -96,6 +96,8 @@ def test_two_cpu_workers_equal_one_with_an_eval_set(one_and_two_workers):
     said = " ".join((stdout + stderr).split())  # rich wraps long lines
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1  # once, not once per worker
     assert said.count(SUMMARY_END) == 1  # the run summary too
+    # DDP is told that every trainable parameter (the LoRA's) is used, so it neither searches nor warns per rank
+    assert "find_unused_parameters=True" not in said
     assert yaml.safe_load((multi_out / "phitune_config.yaml").read_text())["training_config"]["output_dir"]
 
 
@@ -179,9 +181,10 @@ def test_shipped_accelerate_configs_load():
 
 
 def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
-    """torchrun forwards SIGTERM to each worker; they agree on the step, so one complete checkpoint is saved."""
+    """torchrun forwards SIGTERM to each worker; they agree on the step, so one complete checkpoint is saved. The
+    hint says to run the same torchrun command again (one process alone would make another global batch)."""
     config = write_config(tmp_path, tiny_model_dir, batch_size=2, max_steps=500)
-    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config)], tmp_path)
+    proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--auto-resume"], tmp_path)
     deadline = time.monotonic() + 180
     while not TRAIN_LINE.search((tmp_path / "stdout").read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
@@ -190,6 +193,8 @@ def test_sigterm_stops_every_worker_at_the_same_step(tiny_model_dir, tmp_path):
     proc.wait(timeout=120)  # torchrun itself exits 1 after forwarding the signal; the workers' messages matter
     steps = re.findall(r"error: stopped by SIGTERM at step (\d+);", (tmp_path / "stderr").read_text())
     assert len(steps) == 1, steps  # said once, by rank 0; both ranks' RNG states below show both saved that step
+    assert (f". Resume with the same torchrun command (2 processes) again: phitune train {config} --auto-resume"
+            in (tmp_path / "stderr").read_text())
     checkpoint = tmp_path / "out" / f"checkpoint-{steps[0]}"
     assert (checkpoint / CHECKPOINT_COMPLETE).is_file()
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
@@ -383,6 +388,7 @@ def test_two_dpo_workers_equal_one_with_an_eval_set(dpo_one_and_two_workers):
     said = " ".join((stdout + (dpo_one_and_two_workers / "multi" / "stderr").read_text()).split())
     assert len(TRAIN_LINE.findall(stdout)) == 8
     assert len(re.findall(r"training [\d,]+ of [\d,]+ parameters", said)) == 1
+    assert "find_unused_parameters=True" not in said  # the policy's LoRA is all used; the reference is frozen
     for checkpoint in multi_out.glob("checkpoint-*"):
         assert json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())["global_batch"] == 4
 
@@ -454,3 +460,27 @@ def test_two_distill_workers_equal_one_with_an_eval_set(tiny_model_dir, tmp_path
     assert multi["method"] == "distill"
     for key in ("kl_to_teacher_before", "kl_to_teacher_after", "train_loss"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4), (key, multi[key], single[key])
+
+
+def test_a_torchrun_job_refused_by_the_lock_stops_every_worker_at_once(tiny_model_dir, tmp_path):
+    """Another run holds the directory: rank 0 is refused, and every rank stops within seconds (worker 1 used to go
+    on into training, blocked waiting for rank 0, and torchrun SIGKILLed it 30 s later)."""
+    from phitune.runlock import RunLock
+
+    config = write_config(tmp_path, tiny_model_dir, batch_size=2)
+    with RunLock(tmp_path / "out"):
+        proc = launch([*torchrun_command(), "-m", "phitune.cli", "train", str(config), "--auto-resume"], tmp_path)
+        deadline = time.monotonic() + 180
+        while "error:" not in (tmp_path / "stderr").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.05)
+        refused = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - refused
+    said = (tmp_path / "stderr").read_text()
+    assert took < 10, said[-3000:]
+    errors = re.findall(r"^error: .*$", said, flags=re.M)
+    assert len(errors) == 1 and "is being trained by another run" in errors[0], errors
+    assert "forcefully exiting via 9" not in said and "SIGKILL" not in said, said[-3000:]
+    exits = dict(re.findall(r"rank +: (\d+) .*\n +exitcode +: (-?\d+)", said))  # torchrun's report per worker
+    assert proc.returncode != 0 and exits == {"0": "2", "1": "2"}, said[-3000:]

@@ -90,7 +90,7 @@ def test_resuming_with_another_global_batch_is_refused(one_and_two_workers, tmp_
     wait(proc, tmp_path, code=2)
     message = (tmp_path / "stderr").read_text().strip().splitlines()[-1]
     assert message == ("error: checkpoint-4 was written with a global batch of 4 (2 processes x 2 per device x 1 "
-                       "accumulation steps); this run's is 2 (1 processes x 2 per device x 1 accumulation steps). "
+                       "accumulation steps); this run's is 2 (1 process x 2 per device x 1 accumulation steps). "
                        "Resume with the same global batch (processes x per_device_train_batch_size x "
                        "gradient_accumulation_steps)")
 

@@ -122,6 +122,18 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_p
     assert not (tmp_path / "out" / CHECKPOINT_COMPLETE).exists()  # the run is not marked finished
 
 
+def test_sigterm_of_an_auto_resume_run_says_to_run_the_same_command_again(tiny_model_dir, tmp_path):
+    """A run started with --auto-resume (a requeued job's one line) is continued by that line, not by --resume."""
+    config = write_config(tmp_path, tiny_model_dir, max_steps=500, save_steps=1000)
+    proc = start_train(config, "--auto-resume")
+    wait_for(lambda: TRAIN_LINE.search(proc.stderr_path.with_suffix(".out").read_text()), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = finish(proc)
+    assert code == 130, stderr[-2000:]
+    assert last_line(stderr).endswith(f". Resume by running the same command again: phitune train {config} "
+                                      "--auto-resume"), stderr[-2000:]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_stops_at_once_and_fails_with_130(tiny_model_dir, tmp_path, signum):
     """The first signal asks for a checkpoint at the end of the step; a second one does not wait for it. Either way
@@ -336,6 +348,28 @@ def test_auto_resume_continues_past_a_damaged_checkpoint_then_says_complete_and_
     assert len(TRAIN_LINE.findall(log)) == 2
     assert (f"report.md in {out} describe the adapter this run had before it continues; run phitune eval {out} "
             "again") in " ".join((stderr + log).split()) and (out / "report.md").is_file()  # said; nothing deleted
+
+
+def test_auto_resume_of_a_run_killed_before_its_first_checkpoint_says_once_what_it_removed_and_why(
+        killed_after_8, uninterrupted, tiny_model_dir, tmp_path):
+    """No complete checkpoint left (checkpoint-4 unmarked, as a kill during its save leaves it): --auto-resume starts
+    again, and one warning in its own words names what it removed (it used to speak as --overwrite, never passed)."""
+    import shutil
+
+    config = _copy_run(killed_after_8, tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "checkpoint-8")
+    (out / "checkpoint-4" / CHECKPOINT_COMPLETE).unlink()
+    left = ", ".join(sorted(child.name for child in out.iterdir() if child.name != "phitune.lock"))
+    code, stderr = finish(start_train(config, "--auto-resume"))
+    assert code == 0, stderr[-3000:]
+    said = " ".join((stderr + (tmp_path / "auto-resume.out").read_text()).split())
+    assert "--overwrite" not in said, said[-3000:]
+    assert said.count("--auto-resume") == 1 and (
+        f"--auto-resume: the run in {out} stopped before its first complete checkpoint, so there is nothing to "
+        f"continue; removed what it left ({left}) and starting it again") in said, said[-3000:]
+    resumed, straight = load_file(out / ADAPTER), load_file(uninterrupted / ADAPTER)
+    assert all(resumed[name].equal(tensor) for name, tensor in straight.items())  # a fresh start, all 12 steps
 
 
 def test_a_full_disk_stops_with_one_line_and_auto_resume_continues_once_space_is_freed(uninterrupted, tiny_model_dir,

@@ -356,3 +356,22 @@ def test_private_trainer_hooks_are_checked_against_the_installed_transformers():
 
     with pytest.raises(PhituneError, match=r"^peft_config.backend loralib needs Trainer._load_from_checkpoint"):
         check_private_hooks(Reshaped)
+
+
+def test_ddp_looks_for_unused_parameters_only_where_a_forward_may_skip_some(tiny_model_dir):
+    """Every trainable parameter of a LoRA on a dense model takes part in every forward: DDP is told so (no search
+    after each forward, no warning from every rank). An MoE (unrouted experts) and a multimodal model (image and audio
+    parts idle on text) keep the search. Real configs; the model's config is all the decision reads."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, PhimoeConfig
+
+    from phitune.run.guard import may_leave_parameters_unused
+    from phitune.tiny.vision import tiny_multimodal_config
+
+    dense = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    assert may_leave_parameters_unused(dense) is False
+    assert may_leave_parameters_unused(SimpleNamespace(config=PhimoeConfig(num_local_experts=4))) is True
+    multimodal = tiny_multimodal_config(vocab_size=512, image_token_id=3, audio_token_id=4)
+    assert may_leave_parameters_unused(SimpleNamespace(config=multimodal)) is True

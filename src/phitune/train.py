@@ -14,21 +14,17 @@ The CLI and phitune.api call the same three functions here, so both give the sam
 from __future__ import annotations
 
 import json
-import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 from phitune.config.schema import RunConfig, save_config
 from phitune.errors import PhituneError
 from phitune.recipes import distill, grpo, kto, preference, reward, sft, vision
 from phitune.run.checkpoints import check_resume_layout, latest_intact_checkpoint
-from phitune.run.lifecycle import RunResult, finish, fit, resume_command
+from phitune.run.lifecycle import RunResult, finish, fit, resume_hint
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
-from phitune.runlock import RunLock, is_main_process
-
-log = logging.getLogger("phitune")
+from phitune.runlock import is_main_process, job_lock
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "simpo": preference, "kto": kto, "reward": reward,
            "grpo": grpo, "vision": vision, "distill": distill}  # config.methods.METHODS names the same keys
@@ -39,20 +35,18 @@ def run_training(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     """Fine-tune as `cfg` says and write the output directory; return its path and metrics.
 
     The output directory is locked first, before anything is written there (one run per directory; under torchrun
-    the main process holds it for the job). `auto_resume` decides between starting and resuming by what it finds."""
+    the main process holds it for the job, and the others wait for its answer before they read the directory).
+    `auto_resume` decides between starting and resuming by what it finds."""
     if auto_resume and (resume or overwrite):
         raise PhituneError("--auto-resume decides between starting and resuming itself; leave out --resume and "
                            "--overwrite")
-    with RunLock(cfg.output_dir) if is_main_process() else nullcontext():
+    with job_lock(cfg.output_dir):
         if auto_resume:
             mode = auto_resume_mode(cfg)
             if mode == "complete":
                 return _already_complete(cfg.output_dir)
-            if mode == "restart":
-                log.warning("--auto-resume: %s holds a run stopped before its first complete checkpoint; starting "
-                            "it again", cfg.output_dir)
             resume, overwrite = mode == "resume", mode == "restart"
-        return _train(cfg, resume, overwrite, push_to_hub)
+        return _train(cfg, resume, overwrite, push_to_hub, auto_resume)
 
 
 def _already_complete(output_dir: Path) -> RunResult:
@@ -62,7 +56,8 @@ def _already_complete(output_dir: Path) -> RunResult:
                      metrics=json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else {})
 
 
-def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | None) -> RunResult:
+def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | None,
+           auto_resume: bool = False) -> RunResult:
     """The lifecycle's steps, in order, under the directory's lock."""
     from phitune.models.loading import load_tokenizer
 
@@ -79,12 +74,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, push_to_hub: str | Non
         check_resume_layout(checkpoint, args)
     model, peft_config = recipe.load_model(cfg, plan)
     # only now: a bad config or bad data must not cost the old run
-    clear_old_run(output_dir, overwrite, main_process=args.should_save)
+    clear_old_run(output_dir, overwrite, main_process=args.should_save, auto_resume=auto_resume)
     if args.should_save:  # recorded now, so an interrupted run can be told apart from another config's
         save_config(cfg, output_dir / SAVED_CONFIG)
     trainer = recipe.make_trainer(cfg, model, tokenizer, data, peft_config, args)
     before = recipe.evaluate_before(cfg, trainer, tokenizer, data, checkpoint)
-    metrics = fit(trainer, checkpoint, resume_command(cfg))
+    metrics = fit(trainer, checkpoint, resume_hint(cfg, auto_resume))
     metrics.update(recipe.evaluate_after(cfg, trainer, tokenizer, data, before))
     metrics.update(recipe.data_metrics(cfg, data), machine=machine_description())
     finish(cfg, trainer, tokenizer, metrics, push_to_hub, tidy=recipe.tidy_output)

@@ -188,9 +188,10 @@ def check_resume_layout(checkpoint: Path, args) -> None:
     now = batch_layout(args)
     if saved.get("global_batch") == now["global_batch"]:
         if saved.get("processes") != now["processes"]:
-            log.warning("resuming a %s-process checkpoint with %s processes: same global batch of %s, so the same "
+            log.warning("resuming a %s-process checkpoint with %s %s: same global batch of %s, so the same "
                         "rows per step; with dropout the random streams differ from an uninterrupted run",
-                        saved.get("processes"), now["processes"], now["global_batch"])
+                        saved.get("processes"), now["processes"], "process" if now["processes"] == 1 else "processes",
+                        now["global_batch"])
         return
     raise PhituneError(
         f"{Path(checkpoint).name} was written with a global batch of {_describe(saved)}; this run's is "
@@ -226,6 +227,7 @@ def whole_run_train_loss(history: list[dict], resumed_at: int, session_loss: flo
 
 
 def _describe(layout: dict) -> str:
-    return (f"{layout.get('global_batch')} ({layout.get('processes')} processes x "
+    processes = layout.get("processes")
+    return (f"{layout.get('global_batch')} ({processes} {'process' if processes == 1 else 'processes'} x "
             f"{layout.get('per_device_train_batch_size')} per device x {layout.get('gradient_accumulation_steps')} "
             "accumulation steps)")

@@ -28,6 +28,8 @@ class GuardedTraining(AgreedCheckpointSaves):
         if world_size() > 1:
             check_private_hooks(hooks=SAVE_HOOKS, needed_by="training on several processes", instead="")
         self.loralib = loralib
+        if kwargs.get("args") is not None and kwargs["args"].ddp_find_unused_parameters is None:
+            kwargs["args"].ddp_find_unused_parameters = may_leave_parameters_unused(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         keep_token_off_disk(self.args)
         # phitune deletes old checkpoints itself, after the new one is complete (CompleteCheckpoints)
@@ -50,6 +52,23 @@ class GuardedTraining(AgreedCheckpointSaves):
             self.control.should_training_stop = True  # the loop ends before the next step, as after a last step
             return [], None
         return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+def may_leave_parameters_unused(model) -> bool:
+    """DDP's find_unused_parameters, unless the user set it (training_config.ddp_find_unused_parameters). transformers
+    turns it on for any model but a bare PreTrainedModel without activation checkpointing (so for every PEFT model),
+    and DDP then walks the autograd graph after every forward and, finding nothing unused, warns so from every rank.
+    Off where every trainable parameter takes part in every forward: a LoRA's adapters (the frozen base is not
+    tracked at all), a reward model's head, a full fine-tune of a dense text model; activation checkpointing needs it
+    off too. On for an MoE (an expert no token was routed to gets no gradient) and a multimodal model (its image or
+    audio parts sit out a text-only batch), where DDP would otherwise fail."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return True
+    text = config.get_text_config()
+    moe = any(getattr(text, name, None) for name in ("num_local_experts", "num_experts"))
+    multimodal = any(getattr(config, name, None) is not None for name in ("vision_config", "audio_config"))
+    return moe or multimodal
 
 
 def keep_token_off_disk(args) -> None:

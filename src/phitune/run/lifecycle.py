@@ -187,18 +187,30 @@ def warn_if_fsdp_fell_back(trainer) -> None:
                     "holding the whole model")
 
 
-def resume_command(cfg: RunConfig) -> str:
-    """The command that continues this run, as a person copies it: `phitune train` with the config file and the
-    --set overrides it was started with, and --resume."""
+def resume_hint(cfg: RunConfig, auto_resume: bool = False) -> str:
+    """How to continue this run after a stop, as a person copies it: `phitune train` with the config file and the
+    --set overrides it was started with, and --resume (or --auto-resume, when the run was started with it: then the
+    same command again). Under torchrun the same torchrun command: one process alone would make another global
+    batch, which a resume refuses."""
     import shlex
 
+    from phitune.run.processes import world_size
+
     sets = [part for override in cfg.overrides for part in ("--set", override)]
-    return shlex.join(["phitune", "train", cfg.source or "CONFIG", *sets, "--resume"])
+    command = shlex.join(["phitune", "train", cfg.source or "CONFIG", *sets,
+                          "--auto-resume" if auto_resume else "--resume"])
+    processes = world_size()
+    if processes > 1:
+        again = "again" if auto_resume else "with --resume"
+        return f"Resume with the same torchrun command ({processes} processes) {again}: {command}"
+    if auto_resume:
+        return f"Resume by running the same command again: {command}"
+    return f"Resume with: {command}"
 
 
 def fit(trainer, checkpoint: Path | None, resume: str) -> dict:
-    """Train (resuming from `checkpoint`); turn interruptions into clear errors (`resume`: the command that
-    continues the run, see resume_command). Any method's evaluation before and after is its recipe's
+    """Train (resuming from `checkpoint`); turn interruptions into clear errors (`resume`: how to continue the
+    run, see resume_hint). Any method's evaluation before and after is its recipe's
     (evaluate_before / evaluate_after), not fit's."""
     from phitune.models.loading import count_parameters
 

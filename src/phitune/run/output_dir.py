@@ -137,11 +137,12 @@ def _asks_for_more(cfg, output_dir: Path) -> bool:
     return cfg.training_config.get("num_train_epochs", 3.0) > state.get("epoch", 0)
 
 
-def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) -> None:
+def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True, auto_resume: bool = False) -> None:
     """With --overwrite, delete the old run's files (checkpoints, adapter, eval results, ...) so none mixes into the
     new run and a later --resume cannot restore it. Called once the new run's config, data and model are checked.
     Under torchrun every process calls it: the one that writes the run (`main_process`, TrainingArguments.should_save)
-    deletes, and the others wait for it, so none starts writing into a directory still being emptied."""
+    deletes, and the others wait for it, so none starts writing into a directory still being emptied. `auto_resume`:
+    the clearing is --auto-resume's (a run stopped before its first complete checkpoint), and the warning says so."""
     if not overwrite:
         return
     if main_process:
@@ -151,7 +152,11 @@ def clear_old_run(output_dir: Path, overwrite: bool, main_process: bool = True) 
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
-        if removed:
+        names = ", ".join(sorted(child.name for child in removed))
+        if removed and auto_resume:
+            log.warning("--auto-resume: the run in %s stopped before its first complete checkpoint, so there is "
+                        "nothing to continue; removed what it left (%s) and starting it again", output_dir, names)
+        elif removed:
             log.warning("--overwrite: removed the previous run in %s (%d files and folders)", output_dir, len(removed))
     barrier()
 

@@ -7,8 +7,11 @@ gradient all-reduce; these are the small collectives that make that so.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
+
+from phitune.errors import PhituneError
 
 
 def world_size() -> int:
@@ -56,6 +59,49 @@ def failures_elsewhere(failure: Exception | None, device) -> list[Exception]:
         errno, text, filename = described[rank]
         rebuilt.append(OSError(errno, text, filename) if errno else RuntimeError(f"{text} (on process {rank})"))
     return rebuilt
+
+
+def tell_the_job(key: str, value: str | None = None) -> str:
+    """Before the process group exists: the main process (global rank 0) says `value` under `key`, and every other
+    process of the job waits until it has, and gets it. Through the key-value store torch.distributed's env://
+    rendezvous makes (torchrun's agent's store, or the one rank 0 hosts, which the process group later shares); keys
+    are per restart attempt. Waiting is a Python loop, so SIGTERM (torchrun's, when rank 0 has failed) stops it at
+    once. Outside torchrun, `value` itself."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"phitune/attempt{attempt}/", _job_store())
+    if os.environ.get("RANK", "0") == "0":
+        store.set(key, value)
+        return value
+    try:
+        while not store.check([key]):
+            time.sleep(0.05)
+        return store.get(key).decode()
+    except RuntimeError as exc:  # rank 0's store went away with it
+        raise PhituneError(f"process 0 stopped before it said {key} ({exc})") from None
+
+
+_STORES: list = []  # the main process's store: the process group's rendezvous shares its server (multi_tenant)
+
+
+def _job_store():
+    """The job's store, connected to again until it answers (rank 0 may not have started its server yet); each
+    try is short, so a signal is handled between tries."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    while True:
+        try:
+            store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=2)))
+        except RuntimeError:  # no server to connect to yet (DistNetworkError, DistStoreError are RuntimeErrors)
+            time.sleep(0.1)
+            continue
+        _STORES.append(store)
+        return store
 
 
 def barrier() -> None:

@@ -27,9 +27,9 @@ class Interrupted(PhituneError):
 class GracefulStop:
     """On SIGINT or SIGTERM: finish the current step, save a checkpoint, stop, and tell the user how to resume."""
 
-    def __init__(self, trainer, resume_command: str):
+    def __init__(self, trainer, resume_hint: str):
         self.trainer = trainer
-        self.resume_command = resume_command
+        self.resume_hint = resume_hint
         self.signal_name: str | None = None
         self._first_at = 0.0
         self._previous = {}
@@ -78,5 +78,5 @@ class GracefulStop:
             last = latest_complete_checkpoint(output_dir)
             raise Interrupted(
                 f"stopped by {self.signal_name} at step {self.trainer.state.global_step}; checkpoint saved to {last}. "
-                f"Resume with: {self.resume_command}"
+                f"{self.resume_hint}"
             )
