@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
+from conftest import extra_line
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
 TINY_BASE = DEMO_DATA.parent / "tiny-phi3"  # the bundled model a demo run names (phitune.tiny.phi3.tiny_base_path)
@@ -274,7 +275,7 @@ INFERENCE = [
     case("export_ollama_with_lora", ["export", "{run}", "--output", "{d}/a.gguf", "--format", "gguf-lora", "--ollama"],
          ["--ollama needs --format gguf"]),
     case("export_without_the_extra", ["export", "{run}", "--output", "{d}/m.gguf"],
-         ["needs the gguf package", "pip install 'phitune[export]'"], hide=("gguf",)),
+         ["needs the gguf package", extra_line("export")], hide=("gguf",)),
     case("export_quant_without_llama_cpp", ["export", "{run}", "--output", "{d}/m.gguf", "--quant", "q4_k_m"],
          ["llama.cpp's quantiser", "pip install llama-cpp-python"], hide=("llama_cpp",)),
 ]
@@ -288,8 +289,9 @@ SERVE = [  # every check before a server starts; port 59123: any free one, so th
          ["serves a GGUF export of the run", "phitune export", "then serve again"]),
 ]
 
-UI = [  # `pip install -e ".[ui]"` worked only from the repository root; the other extras' lines work anywhere
-    case("ui_without_the_extra", ["ui"], ["phitune ui needs the ui extra: pip install 'phitune[ui]'"], hide=("gradio",)),
+UI = [  # the checkout's absolute path: the line works from any folder
+    case("ui_without_the_extra", ["ui"], [f"phitune ui needs the ui extra: {extra_line('ui')} (gradio)"],
+         hide=("gradio",)),
 ]
 
 DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"model: {{name_or_path: '{TINY_BASE}'}}\n"}
@@ -490,7 +492,7 @@ def test_export_without_the_extra_fails_at_once_in_a_real_process(finished_run, 
     proc = run_cli(["export", str(finished_run), "--output", str(tmp_path / "m.gguf")], tmp_path,
                    prelude="sys.modules['gguf'] = None  # as when the [export] extra is not installed")
     stdout, stderr = proc.communicate(timeout=120)
-    assert_one_line_error(Outcome(proc.returncode, stdout, stderr), ["pip install 'phitune[export]'"])
+    assert_one_line_error(Outcome(proc.returncode, stdout, stderr), [extra_line("export")])
     assert "torch" not in stderr and time.perf_counter() - start < 30
     assert tree(tmp_path) == [] and tree(finished_run) == run_before
 
