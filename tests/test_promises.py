@@ -298,7 +298,8 @@ DEMO_RUN = {"out/phitune_complete": "finished\n", "out/phitune_config.yaml": f"m
 DEMO = [  # the demo's own flag is --output-dir: its refusals name that, not train's --overwrite or output_dir
     case("demo_output_dir_foreign", ["demo", "--output-dir", "{d}/out"], ["holds no phitune run", "--output-dir"],
          {"out/notes.txt": "mine\n"}),
-    case("demo_run_beside_a_user_file", ["demo", "--output-dir", "{d}/out"], ["also notes.txt", "--output-dir"],
+    case("demo_run_beside_a_user_file", ["demo", "--output-dir", "{d}/out"],
+         ["has beside it notes.txt, which the demo would not delete", "--output-dir"],
          {**DEMO_RUN, "out/notes.txt": "mine\n"}),
 ]
 
