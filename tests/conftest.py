@@ -21,6 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
 
 DEMO_DATA = Path(__file__).parents[1] / "src" / "phitune" / "assets" / "demo_chat"
+CHECKOUT = Path(__file__).parents[1]
+
+
+def extra_line(extra: str) -> str:
+    """The pip line a missing extra's error gives when phitune runs from this checkout (the README's, made absolute)."""
+    return f"pip install -c {CHECKOUT}/requirements/ci-constraints.txt -e '{CHECKOUT}[{extra}]'"
 
 # The files that take longest, longest first (from --durations=0 of the suite; the rest keep their order after them).
 # pytest-xdist's loadfile hands files to the two workers in collection order, so a long file handed out last would

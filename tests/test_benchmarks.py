@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from _fixtures_eval import demo_run, trained_run  # noqa: F401  (fixtures)
+from conftest import extra_line
 from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval", reason="the [bench] extra (lm-eval) is part of the test extras")
@@ -124,7 +125,7 @@ def test_without_lm_eval_the_error_names_the_extra(tmp_path, monkeypatch, capsys
 
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as when lm-eval is not installed: import fails
     assert refused(capsys, str(tmp_path), "--benchmarks", "gsm8k") == (
-        "error: --benchmarks runs lm-evaluation-harness, which is not installed: pip install 'phitune[bench]'")
+        f"error: --benchmarks runs lm-evaluation-harness, which is not installed: {extra_line('bench')}")
 
 
 def test_limit_without_benchmarks_and_data_with_them_are_refused(tmp_path, capsys):

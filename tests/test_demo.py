@@ -101,6 +101,25 @@ def test_demo_refuses_to_replace_a_run_that_was_evaluated(tmp_path):
     (output_dir / "eval.json").write_text('{"benchmarks": {}}\n')
     (output_dir / "report.md").write_text("# report\n")
     before = sorted(p.name for p in output_dir.iterdir())
-    with pytest.raises(PhituneError, match=r"holds an evaluated demo run \(eval.json, report.md\), which a new demo"):
+    with pytest.raises(PhituneError, match=r"holds an earlier demo run that is evaluated \(eval.json, report.md, "
+                                           r"which a new demo would delete\); move those out"):
         run_demo(output_dir, [])
     assert sorted(p.name for p in output_dir.iterdir()) == before
+
+
+def test_demo_refusal_names_everything_in_its_way_at_once(tmp_path):
+    """An evaluated demo run beside a file of the user's (an export): one refusal names both, not one per try."""
+    from phitune.tiny.phi3 import tiny_base_path
+
+    output_dir = tmp_path / "demo"
+    output_dir.mkdir()
+    (output_dir / "phitune_complete").write_text("finished\n")
+    (output_dir / "phitune_config.yaml").write_text(f"model: {{name_or_path: '{tiny_base_path()}'}}\n")
+    for name in ("eval.json", "report.md", "eval.png", "model.gguf", "notes.txt"):
+        (output_dir / name).write_text("x\n")
+    with pytest.raises(PhituneError) as refused:
+        run_demo(output_dir, [])
+    assert str(refused.value) == (
+        f"{output_dir} holds an earlier demo run that is evaluated (eval.json, report.md, eval.png, which a new demo "
+        "would delete) and has beside it model.gguf, notes.txt, which the demo would not delete; move those out, or "
+        "choose another --output-dir")

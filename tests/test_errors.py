@@ -99,3 +99,24 @@ def test_a_failed_write_no_command_wraps_is_one_line(capsys):
     for crash in (PermissionError(errno.EACCES, "Permission denied", "x"), ValueError("a bug")):
         with pytest.raises(type(crash)):
             _known_crash(crash)
+
+
+def test_a_missing_extras_pip_line_fits_the_installation(tmp_path):
+    """From a checkout the README's editable form, made absolute (pip reads the constraints file and the checkout
+    from any folder); installed from a wheel (the package alone in site-packages) PyPI's form."""
+    import shlex
+    import shutil
+
+    from phitune.errors import pip_install
+
+    checkout = Path(__file__).parents[1]
+    words = shlex.split(pip_install("bench"))
+    assert words == ["pip", "install", "-c", str(checkout / "requirements" / "ci-constraints.txt"), "-e",
+                     f"{checkout}[bench]"] and Path(words[3]).is_file()
+    site = tmp_path / "site-packages" / "phitune"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    shutil.copy(checkout / "src" / "phitune" / "errors.py", site)
+    done = subprocess.run([sys.executable, "-c", "from phitune.errors import pip_install; print(pip_install('ui'))"],
+                          env={**os.environ, "PYTHONPATH": str(site.parent)}, capture_output=True, text=True)
+    assert done.stdout == "pip install 'phitune[ui]'\n", done.stderr

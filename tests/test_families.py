@@ -426,7 +426,56 @@ def test_family_example_quotes_the_memory_phitune_memory_computes(name):
     assert [int(quoted[1]), int(quoted[2])] == computed
 
 
-@pytest.mark.parametrize("model", ["microsoft/Phi-3.5-mini-instruct", "microsoft/Phi-3-medium-4k-instruct",
+def run_memory(*args: str) -> "subprocess.CompletedProcess":
+    """`python -m phitune.models.memory ARGS` from the repository root, as the README names it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "phitune.models.memory", *args], cwd=EXAMPLES.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_memory_cli_gives_figures_for_every_example_of_a_real_model():
+    """Every shipped example of a real Phi model (hub id, or a local folder named as one) gets its LoRA and QLoRA
+    figures; the multimodal examples' headers quote them (their encoders and built-in adapters counted)."""
+    import re
+
+    import yaml
+
+    names = sorted(path.name for path in EXAMPLES.glob("*.yaml") if not path.name.startswith("tiny-")
+                   and yaml.safe_load(path.read_text()).get("peft_config"))
+    assert len(names) >= 15
+    done = run_memory(*(f"examples/{name}" for name in names))
+    assert done.returncode == 0, done.stderr
+    figures = dict(re.findall(r"^examples/(\S+\.yaml)\nLoRA: (\d+ GB \(weights [\d.]+)", done.stdout, re.M))
+    assert sorted(figures) == names and figures["phi3-mini-4k-lora.yaml"].startswith("14 GB")
+    for name in ("phi4-multimodal-lora.yaml", "phi4-multimodal-speech-lora.yaml"):
+        lora, weights = re.match(r"(\d+) GB \(weights ([\d.]+)", figures[name]).groups()
+        assert f"LoRA {lora} GB ({weights} + " in (EXAMPLES / name).read_text()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["nope.yaml"], "error: config file not found: nope.yaml"),
+    (["examples/tiny-phi3-text.yaml"], "error: no shape known for src/phitune/assets/tiny-phi3: "),
+    (["examples/phi3-mini-4k-dpo.yaml"], "error: phitune.models.memory estimates a LoRA run from its peft_config"),
+    ([], "error: the following arguments are required: FILE.yaml (python -m phitune.models.memory --help)"),
+    (["--bogus", "examples/phi4-lora.yaml"], "error: unrecognized arguments: --bogus"),
+])
+def test_memory_cli_errors_are_one_line(args, says):
+    done = run_memory(*args)
+    assert (done.returncode, done.stdout, done.stderr.count("\n")) == (2, "", 1), done.stderr
+    assert done.stderr.startswith(says)
+
+
+def test_memory_cli_help():
+    done = run_memory("--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m phitune.models.memory")
+
+
+@pytest.mark.parametrize("model", ["microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3.5-mini-instruct",
+                                   "microsoft/Phi-3-medium-4k-instruct",
                                    "microsoft/Phi-4-mini-instruct", "microsoft/phi-4",
                                    "microsoft/Phi-3.5-MoE-instruct"])
 def test_memory_shapes_count_the_parameters_transformers_builds(model):

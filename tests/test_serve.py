@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from _fixtures_eval import trained_run  # noqa: F401  (fixture)
+from conftest import extra_line
 from typer.testing import CliRunner
 
 from phitune.after.serve import plan_serve, vllm_command
@@ -51,7 +52,7 @@ def test_without_an_engine_one_line_names_what_to_install(trained_run, monkeypat
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine with neither engine installed
     monkeypatch.setitem(sys.modules, "vllm", None)
     assert refused(capsys, "serve", str(trained_run)) == (
-        "error: no serving engine is installed: pip install 'phitune[serve]' (llama-cpp-python's server), or on "
+        f"error: no serving engine is installed: {extra_line('serve')} (llama-cpp-python's server), or on "
         "CUDA: pip install vllm")
     assert refused(capsys, "serve", str(trained_run), "--engine", "vllm") == (
         "error: the vllm engine is not installed: pip install vllm (it needs CUDA)")

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, pip_install
 
 app = typer.Typer(
     add_completion=False,
@@ -371,14 +371,14 @@ def ui(
                                            "trust_remote_code: true (a hub model's own code)"),
 ):
     """A local web page for the whole loop: configure, check the data, train, compare runs, chat (needs the ui
-    extra: pip install 'phitune[ui]')."""
+    extra, gradio; without it the error gives the pip line)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page's server
     try:
         from phitune.ui.app import launch, serve_until_stopped
     except ImportError as exc:
         if exc.name != "gradio":
             raise
-        raise PhituneError("phitune ui needs the ui extra: pip install 'phitune[ui]' (gradio)") from None
+        raise PhituneError(f"phitune ui needs the ui extra: {pip_install('ui')} (gradio)") from None
 
     if no_token:
         print("warning: --no-token: any program on this machine, and any web page a proxy in front lets through, can "

@@ -66,15 +66,17 @@ def replaces_earlier_demo(output_dir: Path) -> bool:
                            "never deletes files it did not write)")
     if not is_demo_run(output_dir):
         raise PhituneError(f"{output_dir} holds a run that is not a demo run; choose another --output-dir")
-    if others := foreign_files(output_dir):
-        raise PhituneError(f"{output_dir} holds an earlier demo run and also {', '.join(others[:3])}, which the demo "
-                           "would not delete; move those out or choose another --output-dir")
     from phitune.after.evaluate import CHART_PNG, EVAL_JSON, REPORT_MD
 
-    if evaluated := [name for name in (EVAL_JSON, REPORT_MD, CHART_PNG) if (output_dir / name).exists()]:
-        # what `phitune eval` (and its benchmarks) wrote is a person's work, minutes or hours of it: never deleted
-        raise PhituneError(f"{output_dir} holds an evaluated demo run ({', '.join(evaluated)}), which a new demo would "
-                           "delete; choose another --output-dir, or move the run away to train the demo there again")
+    # what `phitune eval` (and its benchmarks) wrote is a person's work, minutes or hours of it: never deleted; all
+    # that is in the way is named in the one refusal, not one kind per try
+    evaluated = [name for name in (EVAL_JSON, REPORT_MD, CHART_PNG) if (output_dir / name).exists()]
+    others = foreign_files(output_dir)
+    if evaluated or others:
+        held = ([f"is evaluated ({', '.join(evaluated)}, which a new demo would delete)"] if evaluated else []) + (
+            [f"has beside it {', '.join(others)}, which the demo would not delete"] if others else [])
+        raise PhituneError(f"{output_dir} holds an earlier demo run that {' and '.join(held)}; move those out, or "
+                           "choose another --output-dir")
     # said for a finished run too: its adapter goes with it (on a loaded CPU, many minutes' work)
     log.warning("%s holds %s demo run; the demo starts again from scratch and replaces it (--output-dir DIR keeps "
                 "it)", output_dir, "an interrupted" if state == "interrupted" else "a finished")

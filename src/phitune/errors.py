@@ -3,6 +3,7 @@
 import errno
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def first_line(exc: BaseException) -> str:
     """The first line of a library's exception message (or its type), for quoting inside a one-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def pip_install(extra: str) -> str:
+    """The pip line that adds phitune's `extra` to this installation, for a one-line error to quote.
+
+    phitune running from a checkout (an editable install, or its src on PYTHONPATH): the README's form, `-e` with the
+    checkout's absolute path (so it works from any folder) and its constraints file; else PyPI's form."""
+    root = Path(__file__).resolve().parents[2]
+    if root / "src" / "phitune" / "errors.py" != Path(__file__).resolve() or not (root / "pyproject.toml").is_file():
+        return f"pip install {shlex.quote(f'phitune[{extra}]')}"
+    constraints = root / "requirements" / "ci-constraints.txt"
+    pinned = f"-c {shlex.quote(str(constraints))} " if constraints.is_file() else ""
+    return f"pip install {pinned}-e {shlex.quote(f'{root}[{extra}]')}"
 
 
 # How a failed write shows itself: an OSError from Python's own files; an error of a Rust library quoting the OS

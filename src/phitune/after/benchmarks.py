@@ -25,9 +25,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, pip_install
 
-BENCH_EXTRA = "pip install 'phitune[bench]'"
+BENCH_EXTRA = pip_install("bench")
 CHAT_OUTPUT_TYPES = ("generate_until",)  # tasks where the model writes an answer, as to a user
 
 log = logging.getLogger("phitune")

@@ -242,16 +242,30 @@ def write_eval_markdown(result, path, chart_name: str, max_samples: int = 5) -> 
         partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def limit_note(benchmarks: dict) -> str:
+    """Which benchmarks ran under --limit: eval.json keeps benchmarks of earlier runs, each with its own limit (or
+    none), so the note names the rows it covers unless it covers them all."""
+    by_limit: dict = {}
+    for task, bench in benchmarks.items():
+        by_limit.setdefault(bench.get("limit"), []).append(task)
+    if list(by_limit) == [None]:
+        return ""
+    if len(by_limit) == 1:
+        return f"; at most {next(iter(by_limit))} examples per task (--limit)"
+    return "".join(f"; {', '.join(tasks)}: " + ("every example (no --limit)" if limit is None else
+                                                 f"at most {limit} examples per task (--limit)")
+                   for limit, tasks in by_limit.items())
+
+
 def benchmark_markdown(benchmarks: dict) -> list[str]:
     """report.md's lm-eval section: a row per benchmark (main metric, version, examples, chat template)."""
     if not benchmarks:
         return []
     names, rows = benchmark_rows(benchmarks)
     first = next(iter(benchmarks.values()))
-    limit = f"; at most {first['limit']} examples per task (--limit)" if first.get("limit") else ""
     lines = ["", "## Benchmarks (lm-evaluation-harness)", "",
-             f"lm-eval {first.get('harness', '?')}, {first.get('backend', 'hf')} backend{limit}; a chat task's "
-             "prompts go through the model's chat template.", "",
+             f"lm-eval {first.get('harness', '?')}, {first.get('backend', 'hf')} backend{limit_note(benchmarks)}; a "
+             "chat task's prompts go through the model's chat template.", "",
              "| benchmark | metric | version | examples | chat template | " + " | ".join(names) + " |",
              "| --- | --- | --- | ---: | --- |" + " ---: |" * len(names)]
     for task, metric, version, examples, chat, values, _ in rows:

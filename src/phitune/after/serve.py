@@ -28,11 +28,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, pip_install
 from phitune.runlock import refuse_while_training
 
 ENGINES = ("llama.cpp", "vllm")
-INSTALL = {"llama.cpp": "pip install 'phitune[serve]' (llama-cpp-python's server)", "vllm": "pip install vllm"}
+INSTALL = {"llama.cpp": f"{pip_install('serve')} (llama-cpp-python's server)", "vllm": "pip install vllm"}
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 log = logging.getLogger("phitune")

@@ -34,6 +34,23 @@ def check_model_path(name_or_path: str) -> None:
         raise PhituneError(f"model path does not exist: {name_or_path}{relative}")
 
 
+def not_found(name_or_path: str, exc: BaseException) -> PhituneError | None:
+    """When a name is neither a local folder nor fetchable from the hub (offline, or no connection, and not in the
+    hub cache), one line saying both: transformers' own error speaks of the hub connection alone."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    chain = [exc]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if Path(name_or_path).expanduser().exists() or not any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        return None
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection, and it is not in the hub cache"
+    return PhituneError(f"model {name_or_path} is not a local folder (no {Path.cwd() / Path(name_or_path).expanduser()}"
+                        f") and the hub could not be reached to fetch it as a hub id ({why}): correct the path, or "
+                        "connect and run again")
+
+
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
     """Load the tokenizer with Phi-3's conventions: pad = unk (not eos), a chat template, the given padding side."""
     from transformers import AutoTokenizer
@@ -44,7 +61,8 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
             cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
     except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot load the tokenizer of {cfg.name_or_path}: {first_line(exc)}") from None
+        raise not_found(cfg.name_or_path, exc) or PhituneError(
+            f"cannot load the tokenizer of {cfg.name_or_path}: {first_line(exc)}") from None
     if tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
     elif tokenizer.pad_token is None:
@@ -230,7 +248,8 @@ def load_base_model(cfg: ModelConfig, training: bool = True, device_map=None, pa
     except ImportError as exc:
         raise PhituneError(f"cannot load {cfg.name_or_path}: {first_line(exc)}") from None
     except (OSError, ValueError) as exc:
-        raise PhituneError(f"cannot load model {cfg.name_or_path}: {first_line(exc)}") from None
+        raise not_found(cfg.name_or_path, exc) or PhituneError(
+            f"cannot load model {cfg.name_or_path}: {first_line(exc)}") from None
     if quant is not None and not torch.cuda.is_available():
         if training:
             keep_4bit_trainable(model)
@@ -353,7 +372,8 @@ def load_model_config(cfg: ModelConfig):
             raise PhituneError(f"{cfg.name_or_path} is Phi-3.5-vision, which exists only as remote code (phi3_v, never "
                                "merged into transformers); set model.trust_remote_code: true to run the model's own "
                                "code") from None
-        raise PhituneError(f"cannot read the config of model {cfg.name_or_path}: {first_line(exc)}") from None
+        raise not_found(cfg.name_or_path, exc) or PhituneError(
+            f"cannot read the config of model {cfg.name_or_path}: {first_line(exc)}") from None
 
 
 def _raw_model_type(name_or_path: str) -> str | None:

@@ -2,6 +2,8 @@
 
     python -m phitune.models.memory examples/phi4-lora.yaml [more.yaml ...]
 
+A model is known by its hub id (SHAPES), or by a local folder named as one (models/Phi-4-multimodal-instruct).
+
 The shipped family examples quote these numbers; tests/test_families.py holds them equal. The model:
 
     weights      LoRA: every parameter in bf16 (2 B). QLoRA: decoder linear layers in NF4 with double quantisation
@@ -25,8 +27,11 @@ Not counted: an eval batch running beside training, the optimizer's temporary bu
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 GB = 1e9
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127: NF4 values, 8-bit absmax per 64, fp32 constant per 256 absmax
@@ -48,6 +53,7 @@ class Shape:
     tied: bool = False
     experts: int = 0  # MoE: experts per layer
     top_k: int = 1  # MoE: experts per token
+    frozen: int = 0  # parameters beside the language model, kept in bf16 under LoRA and QLoRA alike
 
     @property
     def head_dim(self) -> int:
@@ -65,15 +71,24 @@ class Shape:
         return [(self.hidden, 2 * self.intermediate), (self.intermediate, self.hidden)]
 
 
+PHI4_MINI = Shape(3072, 32, 24, 8, 8192, 200064, tied=True)
+# Phi-4-multimodal: Phi-4-mini's language model + the SigLIP vision tower and Conformer audio encoder that
+# transformers' Phi4MultimodalConfig defaults build (907,982,272 parameters) + its built-in vision-lora (r 256) and
+# speech-lora (r 320) on every linear layer of the language model, kept in bf16 beside it to be chosen per row.
+PHI4_MULTIMODAL_FROZEN = 907_982_272 + 256 * 45056 * 32 + 320 * 45056 * 32  # 45,056 = in + out of one layer's linears
+
 SHAPES = {
+    "microsoft/Phi-3-mini-4k-instruct": Shape(3072, 32, 32, 32, 8192, 32064),
+    "microsoft/Phi-3-mini-128k-instruct": Shape(3072, 32, 32, 32, 8192, 32064),
     "microsoft/Phi-3.5-mini-instruct": Shape(3072, 32, 32, 32, 8192, 32064),
     "microsoft/Phi-3-medium-4k-instruct": Shape(5120, 40, 40, 10, 17920, 32064),
     "microsoft/Phi-3-medium-128k-instruct": Shape(5120, 40, 40, 10, 17920, 32064),
-    "microsoft/Phi-4-mini-instruct": Shape(3072, 32, 24, 8, 8192, 200064, tied=True),
+    "microsoft/Phi-4-mini-instruct": PHI4_MINI,
     "microsoft/phi-4": Shape(5120, 40, 40, 10, 17920, 100352),
-    "microsoft/Phi-4-mini-reasoning": Shape(3072, 32, 24, 8, 8192, 200064, tied=True),  # Phi-4-mini's shapes
+    "microsoft/Phi-4-mini-reasoning": PHI4_MINI,
     "microsoft/Phi-4-reasoning": Shape(5120, 40, 40, 10, 17920, 100352),  # Phi-4's, fine-tuned
     "microsoft/Phi-3.5-MoE-instruct": Shape(4096, 32, 32, 8, 6400, 32064, experts=16, top_k=2),
+    "microsoft/Phi-4-multimodal-instruct": replace(PHI4_MINI, frozen=PHI4_MULTIMODAL_FROZEN),
 }
 
 
@@ -121,20 +136,33 @@ class Estimate:
 def estimate(shape: Shape, r: int, batch: int, seq_len: int, quantized: bool) -> Estimate:
     """GPU memory of a LoRA (or QLoRA, `quantized`) run of `shape` on all-linear at rank r, `batch` x `seq_len`."""
     counts = parameters(shape)
-    bf16 = counts["experts"] + counts["embeddings"]
+    bf16 = counts["experts"] + counts["embeddings"] + shape.frozen
     weights = counts["linear"] * NF4_BITS / 8 + bf16 * 2 if quantized else (counts["linear"] + bf16) * 2
     expert_delta = sum(i * o for i, o in shape.mlp_linears()) * shape.experts * 8
     return Estimate(weights=weights / GB, adapter=lora_parameters(shape, r) * ADAPTER_BYTES / GB,
                     activations=activation_bytes(shape, batch * seq_len) / GB, expert_delta=expert_delta / GB)
 
 
+def shape_of(name: str) -> Shape:
+    """The shape of a hub id in SHAPES, or of a local folder named as one (models/Phi-4-multimodal-instruct)."""
+    from phitune.errors import PhituneError
+
+    shape = SHAPES.get(name) or SHAPES.get(f"microsoft/{Path(name).name}")
+    if shape is None:
+        raise PhituneError(f"no shape known for {name}: phitune.models.memory knows {', '.join(SHAPES)} (or a local "
+                           "folder named as one of them, e.g. models/Phi-4-multimodal-instruct)")
+    return shape
+
+
 def estimate_run(cfg, quantized: bool | None = None) -> Estimate:
     """The estimate for a RunConfig (model named in SHAPES, all-linear); `quantized` None: as the config says."""
     from phitune.errors import PhituneError
 
-    shape = SHAPES.get(cfg.model.name_or_path)
-    if shape is None:
-        raise PhituneError(f"no shape known for {cfg.model.name_or_path}; phitune.models.memory knows {', '.join(SHAPES)}")
+    shape = shape_of(cfg.model.name_or_path)
+    if cfg.peft_config is None:
+        raise PhituneError("phitune.models.memory estimates a LoRA run from its peft_config (r on all-linear); this "
+                           "config has none (" + ("its adapter comes from model.adapter" if cfg.model.adapter else
+                                                  "a full fine-tune") + ")")
     quantized = bool(cfg.model.quantization) if quantized is None else quantized
     return estimate(shape, cfg.peft_config.get("r", 8), cfg.training_config.get("per_device_train_batch_size", 8),
                     cfg.data.max_seq_length, quantized)
@@ -151,10 +179,32 @@ def summary(cfg) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import sys
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a usage mistake: one line and exit code 2, as phitune's own commands
+        self.exit(2, f"error: {message} ({self.prog} --help)\n")
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m phitune.models.memory FILE.yaml ...`: each file's figures; a bad file is one line, exit code 2."""
     from phitune.config.schema import load_config
+    from phitune.errors import PhituneError
 
-    for path in sys.argv[1:]:
-        print(f"{path}\n{summary(load_config(path))}")
+    parser = _Parser(prog="python -m phitune.models.memory",
+                     description="GPU memory of a LoRA and a QLoRA run of each config's model at its settings "
+                                 "(computed from the model's shapes, not measured).")
+    parser.add_argument("configs", nargs="+", metavar="FILE.yaml", help="a phitune config")
+    args = parser.parse_args(argv)
+    from phitune.cli import setup_logging
+
+    setup_logging()  # as phitune's commands: no libraries' chatter (bitsandbytes' note on its CPU kernels)
+    try:
+        for path in args.configs:
+            print(f"{path}\n{summary(load_config(path))}")
+    except PhituneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phitune.errors import PhituneError, WriteFailed, is_write_failure, write_error
+from phitune.errors import PhituneError, WriteFailed, is_write_failure, pip_install, write_error
 
 FORMATS = ("gguf", "gguf-lora")
 
@@ -98,7 +98,7 @@ def check_export_extras(fmt: str, quant: str) -> None:
         import gguf  # noqa: F401
     except ImportError:
         raise PhituneError("phitune export needs the gguf package, which the [export] extra installs: "
-                           "pip install 'phitune[export]'") from None
+                           f"{pip_install('export')}") from None
     if fmt == "gguf" and quant in LLAMA_QUANTIZE:
         require_llama_cpp(quant)
 
