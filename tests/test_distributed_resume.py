@@ -71,7 +71,7 @@ def test_a_two_worker_checkpoint_resumes_in_one_process_with_the_same_global_bat
                    "--resume"], tmp_path)
     wait(proc, tmp_path)
     said = " ".join((tmp_path / "stderr").read_text().split()) + " ".join((tmp_path / "stdout").read_text().split())
-    assert "resuming a 2-process checkpoint with 1 processes" in said
+    assert "resuming a 2-process checkpoint with 1 process:" in said
     assert len(TRAIN_LINE.findall((tmp_path / "stdout").read_text())) == 12 - 4
     assert_resumed_under(tmp_path, out / "checkpoint-4", max_steps=12)
     assert_same_adapter(out, one_and_two_workers / "single" / "out")
