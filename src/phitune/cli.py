@@ -5,17 +5,16 @@ Heavy imports (torch, transformers) happen inside the commands, so `phitune --he
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from phitune.errors import PhituneError, pip_install
+from phitune.terminal import setup_logging
 
 app = typer.Typer(
     add_completion=False,
@@ -45,32 +44,6 @@ def _root(
 ):
     STATE["debug"] = debug
     setup_logging(verbose=debug)
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """phitune's own messages through rich; the libraries' chatter (hub retries, load reports) only with --debug."""
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)])
-    logging.getLogger("phitune").setLevel(logging.INFO)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun every worker would say the same: only rank 0 speaks
-        logging.getLogger("phitune").setLevel(logging.ERROR)
-        warnings.simplefilter("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not verbose:
-        # Both libraries set their own log level when imported (inside the commands), so say it through the
-        # environment they read then.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-        # transformers' weight-loading bars read this too; phitune's own console shows training progress
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # `eval --benchmarks`: its set-up notes, per model
-        # llama-cpp-python's log callback prints llama.cpp's messages when this logger's own level lets them through:
-        # `export --quant` would print the quantiser's loader, some 80 lines (errors still show)
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        # transformers 5 renames gradient_checkpointing; the old names users write still work, so don't nag.
-        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @app.command()

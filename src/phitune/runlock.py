@@ -5,7 +5,8 @@ however it dies (kill -9, out of memory), so a lock left by a dead run is never 
 says who holds it (host, pid, start time, command) so that a second run refused at the door can name the first.
 Under torchrun only the global main process (RANK 0) takes it: all ranks of one job are one holder, and a restarted
 job (torchrun's elastic restarts) takes it over from its dead predecessor with a warning. The other ranks wait for
-rank 0's answer before they read the directory (`job_lock`): refused, every rank stops at once.
+rank 0's answer before they read the directory (`phitune.run.processes.job_lock`): refused, every rank
+stops at once.
 
 eval, chat, generate, merge, export and serve read a run directory's top-level adapter, which a run being trained
 there (with --overwrite, or --resume of a finished run) is about to replace: they refuse with one line naming the
@@ -19,10 +20,8 @@ import fcntl
 import json
 import logging
 import os
-import itertools
 import socket
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from phitune.errors import PhituneError
@@ -105,34 +104,6 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
-
-
-_LOCKS_TAKEN = itertools.count()  # every rank takes its job's locks in the same order: one key per lock
-
-
-@contextmanager
-def job_lock(output_dir: Path):
-    """The directory's lock for the whole job: RANK 0 holds it while the block runs; under torchrun every other rank
-    first waits for rank 0 to say whether it got it, so none reads a directory another run is writing, and a refused
-    job stops on every rank at once (the others exit quietly, rank 0 says why)."""
-    from phitune.run.processes import tell_the_job
-
-    key = f"lock{next(_LOCKS_TAKEN)}"
-    if not is_main_process():
-        if tell_the_job(key) != "held":
-            raise PhituneError(f"process 0 could not lock {output_dir}")
-        yield
-        return
-    try:
-        lock = RunLock(output_dir).acquire()
-    except PhituneError:
-        tell_the_job(key, "refused")
-        raise
-    try:
-        tell_the_job(key, "held")
-        yield lock
-    finally:
-        lock.release()
 
 
 def holder(output_dir: Path) -> str | None:

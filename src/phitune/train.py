@@ -24,7 +24,8 @@ from phitune.run.lifecycle import RunResult, finish, fit, resume_hint
 from phitune.run.output_dir import (SAVED_CONFIG, auto_resume_mode, check_same_training, clear_old_run,
                                     prepare_output_dir)
 from phitune.run.plan import machine_description, plan_run
-from phitune.runlock import is_main_process, job_lock
+from phitune.run.processes import job_lock
+from phitune.runlock import is_main_process
 
 RECIPES = {"sft": sft, "dpo": preference, "orpo": preference, "simpo": preference, "kto": kto, "reward": reward,
            "grpo": grpo, "vision": vision, "distill": distill}  # config.methods.METHODS names the same keys

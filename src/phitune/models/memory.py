@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "(computed from the model's shapes, not measured).")
     parser.add_argument("configs", nargs="+", metavar="FILE.yaml", help="a phitune config")
     args = parser.parse_args(argv)
-    from phitune.cli import setup_logging
+    from phitune.terminal import setup_logging
 
     setup_logging()  # as phitune's commands: no libraries' chatter (bitsandbytes' note on its CPU kernels)
     try:

@@ -6,12 +6,16 @@ gradient all-reduce; these are the small collectives that make that so.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from phitune.errors import PhituneError
+from phitune.runlock import RunLock, is_main_process
 
 
 def world_size() -> int:
@@ -121,3 +125,29 @@ def restarts_reuse_the_store() -> bool:
     shares one."""
     return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
             and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+_LOCKS_TAKEN = itertools.count()  # every rank takes its job's locks in the same order: one key per lock
+
+
+@contextmanager
+def job_lock(output_dir: Path):
+    """The directory's lock for the whole job: RANK 0 holds it while the block runs; under torchrun every other rank
+    first waits for rank 0 to say whether it got it, so none reads a directory another run is writing, and a refused
+    job stops on every rank at once (the others exit quietly, rank 0 says why)."""
+    key = f"lock{next(_LOCKS_TAKEN)}"
+    if not is_main_process():
+        if tell_the_job(key) != "held":
+            raise PhituneError(f"process 0 could not lock {output_dir}")
+        yield
+        return
+    try:
+        lock = RunLock(output_dir).acquire()
+    except PhituneError:
+        tell_the_job(key, "refused")
+        raise
+    try:
+        tell_the_job(key, "held")
+        yield lock
+    finally:
+        lock.release()
