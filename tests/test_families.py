@@ -454,6 +454,10 @@ def test_memory_cli_gives_figures_for_every_example_of_a_real_model():
     for name in ("phi4-multimodal-lora.yaml", "phi4-multimodal-speech-lora.yaml"):
         lora, weights = re.match(r"(\d+) GB \(weights ([\d.]+)", figures[name]).groups()
         assert f"LoRA {lora} GB ({weights} + " in (EXAMPLES / name).read_text()
+    # a distillation's figure is its student's: said, since its teacher loads beside it (about 21 GB in all)
+    assert ("phi3-medium-to-mini-distill.yaml\nLoRA: 12 GB (weights 7.6, adapter + Adam 0.4, activations 2.7, "
+            "CUDA 1)\nQLoRA: 7 GB") in done.stdout
+    assert "(the student only: the teacher microsoft/Phi-3-medium-4k-instruct comes on top" in done.stdout
 
 
 @pytest.mark.parametrize("args, says", [

@@ -46,7 +46,8 @@ def test_lora_run_writes_a_standard_adapter_and_loss_falls(make_config):
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
     assert metrics["train_loss"] < metrics["eval_loss_before"]
     assert metrics["tokens_per_second"] > 0 and metrics["train_examples"] == 64
-    assert metrics["machine"] == (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    threads = torch.get_num_threads()
+    assert metrics["machine"] == (f"torch {torch.__version__}, {threads} thread{'' if threads == 1 else 's'}, "
                                   f"{torch.backends.cpu.get_cpu_capability()} CPU kernels")  # what the numbers hold on
 
     # The adapter loads with plain PEFT and reproduces the trained model's logits.

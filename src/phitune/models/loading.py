@@ -47,8 +47,9 @@ def not_found(name_or_path: str, exc: BaseException) -> PhituneError | None:
         return None
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection, and it is not in the hub cache"
     return PhituneError(f"model {name_or_path} is not a local folder (no {Path.cwd() / Path(name_or_path).expanduser()}"
-                        f") and the hub could not be reached to fetch it as a hub id ({why}): correct the path, or "
-                        "connect and run again")
+                        f") and the hub could not be reached to fetch it as a hub id ({why}): correct the path (a folder "
+                        "you downloaded or converted, as the config's comments may say), or, for a hub id, connect and "
+                        "run again")
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):

@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()  # as phitune's commands: no libraries' chatter (bitsandbytes' note on its CPU kernels)
     try:
         for path in args.configs:
-            print(f"{path}\n{summary(load_config(path))}")
+            cfg = load_config(path)
+            print(f"{path}\n{summary(cfg)}")
+            if cfg.method == "distill":  # its teacher is another model, loaded beside the student
+                print(f"(the student only: the teacher {cfg.teacher.name_or_path} comes on top; the config's comments "
+                      "give the whole)")
     except PhituneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

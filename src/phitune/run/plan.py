@@ -86,7 +86,8 @@ def machine_description() -> str:
     import torch
 
     kernels = torch.backends.cpu.get_cpu_capability()
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {kernels} CPU kernels"
+    threads = torch.get_num_threads()
+    return f"torch {torch.__version__}, {threads} thread{'' if threads == 1 else 's'}, {kernels} CPU kernels"
 
 
 def attention_padding_free(cfg: RunConfig, speed) -> bool:
