@@ -86,11 +86,12 @@ def assert_sigterm_stops_with_a_checkpoint(cfg, folder: Path, line=None) -> None
     assert not (cfg.output_dir / CHECKPOINT_COMPLETE).exists()
 
 
-def killed_and_resumed(config_of, folder: Path) -> tuple[dict, dict]:
+def killed_and_resumed(config_of, folder: Path, line=None) -> tuple[dict, dict]:
     """(resumed adapter, uninterrupted adapter) of a method's 4-step run (`config_of(name)`: its config with
     output_dir folder/name/out, save_steps 2): a real `phitune train` held after step 2 and killed with SIGKILL (the
-    newest complete checkpoint then checkpoint-2), resumed with --resume for 2 more logged steps, beside an
-    uninterrupted one. The shared kill -9 check of every method; the caller compares the two."""
+    newest complete checkpoint then checkpoint-2), resumed with --resume for 2 more logged steps (`line`: the
+    method's console line, test_reliability's TRAIN_LINE by default), beside an uninterrupted one. The shared kill -9
+    check of every method; the caller compares the two."""
     from safetensors.torch import load_file
 
     from phitune.config.schema import save_config
@@ -112,7 +113,7 @@ def killed_and_resumed(config_of, folder: Path) -> tuple[dict, dict]:
     assert latest_complete_checkpoint(out).name == "checkpoint-2" and not (out / "checkpoint-4").exists()
     code, stderr = finish(start_train(killed, "--resume"))
     assert code == 0, stderr[-3000:]
-    assert len(TRAIN_LINE.findall((folder / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
+    assert len((line or TRAIN_LINE).findall((folder / "killed" / "resume.out").read_text())) == 2  # steps 3, 4 only
     assert finish(reference)[0] == 0, reference.stderr_path.read_text()[-3000:]
     return (load_file(str(out / "adapter_model.safetensors")),
             load_file(str(folder / "reference" / "out" / "adapter_model.safetensors")))

@@ -173,31 +173,12 @@ def test_grpo_resume_after_a_kill_trains_only_the_remaining_steps(tiny_model_dir
 def test_a_grpo_run_killed_with_sigkill_resumes_with_only_the_remaining_steps(tiny_model_dir, prompt_files, tmp_path):
     """A real `phitune train` held after step 2 and killed with SIGKILL, then `--resume`: 2 more logged steps (not
     4), ending at the adapter of an uninterrupted run (test_reliability's launcher, GRPO config)."""
-    from phitune.config.schema import save_config
-    from phitune.run.checkpoints import latest_complete_checkpoint
-    from test_reliability import finish, start_train, wait_for
+    from _resume import killed_and_resumed
 
-    def config(name):
-        cfg = grpo_config(tiny_model_dir, prompt_files, tmp_path / name / "out", data={"eval": None, "eval_split": 0},
-                          training_config={"lr_scheduler_type": "constant", "save_total_limit": 10})
-        (tmp_path / name).mkdir()
-        save_config(cfg, tmp_path / name / "run.yaml")
-        return tmp_path / name / "run.yaml"
-
-    reference = start_train(config("reference"))
-    killed = config("killed")
-    out = tmp_path / "killed" / "out"
-    proc = start_train(killed, hold_at=2)
-    wait_for(lambda: latest_complete_checkpoint(out) is not None, proc, timeout=240)
-    proc.kill()
-    proc.wait()
-    assert latest_complete_checkpoint(out).name == "checkpoint-2" and not (out / "checkpoint-4").exists()
-    code, stderr = finish(start_train(killed, "--resume"))
-    assert code == 0, stderr[-3000:]
-    assert len(GRPO_LINE.findall((tmp_path / "killed" / "resume.out").read_text())) == 2  # steps 3 and 4 only
-    assert finish(reference)[0] == 0
-    resumed = load_file(str(out / "adapter_model.safetensors"))
-    uninterrupted = load_file(str(tmp_path / "reference" / "out" / "adapter_model.safetensors"))
+    resumed, uninterrupted = killed_and_resumed(
+        lambda name: grpo_config(tiny_model_dir, prompt_files, tmp_path / name / "out", data={"eval": None,
+                                 "eval_split": 0}, training_config={"lr_scheduler_type": "constant",
+                                                                    "save_total_limit": 10}), tmp_path, GRPO_LINE)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-6)
 
